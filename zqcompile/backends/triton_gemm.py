@@ -1,0 +1,425 @@
+"""CUDA kernels for ``zq::int8_linear`` and ``zq::int4_linear``: Triton INT8 GEMMs with the dequant fused.
+
+One Triton kernel serves W8A8 and W4A8 (``INT4`` is a ``tl.constexpr``). It multiplies INT8 activations
+``[M, K]`` by the stored weight ``[N, K]`` as it is (K-contiguous rows are exactly the K-major B operand
+that the INT8 tensor-core instructions want, so no re-layout is needed), accumulates in INT32 on the
+tensor cores, and applies the epilogue ``y = acc * s_x[row] * s_w[col] + bias`` in float32 before the
+single store in ``out_dtype``: the INT32 product never goes to memory.
+
+* INT4 weights (``uint8 [N, K/2]``, low nibble = even column) are unpacked in registers, so only half
+  the weight bytes are read; at decode batch sizes those bytes are the cost of the whole GEMM.
+* Output-row groups (``G_out < N``) index ``w_scale[col // (N // G_out)]``.
+* Input-dim groups (``G_in > 1``) change the scale along K, so each group's partial INT32 sum is
+  scaled and added into a float32 accumulator separately; ``BLOCK_K`` is chosen to divide the group
+  width so a K tile never straddles two groups.
+
+Block shapes are autotuned per (M bucket, N, K, variant) on first use (a small in-module tuner, so the
+tests can also run every candidate config and the CUDA-graph capture never triggers tuning).
+``torch._int_mm`` + a separate dequant is kept as the fallback for machines without a working Triton
+(and as the baseline in ``benchmarks/gemm.py``).
+
+Importing this module never needs Triton or a GPU; using it without them raises ``ZQError``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from zqcompile import ops
+from zqcompile.errors import ZQError
+from zqcompile.quant import expand_weight_scale, unpack_int4
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break importing zqcompile
+    triton = None
+    _TRITON_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+else:
+    _TRITON_ERROR = None
+
+AUTOTUNE = os.environ.get("ZQ_TRITON_AUTOTUNE", "1") != "0"
+"""Benchmark the candidate configs on the first call of each shape key (set ZQ_TRITON_AUTOTUNE=0 to
+use the first candidate of each M bucket instead, e.g. to keep test runs short)."""
+
+_MIN_BLOCK_K = 32  # the K of one INT8 tensor-core instruction
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch parameters of one kernel instance."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8  # row-tile swizzle so consecutive programs share weight tiles in L2
+
+
+# Candidates per (M bucket, input-dim grouped); the first of each is the untuned default. Large tiles
+# keep the tensor cores fed at prefill/encoder sizes; decode sizes (M <= 16) are bound by reading the
+# weight once, so they use the smallest M tile and narrow N tiles to spread the weight over more SMs.
+# Input-dim groups keep a float32 accumulator beside the INT32 one, which doubles the accumulator
+# registers: the grouped lists leave out the tiles that spill at 255 registers (checked for sm_90 with
+# cuobjdump -res-usage: 128x128 and larger with 8 warps).
+_DECODE = (
+    GemmConfig(16, 64, 256, 4, 4), GemmConfig(16, 32, 256, 4, 4), GemmConfig(16, 64, 128, 4, 5),
+    GemmConfig(16, 128, 128, 4, 4), GemmConfig(16, 32, 512, 4, 3),
+)
+_CONFIGS: dict[tuple[str, bool], tuple[GemmConfig, ...]] = {
+    ("decode", False): _DECODE,
+    ("decode", True): _DECODE,
+    ("medium", False): (
+        GemmConfig(64, 128, 128, 4, 4), GemmConfig(64, 64, 128, 4, 4), GemmConfig(32, 64, 256, 4, 4),
+        GemmConfig(128, 128, 128, 8, 3), GemmConfig(64, 256, 128, 8, 3),
+    ),
+    ("medium", True): (
+        GemmConfig(64, 64, 128, 4, 4), GemmConfig(64, 128, 128, 4, 4), GemmConfig(32, 64, 256, 4, 4),
+        GemmConfig(64, 256, 128, 8, 3),
+    ),
+    ("large", False): (
+        GemmConfig(128, 128, 128, 8, 4), GemmConfig(128, 256, 128, 8, 3), GemmConfig(256, 128, 128, 8, 3),
+        GemmConfig(128, 128, 128, 4, 4), GemmConfig(128, 64, 128, 4, 4), GemmConfig(64, 128, 128, 4, 4),
+    ),
+    ("large", True): (
+        GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 64, 128, 4, 4), GemmConfig(64, 256, 128, 8, 3),
+        GemmConfig(64, 64, 128, 4, 4),
+    ),
+}
+
+
+def m_bucket(m: int) -> int:
+    """The autotuning bucket of a row count: the next power of two, at least 16, at most 8192."""
+    return min(max(16, 1 << max(m - 1, 0).bit_length()), 8192)
+
+
+def candidate_configs(m: int, k: int, group_width: int | None) -> list[GemmConfig]:
+    """The configs worth trying for this shape, each fitted to K and to the input-dim group width.
+
+    ``group_width`` is ``K // G_in`` when ``G_in > 1``, else None. ``BLOCK_K`` is shrunk to the largest
+    power of two dividing the group width (a tile must not straddle two scale groups), or dividing K,
+    so the main loop needs no K mask (masked 1-byte loads cannot use the asynchronous copies the software
+    pipeline is built on); only a K with no such divisor >= 32 runs masked. Returns [] when the group
+    width is not a multiple of the tensor-core K (32): the Triton kernel does not cover that case.
+    """
+    width = group_width or k
+    divisor = width & -width
+    if divisor < _MIN_BLOCK_K:
+        if group_width is not None:
+            return []
+        divisor = max(_MIN_BLOCK_K, 1 << (k - 1).bit_length())
+    size = "decode" if m <= 16 else "medium" if m <= 128 else "large"
+    fitted: list[GemmConfig] = []
+    for cfg in _CONFIGS[size, group_width is not None]:
+        cfg = replace(cfg, block_k=min(cfg.block_k, divisor))
+        if cfg not in fitted:
+            fitted.append(cfg)
+    return fitted
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks (pure Python, shared by every path)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Problem:
+    m: int
+    n: int
+    k: int
+    g_out: int
+    g_in: int
+
+
+def check_linear_args(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                      int4: bool) -> _Problem:
+    """Validate the operands of int8_linear / int4_linear against the DESIGN.md conventions."""
+    op = "int4_linear" if int4 else "int8_linear"
+    w_dtype = torch.uint8 if int4 else torch.int8
+    if x_q.dtype != torch.int8:
+        raise ZQError(f"{op}: activations must be int8, got {x_q.dtype}; quantize them with zq.quantize_per_token")
+    if w.dtype != w_dtype or w.dim() != 2:
+        raise ZQError(f"{op}: weight must be a 2-D {w_dtype} tensor, got {w.dtype} {tuple(w.shape)}"
+                      + ("; INT4 weights are packed with zqcompile.quant.pack_int4" if int4 else ""))
+    n = w.shape[0]
+    k = w.shape[1] * 2 if int4 else w.shape[1]
+    if x_q.dim() < 1 or x_q.shape[-1] != k:
+        raise ZQError(f"{op}: activations {tuple(x_q.shape)} do not match the weight's in_features {k}")
+    m = x_q.numel() // k if k else 0
+    if x_scale.numel() != m:
+        raise ZQError(f"{op}: expected one activation scale per token ({m}), got shape {tuple(x_scale.shape)}")
+    if w_scale.dim() != 2 or n % w_scale.shape[0] or k % w_scale.shape[1]:
+        raise ZQError(f"{op}: weight scale {tuple(w_scale.shape)} must be [G_out, G_in] with G_out dividing "
+                      f"N={n} and G_in dividing K={k}")
+    if bias is not None and bias.shape != (n,):
+        raise ZQError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    tensors = [x_q, x_scale, w, w_scale] + ([bias] if bias is not None else [])
+    if any(t.device != x_q.device for t in tensors):
+        raise ZQError(f"{op}: operands are on different devices {[str(t.device) for t in tensors]}; "
+                      "move the model and its inputs to one device")
+    return _Problem(m, n, k, w_scale.shape[0], w_scale.shape[1])
+
+
+def _require_cuda(what: str, *tensors: Tensor) -> None:
+    if not torch.cuda.is_available():
+        raise ZQError(f"{what} needs a CUDA GPU but torch.cuda.is_available() is False; run on a machine with "
+                      "an NVIDIA GPU and a CUDA build of PyTorch, or use the CPU reference backend")
+    if any(not t.is_cuda for t in tensors):
+        raise ZQError(f"{what} got tensors on {sorted({str(t.device) for t in tensors})}; move the model and "
+                      "its inputs to CUDA (model.cuda().half()) or use the CPU reference backend")
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise ZQError(f"the Triton GEMM backend needs Triton, which failed to import ({_TRITON_ERROR}); "
+                      "install a Triton matching your PyTorch (pip install triton) or use register_cuda_kernels(), "
+                      "which falls back to torch._int_mm")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _unpack_int4(packed):
+        """uint8 [R, C] -> int8 [R, 2C]: low nibble = even column, each nibble sign-extended."""
+        b = packed.to(tl.int8, bitcast=True)
+        low = ((b << 4).to(tl.int8) >> 4).to(tl.int8)  # arithmetic shifts sign-extend the nibble
+        high = (b >> 4).to(tl.int8)
+        return tl.interleave(low, high)
+
+    @triton.jit
+    def _int_linear_kernel(
+        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr,
+        M, N, K, rows_per_scale, g_in, stride_am, stride_wn, stride_cm,
+        INT4: tl.constexpr, GROUPED: tl.constexpr, TILES_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pids_per_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // pids_per_group) * GROUP_M
+        group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+        pid_n = (pid % pids_per_group) // group_rows
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Out-of-range rows/cols wrap onto valid ones so the main loop loads without M/N masks; the
+        # store drops them.
+        rows = offs_m % M
+        cols = offs_n % N
+        W_STEP: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K  # weight bytes per row per K tile
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_wk = tl.arange(0, W_STEP)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_wk[None, :]
+        w_scale_ptrs = w_scale_ptr + (cols // rows_per_scale) * g_in
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kt in range(tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                wt = tl.load(w_ptrs)
+            else:
+                k_left = K - kt * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+                wt = tl.load(w_ptrs, mask=offs_wk[None, :] < k_left // (BLOCK_K // W_STEP), other=0)
+            if INT4:
+                wt = _unpack_int4(wt)
+            part = tl.dot(a, tl.trans(wt), part, out_dtype=tl.int32)
+            if GROUPED:
+                # Last tile of an input-dim group: scale its exact INT32 sum by that group's weight scale.
+                if (kt + 1) % TILES_PER_GROUP == 0:
+                    s_w = tl.load(w_scale_ptrs + kt // TILES_PER_GROUP)
+                    acc += part.to(tl.float32) * s_w[None, :]
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            w_ptrs += W_STEP
+        if not GROUPED:
+            acc = part.to(tl.float32) * tl.load(w_scale_ptrs)[None, :]
+        acc = acc * tl.load(a_scale_ptr + rows)[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch, autotuning and the op kernels
+# ----------------------------------------------------------------------------------------------------
+
+_TUNED: dict[tuple, GemmConfig] = {}
+
+
+def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
+            p: _Problem, int4: bool, cfg: GemmConfig) -> None:
+    grouped = p.g_in > 1
+    grid = (triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.n, cfg.block_n),)
+    _int_linear_kernel[grid](
+        a, s_x, w, w_scale, out if bias is None else bias, out,
+        p.m, p.n, p.k, p.n // p.g_out, p.g_in, a.stride(0), w.stride(0), out.stride(0),
+        INT4=int4, GROUPED=grouped, TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
+        HAS_BIAS=bias is not None, EVEN_K=p.k % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmConfig], None]) -> GemmConfig:
+    """The fastest candidate for ``key``, timed once and cached; the first candidate when tuning is off.
+
+    Never tunes during CUDA-graph capture (timing synchronizes the device): a shape first seen inside a
+    capture gets the default config, uncached, so a later eager call can still tune it.
+    """
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    if not AUTOTUNE or len(candidates) == 1:
+        _TUNED[key] = candidates[0]
+        return candidates[0]
+    timings: dict[GemmConfig, float] = {}
+    for cfg in candidates:
+        try:
+            timings[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+        except OutOfResources:  # e.g. too much shared memory on a smaller GPU
+            continue
+    if not timings:
+        raise ZQError(f"no Triton GEMM config fits this GPU for shape key {key}; set ZQ_TRITON_AUTOTUNE=0 "
+                      "or use the torch._int_mm fallback (int_mm_linear)")
+    _TUNED[key] = min(timings, key=timings.get)
+    return _TUNED[key]
+
+
+def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                      out_dtype: torch.dtype, *, int4: bool, config: GemmConfig | None = None) -> Tensor:
+    """int8_linear (``int4=False``) or int4_linear (``int4=True``) through the Triton kernel.
+
+    ``config`` forces one tile config (tests use it to check every candidate); by default the config is
+    autotuned per shape key. Falls back to ``int_mm_linear`` where no Triton config applies (an
+    input-dim group width that is not a multiple of 32).
+    """
+    p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
+    _require_cuda("the Triton INT8 GEMM", x_q, x_scale, w, w_scale, *([bias] if bias is not None else []))
+    _require_triton()
+    group_width = p.k // p.g_in if p.g_in > 1 else None
+    candidates = [config] if config is not None else candidate_configs(p.m, p.k, group_width)
+    if not candidates:
+        return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
+    out = torch.empty((*x_q.shape[:-1], p.n), dtype=out_dtype, device=x_q.device)
+    if p.m == 0 or p.n == 0:
+        return out
+    a = x_q.reshape(p.m, p.k)
+    a = a if a.stride(1) == 1 else a.contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
+    s_x = x_scale.reshape(p.m).float().contiguous()
+    w_scale = w_scale.float().contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    out2d = out.view(p.m, p.n)
+
+    def run(cfg: GemmConfig) -> None:
+        _launch(a, s_x, w, w_scale, bias, out2d, p, int4, cfg)
+
+    key = (m_bucket(p.m), p.n, p.k, group_width, int4, bias is not None, out_dtype, x_q.device.index)
+    run(_pick_config(key, candidates, run))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch._int_mm fallback
+# ----------------------------------------------------------------------------------------------------
+
+def int_mm_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                  out_dtype: torch.dtype, *, int4: bool) -> Tensor:
+    """The op through cuBLASLt's INT8 GEMM (``torch._int_mm``) and a separate float32 dequant.
+
+    ``torch._int_mm`` needs more than 16 rows and K, N multiples of 8: rows are zero-padded to 32;
+    other shapes use the reference implementation.
+    """
+    p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
+    _require_cuda("torch._int_mm", x_q)
+    w8 = unpack_int4(w) if int4 else w
+    width = p.k // p.g_in
+    if p.m == 0 or p.n % 8 or width % 8:
+        return ops._int_linear_reference(x_q, x_scale, w8, w_scale, bias, out_dtype)
+    a = x_q.reshape(p.m, p.k)
+    if p.m <= 16:
+        a = torch.cat([a, a.new_zeros(32 - p.m, p.k)])
+    col_scale = expand_weight_scale(w_scale, p.n, p.g_in).float()  # [N, G_in]
+    y = None
+    for g in range(p.g_in):
+        cols = slice(g * width, (g + 1) * width)
+        part = torch._int_mm(a[:, cols].contiguous(), w8[:, cols].contiguous().t())[: p.m].float() * col_scale[:, g]
+        y = part if y is None else y + part
+    y *= x_scale.reshape(p.m, 1)
+    if bias is not None:
+        y += bias.float()
+    return y.to(out_dtype).reshape(*x_q.shape[:-1], p.n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registration as the ops' CUDA kernels
+# ----------------------------------------------------------------------------------------------------
+
+_REGISTERED_BACKEND: str | None = None
+
+
+def _triton_supported() -> bool:
+    return triton is not None and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def _int8_linear_cuda(x_q, x_scale, w, w_scale, bias, out_dtype):
+    return triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
+
+
+def _int4_linear_cuda(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
+    return triton_int_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
+
+
+def _int8_linear_int_mm(x_q, x_scale, w, w_scale, bias, out_dtype):
+    return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
+
+
+def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
+    return int_mm_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
+
+
+def register_cuda_kernels() -> str:
+    """Make ``zq::int8_linear`` / ``zq::int4_linear`` run these kernels on CUDA tensors; idempotent.
+
+    Returns the backend in use: ``"triton"``, or ``"int_mm"`` (with a warning) when Triton is missing
+    or the GPU predates INT8 ``tl.dot`` (sm_80). Raises ZQError when there is no CUDA GPU.
+    """
+    global _REGISTERED_BACKEND
+    if _REGISTERED_BACKEND is not None:
+        return _REGISTERED_BACKEND
+    _require_cuda("register_cuda_kernels()")
+    if _triton_supported():
+        backend, int8_fn, int4_fn = "triton", _int8_linear_cuda, _int4_linear_cuda
+    else:
+        warnings.warn(f"Triton INT8 GEMMs unavailable ({_TRITON_ERROR or 'GPU older than sm_80'}); "
+                      "zq int8/int4 linears use torch._int_mm with a separate dequant", stacklevel=2)
+        backend, int8_fn, int4_fn = "int_mm", _int8_linear_int_mm, _int4_linear_int_mm
+    ops.int8_linear.register_kernel("cuda")(int8_fn)
+    ops.int4_linear.register_kernel("cuda")(int4_fn)
+    _REGISTERED_BACKEND = backend
+    return backend
+
+
+__all__ = [
+    "AUTOTUNE", "GemmConfig", "candidate_configs", "check_linear_args", "int_mm_linear",
+    "m_bucket", "register_cuda_kernels", "triton_int_linear",
+]

@@ -1,0 +1,203 @@
+"""Looking at a compiled model: the per-layer table, the graph as networkx, per-layer error vs FP."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from zqcompile.ops import ACTIVATION_QUANT_OPS, QUANTIZED_LINEAR_OPS
+from zqcompile.passes.infra import (
+    LINEAR, META_FUSED_INTO, META_MODULE, META_PLAN, META_ROLE, META_WEIGHT_BYTES, attr_tensor, get_attr_tensor,
+)
+
+if TYPE_CHECKING:
+    from zqcompile.model import QuantizedModel
+
+
+@dataclass(frozen=True)
+class LinearRow:
+    module: str
+    role: str
+    kind: str  # W8A8 / W4A8 / W8A16 / W4A16 / FP
+    weight: str  # bits and groups
+    activation: str
+    fused_into: str
+    bytes_before: int
+    bytes_after: int
+    plan_reason: str
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _activation_source(gm: GraphModule, node: Node, unfused: Mapping[str, str]) -> tuple[str, str]:
+    """(activation description, fused-into description) of a lowered linear."""
+    if node.target not in (torch.ops.zq.int8_linear.default, torch.ops.zq.int4_linear.default):
+        return "FP (weight-only)" if node.target in QUANTIZED_LINEAR_OPS else "FP", "-"
+    source = node.args[0].args[0]  # getitem(quant-producing op, i)
+    if source.target in ACTIVATION_QUANT_OPS and META_FUSED_INTO in source.meta:
+        return "INT8 per-token", f"{source.target.__name__.split('.')[0]} ({source.meta[META_FUSED_INTO]})"
+    reason = unfused.get(source.name, "")
+    return "INT8 per-token", f"standalone quantize_per_token{': ' + reason if reason else ''}"
+
+
+def linear_rows(gm: GraphModule, unfused: Mapping[str, str] | None = None) -> list[LinearRow]:
+    """One row per linear layer of the compiled graph (quantized or kept FP)."""
+    rows = []
+    for node in gm.graph.nodes:
+        if META_MODULE not in node.meta or node.op != "call_function":
+            continue
+        plan = node.meta[META_PLAN]
+        if node.target is LINEAR:
+            weight = node.args[1]
+            size = _tensor_bytes(get_attr_tensor(gm, weight)) if weight.op == "get_attr" else 0
+            rows.append(LinearRow(node.meta[META_MODULE], node.meta[META_ROLE], "FP", "FP", "FP", "-", size, size,
+                                  plan.reason))
+            continue
+        w_q, w_s = (node.args[2], node.args[3]) if node.target is not torch.ops.zq.weight_only_linear.default \
+            else (node.args[1], node.args[2])
+        q, scale = attr_tensor(gm, w_q.target), attr_tensor(gm, w_s.target)
+        n = q.shape[0]
+        groups = "per-channel" if scale.shape[0] == n else f"{n // scale.shape[0]} rows/group"
+        if scale.shape[1] > 1:
+            groups += f", {q.shape[1] * (2 if q.dtype == torch.uint8 else 1) // scale.shape[1]} cols/group"
+        activation, fused = _activation_source(gm, node, unfused or {})
+        before = node.meta[META_WEIGHT_BYTES]
+        rows.append(LinearRow(node.meta[META_MODULE], node.meta[META_ROLE], plan.kind,
+                              f"INT{plan.weight_bits} {groups}", activation, fused, before,
+                              _tensor_bytes(q) + _tensor_bytes(scale), plan.reason))
+    return rows
+
+
+def _table(rows: list[LinearRow]) -> str:
+    header = ("module", "role", "kind", "weight", "activation", "fused into", "KB before", "KB after", "why")
+    body = [(r.module, r.role, r.kind, r.weight, r.activation, r.fused_into, f"{r.bytes_before / 1024:.1f}",
+             f"{r.bytes_after / 1024:.1f}", r.plan_reason) for r in rows]
+    widths = [min(60, max(len(str(x)) for x in col)) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line("-" * w for w in widths), *map(line, body)])
+
+
+def inspect(qmodel: "QuantizedModel", code: bool = True) -> str:
+    """The per-linear table, the pass counters, the weight memory and (optionally) the FX code."""
+    ctx = qmodel.context
+    counters = ", ".join(f"{k}={v}" for k, v in sorted(ctx.counters.items()))
+    parts = [
+        f"zqcompile: {qmodel.model_class}, recipe {qmodel.recipe.name}, backend {qmodel.backend}, "
+        f"{qmodel.dtype} on {qmodel.device}",
+        _table(linear_rows(qmodel.graph_module, ctx.unfused_reasons)),
+        f"pass counters: {counters}",
+        f"weights: {qmodel.weight_memory()}",
+    ]
+    if code:
+        parts += ["graph:", qmodel.graph_module.code]
+    return "\n\n".join(parts)
+
+
+def _node_dtype_shape(node: Node) -> tuple[str, str]:
+    meta = node.meta.get("val", node.meta.get("tensor_meta"))
+    if isinstance(meta, torch.Tensor) or hasattr(meta, "dtype"):
+        return str(meta.dtype), str(tuple(meta.shape))
+    return "", ""
+
+
+def to_networkx(qmodel: "QuantizedModel", dot_path: str | None = None):
+    """The rewritten graph as a ``networkx.DiGraph``; nodes carry op, role, dtype and shape.
+
+    Shapes and dtypes are those of the model's example inputs (propagated through the final graph).
+    With ``dot_path`` the graph is also written as Graphviz DOT.
+    """
+    import networkx as nx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = qmodel.graph_module
+    ShapeProp(gm).propagate(*qmodel.example_inputs)
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        dtype, shape = _node_dtype_shape(node)
+        op = str(node.target) if node.op in ("call_function", "get_attr") else node.op
+        graph.add_node(node.name, op=op, kind=node.op, role=node.meta.get(META_ROLE, ""),
+                       module=node.meta.get(META_MODULE, ""), dtype=dtype, shape=shape)
+        for arg in node.all_input_nodes:
+            graph.add_edge(arg.name, node.name)
+    if dot_path is not None:
+        with open(dot_path, "w") as f:
+            f.write("digraph zqcompile {\n  node [shape=box, fontsize=10];\n")
+            for name, data in graph.nodes(data=True):
+                label = f"{name}\\n{data['op']}\\n{data['dtype']} {data['shape']}".replace('"', "'")
+                f.write(f'  "{name}" [label="{label}"];\n')
+            for a, b in graph.edges:
+                f.write(f'  "{a}" -> "{b}";\n')
+            f.write("}\n")
+    return graph
+
+
+@dataclass(frozen=True)
+class LayerError:
+    module: str
+    role: str
+    kind: str
+    sqnr_db: float
+    cosine: float
+
+
+class _LinearOutputs(Interpreter):
+    """Runs the compiled graph and keeps the output of every node that carries a module name."""
+
+    def __init__(self, gm: GraphModule):
+        super().__init__(gm)
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def run_node(self, node: Node) -> Any:
+        result = super().run_node(node)
+        if META_MODULE in node.meta and node.op == "call_function":
+            self.outputs[node.meta[META_MODULE]] = result
+        return result
+
+
+def _sqnr_and_cosine(reference: torch.Tensor, test: torch.Tensor) -> tuple[float, float]:
+    ref, out = reference.double().flatten(), test.double().flatten()
+    noise = (ref - out).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
+    cosine = torch.nn.functional.cosine_similarity(ref, out, dim=0).item()
+    return sqnr, cosine
+
+
+def report_error(model: torch.nn.Module, qmodel: "QuantizedModel", inputs: Mapping[str, Any] | tuple) -> list[LayerError]:
+    """Per-linear output error of ``qmodel`` against ``model`` on ``inputs``: SQNR (dB) and cosine.
+
+    Each layer sees its own model's input (the errors accumulate along the depth, as in deployment).
+    """
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs), {})
+    reference: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    rows = linear_rows(qmodel.graph_module)
+    hooks = [modules[r.module].register_forward_hook(
+        lambda _m, _i, out, name=r.module: reference.__setitem__(name, out)) for r in rows if r.module in modules]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    interpreter = _LinearOutputs(qmodel.graph_module)
+    with torch.no_grad():
+        interpreter.run(*qmodel.graph_inputs(*args, **kwargs))
+    report = []
+    for row in rows:
+        if row.module in reference and row.module in interpreter.outputs:
+            sqnr, cosine = _sqnr_and_cosine(reference[row.module], interpreter.outputs[row.module])
+            report.append(LayerError(row.module, row.role, row.kind, sqnr, cosine))
+    return report
+
+
+def format_error_report(report: list[LayerError]) -> str:
+    lines = [f"{'module':60s} {'role':10s} {'kind':6s} {'SQNR dB':>8s} {'cosine':>8s}"]
+    lines += [f"{r.module[:60]:60s} {r.role:10s} {r.kind:6s} {r.sqnr_db:8.2f} {r.cosine:8.5f}" for r in report]
+    return "\n".join(lines)

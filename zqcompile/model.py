@@ -1,0 +1,117 @@
+"""QuantizedModel: the compiled graph behind the original model's call signature and output types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from zqcompile.capture import Captured
+from zqcompile.errors import ZQError
+from zqcompile.passes.infra import CompileContext
+from zqcompile.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class WeightMemory:
+    """Bytes of the model's weights after compilation, and what the quantized ones took before."""
+
+    quantized_before: int  # the quantized layers' weights as captured (FP32/FP16/BF16)
+    quantized_fp16: int  # the same weights stored in FP16 (the paper's baseline)
+    quantized_after: int  # their integer values + scales
+    kept_fp: int  # linear weights the recipe keeps in floating point
+    total: int  # every tensor of the compiled graph (embeddings, norms, FP layers, integer weights)
+
+    @property
+    def ratio_vs_fp16(self) -> float:
+        return self.quantized_after / self.quantized_fp16 if self.quantized_fp16 else 1.0
+
+    def __str__(self) -> str:
+        mb = 1 / 2 ** 20
+        return (f"quantized linears {self.quantized_before * mb:.2f} MB -> {self.quantized_after * mb:.2f} MB "
+                f"({self.ratio_vs_fp16:.3f}x of FP16); FP linears {self.kept_fp * mb:.2f} MB; "
+                f"all tensors of the compiled model {self.total * mb:.2f} MB")
+
+
+class QuantizedModel(nn.Module):
+    """A compiled model: call it like the original (same inputs, same HF output type)."""
+
+    def __init__(self, graph_module: GraphModule, captured: Captured, recipe: Recipe, ctx: CompileContext,
+                 backend: str, runner: Callable[..., Any] | None = None):
+        super().__init__()
+        self.graph_module = graph_module
+        self.model_class = captured.model_class
+        self.input_names = captured.input_names
+        self.output_type = captured.output_type
+        self.output_keys = captured.output_keys
+        self.max_seq_len = captured.max_seq_len
+        self.example_inputs = captured.example_inputs
+        self.dtype = captured.dtype
+        self.device = captured.device
+        self.recipe = recipe
+        self.context = ctx
+        self.backend = backend
+        self._run = runner or graph_module
+
+    # ---- calling ------------------------------------------------------------------------------------
+    def graph_inputs(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        """The flat tensors the graph takes, from the user's arguments (HF keyword/positional style)."""
+        if self.input_names is None:
+            if kwargs:
+                raise ZQError(f"compiled {self.model_class} takes positional inputs only, got {sorted(kwargs)}")
+            return args
+        named = dict(zip(self.input_names, args))
+        overlap = set(named) & set(kwargs)
+        if overlap:
+            raise ZQError(f"got {sorted(overlap)} both positionally and by keyword")
+        named.update(kwargs)
+        unknown = sorted(k for k, v in named.items() if k not in self.input_names and v is not None)
+        if unknown:
+            raise ZQError(f"compiled {self.model_class} accepts {list(self.input_names)}; it was captured without "
+                          f"{unknown} (KV caches, labels and embeddings inputs are not supported)")
+        input_ids = named.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ZQError(f"input_ids must be a [batch, seq] tensor, got {type(input_ids).__name__}")
+        batch, seq = input_ids.shape
+        if self.max_seq_len is not None and seq > self.max_seq_len:
+            raise ZQError(f"sequence length {seq} exceeds {self.model_class}'s maximum of {self.max_seq_len} "
+                          f"positions; split the input into chunks of at most {self.max_seq_len} tokens")
+        if input_ids.device != self.device:
+            raise ZQError(f"inputs are on {input_ids.device} but the model was compiled for {self.device}; "
+                          f"move them with .to({str(self.device)!r})")
+        defaults = {"attention_mask": torch.ones_like(input_ids), "token_type_ids": torch.zeros_like(input_ids)}
+        tensors = []
+        for name in self.input_names:
+            value = named.get(name)
+            value = defaults[name] if value is None else value
+            if value.shape != input_ids.shape:
+                raise ZQError(f"{name} has shape {tuple(value.shape)}, input_ids has {tuple(input_ids.shape)}")
+            tensors.append(value)
+        return tuple(tensors)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = self._run(*self.graph_inputs(*args, **kwargs))
+        if self.output_type is None:
+            return outputs
+        return self.output_type(**dict(zip(self.output_keys, outputs)))
+
+    # ---- facts --------------------------------------------------------------------------------------
+    def weight_memory(self) -> WeightMemory:
+        from zqcompile.inspection import linear_rows
+        rows = linear_rows(self.graph_module)
+        before = sum(r.bytes_before for r in rows if r.kind != "FP")
+        tensors = {id(t): t for t in self.graph_module.state_dict().values()}.values()  # tied weights count once
+        return WeightMemory(
+            quantized_before=before,
+            quantized_fp16=before * 2 // self.dtype.itemsize,
+            quantized_after=sum(r.bytes_after for r in rows if r.kind != "FP"),
+            kept_fp=sum(r.bytes_after for r in rows if r.kind == "FP"),
+            total=sum(t.numel() * t.element_size() for t in tensors),
+        )
+
+    def extra_repr(self) -> str:
+        return (f"model={self.model_class}, recipe={self.recipe.name}, backend={self.backend}, "
+                f"dtype={self.dtype}, device={self.device}\nweights: {self.weight_memory()}")

@@ -1,0 +1,216 @@
+"""The quantized operators of a zqcompile graph, registered as ``torch.ops.zq.*`` custom ops.
+
+Each op has a reference implementation here (plain torch, any device; the CPU backend) and a fake
+kernel, so graphs that contain them stay printable, exportable (``torch.export``) and shape-propagable.
+A backend swaps in faster kernels for a device with ``op.register_kernel(device)``; it never changes
+what an op computes, so a graph means the same thing under every backend.
+
+Conventions (see zqcompile.quant): activation scales are float32 ``[..., 1]`` (one per token row);
+weight scales are float32 ``[G_out, G_in]``; INT8 weights are ``int8 [N, K]``, INT4 weights are packed
+``uint8 [N, K/2]``. Fused "elementwise + quant" ops return the quantized activation and its scale; the
+norm ops also return their floating-point output, which a residual connection may still need.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zqcompile.quant import (
+    exact_int_matmul, expand_weight_scale, dequantize_weight_values, quantize_rows, unpack_int4, unpack_weight,
+)
+
+_LIB = "zq"
+
+
+def _row_scale_like(x: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def _quant_like(x: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=torch.int8), _row_scale_like(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token-wise dynamic activation quantization
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::quantize_per_token", mutates_args=())
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """INT8 per token row: scale = absmax(row) / 127 (1.0 for an all-zero row), round half to even."""
+    return quantize_rows(x)
+
+
+@quantize_per_token.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    return _quant_like(x)
+
+
+@torch.library.custom_op(f"{_LIB}::dequantize_per_token", mutates_args=())
+def dequantize_per_token(x_q: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """x_q * scale in ``out_dtype``: the simulated-quantization form that lowering turns into an INT8 GEMM."""
+    return (x_q.float() * x_scale).to(out_dtype)
+
+
+@dequantize_per_token.register_fake
+def _(x_q: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return x_q.new_empty(x_q.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::dequantize_weight", mutates_args=())
+def dequantize_weight(w: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Floating-point weight [N, K] from stored INT8 (int8) or packed INT4 (uint8) values and group scales."""
+    return dequantize_weight_values(unpack_weight(w), w_scale).to(out_dtype)
+
+
+@dequantize_weight.register_fake
+def _(w: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    k = w.shape[1] * 2 if w.dtype == torch.uint8 else w.shape[1]
+    return w.new_empty((w.shape[0], k), dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Integer GEMMs with the dequantization in the epilogue
+# ----------------------------------------------------------------------------------------------------
+
+def _int_linear_reference(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+                          out_dtype: torch.dtype) -> Tensor:
+    """y = sum_g (x_q @ w_q.T)[group g] * s_x[row] * s_w[col, g] + bias, INT32 accumulation per group.
+
+    With one input group (per-channel or output-row groups) this is the epilogue ``acc * s_x * s_w``; with
+    input-dim groups the scale changes along K, so each group's partial INT32 sum is scaled separately.
+    """
+    *lead, k = x_q.shape
+    n = w_q.shape[0]
+    a = x_q.reshape(-1, k)
+    g_in = w_scale.shape[1]
+    col_scale = expand_weight_scale(w_scale, n, g_in).float()  # [N, G_in]
+    width = k // g_in
+    y = torch.zeros(a.shape[0], n, dtype=torch.float32, device=x_q.device)
+    for g in range(g_in):
+        cols = slice(g * width, (g + 1) * width)
+        y += exact_int_matmul(a[:, cols], w_q[:, cols]).float() * col_scale[:, g]
+    y *= x_scale.reshape(-1, 1)
+    if bias is not None:
+        y += bias.float()
+    return y.to(out_dtype).reshape(*lead, n)
+
+
+def _linear_fake(x: Tensor, n: int, out_dtype: torch.dtype) -> Tensor:
+    return x.new_empty((*x.shape[:-1], n), dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::int8_linear", mutates_args=())
+def int8_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+    """W8A8 linear: INT8 activations [.., K] x INT8 weights [N, K], INT32 accumulate, dequant epilogue."""
+    return _int_linear_reference(x_q, x_scale, w, w_scale, bias, out_dtype)
+
+
+@int8_linear.register_fake
+def _(x_q, x_scale, w, w_scale, bias, out_dtype):
+    return _linear_fake(x_q, w.shape[0], out_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::int4_linear", mutates_args=())
+def int4_linear(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+    """W4A8 linear: unpacks the INT4 weights (uint8 [N, K/2]) and runs the INT8 path."""
+    return _int_linear_reference(x_q, x_scale, unpack_int4(w_packed), w_scale, bias, out_dtype)
+
+
+@int4_linear.register_fake
+def _(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
+    return _linear_fake(x_q, w_packed.shape[0], out_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::weight_only_linear", mutates_args=())
+def weight_only_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """W8A16 / W4A16 linear: dequantize the stored weight to x's dtype and run a floating-point GEMM."""
+    return F.linear(x, dequantize_weight_values(unpack_weight(w), w_scale).to(x.dtype), bias)
+
+
+@weight_only_linear.register_fake
+def _(x, w, w_scale, bias):
+    return _linear_fake(x, w.shape[0], x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Elementwise ops with the token-wise quantization fused in (ZeroQuant's kernel fusion)
+# ----------------------------------------------------------------------------------------------------
+
+def _norm_quant_fake(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (torch.empty_like(x), *_quant_like(x))
+
+
+@torch.library.custom_op(f"{_LIB}::layernorm_quant", mutates_args=())
+def layernorm_quant(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over the last dim, then per-token INT8 quantization of its output: (y, y_q, y_scale)."""
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return (y, *quantize_rows(y))
+
+
+@layernorm_quant.register_fake
+def _(x, weight, bias, eps):
+    return _norm_quant_fake(x)
+
+
+@torch.library.custom_op(f"{_LIB}::add_layernorm_quant", mutates_args=())
+def add_layernorm_quant(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm(x + residual) (BERT's post-LN residual block), then per-token INT8: (y, y_q, y_scale)."""
+    y = F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
+    return (y, *quantize_rows(y))
+
+
+@add_layernorm_quant.register_fake
+def _(x, residual, weight, bias, eps):
+    return _norm_quant_fake(x)
+
+
+@torch.library.custom_op(f"{_LIB}::rmsnorm_quant", mutates_args=())
+def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Llama RMSNorm (float32 statistics, cast back, times weight), then per-token INT8: (y, y_q, y_scale)."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = weight * normed
+    return (y, *quantize_rows(y))
+
+
+@rmsnorm_quant.register_fake
+def _(x, weight, eps):
+    return (torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype)), *_quant_like(x))
+
+
+@torch.library.custom_op(f"{_LIB}::gelu_quant", mutates_args=())
+def gelu_quant(x: Tensor, bias: Tensor | None, approximate: str) -> tuple[Tensor, Tensor]:
+    """GELU(x + bias) ('none' = erf, 'tanh' = GPT-2's gelu_new), then per-token INT8: (q, scale)."""
+    return quantize_rows(F.gelu(x if bias is None else x + bias, approximate=approximate))
+
+
+@gelu_quant.register_fake
+def _(x, bias, approximate):
+    return _quant_like(x)
+
+
+@torch.library.custom_op(f"{_LIB}::silu_mul_quant", mutates_args=())
+def silu_mul_quant(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """SwiGLU: silu(gate) * up (Llama's MLP), then per-token INT8: (q, scale)."""
+    return quantize_rows(F.silu(gate) * up)
+
+
+@silu_mul_quant.register_fake
+def _(gate, up):
+    return _quant_like(gate)
+
+
+ACTIVATION_QUANT_OPS = {
+    torch.ops.zq.quantize_per_token.default, torch.ops.zq.layernorm_quant.default,
+    torch.ops.zq.add_layernorm_quant.default, torch.ops.zq.rmsnorm_quant.default,
+    torch.ops.zq.gelu_quant.default, torch.ops.zq.silu_mul_quant.default,
+}
+QUANTIZED_LINEAR_OPS = {
+    torch.ops.zq.int8_linear.default, torch.ops.zq.int4_linear.default, torch.ops.zq.weight_only_linear.default,
+}

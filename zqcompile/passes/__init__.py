@@ -1,0 +1,19 @@
+"""Graph passes, one per file; each is ``fn(gm, ctx) -> PassResult`` (see infra.py)."""
+
+from zqcompile.passes.annotate_roles import annotate_roles
+from zqcompile.passes.canonicalize_conv1d import canonicalize_conv1d
+from zqcompile.passes.cleanup import cleanup
+from zqcompile.passes.fuse_quant_into_elementwise import fuse_quant_into_elementwise
+from zqcompile.passes.infra import CompileContext, PassResult, run_passes
+from zqcompile.passes.insert_activation_quant import insert_activation_quant
+from zqcompile.passes.lower_linear_to_int8_gemm import lower_linear_to_int8_gemm
+from zqcompile.passes.plan_linears import plan_linears
+from zqcompile.passes.quantize_weights import quantize_weights
+from zqcompile.passes.remove_dropout import remove_dropout
+from zqcompile.passes.remove_tensor_asserts import remove_tensor_asserts
+
+__all__ = [
+    "CompileContext", "PassResult", "run_passes", "remove_dropout", "remove_tensor_asserts", "canonicalize_conv1d",
+    "annotate_roles", "plan_linears", "quantize_weights", "insert_activation_quant", "fuse_quant_into_elementwise",
+    "lower_linear_to_int8_gemm", "cleanup",
+]

@@ -1,0 +1,123 @@
+"""The pass contract and the pass manager (after torch.fx.passes.infra).
+
+A pass is ``fn(gm, ctx) -> PassResult``. The manager runs passes in order, lints and recompiles the graph
+after each, merges hit counters into the context, and re-raises a failure as "an error occurred when
+running the 'X' pass after the following passes: [...]" so the error says where it happened.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch.fx import GraphModule, Node
+
+from zqcompile.errors import ZQError
+from zqcompile.recipe import LinearPlan, Recipe
+
+# node.meta keys written by the passes
+META_MODULE = "zq_module"  # qualified module name of a linear
+META_ROLE = "zq_role"  # role of a linear (recipe.ROLES)
+META_PLAN = "zq_plan"  # LinearPlan of a linear
+META_FUSED_INTO = "zq_fused_into"  # fusion rule that produced an activation-quant node
+META_WEIGHT_BYTES = "zq_weight_bytes_before"  # bytes of a quantized linear's weight as captured
+
+LINEAR = torch.ops.aten.linear.default
+
+
+@dataclass
+class PassResult:
+    graph_module: GraphModule
+    modified: bool
+    counters: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class CompileContext:
+    """State shared by the passes of one compilation."""
+
+    recipe: Recipe
+    plans: dict[str, LinearPlan] = field(default_factory=dict)
+    counters: Counter = field(default_factory=Counter)
+    # why an activation-quant node was not fused, keyed by the node's name
+    unfused_reasons: dict[str, str] = field(default_factory=dict)
+    passes_run: list[str] = field(default_factory=list)
+
+
+PassFn = Callable[[GraphModule, CompileContext], PassResult]
+
+
+def run_passes(gm: GraphModule, ctx: CompileContext, passes: Iterable[PassFn],
+               on_pass_done: Callable[[str, GraphModule], None] | None = None) -> GraphModule:
+    """Run ``passes`` in order; lint + recompile after each; name the failing pass and what ran before it."""
+    for fn in passes:
+        name = fn.__name__
+        try:
+            result = fn(gm, ctx)
+            gm = result.graph_module
+            gm.graph.lint()
+            gm.recompile()
+        except ZQError:
+            raise
+        except Exception as err:
+            raise ZQError(f"an error occurred when running the {name!r} pass after the following passes: "
+                          f"{ctx.passes_run}: {type(err).__name__}: {err}") from err
+        ctx.counters.update(result.counters)
+        ctx.passes_run.append(name)
+        if on_pass_done is not None:
+            on_pass_done(name, gm)
+    return gm
+
+
+# ---- small graph helpers shared by the passes -------------------------------------------------------
+
+def attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
+    owner, _, leaf = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def get_attr_tensor(gm: GraphModule, node: Node) -> torch.Tensor:
+    return attr_tensor(gm, node.target)
+
+
+def set_attr_tensor(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
+    """Register ``tensor`` as a buffer at dotted ``target`` (creating nothing but the leaf)."""
+    owner, _, leaf = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    module.register_buffer(leaf, tensor)
+
+
+def drop_if_unused(gm: GraphModule, get_attr: Node) -> None:
+    """Erase a get_attr node nobody reads, and its tensor once no other get_attr names it (frees FP weights)."""
+    if get_attr.users:
+        return
+    gm.graph.erase_node(get_attr)
+    if not any(n.op == "get_attr" and n.target == get_attr.target for n in gm.graph.nodes):
+        owner, _, leaf = get_attr.target.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def linear_nodes(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is LINEAR]
+
+
+def is_op(node: object, *targets: object) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def val_dtype(node: Node) -> torch.dtype:
+    """dtype recorded by export (meta['val']) or by shape propagation (meta['tensor_meta'])."""
+    if "val" in node.meta:
+        return node.meta["val"].dtype
+    return node.meta["tensor_meta"].dtype
+
+
+def getitem(graph: torch.fx.Graph, node: Node, index: int) -> Node:
+    return graph.call_function(operator.getitem, (node, index))
+
+
+def single_user(node: Node) -> bool:
+    return len(node.users) == 1

@@ -1,0 +1,48 @@
+"""quantize_weights: replace each planned linear's FP weight by group-wise integer values + scales.
+
+Matches ``aten.linear(x, W, b)`` whose plan quantizes the weight; emits ``zq.dequantize_weight(W_q, W_s)``
+in place of ``W``, with ``W_q`` (int8, or INT4 packed two per uint8) and ``W_s`` (float32 [G_out, G_in])
+stored as buffers of the GraphModule. The FP weight is dropped once nothing reads it (a weight tied to an
+embedding stays). The graph still computes in floating point (simulated quantization) until lowering.
+Refuses nothing: planning already rejected what cannot be quantized.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from zqcompile.passes.infra import (
+    META_PLAN, META_WEIGHT_BYTES, CompileContext, PassResult, drop_if_unused, get_attr_tensor, linear_nodes,
+    set_attr_tensor,
+)
+from zqcompile.quant import pack_int4, quantize_weight
+
+
+def quantize_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
+    stored: dict[tuple, tuple[str, str]] = {}  # (weight target, bits, groups) -> buffer names
+    count = 0
+    for node in linear_nodes(gm):
+        plan = node.meta[META_PLAN]
+        if not plan.quantized:
+            continue
+        weight_node = node.args[1]
+        weight = get_attr_tensor(gm, weight_node)
+        key = (weight_node.target, plan.weight_bits, plan.group_size, plan.input_group_size)
+        if key not in stored:
+            q, scale = quantize_weight(weight, plan.weight_bits, plan.group_size, plan.input_group_size)
+            packed = pack_int4(q) if plan.weight_bits == 4 else q
+            base = f"{weight_node.target}_int{plan.weight_bits}_{len(stored)}"
+            stored[key] = (base, f"{base}_scale")
+            set_attr_tensor(gm, stored[key][0], packed)
+            set_attr_tensor(gm, stored[key][1], scale)
+        q_name, scale_name = stored[key]
+        node.meta[META_WEIGHT_BYTES] = weight.numel() * weight.element_size()
+        with gm.graph.inserting_before(node):
+            w_q = gm.graph.get_attr(q_name)
+            w_s = gm.graph.get_attr(scale_name)
+            dequant = gm.graph.call_function(torch.ops.zq.dequantize_weight.default, (w_q, w_s, weight.dtype))
+        node.replace_input_with(weight_node, dequant)
+        drop_if_unused(gm, weight_node)
+        count += 1
+    return PassResult(gm, count > 0, {"quantize_weights": count} if count else {})

@@ -1,0 +1,238 @@
+"""Recipes: what to quantize, to how many bits, with which groups; presets and a dict/YAML loader.
+
+A recipe is resolved once per model into a :class:`LinearPlan` for every linear layer. Rules apply in
+order: recipe defaults, then ``overrides`` (later entries win), then ``keep_fp``.
+
+YAML example::
+
+    base: w8a8                 # start from a preset (optional)
+    group_size: null           # output rows per weight scale; null = per-channel
+    keep_fp: [role:lm_head, role:classifier, "encoder.layer.0.*"]
+    overrides:
+      - role: "mlp_*"          # glob on the role, or `module:` glob on the module name
+        weight_bits: 4
+        input_group_size: 64   # INT4 groups along the input dim
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from zqcompile.errors import ZQError
+from zqcompile.quant import weight_groups
+
+ROLES = ("attn_qkv", "attn_out", "mlp_in", "mlp_out", "lm_head", "classifier", "other")
+QUANT_SETTINGS = ("weight_bits", "act_bits", "group_size", "input_group_size")
+ROLE_PREFIX = "role:"
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one linear layer is compiled. ``weight_bits=None`` keeps it in floating point."""
+
+    weight_bits: int | None
+    act_bits: int | None
+    group_size: int | None
+    input_group_size: int | None
+    reason: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_bits is not None
+
+    @property
+    def kind(self) -> str:
+        """'W8A8', 'W4A16', ... or 'FP'."""
+        if not self.quantized:
+            return "FP"
+        return f"W{self.weight_bits}A{self.act_bits or 16}"
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A linear layer as the planner sees it."""
+
+    module: str
+    role: str
+    out_features: int
+    in_features: int
+
+
+@dataclass
+class Override:
+    """Settings for the linears whose module name matches ``module`` or whose role matches ``role`` (globs)."""
+
+    settings: dict[str, Any]
+    module: str | None = None
+    role: str | None = None
+
+    def matches(self, site: LinearSite) -> bool:
+        if self.module is not None:
+            return fnmatch.fnmatchcase(site.module, self.module)
+        return fnmatch.fnmatchcase(site.role, self.role)
+
+    def describe(self) -> str:
+        return f"module:{self.module}" if self.module is not None else f"role:{self.role}"
+
+
+@dataclass
+class Recipe:
+    """A quantization recipe. See the module docstring for the YAML form."""
+
+    name: str = "custom"
+    weight_bits: int = 8
+    act_bits: int | None = 8
+    group_size: int | None = None
+    input_group_size: int | None = None
+    keep_fp: list[str] = field(default_factory=lambda: ["role:lm_head", "role:classifier"])
+    overrides: list[Override] = field(default_factory=list)
+    lkd: Any = None
+
+    def __post_init__(self) -> None:
+        _check_settings(self.name, {k: getattr(self, k) for k in QUANT_SETTINGS})
+        for override in self.overrides:
+            _check_settings(f"override {override.describe()}", override.settings)
+            if override.role is not None:
+                _check_role_glob(override.role, f"override role:{override.role}")
+        for entry in self.keep_fp:
+            if entry.startswith(ROLE_PREFIX):
+                _check_role_glob(entry[len(ROLE_PREFIX):], f"keep_fp entry {entry!r}")
+
+    # -- resolution ------------------------------------------------------------------------------
+    def resolve(self, sites: Iterable[LinearSite]) -> dict[str, LinearPlan]:
+        """A plan per module name; raises ZQError for module globs that match nothing or bad group sizes."""
+        sites = list(sites)
+        for pattern in self._module_globs():
+            if not any(fnmatch.fnmatchcase(s.module, pattern) for s in sites):
+                examples = ", ".join(repr(s.module) for s in sites[:3]) or "none"
+                raise ZQError(f"recipe {self.name!r}: module glob {pattern!r} matches no linear layer "
+                              f"(linear layers are named like {examples})")
+        return {site.module: self._plan(site) for site in sites}
+
+    def _module_globs(self) -> list[str]:
+        globs = [e for e in self.keep_fp if not e.startswith(ROLE_PREFIX)]
+        return globs + [o.module for o in self.overrides if o.module is not None]
+
+    def _plan(self, site: LinearSite) -> LinearPlan:
+        settings = {k: getattr(self, k) for k in QUANT_SETTINGS}
+        reason = f"recipe {self.name}"
+        for override in self.overrides:
+            if override.matches(site):
+                settings.update(override.settings)
+                reason = f"override {override.describe()}"
+        for entry in self.keep_fp:
+            pattern, target = ((entry[len(ROLE_PREFIX):], site.role) if entry.startswith(ROLE_PREFIX)
+                               else (entry, site.module))
+            if fnmatch.fnmatchcase(target, pattern):
+                return LinearPlan(None, None, None, None, f"keep_fp {entry}")
+        try:
+            weight_groups(site.out_features, site.in_features, settings["group_size"],
+                          settings["input_group_size"])
+        except ZQError as err:
+            raise ZQError(f"recipe {self.name!r} for {site.module} ({site.out_features}x{site.in_features}, "
+                          f"{reason}): {err}") from None
+        if settings["weight_bits"] == 4 and site.in_features % 2:
+            raise ZQError(f"{site.module}: INT4 weights need an even in_features, got {site.in_features}; "
+                          f"keep it at 8 bits with an override")
+        return LinearPlan(reason=reason, **settings)
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
+        """Build from a mapping; ``base`` names a preset to start from. Unknown keys raise ZQError."""
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)} | {"base"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ZQError(f"unknown recipe key(s) {unknown}; valid keys are {sorted(known)}")
+        base_name = data.pop("base", None)
+        base = preset(base_name) if base_name is not None else cls()
+        if "overrides" in data:
+            data["overrides"] = base.overrides + [_parse_override(o, i) for i, o in enumerate(data["overrides"])]
+        if base_name is not None:
+            data.setdefault("name", f"{base_name}+custom" if data else base_name)
+        return dataclasses.replace(base, **data)
+
+
+def _check_settings(where: str, settings: Mapping[str, Any]) -> None:
+    for key, value in settings.items():
+        if key == "weight_bits" and value not in (4, 8):
+            raise ZQError(f"{where}: weight_bits must be 4 or 8, got {value!r} (keep a layer in floating point "
+                          f"with keep_fp instead)")
+        if key == "act_bits" and value not in (8, None):
+            raise ZQError(f"{where}: act_bits must be 8 (token-wise INT8) or null (weight-only), got {value!r}")
+        if key in ("group_size", "input_group_size") and value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ZQError(f"{where}: {key} must be a positive integer or null, got {value!r}")
+
+
+def _check_role_glob(pattern: str, where: str) -> None:
+    if not fnmatch.filter(ROLES, pattern):
+        raise ZQError(f"{where}: no role matches {pattern!r}; roles are {list(ROLES)}")
+
+
+def _parse_override(entry: Any, index: int) -> Override:
+    if not isinstance(entry, Mapping):
+        raise ZQError(f"overrides[{index}] must be a mapping like {{role: 'mlp_*', weight_bits: 4}}, got {entry!r}")
+    entry = dict(entry)
+    selectors = [k for k in ("module", "role") if k in entry]
+    if len(selectors) != 1:
+        raise ZQError(f"overrides[{index}] needs exactly one of 'module' (glob on module name) or 'role' "
+                      f"(glob on role), got {sorted(entry)}")
+    selector = {k: entry.pop(k) for k in selectors}
+    unknown = sorted(set(entry) - set(QUANT_SETTINGS))
+    if unknown:
+        raise ZQError(f"overrides[{index}]: unknown key(s) {unknown}; valid keys are "
+                      f"['module' or 'role', {', '.join(QUANT_SETTINGS)}]")
+    return Override(settings=entry, **selector)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # INT8 weights everywhere, INT8 token-wise activations.
+    "w8a8": {},
+    # ZeroQuant W4/8-A8: INT4 MLP weights (groups of 64 along the input dim), INT8 attention weights.
+    "w4a8": {"overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 64}]},
+    # Weight-only: activations stay in floating point.
+    "w8a16": {"act_bits": None},
+    "w4a16": {"act_bits": None, "weight_bits": 4, "input_group_size": 64},
+}
+PRESETS = tuple(_PRESETS)
+
+
+def preset(name: str) -> Recipe:
+    if name not in _PRESETS:
+        raise ZQError(f"unknown recipe preset {name!r}; presets are {list(_PRESETS)}, or pass a Recipe, a dict "
+                      f"or a path to a .yaml/.json file")
+    spec = dict(_PRESETS[name])
+    overrides = [_parse_override(o, i) for i, o in enumerate(spec.pop("overrides", []))]
+    return Recipe(name=name, overrides=overrides, **spec)
+
+
+def load_recipe(spec: "Recipe | str | os.PathLike | Mapping[str, Any]") -> Recipe:
+    """A Recipe from a Recipe, a preset name, a dict, or a path to a YAML/JSON file."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, Mapping):
+        return Recipe.from_dict(spec)
+    text = os.fspath(spec)
+    if text in _PRESETS:
+        return preset(text)
+    if text.endswith((".yaml", ".yml", ".json")):
+        if not os.path.isfile(text):
+            raise ZQError(f"recipe file {text!r} does not exist")
+        with open(text) as f:
+            if text.endswith(".json"):
+                data = json.load(f)
+            else:
+                import yaml
+                data = yaml.safe_load(f)
+        if not isinstance(data, Mapping):
+            raise ZQError(f"recipe file {text!r} must hold a mapping at the top level")
+        recipe = Recipe.from_dict(data)
+        return recipe if "name" in data else dataclasses.replace(recipe, name=os.path.basename(text))
+    return preset(text)
