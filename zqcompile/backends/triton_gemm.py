@@ -229,21 +229,20 @@ if triton is not None:
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for kt in range(tl.cdiv(K, BLOCK_K)):
+        for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 wt = tl.load(w_ptrs)
             else:
-                k_left = K - kt * BLOCK_K
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-                wt = tl.load(w_ptrs, mask=offs_wk[None, :] < k_left // (BLOCK_K // W_STEP), other=0)
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+                wt = tl.load(w_ptrs, mask=offs_wk[None, :] < (K - k0) // (BLOCK_K // W_STEP), other=0)
             if INT4:
                 wt = _unpack_int4(wt)
             part = tl.dot(a, tl.trans(wt), part, out_dtype=tl.int32)
             if GROUPED:
                 # Last tile of an input-dim group: scale its exact INT32 sum by that group's weight scale.
-                if (kt + 1) % TILES_PER_GROUP == 0:
-                    s_w = tl.load(w_scale_ptrs + kt // TILES_PER_GROUP)
+                if (k0 + BLOCK_K) % (TILES_PER_GROUP * BLOCK_K) == 0:
+                    s_w = tl.load(w_scale_ptrs + k0 // (TILES_PER_GROUP * BLOCK_K))
                     acc += part.to(tl.float32) * s_w[None, :]
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             a_ptrs += BLOCK_K

@@ -1,0 +1,32 @@
+"""Numba-CUDA kernels for the fused "elementwise + per-token INT8 quantization" zq ops.
+
+``register_cuda_kernels()`` makes them the CUDA implementations of ``torch.ops.zq.quantize_per_token``,
+``layernorm_quant``, ``add_layernorm_quant``, ``rmsnorm_quant``, ``gelu_quant`` and ``silu_mul_quant``
+(the CPU reference in zqcompile/ops.py stays the implementation on every other device).
+
+Modules: ``kernels`` holds the device code and a launch layer that takes any array that Numba can view
+(NumPy arrays under the CUDA simulator, torch CUDA tensors on a GPU); ``torch_ops`` holds the torch-facing
+wrappers that the ops dispatch to. Importing this package does not import Numba; registering does.
+"""
+
+from __future__ import annotations
+
+from zqcompile.backends.numba_cuda import _numpy_compat  # noqa: F401  (must precede any numba.cuda import)
+
+OPS = ("quantize_per_token", "layernorm_quant", "add_layernorm_quant", "rmsnorm_quant", "gelu_quant",
+       "silu_mul_quant")
+
+_registered = False
+
+
+def register_cuda_kernels() -> None:
+    """Register the Numba kernels as the "cuda" kernels of the zq ops (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from zqcompile import ops
+    from zqcompile.backends.numba_cuda import torch_ops
+
+    for name in OPS:
+        getattr(ops, name).register_kernel("cuda")(getattr(torch_ops, name))
+    _registered = True

