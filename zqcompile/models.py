@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from zqcompile.errors import ZQError
@@ -52,10 +54,23 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
-    partial = target.with_name(target.name + ".partial")
+    # The weights are already de-quantized to floats; transformers only refuses to save while the model still
+    # carries its GGUF quantizer, so drop it and save a plain float checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Save into a private folder and rename it into place: a crash mid-save leaves no half-written model where
+    # the cache looks, and of two processes converting at once the second simply discards its copy.
+    partial = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # a crash mid-save leaves no half-written model where the cache looks
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(partial)
 
 
 def load_pretrained(name_or_path: str):

@@ -1,0 +1,153 @@
+"""calibrate_activations + smooth_activations on tiny hand-built modules: what is folded, what is refused.
+
+Smoothing must leave the floating-point function unchanged (checked against the original module in float64)
+and must lower the INT8 error on activations with an outlier channel, the case it exists for.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import zqcompile
+from zqcompile.capture import capture
+from zqcompile.passes.infra import get_attr_tensor
+from zqcompile.pipeline import run_pipeline
+from zqcompile.recipe import Recipe
+
+SMOOTH = Recipe(name="smooth", smooth_alpha=0.5, keep_fp=[])
+NO_SMOOTH = Recipe(name="plain", keep_fp=[])
+K = 16
+
+
+class PreNormAttentionInput(nn.Module):
+    """LayerNorm read only by two linears (pre-LN: the residual reads the norm's input, not its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(K)
+        self.q = nn.Linear(K, 8)
+        self.k = nn.Linear(K, 8)
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.linspace(0.5, 1.5, K))
+            self.norm.weight[3] = 40.0  # an outlier channel, as in real transformers
+            self.norm.bias.uniform_(-0.1, 0.1)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.q(h).sum(-1, keepdim=True) * self.k(h)[..., :1]
+
+
+class PostNormResidual(nn.Module):
+    """BERT-style: the LayerNorm output feeds a linear AND the residual, so folding would change the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(K)
+        self.proj = nn.Linear(K, K)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return h + self.proj(h)
+
+
+class RMSNormSwiGLU(nn.Module):
+    """Llama's MLP behind its RMSNorm: smoothing folds into the norm weight and into up_proj's rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 2.0, K))
+        self.gate_proj = nn.Linear(K, 32, bias=False)
+        self.up_proj = nn.Linear(K, 32, bias=False)
+        self.down_proj = nn.Linear(32, K, bias=False)
+        with torch.no_grad():
+            self.up_proj.weight[5] *= 30.0  # an outlier channel of silu(gate) * up
+
+    def forward(self, x):
+        normed = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        h = self.weight * normed
+        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _smoothed_graph(module: nn.Module, recipe: Recipe, calibration: torch.Tensor):
+    captured = capture(module, (calibration,))
+    return run_pipeline(captured.graph_module, recipe, stop_after="smooth", calibration_inputs=[(calibration,)])
+
+
+def test_layernorm_fold_matches_hand_computed_factors_and_keeps_the_function():
+    torch.manual_seed(0)
+    module = PreNormAttentionInput().eval()
+    calibration = torch.randn(4, 6, K)
+    gm, ctx = _smoothed_graph(module, SMOOTH, calibration)
+    assert ctx.counters["smooth.layernorm"] == 1 and not ctx.smooth_skipped
+
+    # factors by hand: absmax of the norm's output per channel, max |W| per input column over q and k
+    with torch.no_grad():
+        absmax = module.norm(calibration).abs().flatten(0, -2).amax(0)
+    w_max = torch.maximum(module.q.weight.abs().amax(0), module.k.weight.abs().amax(0))
+    factors = absmax.sqrt() / w_max.sqrt()
+    smoothed_norm_weight = next(get_attr_tensor(gm, n) for n in gm.graph.nodes
+                                if n.op == "get_attr" and n.target.startswith("model.norm.weight_smoothed"))
+    torch.testing.assert_close(smoothed_norm_weight, module.norm.weight.detach() / factors, rtol=1e-5, atol=0)
+
+    test_input = torch.randn(3, 6, K)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(test_input).double(), module(test_input).double(), rtol=1e-4, atol=1e-5)
+    assert module.norm.weight[3].item() == 40.0  # the user's module is not modified
+
+
+def test_smoothing_lowers_the_int8_error_on_an_outlier_channel():
+    torch.manual_seed(0)
+    module = PreNormAttentionInput().eval()
+    calibration = torch.randn(4, 6, K)
+    test_input = torch.randn(8, 6, K)
+    with torch.no_grad():
+        reference = module(test_input).double()
+        errors = {}
+        for recipe in (NO_SMOOTH, SMOOTH):
+            qmodel = zqcompile.compile(module, recipe, example_inputs=(calibration,))
+            errors[recipe.name] = (qmodel(test_input).double() - reference).norm().item()
+    assert errors["smooth"] < 0.5 * errors["plain"], errors
+
+
+def test_rmsnorm_and_swiglu_folds_keep_the_function():
+    torch.manual_seed(0)
+    module = RMSNormSwiGLU().eval()
+    calibration = torch.randn(4, 6, K)
+    gm, ctx = _smoothed_graph(module, SMOOTH, calibration)
+    assert ctx.counters["smooth.rmsnorm"] == 1
+    assert ctx.counters["smooth.swiglu"] == 1
+    test_input = torch.randn(2, 6, K)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(test_input).double(), module(test_input).double(), rtol=1e-4, atol=1e-5)
+
+
+def test_post_norm_residual_is_refused_with_a_reason():
+    module = PostNormResidual().eval()
+    calibration = torch.randn(2, 4, K)
+    gm, ctx = _smoothed_graph(module, SMOOTH, calibration)
+    assert not any(key.startswith("smooth.") for key in ctx.counters)
+    assert any("also read by non-quantized nodes" in reason for reason in ctx.smooth_skipped.values())
+    assert not any("smoothed" in str(n.target) for n in gm.graph.nodes if n.op == "get_attr")
+
+
+def test_no_smooth_alpha_changes_nothing():
+    module = PreNormAttentionInput().eval()
+    calibration = torch.randn(2, 4, K)
+    captured = capture(module, (calibration,))
+    before = captured.graph_module.code
+    gm, ctx = run_pipeline(captured.graph_module, NO_SMOOTH, stop_after="smooth")
+    assert gm.code == before
+    assert "calibrate_activations" not in ctx.counters and not ctx.activation_absmax
+
+
+def test_bad_smoothing_inputs_raise_clear_errors():
+    with pytest.raises(zqcompile.ZQError, match="smooth_alpha must be a number in"):
+        Recipe(smooth_alpha=1.5)
+    module = PreNormAttentionInput().eval()
+    captured = capture(module, (torch.randn(2, 4, K),))
+    with pytest.raises(zqcompile.ZQError, match="needs calibration inputs"):
+        run_pipeline(captured.graph_module, SMOOTH, stop_after="smooth")
+    with pytest.raises(zqcompile.ZQError, match="both smooth_alpha and LKD"):
+        zqcompile.compile(module, SMOOTH, example_inputs=(torch.randn(2, 4, K),), lkd=True)
