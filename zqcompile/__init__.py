@@ -4,12 +4,15 @@ from zqcompile import ops  # noqa: F401  (registers the torch.ops.zq custom ops)
 from zqcompile.api import compile
 from zqcompile.errors import ZQError
 from zqcompile.inspection import format_error_report, inspect, report_error, to_networkx
+from zqcompile.lkd import LKDConfig, LKDResult
 from zqcompile.model import QuantizedModel, WeightMemory
+from zqcompile.onnx_export import export_onnx
 from zqcompile.recipe import PRESETS, LinearPlan, Recipe, load_recipe
+from zqcompile.serialize import load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compile", "inspect", "to_networkx", "report_error", "format_error_report", "ZQError", "Recipe", "LinearPlan",
-    "load_recipe", "PRESETS", "QuantizedModel", "WeightMemory", "__version__",
+    "load_recipe", "PRESETS", "LKDConfig", "LKDResult", "QuantizedModel", "WeightMemory", "export_onnx", "load", "__version__",
 ]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
-from zqcompile.backends import resolve_backend
-from zqcompile.capture import capture
+from zqcompile.backends import build_runner, resolve_backend
+from zqcompile.capture import Captured, capture
+from zqcompile.errors import ZQError
+from zqcompile.lkd import LKDConfig, apply_to_graph_module, distill
 from zqcompile.model import QuantizedModel
 from zqcompile.pipeline import run_pipeline
 from zqcompile.recipe import Recipe, load_recipe
@@ -16,7 +19,9 @@ from zqcompile.recipe import Recipe, load_recipe
 
 def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, Any] = "w8a8", *,
             example_inputs: tuple | None = None, backend: str = "auto", cuda_graphs: bool | None = None,
-            dump_dir: str | os.PathLike | None = None) -> QuantizedModel:
+            dump_dir: str | os.PathLike | None = None,
+            lkd: LKDConfig | Mapping[str, Any] | bool | None = None,
+            calibration_data: torch.Tensor | tuple | None = None) -> QuantizedModel:
     """Compile ``model`` with ZeroQuant quantization and return a model with the same call signature.
 
     Args:
@@ -28,9 +33,51 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
         backend: ``auto``, ``cpu`` (reference kernels) or ``cuda`` (fused GPU kernels).
         cuda_graphs: run the forward under CUDA graphs (default: on for the cuda backend).
         dump_dir: write the graph's code after each compiler phase there.
+        lkd: run layer-by-layer knowledge distillation first (an :class:`LKDConfig`, a dict of its fields, or
+            ``True`` for the defaults); overrides the recipe's ``lkd`` section. The distilled weights go into
+            the captured graph (the model itself is not modified); the log is ``result.lkd_result``.
+        calibration_data: only for recipes with ``smooth_alpha``: token ids ``[batch, seq]`` of real text
+            for the activation statistics (default: random token ids), or a tuple of positional inputs for a
+            plain module (default: ``example_inputs``).
     """
     recipe = load_recipe(recipe)
-    captured = capture(model, example_inputs)
+    lkd_config = LKDConfig.from_value(lkd) if lkd is not None else recipe.lkd
+    if lkd_config is not None and recipe.smooth_alpha is not None:
+        raise ZQError(f"recipe {recipe.name!r} sets both smooth_alpha and LKD; LKD distils the unsmoothed weights, "
+                      f"so use one of them (smooth_alpha: null, or no lkd)")
+    was_training = model.training if isinstance(model, nn.Module) else False
+    try:  # capture and LKD run the model in eval mode; the user's model gets its own mode back
+        captured = capture(model, example_inputs)
+        lkd_result = distill(model, recipe, lkd_config) if lkd_config is not None else None
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
+    if lkd_result is not None:
+        apply_to_graph_module(captured.graph_module, lkd_result.weights)
     backend = resolve_backend(backend, captured.device)
-    gm, ctx = run_pipeline(captured.graph_module, recipe, dump_dir=dump_dir)
-    return QuantizedModel(gm, captured, recipe, ctx, backend)
+    calibration = _calibration_inputs(model, captured, calibration_data) if recipe.smooth_alpha is not None else ()
+    gm, ctx = run_pipeline(captured.graph_module, recipe, dump_dir=dump_dir, calibration_inputs=calibration)
+    quantized = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, cuda_graphs))
+    quantized.lkd_result = lkd_result
+    return quantized
+
+
+CALIBRATION_SHAPE = (4, 128)  # random token ids: batch, sequence length
+
+
+def _calibration_inputs(model: nn.Module, captured: Captured, data: torch.Tensor | tuple | None
+                        ) -> list[tuple[torch.Tensor, ...]]:
+    """Graph input tuples for activation statistics: the user's token ids (or inputs), else random tokens."""
+    if captured.input_names is None:  # a plain module: positional inputs
+        return [tuple(data) if data is not None else captured.example_inputs]
+    if data is None:
+        generator = torch.Generator().manual_seed(0)
+        batch, seq = CALIBRATION_SHAPE
+        seq = min(seq, captured.max_seq_len or seq)
+        data = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
+    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.is_floating_point():
+        raise ZQError("calibration_data must be an integer tensor of token ids [batch, seq], got "
+                      f"{type(data).__name__} {getattr(data, 'shape', '')}")
+    data = data.to(captured.device)
+    defaults = {"input_ids": data, "attention_mask": torch.ones_like(data), "token_type_ids": torch.zeros_like(data)}
+    return [tuple(defaults[name] for name in captured.input_names)]

@@ -186,4 +186,6 @@ def module_name_of(node: torch.fx.Node) -> str | None:
     if not stack:
         return None
     name = list(stack.values())[-1][0]
+    if name == WRAPPER_PREFIX.rstrip("."):
+        return None  # an op of the user's root module itself (a functional linear): it has no qualified name
     return name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name

@@ -1,4 +1,4 @@
-"""Accuracy measures on real text: decoder perplexity and encoder sentence embeddings."""
+"""Accuracy measures on real text: decoder perplexity, encoder sentence embeddings and downstream scores."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def perplexity_of_ids(model: Callable, ids: torch.Tensor, window: int = 256, str
     """exp(mean next-token NLL) of a 1-D token sequence, with a sliding window (HF's recipe).
 
     Each window of ``window`` tokens starts ``stride`` tokens after the previous one; only the tokens not
-    already scored by an earlier window count, so every token after the first is scored exactly once
-    with up to ``window - 1`` tokens of context.
+    already scored by an earlier window count, so with ``stride < window`` every token after the first is
+    scored exactly once, with up to ``window - 1`` tokens of context. With ``stride == window``
+    (non-overlapping windows) the first token of each window is context only and is not scored.
     """
     stride = stride or window
     if ids.dim() != 1 or ids.numel() < 2:
@@ -72,3 +73,78 @@ def sentence_embeddings(model: Callable, tokenizer, sentences: Sequence[str], ba
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(chunks)
+
+
+# ---- encoder downstream scores ------------------------------------------------------------------------------
+
+def mean_cosine(embeddings: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean cosine similarity between matching rows (e.g. quantized vs FP32 sentence embeddings)."""
+    if embeddings.shape != reference.shape:
+        raise ZQError(f"embeddings {tuple(embeddings.shape)} and reference {tuple(reference.shape)} differ in shape")
+    return torch.nn.functional.cosine_similarity(embeddings.double(), reference.double(), dim=-1).mean().item()
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1, tied values sharing the mean of their ranks (as Spearman's rho needs)."""
+    order = values.argsort()
+    ranks = torch.empty(values.numel(), dtype=torch.float64)
+    ranks[order] = torch.arange(values.numel(), dtype=torch.float64)
+    _, group, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    rank_sums = torch.zeros(counts.numel(), dtype=torch.float64).scatter_add_(0, group, ranks)
+    return (rank_sums / counts)[group]
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rank correlation of two 1-D samples (Pearson correlation of their average ranks)."""
+    x, y = torch.as_tensor(x).flatten(), torch.as_tensor(y).flatten()
+    if x.numel() != y.numel() or x.numel() < 2:
+        raise ZQError(f"spearman needs two samples of the same size >= 2, got {x.numel()} and {y.numel()}")
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return (rx @ ry / (rx.norm() * ry.norm())).item()
+
+
+def similarity_spearman(embeddings: torch.Tensor, human: torch.Tensor) -> float:
+    """Spearman correlation between embedding cosines and human similarity scores over the pairs i < j."""
+    n = embeddings.shape[0]
+    if human.shape != (n, n):
+        raise ZQError(f"human similarity matrix has shape {tuple(human.shape)}, expected ({n}, {n})")
+    normed = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    upper = torch.triu_indices(n, n, offset=1)
+    return spearman((normed @ normed.T)[upper[0], upper[1]], human.double()[upper[0], upper[1]])
+
+
+def load_lee50(documents_path: str, similarities_path: str) -> tuple[list[str], torch.Tensor]:
+    """The Lee et al. 50 documents (one per line) and their 50x50 human similarity matrix (tab-separated)."""
+    with open(documents_path) as f:
+        documents = [line.strip() for line in f if line.strip()]
+    with open(similarities_path) as f:
+        human = torch.tensor([[float(v) for v in line.split()] for line in f if line.strip()], dtype=torch.float64)
+    if human.shape != (len(documents), len(documents)):
+        raise ZQError(f"{similarities_path} holds a {tuple(human.shape)} matrix for {len(documents)} documents")
+    return documents, human
+
+
+def logistic_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                            test_y: torch.Tensor, l2: float = 1e-3, max_iter: int = 200) -> float:
+    """Test accuracy of an L2-regularised (multinomial) logistic regression fitted on frozen features.
+
+    Full-batch L-BFGS on ``mean cross-entropy + l2 * |W|^2`` (bias unregularised): deterministic and
+    converged, so FP32 and quantized embeddings are compared with the same, fully trained probe.
+    """
+    train_x, test_x = train_x.double(), test_x.double()
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    weight = torch.zeros(train_x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(train_x @ weight + bias, train_y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    with torch.no_grad():
+        return ((test_x @ weight + bias).argmax(-1) == test_y).double().mean().item()

@@ -100,7 +100,8 @@ def inspect(qmodel: "QuantizedModel", code: bool = True) -> str:
 
 
 def _node_dtype_shape(node: Node) -> tuple[str, str]:
-    meta = node.meta.get("val", node.meta.get("tensor_meta"))
+    # ShapeProp's concrete shapes (of the example inputs) first; export's symbolic ones only where it found none
+    meta = node.meta.get("tensor_meta", node.meta.get("val"))
     if isinstance(meta, torch.Tensor) or hasattr(meta, "dtype"):
         return str(meta.dtype), str(tuple(meta.shape))
     return "", ""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -54,7 +56,7 @@ class QuantizedModel(nn.Module):
         self.recipe = recipe
         self.context = ctx
         self.backend = backend
-        self._run = runner or graph_module
+        self.runner = runner  # e.g. a CUDA-graph runner; None runs the graph module directly (not a submodule)
 
     # ---- calling ------------------------------------------------------------------------------------
     def graph_inputs(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
@@ -62,6 +64,11 @@ class QuantizedModel(nn.Module):
         if self.input_names is None:
             if kwargs:
                 raise ZQError(f"compiled {self.model_class} takes positional inputs only, got {sorted(kwargs)}")
+            for index, (arg, example) in enumerate(zip(args, self.example_inputs)):
+                if isinstance(arg, torch.Tensor) and arg.shape[1:] != example.shape[1:]:
+                    raise ZQError(f"input {index} has shape {tuple(arg.shape)}, but {self.model_class} was captured "
+                                  f"with {tuple(example.shape)} and only dim 0 (batch) may change; compile it with "
+                                  f"example_inputs of the shape you need")
             return args
         named = dict(zip(self.input_names, args))
         overlap = set(named) & set(kwargs)
@@ -93,10 +100,17 @@ class QuantizedModel(nn.Module):
         return tuple(tensors)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = self._run(*self.graph_inputs(*args, **kwargs))
+        outputs = (self.runner or self.graph_module)(*self.graph_inputs(*args, **kwargs))
         if self.output_type is None:
             return outputs
         return self.output_type(**dict(zip(self.output_keys, outputs)))
+
+    # ---- saving -------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, *, source_model: str | None = None) -> Path:
+        """Write the compiled model to ``directory``; ``zqcompile.load(directory)`` reads it back (see
+        zqcompile.serialize). ``source_model`` records where the FP model came from (for ``zqcompile bench``)."""
+        from zqcompile.serialize import save
+        return save(self, directory, source_model=source_model)
 
     # ---- facts --------------------------------------------------------------------------------------
     def weight_memory(self) -> WeightMemory:

@@ -12,6 +12,10 @@ YAML example::
       - role: "mlp_*"          # glob on the role, or `module:` glob on the module name
         weight_bits: 4
         input_group_size: 64   # INT4 groups along the input dim
+    smooth_alpha: 0.5          # optional: SmoothQuant-style outlier migration for norm outputs (null = off)
+    lkd:                       # optional: layer-by-layer distillation (zqcompile.lkd.LKDConfig fields)
+      steps: 40
+      data: self
 """
 
 from __future__ import annotations
@@ -91,10 +95,25 @@ class Recipe:
     input_group_size: int | None = None
     keep_fp: list[str] = field(default_factory=lambda: ["role:lm_head", "role:classifier"])
     overrides: list[Override] = field(default_factory=list)
-    lkd: Any = None
+    # SmoothQuant-style migration of activation outliers into the weights (passes/smooth_activations.py);
+    # None = off, as in ZeroQuant. Needs calibration inputs (random token ids unless calibration_data is given).
+    smooth_alpha: float | None = None
+    lkd: Any = None  # an LKDConfig (zqcompile.lkd), from a mapping of its fields or `true`; None = plain PTQ
 
     def __post_init__(self) -> None:
         _check_settings(self.name, {k: getattr(self, k) for k in QUANT_SETTINGS})
+        if self.smooth_alpha is not None and (isinstance(self.smooth_alpha, bool)
+                                              or not isinstance(self.smooth_alpha, (int, float))
+                                              or not 0 < self.smooth_alpha < 1):
+            raise ZQError(f"{self.name}: smooth_alpha must be a number in (0, 1) (0.5 is typical) or null, "
+                          f"got {self.smooth_alpha!r}")
+        from zqcompile.lkd import LKDConfig  # imported here: zqcompile.lkd imports this module
+        self.lkd = LKDConfig.from_value(self.lkd)
+        # Recipe(overrides=[{"role": "mlp_*", ...}]) in Python reads like the YAML form, so accept mappings too
+        self.overrides = [o if isinstance(o, Override) else _parse_override(o, i) for i, o in enumerate(self.overrides)]
+        if isinstance(self.keep_fp, str) or not all(isinstance(entry, str) for entry in self.keep_fp):
+            raise ZQError(f"{self.name}: keep_fp must be a list of module globs or 'role:<glob>' entries, "
+                          f"got {self.keep_fp!r}")
         for override in self.overrides:
             _check_settings(f"override {override.describe()}", override.settings)
             if override.role is not None:
@@ -195,6 +214,8 @@ def _parse_override(entry: Any, index: int) -> Override:
 _PRESETS: dict[str, dict[str, Any]] = {
     # INT8 weights everywhere, INT8 token-wise activations.
     "w8a8": {},
+    # W8A8 with SmoothQuant-style smoothing of norm outputs (calibrated on token ids); beyond the paper.
+    "w8a8-smooth": {"smooth_alpha": 0.5},
     # ZeroQuant W4/8-A8: INT4 MLP weights (groups of 64 along the input dim), INT8 attention weights.
     "w4a8": {"overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 64}]},
     # Weight-only: activations stay in floating point.
@@ -219,18 +240,22 @@ def load_recipe(spec: "Recipe | str | os.PathLike | Mapping[str, Any]") -> Recip
         return spec
     if isinstance(spec, Mapping):
         return Recipe.from_dict(spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ZQError(f"recipe must be a preset name {list(_PRESETS)}, a Recipe, a dict or a path to a .yaml/.json "
+                      f"file, got {type(spec).__name__}")
     text = os.fspath(spec)
     if text in _PRESETS:
         return preset(text)
     if text.endswith((".yaml", ".yml", ".json")):
         if not os.path.isfile(text):
             raise ZQError(f"recipe file {text!r} does not exist")
+        import yaml
         with open(text) as f:
-            if text.endswith(".json"):
-                data = json.load(f)
-            else:
-                import yaml
-                data = yaml.safe_load(f)
+            try:
+                data = json.load(f) if text.endswith(".json") else yaml.safe_load(f)
+            except (ValueError, yaml.YAMLError) as err:
+                raise ZQError(f"recipe file {text!r} is not valid {'JSON' if text.endswith('.json') else 'YAML'}: "
+                              f"{str(err).splitlines()[0]}") from err
         if not isinstance(data, Mapping):
             raise ZQError(f"recipe file {text!r} must hold a mapping at the top level")
         recipe = Recipe.from_dict(data)

@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Callable, Iterator
+
 import torch
 
 from zqcompile.errors import ZQError
@@ -32,3 +35,51 @@ def resolve_backend(name: str, device: torch.device) -> str:
         raise ZQError(f"backend='cpu' runs the reference kernels on the CPU but the model is on {device}; "
                       f"call model.cpu() or use backend='cuda'")
     return name
+
+
+def register_cuda_kernels() -> dict[str, str]:
+    """Make the zq ops run the GPU kernels on CUDA tensors (idempotent): Numba for the fused activation-quant
+    ops, Triton (or the torch._int_mm fallback) for the integer GEMMs. Returns which GEMM path is in use."""
+    from zqcompile.backends import numba_cuda, triton_gemm
+
+    numba_cuda.register_cuda_kernels()
+    gemm = triton_gemm.register_cuda_kernels()
+    _CUDA_KERNEL_OPS.update((*numba_cuda.OPS, "int8_linear", "int4_linear"))
+    return {"activation_quant": "numba", "gemm": gemm}
+
+
+_CUDA_KERNEL_OPS: set[str] = set()  # the zq ops that register_cuda_kernels gave a "cuda" kernel
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Run the reference implementations (zqcompile/ops.py) on CUDA tensors too, inside the block.
+
+    The reference is plain torch, so on a GPU it computes what the CPU backend computes; tests and benchmarks
+    check the CUDA kernels against it with the same compiled graph and inputs.
+    """
+    from zqcompile import ops
+
+    with contextlib.ExitStack() as stack:
+        for name in sorted(_CUDA_KERNEL_OPS):
+            stack.enter_context(getattr(ops, name).set_kernel_enabled("cuda", False))
+        yield
+
+
+def build_runner(graph_module: Callable[..., Any], backend: str, cuda_graphs: bool | None
+                 ) -> Callable[..., Any] | None:
+    """What runs the compiled graph: None (the graph itself) or, for the cuda backend, a CUDA-graph runner.
+
+    For ``backend='cuda'`` this registers the GPU kernels; ``cuda_graphs`` defaults to on there.
+    """
+    if backend != "cuda":
+        if cuda_graphs:
+            raise ZQError(f"cuda_graphs=True needs backend='cuda' (a CUDA model), the backend is {backend!r}; "
+                          "leave cuda_graphs unset")
+        return None
+    register_cuda_kernels()
+    if cuda_graphs is False:
+        return None
+    from zqcompile.backends.cuda_graphs import CUDAGraphRunner
+
+    return CUDAGraphRunner(graph_module)

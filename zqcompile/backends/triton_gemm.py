@@ -89,6 +89,7 @@ _CONFIGS: dict[tuple[str, bool], tuple[GemmConfig, ...]] = {
     ("large", False): (
         GemmConfig(128, 128, 128, 8, 4), GemmConfig(128, 256, 128, 8, 3), GemmConfig(256, 128, 128, 8, 3),
         GemmConfig(128, 128, 128, 4, 4), GemmConfig(128, 64, 128, 4, 4), GemmConfig(64, 128, 128, 4, 4),
+        GemmConfig(128, 256, 128, 8, 4), GemmConfig(256, 128, 128, 8, 4), GemmConfig(128, 128, 256, 8, 3),
     ),
     ("large", True): (
         GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 64, 128, 4, 4), GemmConfig(64, 256, 128, 8, 3),

@@ -1,6 +1,7 @@
 """Graph passes, one per file; each is ``fn(gm, ctx) -> PassResult`` (see infra.py)."""
 
 from zqcompile.passes.annotate_roles import annotate_roles
+from zqcompile.passes.calibrate_activations import calibrate_activations
 from zqcompile.passes.canonicalize_conv1d import canonicalize_conv1d
 from zqcompile.passes.cleanup import cleanup
 from zqcompile.passes.fuse_quant_into_elementwise import fuse_quant_into_elementwise
@@ -11,9 +12,10 @@ from zqcompile.passes.plan_linears import plan_linears
 from zqcompile.passes.quantize_weights import quantize_weights
 from zqcompile.passes.remove_dropout import remove_dropout
 from zqcompile.passes.remove_tensor_asserts import remove_tensor_asserts
+from zqcompile.passes.smooth_activations import smooth_activations
 
 __all__ = [
     "CompileContext", "PassResult", "run_passes", "remove_dropout", "remove_tensor_asserts", "canonicalize_conv1d",
-    "annotate_roles", "plan_linears", "quantize_weights", "insert_activation_quant", "fuse_quant_into_elementwise",
+    "annotate_roles", "plan_linears", "calibrate_activations", "smooth_activations", "quantize_weights", "insert_activation_quant", "fuse_quant_into_elementwise",
     "lower_linear_to_int8_gemm", "cleanup",
 ]

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from zqcompile.passes.infra import CompileContext, PassResult, drop_if_unused
+from zqcompile.passes.infra import CompileContext, PassResult, delete_attr
+
+
+def _attr_targets(gm: GraphModule) -> set[str]:
+    return {n.target for n in gm.graph.nodes if n.op == "get_attr"}
 
 
 def cleanup(gm: GraphModule, ctx: CompileContext) -> PassResult:
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
-    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
-        drop_if_unused(gm, node)
+    referenced = _attr_targets(gm)
+    gm.graph.eliminate_dead_code()  # removes unread get_attr nodes too, so compare the names before and after
+    for target in referenced - _attr_targets(gm):
+        delete_attr(gm, target)
     removed = before - len(gm.graph.nodes)
     return PassResult(gm, removed > 0, {"cleanup.removed_nodes": removed} if removed else {})

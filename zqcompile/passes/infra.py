@@ -45,6 +45,11 @@ class CompileContext:
     # why an activation-quant node was not fused, keyed by the node's name
     unfused_reasons: dict[str, str] = field(default_factory=dict)
     passes_run: list[str] = field(default_factory=list)
+    # graph inputs to run for activation statistics (only when the recipe smooths), and what they gave
+    calibration_inputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    activation_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
+    # why an activation was not smoothed, keyed by the node's name
+    smooth_skipped: dict[str, str] = field(default_factory=dict)
 
 
 PassFn = Callable[[GraphModule, CompileContext], PassResult]
@@ -96,8 +101,13 @@ def drop_if_unused(gm: GraphModule, get_attr: Node) -> None:
         return
     gm.graph.erase_node(get_attr)
     if not any(n.op == "get_attr" and n.target == get_attr.target for n in gm.graph.nodes):
-        owner, _, leaf = get_attr.target.rpartition(".")
-        delattr(gm.get_submodule(owner) if owner else gm, leaf)
+        delete_attr(gm, get_attr.target)
+
+
+def delete_attr(gm: GraphModule, target: str) -> None:
+    """Remove the tensor at dotted ``target`` from the GraphModule."""
+    owner, _, leaf = target.rpartition(".")
+    delattr(gm.get_submodule(owner) if owner else gm, leaf)
 
 
 def linear_nodes(gm: GraphModule) -> list[Node]:

@@ -25,7 +25,13 @@ def register_cuda_kernels() -> None:
     if _registered:
         return
     from zqcompile import ops
-    from zqcompile.backends.numba_cuda import torch_ops
+    from zqcompile.errors import ZQError
+
+    try:
+        from zqcompile.backends.numba_cuda import torch_ops
+    except ImportError as exc:
+        raise ZQError(f"backend='cuda' needs Numba's CUDA target, which failed to import ({exc}); install it with "
+                      "pip install 'zqcompile[gpu]' (numba and numba-cuda)") from exc
 
     for name in OPS:
         getattr(ops, name).register_kernel("cuda")(getattr(torch_ops, name))

@@ -1,0 +1,194 @@
+"""Accuracy of zqcompile's recipes on real models and real text (the issue's table; results in ACCURACY.md).
+
+- SmolLM2-135M-Instruct (a 30-layer Llama decoder): perplexity on the first ``--tokens`` tokens of Jane
+  Austen's *Persuasion* (``../shared/data/austen_persuasion.txt``), sliding windows of ``--window`` tokens
+  every ``--stride`` tokens (both printed with the table);
+- all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder): mean cosine of the sentence embeddings against
+  FP32 (on the Lee-50 documents and the probe sentences), Spearman correlation of embedding cosines with
+  the Lee et al. human similarity judgments (50 documents, 1,225 pairs), and the test accuracy of a
+  logistic-regression probe on frozen embeddings of movie-review sentences (``rt_polarity_4000.json``);
+- for FP32, W8A8, W4A8 (PTQ), W4A8 + LKD, W8A16, W4A16 (and W8A8-smooth where that preset exists): weight
+  memory of the quantized linear layers in MB and as a fraction of the same weights in FP16.
+
+LKD runs with its defaults (self-generated text for the decoder, random token ids for the encoder) unless
+``--lkd-steps`` / ``--lkd-samples`` say otherwise. Usage::
+
+    python benchmarks/accuracy.py [--tokens 1024] [--window 256] [--stride 256] [--probe-sentences 2000]
+                                  [--models smollm2,minilm] [--json FILE] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import zqcompile
+from zqcompile.evaluate import (
+    load_lee50, logistic_probe_accuracy, mean_cosine, sentence_embeddings, similarity_spearman, text_perplexity,
+)
+from zqcompile.models import MINILM, SMOLLM2, load_pretrained
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MB = 2 ** 20
+
+
+@dataclass
+class Row:
+    model: str
+    config: str
+    metrics: dict[str, float]
+    weight_mb: float  # the quantized linear layers' weights (FP32 row: the same layers in FP32)
+    ratio_fp16: float
+    seconds: float  # compile (+ LKD) time
+    notes: dict = field(default_factory=dict)
+
+
+def configurations(lkd: zqcompile.LKDConfig) -> list[tuple[str, str, zqcompile.LKDConfig | None]]:
+    configs = [("W8A8", "w8a8", None)]
+    if "w8a8-smooth" in zqcompile.PRESETS:
+        configs.append(("W8A8-smooth", "w8a8-smooth", None))
+    return configs + [("W4A8-PTQ", "w4a8", None), ("W4A8-LKD", "w4a8", lkd), ("W8A16", "w8a16", None),
+                      ("W4A16", "w4a16", None)]
+
+
+def compile_row(model: torch.nn.Module, recipe: str, lkd: zqcompile.LKDConfig | None):
+    started = time.perf_counter()
+    compiled = zqcompile.compile(model, recipe, lkd=lkd)
+    return compiled, time.perf_counter() - started
+
+
+def memory_columns(compiled) -> tuple[float, float]:
+    memory = compiled.weight_memory()
+    return memory.quantized_after / MB, memory.ratio_vs_fp16
+
+
+def lkd_notes(compiled) -> dict:
+    result = compiled.lkd_result
+    if result is None or not result.blocks:
+        return {}
+    ratios = [b.mse_lkd / b.mse_ptq for b in result.blocks]
+    return {"lkd_seconds": round(result.seconds, 1), "lkd_data": result.data_source, "lkd_tokens": result.tokens,
+            "lkd_peak_memory_mb": round(result.peak_memory_mb), "lkd_held_memory_mb": round(result.held_memory_mb),
+            "lkd_block_mse_ratio_mean": round(sum(ratios) / len(ratios), 3),
+            "lkd_block_mse_ratio_max": round(max(ratios), 3)}
+
+
+def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
+    model, tokenizer = load_pretrained(SMOLLM2)
+    text = (DATA / "austen_persuasion.txt").read_text()
+    evaluate = lambda m: text_perplexity(m, tokenizer, text, args.tokens, args.window, args.stride)  # noqa: E731
+    reference = evaluate(model)
+    print(f"{SMOLLM2} FP32: {reference}", flush=True)
+    rows, fp32_mb = [], None
+    for label, recipe, lkd_config in configurations(lkd):
+        compiled, seconds = compile_row(model, recipe, lkd_config)
+        if lkd_config is not None:
+            print(compiled.lkd_result, flush=True)
+        ppl = evaluate(compiled)
+        weight_mb, ratio = memory_columns(compiled)
+        fp32_mb = fp32_mb or compiled.weight_memory().quantized_before / MB
+        rows.append(Row(SMOLLM2, label, {"ppl": ppl.value, "ppl_vs_fp32": ppl.value / reference.value - 1},
+                        weight_mb, ratio, seconds, lkd_notes(compiled)))
+        print(f"{SMOLLM2} {label}: {ppl}, {compiled.weight_memory()} ({seconds:.0f} s)", flush=True)
+        del compiled
+    rows.insert(0, Row(SMOLLM2, "FP32", {"ppl": reference.value, "ppl_vs_fp32": 0.0}, fp32_mb, 2.0, 0.0))
+    return rows, f"{reference.tokens_scored} tokens scored, window {reference.window}, stride {reference.stride}"
+
+
+def probe_sentences(count: int) -> tuple[list[str], torch.Tensor]:
+    items = json.loads((DATA / "rt_polarity_4000.json").read_text())
+    random.Random(0).shuffle(items)
+    items = items[:count]
+    return [item["text"] for item in items], torch.tensor([item["label"] for item in items])
+
+
+def encoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
+    model, tokenizer = load_pretrained(MINILM)
+    documents, human = load_lee50(str(DATA / "lee50.txt"), str(DATA / "lee50_similarities.tsv"))
+    sentences, labels = probe_sentences(args.probe_sentences)
+    half = len(sentences) // 2
+
+    def scores(m) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        docs = sentence_embeddings(m, tokenizer, documents, max_length=256)
+        sents = sentence_embeddings(m, tokenizer, sentences)
+        probe = logistic_probe_accuracy(sents[:half], labels[:half], sents[half:], labels[half:])
+        return {"spearman_lee50": similarity_spearman(docs, human), "probe_accuracy": probe}, docs, sents
+
+    reference, ref_docs, ref_sents = scores(model)
+    reference["cosine_vs_fp32"] = 1.0
+    print(f"{MINILM} FP32: {reference}", flush=True)
+    rows, fp32_mb = [], None
+    for label, recipe, lkd_config in configurations(lkd):
+        compiled, seconds = compile_row(model, recipe, lkd_config)
+        if lkd_config is not None:
+            print(compiled.lkd_result, flush=True)
+        metrics, docs, sents = scores(compiled)
+        metrics["cosine_vs_fp32"] = mean_cosine(torch.cat([docs, sents]), torch.cat([ref_docs, ref_sents]))
+        weight_mb, ratio = memory_columns(compiled)
+        fp32_mb = fp32_mb or compiled.weight_memory().quantized_before / MB
+        rows.append(Row(MINILM, label, metrics, weight_mb, ratio, seconds, lkd_notes(compiled)))
+        print(f"{MINILM} {label}: {metrics}, {compiled.weight_memory()} ({seconds:.0f} s)", flush=True)
+    rows.insert(0, Row(MINILM, "FP32", reference, fp32_mb, 2.0, 0.0))
+    setting = (f"Lee-50: {len(documents)} documents (max 256 tokens), {len(documents) * (len(documents) - 1) // 2} "
+               f"pairs; probe: {half} train / {len(sentences) - half} test sentences of rt_polarity (seed 0 shuffle), "
+               f"L2-regularised logistic regression (L-BFGS); cosine over {len(documents) + len(sentences)} texts")
+    return rows, setting
+
+
+def markdown(decoder: list[Row], encoder: list[Row]) -> str:
+    lines = []
+    if decoder:
+        lines += [f"| {SMOLLM2} | perplexity | vs FP32 | quantized-linear weights MB | x FP16 | compile s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r.config} | {r.metrics['ppl']:.3f} | {100 * r.metrics['ppl_vs_fp32']:+.2f}% | "
+                  f"{r.weight_mb:.1f} | {r.ratio_fp16:.3f} | {r.seconds:.0f} |" for r in decoder]
+        lines.append("")
+    if encoder:
+        lines += [f"| {MINILM} | cosine vs FP32 | Spearman (Lee-50) | probe accuracy | quantized-linear weights MB "
+                  f"| x FP16 | compile s |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r.config} | {r.metrics['cosine_vs_fp32']:.4f} | {r.metrics['spearman_lee50']:.4f} | "
+                  f"{r.metrics['probe_accuracy']:.4f} | {r.weight_mb:.1f} | {r.ratio_fp16:.3f} | {r.seconds:.0f} |"
+                  for r in encoder]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="smollm2,minilm")
+    parser.add_argument("--tokens", type=int, default=1024, help="perplexity token budget (SmolLM2)")
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--probe-sentences", type=int, default=2000)
+    parser.add_argument("--lkd-steps", type=int, default=zqcompile.LKDConfig.steps)
+    parser.add_argument("--lkd-samples", type=int, default=zqcompile.LKDConfig.num_samples)
+    parser.add_argument("--lkd-lr", type=float, default=zqcompile.LKDConfig.lr)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    lkd = zqcompile.LKDConfig(steps=args.lkd_steps, num_samples=args.lkd_samples, lr=args.lkd_lr)
+    models = set(args.models.split(","))
+    started = time.perf_counter()
+    decoder, decoder_setting = decoder_rows(args, lkd) if "smollm2" in models else ([], "")
+    encoder, encoder_setting = encoder_rows(args, lkd) if "minilm" in models else ([], "")
+    table = markdown(decoder, encoder)
+    header = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} CPU x{torch.get_num_threads()} threads, torch "
+              f"{torch.__version__}, {time.perf_counter() - started:.0f} s in all\n"
+              f"SmolLM2 perplexity: {decoder_setting}\nMiniLM: {encoder_setting}\n"
+              f"LKD: {lkd}")
+    print(header + "\n\n" + table)
+    if args.markdown:
+        args.markdown.write_text(header + "\n\n" + table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rows": [r.__dict__ for r in decoder + encoder]},
+                                        indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""ONNX Runtime benchmark: zqcompile's exported INT8/INT4 models against ORT FP32 and ORT quantize_dynamic.
+
+In one run on this machine:
+
+- speed, BERT-base with random weights (speed does not depend on the values), B in {1, 8}, S = 128:
+  ORT FP32, ORT ``quantize_dynamic`` (per-tensor uint8 activations, int8 weights), zqcompile W8A8
+  exported (per-token activations), zqcompile W4A8 exported (MatMulNBits for the INT4 MLP weights), and
+  zqcompile's own CPU backend (torch, reference kernels); file sizes;
+- accuracy, all-MiniLM-L6-v2 (a real sentence encoder) on real sentences (the Lee et al. news corpus):
+  cosine of the token outputs and of the mean-pooled sentence embeddings against the FP32 torch model,
+  for ORT FP32, quantize_dynamic, zqcompile W8A8 ONNX, zqcompile W8A8 on its CPU backend.
+
+Latency is the median of interleaved rounds (each round runs every engine once), so a slow patch caused
+by other processes on the shared CPU hits all engines alike. Usage::
+
+    python benchmarks/onnx_ort.py [--threads 2] [--rounds 15] [--out DIR] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from torch.export import Dim
+from transformers import BertConfig, BertModel
+
+import zqcompile
+from zqcompile.evaluate import sentence_embeddings
+from zqcompile.models import MINILM, load_pretrained
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SEQ = 128
+BATCHES = (1, 8)
+
+
+class _Tuple(torch.nn.Module):
+    """HF model -> tuple outputs with an explicit (input_ids, attention_mask, token_type_ids) signature."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.last_hidden_state, out.pooler_output
+
+
+def export_fp32(model: torch.nn.Module, path: Path) -> Path:
+    """The FP32 baseline through the same exporter (dynamo, dynamic batch/seq, onnxscript optimizer)."""
+    ids = torch.randint(0, 100, (2, 16))
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    dims = {0: Dim("batch", min=1), 1: Dim("seq", min=1, max=512)}
+    with torch.no_grad():
+        program = torch.onnx.export(_Tuple(model).eval(), args, dynamo=True, dynamic_shapes=(dims, dims, dims),
+                                    input_names=["input_ids", "attention_mask", "token_type_ids"],
+                                    output_names=["last_hidden_state", "pooler_output"], optimize=True)
+    program.save(str(path))
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def ort_quantize_dynamic(fp32: Path, path: Path) -> Path:
+    quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+    return path
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=_providers())
+
+
+def _providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def file_mb(path: Path) -> float:
+    total = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+    return total / 2 ** 20
+
+
+def cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    a, b = torch.as_tensor(np.asarray(a)).double().flatten(), torch.as_tensor(np.asarray(b)).double().flatten()
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+
+# ---- speed ------------------------------------------------------------------------------------------
+
+def bench_speed(workdir: Path, threads: int, rounds: int) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    model = BertModel(BertConfig()).eval()  # BERT-base, random weights
+    paths = {"ORT FP32": export_fp32(model, workdir / "bert_fp32.onnx")}
+    paths["ORT quantize_dynamic (per-tensor)"] = ort_quantize_dynamic(paths["ORT FP32"], workdir / "bert_qdyn.onnx")
+    w8a8 = zqcompile.compile(model, "w8a8")
+    paths["zqcompile W8A8 ONNX (per-token)"] = zqcompile.export_onnx(w8a8, None, workdir / "bert_w8a8.onnx").path
+    w4a8 = zqcompile.compile(model, "w4a8")
+    paths["zqcompile W4A8 ONNX (MatMulNBits MLP)"] = zqcompile.export_onnx(w4a8, None, workdir / "bert_w4a8.onnx").path
+    sessions = {name: session(p, threads) for name, p in paths.items()}
+    torch.set_num_threads(threads)
+
+    results: dict[str, dict[int, float]] = {name: {} for name in [*paths, "zqcompile CPU backend (torch)"]}
+    for batch in BATCHES:
+        ids = torch.randint(0, model.config.vocab_size, (batch, SEQ))
+        feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        np_feeds = {k: v.numpy() for k, v in feeds.items()}
+        runners = {name: (lambda s=s: s.run(None, np_feeds)) for name, s in sessions.items()}
+
+        def run_torch():
+            with torch.no_grad():
+                return w8a8(**feeds)
+        runners["zqcompile CPU backend (torch)"] = run_torch
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for name, fn in runners.items():  # warm-up
+            fn(), fn()
+        for _ in range(rounds):
+            for name, fn in runners.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        for name, samples in times.items():
+            results[name][batch] = statistics.median(samples) * 1000
+    sizes = {name: file_mb(p) for name, p in paths.items()}
+    return results, sizes
+
+
+# ---- accuracy ---------------------------------------------------------------------------------------
+
+def bench_accuracy(workdir: Path, threads: int, n_sentences: int) -> dict[str, dict[str, float]]:
+    model, tokenizer = load_pretrained(MINILM)
+    sentences = [line.strip() for line in (DATA / "lee50.txt").read_text().splitlines() if line.strip()]
+    sentences = sentences[:n_sentences]
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=SEQ, return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**batch).last_hidden_state
+    reference_emb = sentence_embeddings(model, tokenizer, sentences, max_length=SEQ)
+
+    fp32 = export_fp32(model, workdir / "minilm_fp32.onnx")
+    qdyn = ort_quantize_dynamic(fp32, workdir / "minilm_qdyn.onnx")
+    qmodel = zqcompile.compile(model, "w8a8")
+    zq_onnx = zqcompile.export_onnx(qmodel, None, workdir / "minilm_w8a8.onnx").path
+    mask = batch["attention_mask"].bool()
+
+    def scores(hidden: torch.Tensor) -> dict[str, float]:
+        m = batch["attention_mask"][..., None].float()
+        emb = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+        per_sentence = (emb.double() * reference_emb.double()).sum(-1)
+        return {"token cosine": cosine(hidden[mask], reference[mask]),
+                "sentence emb. cosine (mean)": per_sentence.mean().item(),
+                "sentence emb. cosine (min)": per_sentence.min().item()}
+
+    feeds = {k: v.numpy() for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    out = {}
+    for name, path in (("ORT FP32", fp32), ("ORT quantize_dynamic (per-tensor)", qdyn),
+                       ("zqcompile W8A8 ONNX (per-token)", zq_onnx)):
+        out[name] = scores(torch.from_numpy(session(path, threads).run(None, feeds)[0]))
+    with torch.no_grad():
+        zq_cpu = qmodel(**batch).last_hidden_state
+    out["zqcompile W8A8 CPU backend (torch)"] = scores(zq_cpu)
+    zq_onnx_hidden = torch.from_numpy(session(zq_onnx, threads).run(None, feeds)[0])
+    out["zqcompile W8A8 ONNX (per-token)"]["cosine vs zqcompile CPU"] = cosine(zq_onnx_hidden[mask], zq_cpu[mask])
+    out["_meta"] = {"sentences": len(sentences), "padded length": batch["input_ids"].shape[1]}
+    return out
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+def markdown(speed: dict, sizes: dict, accuracy: dict, args: argparse.Namespace, elapsed: float) -> str:
+    fp32 = speed["ORT FP32"]
+    qdyn = speed["ORT quantize_dynamic (per-tensor)"]
+    lines = [
+        "## ONNX Runtime: zqcompile export vs ORT FP32 and ORT quantize_dynamic",
+        "",
+        f"- device: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other "
+        f"processes (other sessions were running: treat absolute numbers as noisy, ratios within one run as the "
+        f"result); onnxruntime {ort.__version__} ({', '.join(_providers())}), torch {torch.__version__}, "
+        f"intra_op_num_threads={args.threads}; date 2026-11-23",
+        f"- command: `python benchmarks/onnx_ort.py --threads {args.threads} --rounds {args.rounds}` "
+        f"({elapsed:.0f} s)",
+        f"- speed: BERT-base (random weights), S={SEQ}, median of {args.rounds} interleaved rounds",
+        "",
+        "| engine | B=1 ms | B=8 ms | speed-up vs ORT FP32 B=1 / B=8 | vs quantize_dynamic B=8 | file MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, by_batch in speed.items():
+        ratio = f"{fp32[1] / by_batch[1]:.2f}x / {fp32[8] / by_batch[8]:.2f}x"
+        size = f"{sizes[name]:.1f}" if name in sizes else "-"
+        lines.append(f"| {name} | {by_batch[1]:.1f} | {by_batch[8]:.1f} | {ratio} | "
+                     f"{by_batch[8] / qdyn[8]:.2f}x the latency | {size} |")
+    meta = accuracy.pop("_meta")
+    lines += [
+        "",
+        f"- accuracy: all-MiniLM-L6-v2 on the first {meta['sentences']} Lee et al. news documents "
+        f"(truncated to {SEQ} tokens, padded to {meta['padded length']}), against the FP32 torch model",
+        "",
+        "| engine | token cosine | sentence emb. cosine mean | min | cosine vs zqcompile CPU |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, s in accuracy.items():
+        vs_cpu = f"{s['cosine vs zqcompile CPU']:.6f}" if "cosine vs zqcompile CPU" in s else "-"
+        lines.append(f"| {name} | {s['token cosine']:.5f} | {s['sentence emb. cosine (mean)']:.5f} | "
+                     f"{s['sentence emb. cosine (min)']:.5f} | {vs_cpu} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--sentences", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=None, help="keep the .onnx files here")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the results section here")
+    args = parser.parse_args()
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.out or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        speed, sizes = bench_speed(workdir, args.threads, args.rounds)
+        accuracy = bench_accuracy(workdir, args.threads, args.sentences)
+    print(json.dumps({"speed_ms": speed, "file_mb": sizes, "accuracy": accuracy}, indent=1))
+    text = markdown(speed, sizes, accuracy, args, time.time() - start)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

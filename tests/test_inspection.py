@@ -1,0 +1,117 @@
+"""inspect (the per-layer table), to_networkx (+ DOT) and report_error (per-layer SQNR / cosine vs FP)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import zqcompile
+from conftest import make_tiny_bert, token_batch
+
+MIXED_RECIPE = {"base": "w4a8", "keep_fp": ["role:classifier", "encoder.layer.0.attention.self.*"]}
+
+
+@pytest.fixture(scope="module")
+def mixed_bert():
+    """Tiny BERT with INT4 MLPs, INT8 attention, and layer 0's q/k/v and the pooler kept FP."""
+    model = make_tiny_bert()
+    return model, zqcompile.compile(model, MIXED_RECIPE)
+
+
+def _row(table: str, module: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(module + " "))
+    return [cell for cell in line.split("  ") if cell.strip()]
+
+
+def test_inspect_table_rows(mixed_bert):
+    _, qmodel = mixed_bert
+    text = zqcompile.inspect(qmodel)
+    assert text.startswith("zqcompile: BertModel, recipe w4a8+custom, backend cpu, torch.float32 on cpu")
+    assert [c.strip() for c in _row(text, "encoder.layer.0.attention.self.query")] == [
+        "encoder.layer.0.attention.self.query", "attn_qkv", "FP", "FP", "FP", "-", "16.0", "16.0",
+        "keep_fp encoder.layer.0.attention.self.*"]
+    assert [c.strip() for c in _row(text, "encoder.layer.1.attention.self.key")] == [
+        "encoder.layer.1.attention.self.key", "attn_qkv", "W8A8", "INT8 per-channel", "INT8 per-token",
+        "add_layernorm_quant (add_layernorm)", "16.0", "4.2", "recipe w4a8+custom"]  # 64*64 + 64*4 bytes
+    assert [c.strip() for c in _row(text, "encoder.layer.1.output.dense")] == [
+        "encoder.layer.1.output.dense", "mlp_out", "W4A8", "INT4 per-channel, 64 cols/group", "INT8 per-token",
+        "gelu_quant (gelu)", "32.0", "4.5", "override role:mlp_*"]  # 64*128/2 + 64*2*4 bytes
+    assert "standalone quantize_per_token: input comes from aten.reshape" in " ".join(
+        _row(text, "encoder.layer.1.attention.output.dense"))
+    assert [c.strip() for c in _row(text, "pooler.dense")][2:] == ["FP", "FP", "FP", "-", "16.0", "16.0",
+                                                                   "keep_fp role:classifier"]
+    counters = next(line for line in text.splitlines() if line.startswith("pass counters: "))
+    for counter in ("annotate_roles=13", "fuse.add_layernorm=3", "fuse.gelu=2", "insert_activation_quant=7",
+                    "lower.int4_linear=4", "lower.int8_linear=5", "plan_linears.quantized=9"):
+        assert counter in counters.removeprefix("pass counters: ").split(", ")
+    assert f"weights: {qmodel.weight_memory()}" in text
+    assert "graph:" in text and "torch.ops.zq.int4_linear.default(" in text
+    assert "graph:" not in zqcompile.inspect(qmodel, code=False)
+
+
+def test_inspect_shows_group_sizes():
+    qmodel = zqcompile.compile(make_tiny_bert(), {"group_size": 16, "overrides": [
+        {"role": "mlp_out", "weight_bits": 4, "input_group_size": 32}]})
+    text = zqcompile.inspect(qmodel, code=False)
+    assert _row(text, "encoder.layer.0.attention.self.query")[3].strip() == "INT8 16 rows/group"
+    assert _row(text, "encoder.layer.0.output.dense")[3].strip() == "INT4 16 rows/group, 32 cols/group"
+
+
+def test_to_networkx_attributes_and_dot_file(mixed_bert, tmp_path):
+    _, qmodel = mixed_bert
+    dot = tmp_path / "graph.dot"
+    graph = zqcompile.to_networkx(qmodel, dot_path=str(dot))
+    gm_nodes = list(qmodel.graph_module.graph.nodes)
+    assert graph.number_of_nodes() == len(gm_nodes)
+    assert graph.number_of_edges() == sum(len(set(n.all_input_nodes)) for n in gm_nodes)
+    key = next(n for n in gm_nodes if n.meta.get("zq_module") == "encoder.layer.1.attention.self.key")
+    attrs = graph.nodes[key.name]
+    batch, seq = qmodel.example_inputs[0].shape
+    assert attrs == {"op": "zq.int8_linear.default", "kind": "call_function", "role": "attn_qkv",
+                     "module": "encoder.layer.1.attention.self.key", "dtype": "torch.float32",
+                     "shape": str((batch, seq, 64))}
+    q_input, scale_input = key.args[0], key.args[1]
+    assert graph.nodes[q_input.name]["dtype"] == "torch.int8"
+    assert graph.nodes[scale_input.name]["shape"] == str((batch, seq, 1))
+    assert graph.has_edge(q_input.name, key.name)
+    assert graph.nodes[next(n.name for n in gm_nodes if n.op == "placeholder")]["dtype"] == "torch.int64"
+    text = dot.read_text()
+    assert text.startswith("digraph zqcompile {") and text.rstrip().endswith("}")
+    assert text.count(" -> ") == graph.number_of_edges()
+    assert f'"{q_input.name}" -> "{key.name}";' in text
+    assert f"{key.name}\\nzq.int8_linear.default\\ntorch.float32 ({batch}, {seq}, 64)" in text
+
+
+def test_report_error_per_layer(mixed_bert):
+    model, qmodel = mixed_bert
+    report = zqcompile.report_error(model, qmodel, {"input_ids": token_batch(2, 6)})
+    assert [r.module for r in report] == list(qmodel.context.plans)
+    by_module = {r.module: r for r in report}
+    fp_query = by_module["encoder.layer.0.attention.self.query"]
+    assert (fp_query.kind, fp_query.sqnr_db, fp_query.cosine) == ("FP", math.inf, pytest.approx(1.0))
+    for row in report:
+        print(f"{row.module:45s} {row.kind:5s} {row.sqnr_db:7.2f} dB cos {row.cosine:.5f}")
+        if row.kind == "W8A8":
+            assert row.sqnr_db > 35 and row.cosine > 0.999
+        elif row.kind == "W4A8":
+            assert 12 < row.sqnr_db < 30 and row.cosine > 0.98  # INT4 weights: measured 16-20 dB
+    text = zqcompile.format_error_report(report)
+    assert text.splitlines()[0].split() == ["module", "role", "kind", "SQNR", "dB", "cosine"]
+    assert len(text.splitlines()) == len(report) + 1
+
+
+def test_report_error_sqnr_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    qmodel = zqcompile.compile(model, "w4a8", example_inputs=(torch.randn(2, 64),))
+    x = torch.randn(8, 64)
+    (row,) = zqcompile.report_error(model, qmodel, (x,))
+    with torch.no_grad():
+        y, y_q = model(x).double(), qmodel(x).double()
+    assert row.module == "0" and row.kind == "W8A8"  # role "other" keeps the preset's INT8
+    assert row.sqnr_db == pytest.approx(10 * math.log10(y.pow(2).sum() / (y - y_q).pow(2).sum()), rel=1e-6)
+    assert row.cosine == pytest.approx(torch.nn.functional.cosine_similarity(y.flatten(), y_q.flatten(), dim=0)
+                                       .item(), rel=1e-9)

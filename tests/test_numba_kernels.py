@@ -1,0 +1,237 @@
+"""The Numba kernels' logic, run through Numba's CUDA simulator against the reference ops (zqcompile/ops.py).
+
+``NUMBA_ENABLE_CUDASIM`` is read when ``numba.cuda`` is first imported, so it cannot be switched on inside
+a test process that may already hold the real CUDA target. This module therefore runs itself: in a normal
+pytest process it defines one test that reruns this file in a subprocess with the simulator on, and in that
+subprocess it defines the kernel tests. The simulator has no warp shuffles, so it runs the shared-memory
+tree reduction; tests/test_gpu_backend.py runs both reductions on a GPU.
+
+Tolerances (issue 3): int8 values exact up to +-1 where the two sides round a tie or a last-ulp difference
+differently, scales to 1e-6 relative, float16/bfloat16 outputs to one ulp, float32 outputs to 1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from zqcompile import ops
+from zqcompile.errors import ZQError
+
+IN_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+REPO = Path(__file__).resolve().parents[1]
+
+if not IN_SIMULATOR:
+    def test_numba_kernels_in_cuda_simulator():
+        pytest.importorskip("numba")
+        env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider",
+                               __file__],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+else:
+    from zqcompile.backends.numba_cuda import kernels
+
+    BLOCK = 32  # small blocks keep the simulator (one Python thread per CUDA thread) quick
+    DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    # float32 outputs differ from torch by float32 rounding of differently ordered sums (a few ulps);
+    # float16/bfloat16 outputs are rounded once more, so they agree up to one ulp of their dtype
+    TOLERANCE = {torch.float32: 1e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+    def to_numba(t: torch.Tensor) -> np.ndarray:
+        """The array a kernel gets: bfloat16 as its int16 bits, everything else as it is."""
+        t = t.contiguous()
+        return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().copy()
+
+    def from_numba(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+    def outputs(rows: int, k: int, dtype: torch.dtype | None = None):
+        q = np.full((rows, k), 99, np.int8)  # poisoned: every element must be written
+        scale = np.full(rows, np.nan, np.float32)
+        if dtype is None:
+            return q, scale
+        y = to_numba(torch.full((rows, k), float("nan"), dtype=dtype))
+        return y, q, scale
+
+    def check_quant(q: np.ndarray, scale: np.ndarray, ref_q: torch.Tensor, ref_scale: torch.Tensor) -> None:
+        ref_q = ref_q.reshape(q.shape).numpy().astype(np.int32)
+        ref_scale = ref_scale.reshape(scale.shape).numpy()
+        np.testing.assert_allclose(scale, ref_scale, rtol=1e-6, atol=0)
+        diff = np.abs(q.astype(np.int32) - ref_q)
+        assert diff.max() <= 1, diff.max()
+        assert (diff > 0).mean() <= 0.01, f"{(diff > 0).sum()} of {diff.size} int8 values differ by 1"
+
+    def check_float(y: np.ndarray, ref: torch.Tensor) -> None:
+        got = from_numba(y, ref.dtype).float()
+        tol = TOLERANCE[ref.dtype] * ref.float().abs().clamp_min(1.0)
+        assert torch.all((got - ref.float()).abs() <= tol), (got - ref.float()).abs().max()
+
+    def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 2.0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    SHAPES = [(3, 40), (2, 7)]  # K larger than the block (several columns per thread) and smaller
+
+    # ---- quantize_per_token ------------------------------------------------------------------------
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("rows,k", SHAPES)
+    @pytest.mark.parametrize("vectorize", [True, False])
+    def test_quantize_per_token_matches_reference(dtype, rows, k, vectorize):
+        x = randn(rows, k, dtype=dtype, seed=rows * k)
+        q, scale = outputs(rows, k)
+        kernels.quantize_per_token(to_numba(x), q, scale, block=BLOCK, vectorize=vectorize)
+        check_quant(q, scale, *ops.quantize_per_token(x))
+
+    def test_quantize_rounds_half_to_even_and_zero_row_gets_scale_one():
+        # absmax 127 -> scale exactly 1, so x / scale are the values themselves: ties at .5 go to even
+        x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, -126.5], [0.0] * 8])
+        q, scale = outputs(2, 8)
+        kernels.quantize_per_token(to_numba(x), q, scale, block=BLOCK)
+        assert q[0].tolist() == [127, 0, 2, 2, -2, 0, 4, -126]
+        assert q[1].tolist() == [0] * 8
+        assert scale.tolist() == [1.0, 1.0]
+
+    # ---- layernorm_quant / add_layernorm_quant -------------------------------------------------------
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("rows,k", SHAPES)
+    @pytest.mark.parametrize("with_residual", [False, True])
+    @pytest.mark.parametrize("vectorize", [True, False])
+    def test_layernorm_quant_matches_reference(dtype, rows, k, with_residual, vectorize):
+        x = randn(rows, k, dtype=dtype, seed=1) + 0.5
+        residual = randn(rows, k, dtype=dtype, seed=2)
+        weight, bias = randn(k, dtype=dtype, seed=3, scale=1.0), randn(k, dtype=dtype, seed=4, scale=0.3)
+        y, q, scale = outputs(rows, k, dtype)
+        kernels.layernorm_quant(to_numba(x), to_numba(weight), to_numba(bias), 1e-5, y, q, scale,
+                                residual=to_numba(residual) if with_residual else None, block=BLOCK,
+                                vectorize=vectorize)
+        if with_residual:
+            ref = ops.add_layernorm_quant(x, residual, weight, bias, 1e-5)
+        else:
+            ref = ops.layernorm_quant(x, weight, bias, 1e-5)
+        check_float(y, ref[0])
+        check_quant(q, scale, ref[1], ref[2])
+
+    def test_layernorm_quant_without_affine_parameters():
+        x = randn(3, 40, dtype=torch.float16, seed=5)
+        y, q, scale = outputs(3, 40, torch.float16)
+        kernels.layernorm_quant(to_numba(x), None, None, 1e-12, y, q, scale, block=BLOCK)
+        ref = ops.layernorm_quant(x, None, None, 1e-12)
+        check_float(y, ref[0])
+        check_quant(q, scale, ref[1], ref[2])
+
+    def test_layernorm_statistics_match_float64():
+        # independent of the reference op: mean 0 / variance 1 per row after the kernel, in float64
+        x = randn(2, 40, dtype=torch.float32, seed=6) * 3 + 1
+        y, q, scale = outputs(2, 40, torch.float32)
+        kernels.layernorm_quant(to_numba(x), None, None, 0.0, y, q, scale, block=BLOCK)
+        y64 = torch.from_numpy(y).double()
+        assert torch.allclose(y64.mean(-1), torch.zeros(2, dtype=torch.float64), atol=1e-6)
+        assert torch.allclose(y64.var(-1, unbiased=False), torch.ones(2, dtype=torch.float64), atol=1e-5)
+
+    # ---- rmsnorm_quant --------------------------------------------------------------------------------
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("weight_dtype", ["same", torch.float32])
+    def test_rmsnorm_quant_matches_reference(dtype, weight_dtype):
+        weight_dtype = dtype if weight_dtype == "same" else weight_dtype
+        x = randn(3, 40, dtype=dtype, seed=7)
+        weight = randn(40, dtype=weight_dtype, seed=8, scale=1.0)
+        ref = ops.rmsnorm_quant(x, weight, 1e-6)
+        y, q, scale = outputs(3, 40, ref[0].dtype)
+        kernels.rmsnorm_quant(to_numba(x), to_numba(weight), 1e-6, y, q, scale, block=BLOCK)
+        check_float(y, ref[0])
+        check_quant(q, scale, ref[1], ref[2])
+
+    # ---- gelu_quant / silu_mul_quant -------------------------------------------------------------------
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("approximate", ["none", "tanh"])
+    @pytest.mark.parametrize("with_bias", [False, True])
+    def test_gelu_quant_matches_reference(dtype, approximate, with_bias):
+        x = randn(3, 40, dtype=dtype, seed=9)
+        bias = randn(40, dtype=dtype, seed=10, scale=0.5) if with_bias else None
+        q, scale = outputs(3, 40)
+        kernels.gelu_quant(to_numba(x), None if bias is None else to_numba(bias), approximate, q, scale, block=BLOCK)
+        check_quant(q, scale, *ops.gelu_quant(x, bias, approximate))
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("rows,k", SHAPES)
+    @pytest.mark.parametrize("vectorize", [True, False])
+    def test_silu_mul_quant_matches_reference(dtype, rows, k, vectorize):
+        gate, up = randn(rows, k, dtype=dtype, seed=11), randn(rows, k, dtype=dtype, seed=12)
+        q, scale = outputs(rows, k)
+        kernels.silu_mul_quant(to_numba(gate), to_numba(up), q, scale, block=BLOCK, vectorize=vectorize)
+        check_quant(q, scale, *ops.silu_mul_quant(gate, up))
+
+    def test_bfloat16_codec_matches_torch_casts():
+        # the in-kernel bfloat16 conversion (device functions called directly, which the simulator allows)
+        g = torch.Generator().manual_seed(13)
+        values = torch.randn(200, generator=g) * 10.0 ** torch.randint(-3, 4, (200,), generator=g)
+        exact = values.bfloat16().float()
+        ties = exact + exact.abs() * 2.0 ** -8  # halfway to the next bfloat16 (up to exponent edges)
+        for v in torch.cat([values, ties, torch.tensor([0.0, -0.0, 1e38, -1e38])]).tolist():
+            v32 = np.float32(v)
+            expected = torch.tensor([v32]).bfloat16()
+            assert kernels._round_bf16(v32) == expected.float().item(), v
+            bits = np.zeros((1, 1), np.int16)
+            kernels._store_bf16(bits, 0, 0, kernels._round_bf16(v32))
+            assert bits[0, 0] == expected.view(torch.int16).item(), v
+            assert kernels._load_bf16(bits, 0, 0) == expected.float().item(), v
+
+    def test_float16_bits_decode_exactly_for_every_pattern():
+        # the vectorised loads decode float16 from its bits: all 65536 patterns, subnormals, inf and NaN included
+        patterns = np.arange(2 ** 16, dtype=np.int64)
+        expected = patterns.astype(np.uint16).view(np.float16).astype(np.float32)
+        got = np.array([kernels._f16_bits_float(h) for h in patterns.tolist()], dtype=np.float32)
+        nan = np.isnan(expected)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.int32), expected[~nan].view(np.int32))  # signed zeros too
+
+    def test_vectorised_loads_handle_a_misaligned_row_start():
+        # a view starting one element in is not 4-byte aligned: the launch falls back to one-element loads
+        flat = to_numba(randn(3 * 40 + 1, dtype=torch.float16, seed=14))
+        x = flat[1:].reshape(3, 40)  # contiguous, but 2 bytes past a 4-byte boundary
+        assert x.__array_interface__["data"][0] % 4 == 2
+        q, scale = outputs(3, 40)
+        kernels.quantize_per_token(x, q, scale, block=BLOCK)
+        check_quant(q, scale, *ops.quantize_per_token(torch.from_numpy(np.ascontiguousarray(x))))
+
+    # ---- errors -----------------------------------------------------------------------------------------
+    def test_unsupported_dtype_raises():
+        q, scale = outputs(2, 8)
+        with pytest.raises(ZQError, match="float32, float16 or bfloat16"):
+            kernels.quantize_per_token(np.ones((2, 8), np.float64), q, scale, block=BLOCK)
+
+    def test_shuffle_reduction_is_refused_in_simulator():
+        q, scale = outputs(2, 8)
+        with pytest.raises(ZQError, match="no warp shuffles"):
+            kernels.quantize_per_token(np.ones((2, 8), np.float32), q, scale, reduction="shuffle")
+
+    def test_rows_longer_than_the_kernels_take_raise():
+        k = kernels.MAX_K + 1
+        q, scale = outputs(1, k)
+        with pytest.raises(ZQError, match="limit"):
+            kernels.quantize_per_token(np.ones((1, k), np.float32), q, scale)
+        q, scale = outputs(1, 40 * BLOCK)
+        with pytest.raises(ZQError, match="larger block"):  # 40 values per thread would not fit in registers
+            kernels.quantize_per_token(np.ones((1, 40 * BLOCK), np.float32), q, scale, block=BLOCK)
+
+    def test_output_shape_mismatch_raises():
+        with pytest.raises(ZQError, match="q must be int8"):
+            kernels.quantize_per_token(np.ones((2, 8), np.float32), np.empty((2, 7), np.int8),
+                                       np.empty(2, np.float32), block=BLOCK)
+
+    def test_block_sizes_are_powers_of_two_covering_the_row():
+        for k in (1, 7, 64, 768, 3072, 11008, kernels.MAX_K):
+            block = kernels.block_size(k)
+            assert block & (block - 1) == 0 and 32 <= block <= 1024
+            assert block * kernels.MAX_PER_THREAD >= k and (block <= 256 or block * kernels.MAX_PER_THREAD < 2 * k)
+        assert kernels.block_size(768) == 128 and kernels.block_size(3072) == 256

@@ -1,0 +1,319 @@
+"""fuse_quant_into_elementwise: one test per rule, the cases it must refuse, and numerics vs the unfused graph.
+
+Each tiny module puts one elementwise producer in front of a quantized linear. The graph is taken to just
+before the fusion pass (simulated quantization), copied, fused, and both copies are run on the same input:
+fusion moves the quantization into the producer's kernel, so the outputs agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import NewGELUActivation
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from conftest import apply_pass, count_ops, export_graph, op_targets, prepare_for
+from zqcompile.passes import fuse_quant_into_elementwise
+from zqcompile.passes.infra import META_FUSED_INTO
+
+zq = torch.ops.zq
+QUANT = zq.quantize_per_token.default
+K = 32
+
+
+def _fuse(model: nn.Module, recipe="w8a8", example: torch.Tensor | None = None):
+    """(graph before fusion, fused graph, PassResult, context, example input)."""
+    x = example if example is not None else torch.randn(2, 5, K)
+    gm, ctx = prepare_for(fuse_quant_into_elementwise, export_graph(model, x), recipe)
+    unfused = copy.deepcopy(gm)
+    result = apply_pass(fuse_quant_into_elementwise, gm, ctx)
+    return unfused, gm, result, ctx, x
+
+
+def assert_same_outputs(unfused, fused, x, exact: bool = True):
+    torch.manual_seed(1)
+    x = torch.randn(3, *x.shape[1:]) * 3
+    with torch.no_grad():
+        expected, out = unfused(x), fused(x)
+    if exact:
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    else:  # a different float path may move a value across a rounding tie: at most one step of a few tokens
+        assert (out - expected).abs().max() <= 2e-2 * expected.abs().max()
+        assert F.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.9999
+
+
+def fused_node(gm, op):
+    nodes = [n for n in gm.graph.nodes if n.target is op]
+    assert len(nodes) == 1
+    return nodes[0]
+
+
+def unfused_reasons(ctx) -> list[str]:
+    return sorted(ctx.unfused_reasons.values())
+
+
+PLACEHOLDER_REASON = "input comes from a placeholder node, which no fusion rule covers"
+
+
+# ---- one test per rule ------------------------------------------------------------------------------------
+
+class PostLN(nn.Module):
+    """BERT's residual block: LayerNorm(dense(x) + x), read by the next linear and the next residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense, self.norm, self.fc = nn.Linear(K, K), nn.LayerNorm(K), nn.Linear(K, K)
+
+    def forward(self, x):
+        y = self.norm(self.dense(x) + x)
+        return self.fc(y) + y
+
+
+def test_add_layernorm_rule_and_fp_output_feeds_the_residual():
+    unfused, gm, result, ctx, x = _fuse(PostLN(), {"keep_fp": ["dense"]})
+    assert result.modified and result.counters == {"fuse.add_layernorm": 1}
+    node = fused_node(gm, zq.add_layernorm_quant.default)
+    assert node.meta[META_FUSED_INTO] == "add_layernorm"
+    assert count_ops(gm, QUANT, torch.ops.aten.layer_norm.default, torch.ops.aten.add.Tensor) == 1  # fc(y) + y
+    fp_readers = [u for u in node.users if u.args[1] == 0]
+    assert len(fp_readers) == 1 and fp_readers[0].users  # getitem(fused, 0) -> the residual add
+    assert ctx.unfused_reasons == {}
+    assert_same_outputs(unfused, gm, x)
+
+
+class PreLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(K), nn.Linear(K, 16)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+def test_layernorm_rule():
+    unfused, gm, result, ctx, x = _fuse(PreLN())
+    assert result.counters == {"fuse.layernorm": 1}
+    node = fused_node(gm, zq.layernorm_quant.default)
+    assert node.args[0].op == "placeholder" and node.args[3] == 1e-5
+    assert count_ops(gm, QUANT, torch.ops.aten.layer_norm.default) == 0
+    assert_same_outputs(unfused, gm, x)
+
+
+class RMSBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.norm, self.fc = nn.Linear(K, K), LlamaRMSNorm(K, eps=1e-6), nn.Linear(K, 16)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.up(x)))
+
+
+def test_rmsnorm_rule():
+    model = RMSBlock()
+    nn.init.uniform_(model.norm.weight, 0.5, 1.5)
+    unfused, gm, result, ctx, x = _fuse(model)
+    assert result.counters == {"fuse.rmsnorm": 1}
+    node = fused_node(gm, zq.rmsnorm_quant.default)
+    assert node.args[2] == 1e-6 and node.args[1].target == "model.norm.weight"
+    assert count_ops(gm, torch.ops.aten.rsqrt.default, torch.ops.aten.pow.Tensor_Scalar) == 0
+    assert unfused_reasons(ctx) == [PLACEHOLDER_REASON]  # up reads the graph input
+    assert_same_outputs(unfused, gm, x)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, approximate: str = "none", separate_bias: bool = False):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(K, 64, bias=not separate_bias), nn.Linear(64, K)
+        self.bias = nn.Parameter(torch.randn(64)) if separate_bias else None
+        self.approximate = approximate
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.bias is not None:
+            h = h + self.bias
+        return self.fc2(F.gelu(h, approximate=self.approximate))
+
+
+def test_gelu_rule_without_bias():
+    unfused, gm, result, ctx, x = _fuse(GeluMLP())
+    assert result.counters == {"fuse.gelu": 1}
+    node = fused_node(gm, zq.gelu_quant.default)
+    assert node.args[0].target is torch.ops.aten.linear.default  # fc1's output
+    assert node.args[1:] == (None, "none")
+    assert count_ops(gm, torch.ops.aten.gelu.default) == 0
+    assert_same_outputs(unfused, gm, x)
+
+
+def test_gelu_rule_with_bias_and_tanh_approximation():
+    unfused, gm, result, ctx, x = _fuse(GeluMLP("tanh", separate_bias=True))
+    assert result.counters == {"fuse.gelu": 1}
+    node = fused_node(gm, zq.gelu_quant.default)
+    assert node.args[1].op == "get_attr" and node.args[1].target == "model.bias" and node.args[2] == "tanh"
+    assert count_ops(gm, torch.ops.aten.gelu.default, torch.ops.aten.add.Tensor) == 0  # bias folded in
+    assert_same_outputs(unfused, gm, x)
+
+
+class NewGeluMLP(nn.Module):
+    """GPT-2's MLP: c_fc -> gelu_new (written out in aten ops) -> c_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.act, self.c_proj = nn.Linear(K, 64), NewGELUActivation(), nn.Linear(64, K)
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+def test_gelu_tanh_decomp_rule():
+    unfused, gm, result, ctx, x = _fuse(NewGeluMLP())
+    assert result.counters == {"fuse.gelu_tanh_decomp": 1}
+    node = fused_node(gm, zq.gelu_quant.default)
+    assert node.args[1:] == (None, "tanh")
+    assert count_ops(gm, torch.ops.aten.tanh.default, torch.ops.aten.pow.Tensor_Scalar) == 0
+    assert_same_outputs(unfused, gm, x, exact=False)  # fused tanh-GELU vs the aten decomposition
+
+
+class SwiGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(K, 64), nn.Linear(K, 64), nn.Linear(64, K)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_silu_mul_rule():
+    unfused, gm, result, ctx, x = _fuse(SwiGLU())
+    assert result.counters == {"fuse.silu_mul": 1}
+    node = fused_node(gm, zq.silu_mul_quant.default)
+    assert [a.meta["zq_module"] for a in node.args] == ["gate_proj", "up_proj"]
+    assert count_ops(gm, torch.ops.aten.silu.default, torch.ops.aten.mul.Tensor) == 0
+    assert unfused_reasons(ctx) == [PLACEHOLDER_REASON]  # gate/up share one quant of x
+    assert_same_outputs(unfused, gm, x)
+
+
+# ---- cases the pass must leave alone (and say why) ------------------------------------------------------
+
+def _assert_unchanged(model, recipe="w8a8"):
+    x = torch.randn(2, 5, K)
+    gm, ctx = prepare_for(fuse_quant_into_elementwise, export_graph(model, x), recipe)
+    before = op_targets(gm)
+    result = apply_pass(fuse_quant_into_elementwise, gm, ctx)
+    assert not result.modified and result.counters == {}
+    assert op_targets(gm) == before
+    return unfused_reasons(ctx)
+
+
+class GeluReadTwice(GeluMLP):
+    def forward(self, x):
+        g = F.gelu(self.fc1(x))
+        return self.fc2(g) + g.mean(-1, keepdim=True)
+
+
+def test_gelu_output_read_elsewhere_is_not_fused():
+    reasons = _assert_unchanged(GeluReadTwice(), {"keep_fp": ["fc1"]})
+    assert reasons == ["gelu: aten.gelu.default output is also read by ['mean', 'quantize_per_token_default']"]
+
+
+class NewGeluTanhReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(K, K)
+
+    def forward(self, x):
+        t = torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))
+        return self.fc(0.5 * x * (1.0 + t)) + t
+
+
+def test_tanh_gelu_with_an_intermediate_read_elsewhere_is_not_fused():
+    reasons = _assert_unchanged(NewGeluTanhReadTwice())
+    assert reasons == ["gelu_tanh_decomp: an intermediate of the tanh-GELU is read elsewhere"]
+
+
+class SiluReadTwice(SwiGLU):
+    def forward(self, x):
+        gate = F.silu(self.gate_proj(x))
+        return self.down_proj(gate * self.up_proj(x)) + gate.sum(-1, keepdim=True)
+
+
+def test_silu_read_elsewhere_is_not_fused():
+    reasons = _assert_unchanged(SiluReadTwice(), {"keep_fp": ["gate_proj", "up_proj"]})
+    assert reasons == ["silu_mul: silu(gate) is read elsewhere or broadcasts against up"]
+
+
+class RMSNormVarianceReadTwice(nn.Module):
+    """Llama's RMSNorm written out, with its variance also returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.fc = nn.Parameter(torch.ones(K)), nn.Linear(K, K)
+
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        normed = self.weight * (x * torch.rsqrt(variance + 1e-6)).to(x.dtype)
+        return self.fc(normed) + variance
+
+
+def test_rmsnorm_with_an_intermediate_read_elsewhere_is_not_fused():
+    assert _assert_unchanged(RMSNormVarianceReadTwice()) == [
+        "rmsnorm: an intermediate of the RMSNorm is read elsewhere"]
+
+
+class LayerNorm2D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(K, K)
+
+    def forward(self, x):
+        return self.fc(F.layer_norm(x, x.shape[-2:]))
+
+
+def test_layernorm_over_two_dims_is_not_fused():
+    assert _assert_unchanged(LayerNorm2D()) == ["layernorm: LayerNorm over 2 dims (only the last dim is supported)"]
+
+
+class ReluMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(K, K), nn.Linear(K, K)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_producer_no_rule_covers_is_recorded():
+    assert _assert_unchanged(ReluMLP()) == ["input comes from a placeholder node, which no fusion rule covers",
+                                            "input comes from aten.relu.default, which no fusion rule covers"]
+
+
+def test_weight_only_recipe_has_nothing_to_fuse():
+    assert _assert_unchanged(PreLN(), "w8a16") == []
+
+
+class BroadcastAddLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shift, self.norm, self.fc = nn.Parameter(torch.randn(K)), nn.LayerNorm(K), nn.Linear(K, K)
+
+    def forward(self, x):
+        return self.fc(self.norm(x + self.shift))
+
+
+class ResidualSumReadTwice(PostLN):
+    def forward(self, x):
+        total = self.dense(x) + x
+        return self.fc(self.norm(total)) + total
+
+
+def test_add_layernorm_refusals_fall_back_to_the_layernorm_rule():
+    """A broadcasting add, or a residual sum read elsewhere, keeps its add; the LayerNorm alone still fuses."""
+    for model, recipe in ((BroadcastAddLN(), "w8a8"), (ResidualSumReadTwice(), {"keep_fp": ["dense"]})):
+        unfused, gm, result, ctx, x = _fuse(model, recipe)
+        assert result.counters == {"fuse.layernorm": 1}
+        assert count_ops(gm, zq.add_layernorm_quant.default) == 0 and count_ops(gm, torch.ops.aten.add.Tensor) >= 1
+        assert fused_node(gm, zq.layernorm_quant.default).args[0].target is torch.ops.aten.add.Tensor
+        assert_same_outputs(unfused, gm, x)

@@ -1,0 +1,215 @@
+"""zqcompile.quant (the arithmetic under every op and pass) against float64 / int64 references written here.
+
+The references use numpy's round (half to even) on float64 values, so they share no code with torch's
+float32 path; where the two can differ by one float32 rounding step we allow a 1-LSB difference on a tiny
+fraction of elements and check the error bound |x - q*s| <= s/2 exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zqcompile import ZQError
+from zqcompile.quant import (
+    dequantize_weight_values, exact_int_matmul, expand_weight_scale, pack_int4, qmax_for_bits, quantize_rows,
+    quantize_weight, unpack_int4, unpack_weight, weight_groups,
+)
+
+
+def reference_quantize_rows(x: torch.Tensor, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """float64 token-wise symmetric quantization: (q as int64, scale [..., 1])."""
+    xd = x.double().numpy()
+    absmax = np.abs(xd).max(axis=-1, keepdims=True)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0)
+    return np.clip(np.round(xd / scale), -qmax, qmax).astype(np.int64), scale
+
+
+def reference_quantize_weight(w: torch.Tensor, qmax: int, rows_per_group: int, cols_per_group: int
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """float64 block-wise symmetric quantization with blocks of rows_per_group x cols_per_group."""
+    wd = w.double().numpy()
+    n, k = wd.shape
+    scale = np.empty((n // rows_per_group, k // cols_per_group))
+    q = np.empty((n, k), dtype=np.int64)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            block = wd[i * rows_per_group:(i + 1) * rows_per_group, j * cols_per_group:(j + 1) * cols_per_group]
+            absmax = np.abs(block).max()
+            scale[i, j] = absmax / qmax if absmax > 0 else 1.0
+            q[i * rows_per_group:(i + 1) * rows_per_group, j * cols_per_group:(j + 1) * cols_per_group] = np.clip(
+                np.round(block / scale[i, j]), -qmax, qmax)
+    return q, scale
+
+
+def assert_matches_reference(q: torch.Tensor, q_ref: np.ndarray, min_exact: float = 0.999) -> None:
+    """Equal to the float64 reference except, rarely, one step where float32 division lands across a .5 tie."""
+    diff = np.abs(q.long().numpy() - q_ref)
+    assert diff.max() <= 1
+    assert (diff == 0).mean() >= min_exact
+
+
+# ---- activations: token-wise INT8 -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_rows_matches_float64_reference_and_error_bound(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 7, 96) * torch.logspace(-2, 2, 7)[:, None]).to(dtype)
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert q.shape == x.shape and scale.shape == (4, 7, 1)
+    q_ref, scale_ref = reference_quantize_rows(x)
+    np.testing.assert_allclose(scale.double().numpy(), scale_ref, rtol=1e-6)
+    # 8-bit-mantissa inputs land on exact .5 ties of x/s more often, where float32 and float64 may disagree
+    assert_matches_reference(q, q_ref, min_exact=0.999 if dtype == torch.float32 else 0.99)
+    # every value is within half a step of its quantized value, and the row max maps to +-127 exactly
+    error = (x.double() - q.double() * scale.double()).abs()
+    assert bool((error <= scale.double() / 2 * (1 + 1e-5)).all())
+    assert q.abs().amax(dim=-1).eq(127).all()
+
+
+def test_quantize_rows_rounds_half_to_even():
+    # absmax 127 gives scale exactly 1.0, so x / scale are these exact ties
+    x = torch.tensor([[0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, 126.5, 127.0]])
+    q, scale = quantize_rows(x)
+    assert scale.item() == 1.0
+    assert q.tolist() == [[0, 2, 2, 4, 0, -2, -2, 126, 127]]
+
+
+def test_quantize_rows_all_zero_row_gives_zeros_not_nan():
+    x = torch.zeros(3, 16)
+    x[1] = torch.linspace(-1, 1, 16)
+    q, scale = quantize_rows(x)
+    assert torch.isfinite(scale).all()
+    assert scale[0].item() == 1.0 and scale[2].item() == 1.0
+    assert q[0].eq(0).all() and q[2].eq(0).all()
+    assert torch.equal(q[0].float() * scale[0], torch.zeros(16))
+
+
+def test_quantize_rows_one_huge_outlier():
+    torch.manual_seed(1)
+    x = torch.randn(2, 64) * 0.01
+    x[0, 5] = 1.0e4
+    q, scale = quantize_rows(x)
+    assert q[0, 5].item() == 127
+    assert scale[0].item() == pytest.approx(1.0e4 / 127, rel=1e-6)
+    # the small values of the outlier row all collapse to 0, within the s/2 bound; the other row keeps detail
+    assert q[0, torch.arange(64) != 5].eq(0).all()
+    assert (x[0] - q[0].float() * scale[0]).abs().max().item() <= scale[0].item() / 2
+    assert q[1].abs().max().item() == 127 and q[1].unique().numel() > 30
+
+
+def test_quantize_rows_never_leaves_int8_range_for_extreme_values():
+    x = torch.tensor([[3.0e38, -3.0e38, 1.0], [-1e-30, 2e-30, 0.0]])
+    q, scale = quantize_rows(x)
+    assert torch.isfinite(scale).all()
+    assert q.tolist() == [[127, -127, 0], [-64, 127, 0]]
+
+
+# ---- weights: group-wise INT8 / INT4 ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group_size, input_group_size", [(None, None), (4, None), (None, 16), (8, 32)])
+def test_quantize_weight_matches_block_reference(bits, group_size, input_group_size):
+    torch.manual_seed(2)
+    n, k = 16, 64
+    w = torch.randn(n, k) * torch.logspace(-1, 1, n)[:, None]
+    q, scale = quantize_weight(w, bits, group_size, input_group_size)
+    qmax = 2 ** (bits - 1) - 1
+    rows, cols = group_size or 1, input_group_size or k
+    q_ref, scale_ref = reference_quantize_weight(w, qmax, rows, cols)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert tuple(scale.shape) == (n // rows, k // cols)
+    np.testing.assert_allclose(scale.double().numpy(), scale_ref, rtol=1e-6)
+    assert_matches_reference(q, q_ref)
+    assert q.abs().max().item() == qmax
+    full_scale = expand_weight_scale(scale, n, k).double()
+    assert bool(((w.double() - q.double() * full_scale).abs() <= full_scale / 2 * (1 + 1e-5)).all())
+    torch.testing.assert_close(dequantize_weight_values(q, scale), (q.double() * full_scale).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_weight_low_precision_input(dtype):
+    torch.manual_seed(3)
+    w = torch.randn(8, 32).to(dtype)
+    q, scale = quantize_weight(w, 8)
+    q_ref, scale_ref = reference_quantize_weight(w, 127, 1, 32)
+    np.testing.assert_allclose(scale.double().numpy(), scale_ref, rtol=1e-6)
+    assert_matches_reference(q, q_ref, min_exact=0.99)
+
+
+def test_quantize_weight_all_zero_group_gives_zeros():
+    w = torch.randn(8, 32)
+    w[2:4] = 0.0
+    q, scale = quantize_weight(w, 4, group_size=2)
+    assert scale[1, 0].item() == 1.0 and torch.isfinite(scale).all()
+    assert q[2:4].eq(0).all()
+
+
+def test_expand_weight_scale_indexing():
+    scale = torch.arange(6, dtype=torch.float32).reshape(2, 3)  # G_out=2, G_in=3
+    full = expand_weight_scale(scale, 4, 6)
+    for n in range(4):
+        for k in range(6):
+            assert full[n, k] == scale[n // 2, k // 2]
+
+
+def test_qmax_for_bits():
+    assert qmax_for_bits(8) == 127 and qmax_for_bits(4) == 7
+    with pytest.raises(ZQError, match="weight bits must be 4 or 8, got 3"):
+        qmax_for_bits(3)
+
+
+def test_weight_groups_and_its_errors():
+    assert weight_groups(768, 3072, None, None) == (768, 1)
+    assert weight_groups(768, 3072, 64, 128) == (12, 24)
+    with pytest.raises(ZQError, match=r"group_size=5 does not divide out_features=768; choose a divisor of 768"):
+        weight_groups(768, 3072, 5, None)
+    with pytest.raises(ZQError, match=r"input_group_size=100 does not divide in_features=3072"):
+        weight_groups(768, 3072, None, 100)
+
+
+# ---- INT4 packing -------------------------------------------------------------------------------------------
+
+def test_pack_int4_layout_low_nibble_is_even_column():
+    packed = pack_int4(torch.tensor([[1, -1, -8, 7]], dtype=torch.int8))
+    assert packed.dtype == torch.uint8
+    # column 0 = 1 (0x1) low, column 1 = -1 (0xF) high; column 2 = -8 (0x8) low, column 3 = 7 (0x7) high
+    assert packed.tolist() == [[0xF1, 0x78]]
+
+
+def test_int4_pack_unpack_round_trip_every_pair():
+    values = torch.arange(-8, 8, dtype=torch.int8)
+    pairs = torch.cartesian_prod(values, values).to(torch.int8)  # all 256 (even, odd) column pairs
+    q = pairs.reshape(8, 64)
+    packed = pack_int4(q)
+    assert packed.shape == (8, 32)
+    assert packed.unique().numel() == 256
+    assert torch.equal(unpack_int4(packed), q)
+    assert torch.equal(unpack_weight(packed), q)
+    assert unpack_weight(q) is q  # INT8 weights are stored as they are
+
+
+def test_pack_int4_errors():
+    with pytest.raises(ZQError, match="INT4 packing needs an even in_features, got 3"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+    with pytest.raises(ZQError, match=r"INT4 packing got values outside \[-8, 7\]"):
+        pack_int4(torch.tensor([[8, 0]], dtype=torch.int8))
+
+
+# ---- exact integer GEMM -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [64, 1024, 2500])
+def test_exact_int_matmul_equals_int64_reference(k):
+    torch.manual_seed(4)
+    a = torch.randint(-127, 128, (9, k), dtype=torch.int8)
+    b = torch.randint(-127, 128, (5, k), dtype=torch.int8)
+    a[0] = 127  # worst case: every partial sum at its maximum magnitude
+    b[0] = 127
+    b[1] = -127
+    acc = exact_int_matmul(a, b)
+    reference = torch.einsum("mk,nk->mn", a.long(), b.long())
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc.long(), reference)
+    assert acc[0, 0].item() == 127 * 127 * k

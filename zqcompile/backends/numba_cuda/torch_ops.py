@@ -1,0 +1,139 @@
+"""Torch-facing wrappers of the Numba kernels: the "cuda" kernels of the fused zq activation-quant ops.
+
+Each wrapper takes the op's torch CUDA tensors, views them zero-copy as Numba device arrays
+(``__cuda_array_interface__``; bfloat16 as its int16 bits, see ``kernels``), allocates the outputs with
+torch's caching allocator and launches on torch's current stream (``cuda.external_stream``), so the
+launches order with torch's own kernels and are captured by ``torch.cuda.graph``.
+
+Inputs the kernels do not cover (rows longer than ``kernels.MAX_K``, dtypes other than float32/float16/
+bfloat16, mixed dtypes the kernels do not implement) run the op's reference implementation instead, with
+the same results.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from zqcompile import ops
+from zqcompile.backends.numba_cuda import kernels
+from zqcompile.backends.numba_cuda.kernels import cuda
+
+kernels.numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = False  # decode-size launches are small grids on purpose
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_streams: dict[int, Any] = {}
+
+LAUNCH_OPTIONS: dict[str, Any] = {"reduction": None, "vectorize": False}
+"""Keyword options every launch gets (benchmarks/gpu_latency.py compares the variants through them)."""
+
+
+def _stream() -> Any:
+    """Numba's handle of torch's current CUDA stream (cached per stream pointer)."""
+    ptr = torch.cuda.current_stream().cuda_stream
+    stream = _streams.get(ptr)
+    if stream is None:
+        stream = _streams[ptr] = cuda.external_stream(ptr)
+    return stream
+
+
+def _nb(t: Tensor) -> Any:
+    """A zero-copy Numba view; no stream sync is needed, the launch goes on the same stream as the producer.
+
+    Detached because torch refuses ``__cuda_array_interface__`` on tensors that require grad (parameters);
+    the ops are inference-only.
+    """
+    t = t.detach()
+    return cuda.as_cuda_array(t.view(torch.int16) if t.dtype == torch.bfloat16 else t, sync=False)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _kernel_ok(*tensors: Tensor | None) -> bool:
+    present = [t for t in tensors if t is not None]
+    return (all(t.dtype in _KERNEL_DTYPES and t.is_cuda for t in present)
+            and present[0].dim() >= 1 and present[0].shape[-1] <= kernels.MAX_K)
+
+
+def _reference(op: Callable, *args: Any) -> Any:
+    """The op's reference implementation on these (CUDA) tensors."""
+    with op.set_kernel_enabled("cuda", False):
+        return op(*args)
+
+
+def _quant_outputs(x2: Tensor) -> tuple[Tensor, Tensor]:
+    return (torch.empty(x2.shape, dtype=torch.int8, device=x2.device),
+            torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device))
+
+
+def _shaped(x: Tensor, q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    return q.view(x.shape), scale.view(*x.shape[:-1], 1)
+
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    if not _kernel_ok(x):
+        return _reference(ops.quantize_per_token, x)
+    x2 = _rows(x)
+    q, scale = _quant_outputs(x2)
+    kernels.quantize_per_token(_nb(x2), _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
+    return _shaped(x, q, scale)
+
+
+def _norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    x2 = _rows(x)
+    y = torch.empty_like(x2)
+    q, scale = _quant_outputs(x2)
+    kernels.layernorm_quant(
+        _nb(x2), None if weight is None else _nb(weight.contiguous()), None if bias is None else _nb(bias.contiguous()),
+        eps, _nb(y), _nb(q), _nb(scale), residual=None if residual is None else _nb(_rows(residual)),
+        stream=_stream(), **LAUNCH_OPTIONS)
+    return (y.view(x.shape), *_shaped(x, q, scale))
+
+
+def layernorm_quant(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    if not _kernel_ok(x, weight, bias):
+        return _reference(ops.layernorm_quant, x, weight, bias, eps)
+    return _norm_quant(x, None, weight, bias, eps)
+
+
+def add_layernorm_quant(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    if not _kernel_ok(x, residual, weight, bias) or residual.dtype != x.dtype or residual.shape != x.shape:
+        return _reference(ops.add_layernorm_quant, x, residual, weight, bias, eps)
+    return _norm_quant(x, residual, weight, bias, eps)
+
+
+def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    if not _kernel_ok(x, weight):
+        return _reference(ops.rmsnorm_quant, x, weight, eps)
+    x2 = _rows(x)
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    q, scale = _quant_outputs(x2)
+    kernels.rmsnorm_quant(_nb(x2), _nb(weight.contiguous()), eps, _nb(y), _nb(q), _nb(scale), stream=_stream(),
+                          **LAUNCH_OPTIONS)
+    return (y.view(x.shape), *_shaped(x, q, scale))
+
+
+def gelu_quant(x: Tensor, bias: Tensor | None, approximate: str) -> tuple[Tensor, Tensor]:
+    if not _kernel_ok(x, bias) or (bias is not None and bias.dtype != x.dtype):
+        return _reference(ops.gelu_quant, x, bias, approximate)
+    x2 = _rows(x)
+    q, scale = _quant_outputs(x2)
+    kernels.gelu_quant(_nb(x2), None if bias is None else _nb(bias.contiguous()), approximate, _nb(q), _nb(scale),
+                       stream=_stream(), **LAUNCH_OPTIONS)
+    return _shaped(x, q, scale)
+
+
+def silu_mul_quant(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    if not _kernel_ok(gate, up) or up.dtype != gate.dtype or up.shape != gate.shape:
+        return _reference(ops.silu_mul_quant, gate, up)
+    g2 = _rows(gate)
+    q, scale = _quant_outputs(g2)
+    kernels.silu_mul_quant(_nb(g2), _nb(_rows(up)), _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
+    return _shaped(gate, q, scale)

@@ -1,0 +1,231 @@
+"""The ``zqcompile`` command line.
+
+    zqcompile compile MODEL --recipe w8a8 --out DIR [--lkd [--lkd-steps N] [--lkd-data FILE]]
+    zqcompile inspect DIR [--code]
+    zqcompile export-onnx DIR OUT.onnx [--int4 matmulnbits|exact]
+    zqcompile bench DIR [--batch 1] [--seq 128] [--repeats 10]
+    zqcompile eval DIR --text FILE
+
+MODEL is a local Hugging Face directory or a shipped model name (``all-MiniLM-L6-v2``,
+``SmolLM2-135M-Instruct``). ``bench`` and ``eval`` compare against the FP model the directory was compiled
+from (its path is recorded in the manifest; ``--model`` overrides it). Errors in the input (a missing
+directory, an unknown recipe, an architecture zqcompile cannot capture) print one message on stderr and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USER_ERROR = 2
+
+
+def _load_fp_model(name_or_path: str):
+    """(model, tokenizer) through zqcompile.models, with transformers' load failures as ZQError."""
+    from zqcompile.errors import ZQError
+    from zqcompile.models import load_pretrained
+
+    try:
+        return load_pretrained(name_or_path)
+    except ZQError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise ZQError(f"cannot load {name_or_path!r} as a Hugging Face text model: "
+                      f"{str(err).strip().splitlines()[0]}") from err
+
+
+def _source_of(model: str) -> str:
+    """What the manifest records: an absolute directory, or a shipped model's name."""
+    path = Path(model)
+    return str(path.resolve()) if path.is_dir() else model
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    import zqcompile
+    from zqcompile.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # fail on a bad recipe before the (slow) model load
+    lkd = None
+    if args.lkd:
+        lkd = {"steps": args.lkd_steps, "data": args.lkd_data or "auto", "tokenizer": _source_of(args.model)}
+    with tqdm(total=3, desc="zqcompile", disable=args.quiet) as bar:
+        bar.set_postfix_str(f"load {args.model}")
+        model, _ = _load_fp_model(args.model)
+        bar.update()
+        bar.set_postfix_str(f"compile {recipe.name}")
+        qmodel = zqcompile.compile(model, recipe, lkd=lkd, backend="cpu")
+        bar.update()
+        bar.set_postfix_str(f"save {args.out}")
+        qmodel.save(args.out, source_model=_source_of(args.model))
+        bar.update()
+    print(zqcompile.inspect(qmodel, code=False))
+    print(f"\nsaved to {args.out}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    import zqcompile
+
+    print(zqcompile.inspect(zqcompile.load(args.dir), code=args.code))
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    import zqcompile
+
+    info = zqcompile.export_onnx(zqcompile.load(args.dir), None, args.out, int4=args.int4, progress=not args.quiet)
+    print(f"wrote {info}")
+
+
+def _fp_model_for(args: argparse.Namespace, manifest: dict):
+    from zqcompile.errors import ZQError
+
+    source = args.model or manifest.get("source_model")
+    if source is None:
+        raise ZQError(f"{args.dir} does not record the FP model it was compiled from; pass --model MODEL")
+    return _load_fp_model(source)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1000
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    import zqcompile
+    from zqcompile.serialize import read_manifest
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    qmodel = zqcompile.load(args.dir)
+    manifest = read_manifest(args.dir)
+    vocab = int(qmodel.example_inputs[0].max()) + 1 if args.no_fp else None
+    fp_model = None
+    if not args.no_fp:
+        fp_model, _ = _fp_model_for(args, manifest)
+        vocab = fp_model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device=qmodel.device)
+    with torch.no_grad():
+        q_ms = _median_ms(lambda: qmodel(input_ids=ids), args.repeats)
+        print(f"{qmodel.model_class} {qmodel.recipe.name} ({qmodel.backend} backend), batch {args.batch}, "
+              f"seq {args.seq}, {torch.get_num_threads()} threads, median of {args.repeats}:")
+        print(f"  quantized: {q_ms:.2f} ms")
+        if fp_model is not None:
+            fp_ms = _median_ms(lambda: fp_model(input_ids=ids), args.repeats)
+            print(f"  FP ({next(fp_model.parameters()).dtype}): {fp_ms:.2f} ms  -> speed-up {fp_ms / q_ms:.3g}x")
+        else:
+            print("  (FP model not measured: --no-fp)")
+    print(f"  weights: {qmodel.weight_memory()}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    import zqcompile
+    from zqcompile.errors import ZQError
+    from zqcompile.evaluate import sentence_embeddings, text_perplexity
+    from zqcompile.serialize import read_manifest
+
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise ZQError(f"text file {args.text!r} does not exist")
+    text = text_path.read_text(encoding="utf-8", errors="replace")
+    qmodel = zqcompile.load(args.dir)
+    fp_model, tokenizer = _fp_model_for(args, read_manifest(args.dir))
+    if "logits" in qmodel.output_keys:
+        fp = text_perplexity(fp_model, tokenizer, text, max_tokens=args.max_tokens, window=args.window)
+        quantized = text_perplexity(qmodel, tokenizer, text, max_tokens=args.max_tokens, window=args.window)
+        print(f"FP:        {fp}\nquantized: {quantized}\nratio {quantized.value / fp.value:.4f}")
+        return
+    sentences = [line.strip() for line in text.splitlines() if line.strip()][:args.max_sentences]
+    if not sentences:
+        raise ZQError(f"{args.text} has no non-empty lines (eval embeds one sentence per line)")
+    reference = sentence_embeddings(fp_model, tokenizer, sentences)
+    embedded = sentence_embeddings(qmodel, tokenizer, sentences)
+    cosine = (reference.double() * embedded.double()).sum(-1)
+    print(f"sentence embeddings of {len(sentences)} lines, quantized vs FP: cosine mean {cosine.mean():.5f}, "
+          f"min {cosine.min():.5f}")
+    same_nearest = (torch.argmax(embedded @ embedded.T - 2 * torch.eye(len(sentences)), 1)
+                    == torch.argmax(reference @ reference.T - 2 * torch.eye(len(sentences)), 1)).float().mean()
+    print(f"same nearest neighbour as FP for {100 * same_nearest:.1f}% of the lines")
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from zqcompile.onnx_export import INT4_MODES
+    from zqcompile.recipe import PRESETS
+
+    parser = argparse.ArgumentParser(prog="zqcompile", description="ZeroQuant post-training quantization compiler")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="quantize a Hugging Face model and save it")
+    p.add_argument("model", help="local Hugging Face directory or shipped model name")
+    p.add_argument("--recipe", default="w8a8", help=f"preset {list(PRESETS)} or a .yaml/.json recipe file")
+    p.add_argument("--out", required=True, help="directory to write the compiled model to")
+    p.add_argument("--lkd", action="store_true", help="layer-by-layer knowledge distillation before quantizing")
+    p.add_argument("--lkd-steps", type=int, default=40, help="LKD optimizer steps per block")
+    p.add_argument("--lkd-data", default=None, help="LKD data: a .txt file, 'self' or 'random' (default: auto)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("inspect", help="per-layer table, counters and weight memory of a compiled model")
+    p.add_argument("dir")
+    p.add_argument("--code", action="store_true", help="also print the graph's code")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export-onnx", help="write the compiled model as ONNX (integer ORT kernels)")
+    p.add_argument("dir")
+    p.add_argument("out")
+    p.add_argument("--int4", choices=INT4_MODES, default="matmulnbits")
+    p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("bench", help="CPU latency of the compiled model vs its FP model")
+    p.add_argument("dir")
+    p.add_argument("--model", default=None, help="the FP model (default: the one recorded at compile time)")
+    p.add_argument("--no-fp", action="store_true", help="time the compiled model only")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="perplexity (decoders) or embedding agreement (encoders) vs the FP model")
+    p.add_argument("dir")
+    p.add_argument("--text", required=True, help="a text file (encoders: one sentence per line)")
+    p.add_argument("--model", default=None, help="the FP model (default: the one recorded at compile time)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="decoders: tokens scored")
+    p.add_argument("--window", type=int, default=256, help="decoders: sliding window length")
+    p.add_argument("--max-sentences", type=int, default=200, help="encoders: lines embedded")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from zqcompile.errors import ZQError
+
+    try:
+        args.func(args)
+    except ZQError as err:
+        print(f"zqcompile {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
