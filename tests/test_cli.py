@@ -35,7 +35,7 @@ def tiny_model_dir(tmp_path_factory):
     tokenizer = BertTokenizer(vocab={word: index for index, word in enumerate(words)})
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, architectures=["BertModel"])
+                        intermediate_size=64, max_position_embeddings=128, architectures=["BertModel"])
     BertModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -119,3 +119,15 @@ def test_unsupported_architecture(tiny_model_dir, tmp_path, capsys):
     BertTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "vit")  # past the tokenizer check
     assert main(["--quiet", "compile", str(tmp_path / "vit"), "--out", str(tmp_path / "out")]) == EXIT_USER_ERROR
     assert "does not take input_ids" in capsys.readouterr().err
+
+
+def test_compile_with_lkd(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "lkd"
+    argv = ["--quiet", "compile", str(tiny_model_dir), "--lkd", "--lkd-steps", "2", "--lkd-data", "random",
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert "LKD over 2 blocks" in capsys.readouterr().out
+    assert "LKD over 2 blocks" in json.loads((out / "manifest.json").read_text())["lkd_log"]
+    assert zqcompile.load(out).recipe.name == "w8a8"

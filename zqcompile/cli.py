@@ -68,13 +68,21 @@ def cmd_compile(args: argparse.Namespace) -> None:
         qmodel.save(args.out, source_model=_source_of(args.model))
         bar.update()
     print(zqcompile.inspect(qmodel, code=False))
+    if qmodel.lkd_result is not None:
+        print(f"\n{qmodel.lkd_result}")
     print(f"\nsaved to {args.out}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     import zqcompile
+    from zqcompile.serialize import read_manifest
 
     print(zqcompile.inspect(zqcompile.load(args.dir), code=args.code))
+    manifest = read_manifest(args.dir)
+    if manifest.get("lkd_log"):
+        print(f"\n{manifest['lkd_log']}")
+    if manifest.get("source_model"):
+        print(f"\ncompiled from {manifest['source_model']}")
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:

@@ -341,7 +341,11 @@ def export_onnx(qmodel, example_inputs: Any = None, path: str | os.PathLike = "m
     Inputs are named like the model's (``input_ids``, ``attention_mask``, ...), outputs like its HF output
     fields (``last_hidden_state``, ``logits``, ...).
     """
-    import onnx
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter's translations are onnxscript)
+    except ImportError as err:
+        raise ZQError(f"ONNX export needs onnx and onnxscript ({err}); pip install 'zqcompile[onnx]'") from err
     from tqdm.auto import tqdm
 
     if int4 not in INT4_MODES:
@@ -369,6 +373,8 @@ def export_onnx(qmodel, example_inputs: Any = None, path: str | os.PathLike = "m
         except Exception as err:
             raise ZQError(f"ONNX translation of the compiled {qmodel.model_class} failed: "
                           f"{str(err).strip().splitlines()[0]}") from err
+        # optimize=False above: the exporter's optimizer would fold weight transposes / dequantizations into
+        # float constants; this one folds everything but nodes that read weights
         from onnxscript.optimizer import optimize_ir
         optimize_ir(onnx_program.model, should_fold=_fold_unless_weight)
         steps.update()

@@ -162,6 +162,8 @@ def save(qmodel, directory: str | os.PathLike, *, source_model: str | None = Non
         "max_seq_len": qmodel.max_seq_len, "dtype": _dtype_name(qmodel.dtype), "device": str(qmodel.device),
         "backend": qmodel.backend, "source_model": source_model,
         "recipe": _recipe_to_dict(qmodel.recipe),
+        # the distilled weights are the saved ones; its per-block log is kept for the record
+        "lkd_log": str(qmodel.lkd_result) if getattr(qmodel, "lkd_result", None) is not None else None,
         "context": {
             "plans": {name: dataclasses.asdict(plan) for name, plan in ctx.plans.items()},
             "counters": dict(ctx.counters), "passes_run": list(ctx.passes_run),

@@ -72,7 +72,7 @@ def _foldable_source(x: Node) -> tuple[str, Folds] | str | None:
 def _replace_stored(gm: GraphModule, reader: Node, old: Node, tensor: torch.Tensor) -> None:
     """Give ``reader`` a new buffer in place of the get_attr ``old`` (dropped once nothing reads it)."""
     target = f"{old.target}_smoothed"
-    set_attr_tensor(gm, target, tensor)
+    set_attr_tensor(gm, target, tensor.detach())  # a constant of the graph, like the weights it replaces
     with gm.graph.inserting_before(reader):
         new = gm.graph.get_attr(target)
     new.meta = dict(old.meta)

@@ -319,30 +319,38 @@ def _make_row_helpers(codec: str, block: int, per_thread: int, vec: int) -> tupl
     return load_row, column
 
 
+def _make_row_quantizer(column: Callable, block_max: Callable, slots: int) -> Callable:
+    """``quantize_row(scratch, absmax, vals, q, scale, i, tid)``: every kernel's epilogue, the row's INT8
+    values and scale from the values in ``vals`` and this thread's partial absmax."""
+    @cuda.jit(device=True)
+    def quantize_row(scratch, absmax, vals, q, scale, i, tid):
+        s = _row_scale(block_max(scratch, absmax))
+        for e in range(slots):
+            j = column(tid, e)
+            if j < q.shape[1]:
+                q[i, j] = _quantize_value(vals[e], s)
+        if tid == 0:
+            scale[i] = s
+    return quantize_row
+
+
 @_built
 def _quantize_kernel(x_codec: str, block: int, per_thread: int, vec: int, reduction: str):
     load_row, column = _make_row_helpers(x_codec, block, per_thread, vec)
-    block_max = _make_block_reduce(_max, block, reduction)
     scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
+    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
 
     @cuda.jit
     def kernel(x, q, scale):
         i = cuda.blockIdx.x
         tid = cuda.threadIdx.x
-        k = q.shape[1]
         scratch = cuda.shared.array(scratch_len, float32)
         vals = cuda.local.array(slots, float32)
         load_row(x, i, tid, vals)
         absmax = _ZERO
         for e in range(slots):
             absmax = max(absmax, abs(vals[e]))  # slots past the row hold 0
-        s = _row_scale(block_max(scratch, absmax))
-        for e in range(slots):
-            j = column(tid, e)
-            if j < k:
-                q[i, j] = _quantize_value(vals[e], s)
-        if tid == 0:
-            scale[i] = s
+        quantize_row(scratch, absmax, vals, q, scale, i, tid)
     return kernel
 
 
@@ -354,8 +362,8 @@ def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bo
     load_w = _CODECS[w_codec][0]
     load_b = _CODECS[b_codec][0]
     block_sum = _make_block_reduce(_add, block, reduction)
-    block_max = _make_block_reduce(_max, block, reduction)
     scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
+    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
 
     @cuda.jit
     def kernel(x, residual, weight, bias, eps, y, q, scale):
@@ -393,13 +401,7 @@ def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bo
                 store_y(y, i, j, v)
                 vals[e] = v
                 absmax = max(absmax, abs(v))
-        s = _row_scale(block_max(scratch, absmax))
-        for e in range(slots):
-            j = column(tid, e)
-            if j < k:
-                q[i, j] = _quantize_value(vals[e], s)
-        if tid == 0:
-            scale[i] = s
+        quantize_row(scratch, absmax, vals, q, scale, i, tid)
     return kernel
 
 
@@ -411,8 +413,8 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, block: int, per_th
     load_w = _CODECS[w_codec][0]
     _, round_y, store_y = _CODECS[y_codec]
     block_sum = _make_block_reduce(_add, block, reduction)
-    block_max = _make_block_reduce(_max, block, reduction)
     scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
+    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
 
     @cuda.jit
     def kernel(x, weight, eps, y, q, scale):
@@ -435,13 +437,7 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, block: int, per_th
                 store_y(y, i, j, v)
                 vals[e] = v
                 absmax = max(absmax, abs(v))
-        s = _row_scale(block_max(scratch, absmax))
-        for e in range(slots):
-            j = column(tid, e)
-            if j < k:
-                q[i, j] = _quantize_value(vals[e], s)
-        if tid == 0:
-            scale[i] = s
+        quantize_row(scratch, absmax, vals, q, scale, i, tid)
     return kernel
 
 
@@ -450,8 +446,8 @@ def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, block: int, per_threa
                  reduction: str):
     load_row, column = _make_row_helpers(x_codec, block, per_thread, vec)
     load_x, round_x, _ = _CODECS[x_codec]
-    block_max = _make_block_reduce(_max, block, reduction)
     scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
+    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
 
     @cuda.jit
     def kernel(x, bias, q, scale):
@@ -476,13 +472,7 @@ def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, block: int, per_threa
                 g = round_x(g)
                 vals[e] = g
                 absmax = max(absmax, abs(g))
-        s = _row_scale(block_max(scratch, absmax))
-        for e in range(slots):
-            j = column(tid, e)
-            if j < k:
-                q[i, j] = _quantize_value(vals[e], s)
-        if tid == 0:
-            scale[i] = s
+        quantize_row(scratch, absmax, vals, q, scale, i, tid)
     return kernel
 
 
@@ -490,8 +480,8 @@ def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, block: int, per_threa
 def _silu_mul_kernel(x_codec: str, block: int, per_thread: int, vec: int, reduction: str):
     load_row, column = _make_row_helpers(x_codec, block, per_thread, vec)
     round_x = _CODECS[x_codec][1]
-    block_max = _make_block_reduce(_max, block, reduction)
     scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
+    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
 
     @cuda.jit
     def kernel(gate, up, q, scale):
@@ -511,13 +501,7 @@ def _silu_mul_kernel(x_codec: str, block: int, per_thread: int, vec: int, reduct
                 v = round_x(silu * ups[e])
                 gates[e] = v
                 absmax = max(absmax, abs(v))
-        s = _row_scale(block_max(scratch, absmax))
-        for e in range(slots):
-            j = column(tid, e)
-            if j < k:
-                q[i, j] = _quantize_value(gates[e], s)
-        if tid == 0:
-            scale[i] = s
+        quantize_row(scratch, absmax, gates, q, scale, i, tid)
     return kernel
 
 
