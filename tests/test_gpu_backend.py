@@ -55,7 +55,7 @@ def test_graph_runner_refuses_cpu_inputs():
 
 def test_cpu_compile_keeps_the_graph_as_runner():
     qmodel = zqcompile.compile(TINY_MODELS["bert"](), "w8a8", backend="cpu")
-    assert qmodel._run is qmodel.graph_module
+    assert qmodel.runner is None  # the graph module itself runs
 
 
 # ---- GPU: the Numba kernels through the ops ------------------------------------------------------------------
@@ -179,7 +179,7 @@ _LLAMA_CUDA_CAPTURE = pytest.mark.xfail(
 ])
 def test_compiled_model_matches_reference_kernels(family, recipe):
     model, qmodel = _compile_cuda(family, recipe)
-    assert isinstance(qmodel._run, CUDAGraphRunner)
+    assert isinstance(qmodel.runner, CUDAGraphRunner)
     ids = token_batch(3, 16, seed=1).cuda()
     out = qmodel(input_ids=ids)
     with reference_kernels():
@@ -195,7 +195,7 @@ def test_compiled_model_matches_reference_kernels(family, recipe):
 @pytest.mark.gpu
 def test_graph_replay_equals_eager_and_cache_is_bounded():
     _, qmodel = _compile_cuda("bert", "w8a8")
-    runner = qmodel._run
+    runner = qmodel.runner
     runner.max_graphs = 2
     batches = [token_batch(b, s, seed=b).cuda() for b, s in ((2, 8), (3, 16), (1, 32))]
     for ids in batches + batches[:1]:
@@ -225,7 +225,7 @@ def test_graph_captured_in_inference_mode_replays_outside_it():
 @pytest.mark.gpu
 def test_cuda_graphs_off_runs_the_graph_module():
     _, qmodel = _compile_cuda("bert", "w8a8", cuda_graphs=False)
-    assert qmodel._run is qmodel.graph_module
+    assert qmodel.runner is None  # the graph module itself runs
     ids = token_batch(2, 8).cuda()
     with reference_kernels():
         ref = qmodel(input_ids=ids).last_hidden_state
