@@ -14,7 +14,8 @@ LKD runs with its defaults (self-generated text for the decoder, random token id
 ``--lkd-steps`` / ``--lkd-samples`` say otherwise. Usage::
 
     python benchmarks/accuracy.py [--tokens 1024] [--window 256] [--stride 256] [--probe-sentences 2000]
-                                  [--models smollm2,minilm] [--json FILE] [--markdown FILE]
+                                  [--models smollm2,minilm] [--configs W8A8,W8A8-smooth,...]
+                                  [--text austen_persuasion.txt] [--json FILE] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -50,12 +51,18 @@ class Row:
     notes: dict = field(default_factory=dict)
 
 
-def configurations(lkd: zqcompile.LKDConfig) -> list[tuple[str, str, zqcompile.LKDConfig | None]]:
-    configs = [("W8A8", "w8a8", None)]
-    if "w8a8-smooth" in zqcompile.PRESETS:
-        configs.append(("W8A8-smooth", "w8a8-smooth", None))
-    return configs + [("W4A8-PTQ", "w4a8", None), ("W4A8-LKD", "w4a8", lkd), ("W8A16", "w8a16", None),
-                      ("W4A16", "w4a16", None)]
+CONFIGS = ("W8A8", "W8A8-smooth", "W4A8-PTQ", "W4A8-LKD", "W8A16", "W4A16")
+
+
+def configurations(lkd: zqcompile.LKDConfig, wanted: str) -> list[tuple[str, str, zqcompile.LKDConfig | None]]:
+    """The (label, preset, LKD config) rows named in the comma-separated ``wanted``."""
+    every = [("W8A8", "w8a8", None), ("W8A8-smooth", "w8a8-smooth", None), ("W4A8-PTQ", "w4a8", None),
+             ("W4A8-LKD", "w4a8", lkd), ("W8A16", "w8a16", None), ("W4A16", "w4a16", None)]
+    names = wanted.split(",")
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
+    return [row for row in every if row[0] in names]
 
 
 def compile_row(model: torch.nn.Module, recipe: str, lkd: zqcompile.LKDConfig | None):
@@ -82,12 +89,12 @@ def lkd_notes(compiled) -> dict:
 
 def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
     model, tokenizer = load_pretrained(SMOLLM2)
-    text = (DATA / "austen_persuasion.txt").read_text()
+    text = (DATA / args.text).read_text()
     evaluate = lambda m: text_perplexity(m, tokenizer, text, args.tokens, args.window, args.stride)  # noqa: E731
     reference = evaluate(model)
     print(f"{SMOLLM2} FP32: {reference}", flush=True)
     rows, fp32_mb = [], None
-    for label, recipe, lkd_config in configurations(lkd):
+    for label, recipe, lkd_config in configurations(lkd, args.configs):
         compiled, seconds = compile_row(model, recipe, lkd_config)
         if lkd_config is not None:
             print(compiled.lkd_result, flush=True)
@@ -99,7 +106,8 @@ def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[li
         print(f"{SMOLLM2} {label}: {ppl}, {compiled.weight_memory()} ({seconds:.0f} s)", flush=True)
         del compiled
     rows.insert(0, Row(SMOLLM2, "FP32", {"ppl": reference.value, "ppl_vs_fp32": 0.0}, fp32_mb, 2.0, 0.0))
-    return rows, f"{reference.tokens_scored} tokens scored, window {reference.window}, stride {reference.stride}"
+    return rows, (f"{args.text}, {reference.tokens_scored} tokens scored, window {reference.window}, "
+                  f"stride {reference.stride}")
 
 
 def probe_sentences(count: int) -> tuple[list[str], torch.Tensor]:
@@ -125,7 +133,7 @@ def encoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[li
     reference["cosine_vs_fp32"] = 1.0
     print(f"{MINILM} FP32: {reference}", flush=True)
     rows, fp32_mb = [], None
-    for label, recipe, lkd_config in configurations(lkd):
+    for label, recipe, lkd_config in configurations(lkd, args.configs):
         compiled, seconds = compile_row(model, recipe, lkd_config)
         if lkd_config is not None:
             print(compiled.lkd_result, flush=True)
@@ -162,6 +170,8 @@ def markdown(decoder: list[Row], encoder: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="smollm2,minilm")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated rows (FP32 is always run)")
+    parser.add_argument("--text", default="austen_persuasion.txt", help="file in ../shared/data for perplexity")
     parser.add_argument("--tokens", type=int, default=1024, help="perplexity token budget (SmolLM2)")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--stride", type=int, default=256)
