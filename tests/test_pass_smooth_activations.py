@@ -6,6 +6,8 @@ and must lower the INT8 error on activations with an outlier channel, the case i
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -151,3 +153,48 @@ def test_bad_smoothing_inputs_raise_clear_errors():
         run_pipeline(captured.graph_module, SMOOTH, stop_after="smooth")
     with pytest.raises(zqcompile.ZQError, match="both smooth_alpha and LKD"):
         zqcompile.compile(module, SMOOTH, example_inputs=(torch.randn(2, 4, K),), lkd=True)
+
+
+def _tiny_hf_smoothed(make_model):
+    model = make_model()
+    captured = capture(model)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = tuple(torch.ones_like(ids) if name == "attention_mask" else torch.zeros_like(ids) if
+                   name == "token_type_ids" else ids for name in captured.input_names)
+    gm, ctx = run_pipeline(captured.graph_module, SMOOTH, stop_after="smooth", calibration_inputs=[inputs])
+    return model, gm, ctx, ids
+
+
+def test_attention_fold_with_grouped_query_heads_keeps_the_function():
+    from tests.conftest import make_tiny_llama  # 4 query heads sharing 2 KV heads
+
+    model, gm, ctx, ids = _tiny_hf_smoothed(make_tiny_llama)
+    assert ctx.counters["smooth.attention"] == 2  # one o_proj input per block
+    assert ctx.counters["smooth.rmsnorm"] == 4 and ctx.counters["smooth.swiglu"] == 2
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        torch.testing.assert_close(gm(ids, torch.ones_like(ids))[0], expected, rtol=1e-4, atol=1e-4)
+    v_proj = model.model.layers[0].self_attn.v_proj.weight.detach()
+    smoothed = next(get_attr_tensor(gm, n) for n in gm.graph.nodes
+                    if n.op == "get_attr" and "layers.0.self_attn.v_proj.weight_smoothed" in n.target)
+    ratios = (v_proj / smoothed)[:, 0]  # each V row divided by its channel's factor
+    assert not torch.allclose(ratios, torch.ones_like(ratios))
+
+
+def test_fused_qkv_attention_is_refused_with_a_reason():
+    from tests.conftest import make_tiny_gpt2  # GPT-2 splits one c_attn output into q, k and v
+
+    _, _, ctx, _ = _tiny_hf_smoothed(make_tiny_gpt2)
+    assert "smooth.attention" not in ctx.counters
+    assert any("value projection is not a linear" in reason for reason in ctx.smooth_skipped.values())
+
+
+def test_a_fold_that_changes_the_function_is_caught(monkeypatch):
+    from tests.conftest import make_tiny_llama
+    smoothing = importlib.import_module("zqcompile.passes.smooth_activations")  # the module, not the pass
+
+    # a wrong channel mapping for grouped heads (tile instead of repeat) must not pass silently
+    monkeypatch.setattr(smoothing.Source, "expand",
+                        lambda self, f: f.view(-1, self.head_dim).repeat(self.shared_by, 1).reshape(-1))
+    with pytest.raises(zqcompile.ZQError, match="smoothing changed the model's outputs"):
+        _tiny_hf_smoothed(make_tiny_llama)

@@ -214,8 +214,8 @@ def _parse_override(entry: Any, index: int) -> Override:
 _PRESETS: dict[str, dict[str, Any]] = {
     # INT8 weights everywhere, INT8 token-wise activations.
     "w8a8": {},
-    # W8A8 with SmoothQuant-style smoothing (norm and SwiGLU outputs, calibrated on random token ids); beyond the
-    # paper. alpha 0.7 was best for SmolLM2-135M on Austen (+0.50% ppl vs +2.16% plain) and on held-out WSJ.
+    # W8A8 with SmoothQuant-style smoothing (norm, SwiGLU and attention outputs, calibrated on random token ids);
+    # beyond the paper. alpha 0.7 was best for SmolLM2-135M on Austen and on held-out WSJ (ACCURACY.md).
     "w8a8-smooth": {"smooth_alpha": 0.7},
     # ZeroQuant W4/8-A8: INT4 MLP weights (groups of 64 along the input dim), INT8 attention weights.
     "w4a8": {"overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 64}]},

@@ -2,7 +2,8 @@
 
 Matches the input node of every linear planned with ``act_bits == 8``; runs the (still floating-point) graph
 on ``ctx.calibration_inputs`` and stores the absmax over all tokens, per channel, in
-``ctx.activation_absmax[node.name]``. Only ``smooth_activations`` reads these statistics: the token-wise
+``ctx.activation_absmax[node.name]``, and the graph's outputs in ``ctx.calibration_outputs`` (smoothing
+checks that it keeps them). Only ``smooth_activations`` reads these statistics: the token-wise
 activation scales stay dynamic (computed per token at run time), as ZeroQuant prescribes. Does nothing when
 the recipe's ``smooth_alpha`` is None (the default); refuses with a ZQError when smoothing is asked for but
 there are no calibration inputs.
@@ -45,6 +46,5 @@ def calibrate_activations(gm: GraphModule, ctx: CompileContext) -> PassResult:
     watched = {n.args[0].name for n in linear_nodes(gm) if n.meta[META_PLAN].act_bits == 8}
     interpreter = _ChannelAbsmax(gm, watched, ctx.activation_absmax)
     with torch.no_grad():
-        for inputs in ctx.calibration_inputs:
-            interpreter.run(*inputs)
+        ctx.calibration_outputs = [interpreter.run(*inputs) for inputs in ctx.calibration_inputs]
     return PassResult(gm, False, {"calibrate_activations": len(ctx.activation_absmax)})

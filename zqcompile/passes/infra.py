@@ -47,6 +47,7 @@ class CompileContext:
     passes_run: list[str] = field(default_factory=list)
     # graph inputs to run for activation statistics (only when the recipe smooths), and what they gave
     calibration_inputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    calibration_outputs: list = field(default_factory=list)  # the FP graph's outputs on them
     activation_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     # why an activation was not smoothed, keyed by the node's name
     smooth_skipped: dict[str, str] = field(default_factory=dict)

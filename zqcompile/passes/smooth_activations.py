@@ -1,72 +1,159 @@
-"""smooth_activations: move per-channel activation outliers from a norm's output into the linears reading it.
+"""smooth_activations: move per-channel activation outliers into the weights around them (SmoothQuant).
 
-SmoothQuant (Xiao et al., 2023) on top of ZeroQuant. Token-wise INT8 quantization of a LayerNorm/RMSNorm
-output loses precision when a few channels are far larger than the rest, as in every block of Llama-family
-models. Dividing the norm's scale (and bias) by a per-channel factor ``s`` and multiplying the readers' weight
+SmoothQuant (Xiao et al., 2023) on top of ZeroQuant. Token-wise INT8 quantization of an activation loses
+precision when a few channels are far larger than the rest, as in every block of Llama-family models.
+Dividing the producer of those channels by a per-channel factor ``s`` and multiplying the readers' weight
 columns by ``s`` computes the same function in floating point, while the quantized activation gets flatter
 channels; ``s_j = absmax(x_j)**alpha / max_i |W_ij|**(1 - alpha)`` balances the two (alpha = recipe
 ``smooth_alpha``). The weights are quantized afterwards, so their scales see the smoothed values.
 
 Matches an activation ``x`` that only act-quantized linears (plan ``act_bits == 8``) with stored weights read,
-where ``x`` is ``layer_norm(h, w, b)`` with a stored ``w``, Llama's RMSNorm ``w * normed``, or SwiGLU's
-``silu(gate) * up`` with ``up`` a linear read only there (its weight rows take the division; the fusion
-pass's matchers find all three), and ``ctx.activation_absmax`` holds its per-channel absmax (from ``calibrate_activations``).
-Emits new buffers for the norm's weight/bias and for each linear's weight; an original stays while anything
-else reads it (a tied embedding). Refuses, recording why in ``ctx.smooth_skipped``, when ``x`` has another
-reader (post-LN BERT feeds its LayerNorm output to the residual too, which folding would change) or the norm
-has no stored scale. Does nothing when ``smooth_alpha`` is None (the default, plain ZeroQuant).
+with ``ctx.activation_absmax`` holding its per-channel absmax (from ``calibrate_activations``), produced by
+
+- ``layer_norm(h, w, b)`` with a stored ``w`` (``b`` divided too), or Llama's RMSNorm ``w * normed``;
+- SwiGLU's ``silu(gate) * up`` with ``up`` a linear read only there (its weight rows and bias divided);
+- attention: ``scaled_dot_product_attention(q, k, v)`` through movement ops (view, transpose, ...), with
+  ``v`` a linear read only there through movement ops (its rows divided: the output of attention is a
+  mix of V's rows, per head). With grouped-query attention several heads share a KV head, so their
+  channels share one factor (the max over the group).
+
+Emits new buffers for the divided tensors and for each reader's weight; an original stays while anything
+else reads it (a tied embedding). After folding, the graph is run on the calibration inputs and must give
+the outputs it gave before (a ZQError otherwise: that would be a bug in a rule). Refuses, recording why in
+``ctx.smooth_skipped``, when ``x`` has another reader (post-LN BERT feeds its LayerNorm output to the
+residual too, which folding would change) or its producer matches no rule. Does nothing when
+``smooth_alpha`` is None (the default, plain ZeroQuant).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.fx import GraphModule, Node
 
+from zqcompile.errors import ZQError
 from zqcompile.passes.fuse_quant_into_elementwise import Fusion, _layer_norm_parts, rmsnorm, silu_mul
 from zqcompile.passes.infra import (
     META_PLAN, CompileContext, PassResult, drop_if_unused, get_attr_tensor, is_op, set_attr_tensor,
 )
 
-LINEAR = torch.ops.aten.linear.default
+aten = torch.ops.aten
+LINEAR = aten.linear.default
+SDPA = aten.scaled_dot_product_attention.default
+# ops that move channels around without mixing them (a full slice included: see _is_movement)
+MOVEMENT = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+            aten.permute.default, aten.clone.default, aten.contiguous.default, aten.unsqueeze.default,
+            aten.expand.default, aten.slice.Tensor)
+FULL_SLICE_END = 2 ** 62
+
+
+@dataclass(frozen=True)
+class Source:
+    """How ``x`` is produced: dividing the output channels (first dim) of each ``(reader, stored tensor)`` in
+    ``folds`` divides x's channels. x's channels are ``[groups, shared_by, head_dim]`` where the folds' are
+    ``[groups, head_dim]`` (``shared_by`` > 1: query heads sharing a KV head)."""
+
+    kind: str
+    folds: list[tuple[Node, Node]]
+    shared_by: int = 1
+    head_dim: int = 1
+
+    def reduce(self, per_x_channel: torch.Tensor) -> torch.Tensor:
+        """x's channels -> the folds' channels (max over the heads sharing one)."""
+        return per_x_channel.view(-1, self.shared_by, self.head_dim).amax(1).reshape(-1)
+
+    def expand(self, per_fold_channel: torch.Tensor) -> torch.Tensor:
+        """The folds' channels -> x's channels."""
+        grouped = per_fold_channel.view(-1, 1, self.head_dim)
+        return grouped.expand(-1, self.shared_by, self.head_dim).reshape(-1)
 
 
 def _stored(node: object) -> Node | None:
     return node if isinstance(node, Node) and node.op == "get_attr" else None
 
 
-# (reader, stored tensor it reads): the tensor's output channels (its last dim for a norm's [K] scale and
-# bias, its rows for a linear's [K, in] weight) get divided by the smoothing factors.
-Folds = list[tuple[Node, Node]]
+def _is_movement(node: object) -> bool:
+    if not is_op(node, *MOVEMENT):
+        return False
+    if node.target is aten.slice.Tensor:  # only a slice that keeps everything moves nothing out
+        start, end, step = list(node.args[2:]) + [None, None, 1][len(node.args) - 2:]
+        return start in (0, None) and (end is None or end >= FULL_SLICE_END) and step == 1
+    return True
 
 
-def _silu_mul_up(x: Node) -> tuple[str, Folds] | str | None:
-    """SwiGLU ``silu(gate) * up``: dividing up_proj's output rows divides x (exactly, silu is not touched)."""
-    fusion = silu_mul(x)
-    if not isinstance(fusion, Fusion):
-        return fusion
-    up = fusion.args[1]
-    if not is_op(up, LINEAR) or _stored(up.args[1]) is None or len(up.users) != 1:
-        return "the SwiGLU's up projection is not a linear with a stored weight read only there"
-    bias = up.args[2] if len(up.args) > 2 else None
-    if bias is not None and _stored(bias) is None:
-        return "the up projection's bias is computed at run time"
-    return "swiglu", [(up, up.args[1])] + ([(up, bias)] if bias is not None else [])
+def _through_movement(node: object) -> object:
+    """The producer above a chain of movement ops, each the only reader of its input (else None: folding
+    into the producer would change its other readers)."""
+    while _is_movement(node):
+        if len(node.args[0].users) != 1:
+            return None
+        node = node.args[0]
+    return node
 
 
-def _foldable_source(x: Node) -> tuple[str, Folds] | str | None:
-    """(kind, the stored tensors to divide), a reason x cannot be smoothed, or None if no rule knows x."""
+def _layernorm_or_rmsnorm(x: Node) -> Source | str | None:
     parts = _layer_norm_parts(x)
     if isinstance(parts, tuple):
         _, (weight, bias, _) = parts
         if _stored(weight) is None or (bias is not None and _stored(bias) is None):
             return "the LayerNorm has no stored affine weight to fold the smoothing into"
-        return "layernorm", [(x, weight)] + ([(x, bias)] if bias is not None else [])
+        return Source("layernorm", [(x, weight)] + ([(x, bias)] if bias is not None else []))
     if isinstance(parts, str):
         return parts
     fusion = rmsnorm(x)
-    if isinstance(fusion, Fusion):
-        return "rmsnorm", [(x, fusion.args[1])]  # x = weight * normed
-    return fusion or _silu_mul_up(x)
+    return Source("rmsnorm", [(x, fusion.args[1])]) if isinstance(fusion, Fusion) else fusion  # x = w * normed
+
+
+def _linear_rows(linear: object, what: str) -> list[tuple[Node, Node]] | str:
+    """The (reader, stored tensor) folds that divide a linear's output channels."""
+    if not is_op(linear, LINEAR) or _stored(linear.args[1]) is None or len(linear.users) != 1:
+        return f"the {what} is not a linear with a stored weight read only there"
+    bias = linear.args[2] if len(linear.args) > 2 else None
+    if bias is not None and _stored(bias) is None:
+        return f"the {what}'s bias is computed at run time"
+    return [(linear, linear.args[1])] + ([(linear, bias)] if bias is not None else [])
+
+
+def _swiglu(x: Node) -> Source | str | None:
+    """``silu(gate) * up``: dividing up_proj's output rows divides x exactly (silu is not touched)."""
+    fusion = silu_mul(x)
+    if not isinstance(fusion, Fusion):
+        return fusion
+    folds = _linear_rows(fusion.args[1], "SwiGLU's up projection")
+    return Source("swiglu", folds) if isinstance(folds, list) else folds
+
+
+def _attention(x: Node) -> Source | str | None:
+    """The attention output: its channels are V's channels (head-major), each head a mix of V's rows."""
+    sdpa = _through_movement(x)
+    if not is_op(sdpa, SDPA):
+        return None
+    if len(sdpa.users) != 1 or x.meta.get("val") is None or sdpa.args[2].meta.get("val") is None:
+        return "the attention output is read elsewhere or has no shape"
+    value = _through_movement(sdpa.args[2])
+    folds = _linear_rows(value, "attention's value projection")
+    if not isinstance(folds, list):
+        return folds
+    head_dim = sdpa.args[2].meta["val"].shape[-1]
+    channels, v_channels = x.meta["val"].shape[-1], value.meta["val"].shape[-1]
+    if channels % head_dim or v_channels % head_dim or channels % v_channels:
+        return f"attention channels {channels} / value channels {v_channels} do not split into heads of {head_dim}"
+    return Source("attention", folds, shared_by=channels // v_channels, head_dim=int(head_dim))
+
+
+RULES = (_layernorm_or_rmsnorm, _swiglu, _attention)
+
+
+def _source(x: Node) -> Source | str:
+    reasons = []
+    for rule in RULES:
+        outcome = rule(x)
+        if isinstance(outcome, Source):
+            return outcome
+        if outcome:
+            reasons.append(outcome)
+    return "; ".join(reasons) or f"it comes from {x.target}, which no smoothing rule covers"
 
 
 def _replace_stored(gm: GraphModule, reader: Node, old: Node, tensor: torch.Tensor) -> None:
@@ -80,11 +167,38 @@ def _replace_stored(gm: GraphModule, reader: Node, old: Node, tensor: torch.Tens
     drop_if_unused(gm, old)
 
 
-def smoothing_factors(absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """Per-input-channel factors s = absmax**alpha / wmax**(1-alpha); 1 where a channel is all zero."""
-    w_max = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0)
+def smoothing_factors(absmax: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-channel factors s = absmax**alpha / w_max**(1-alpha); 1 where a channel is all zero."""
     factors = absmax.clamp_min(1e-5) ** alpha / w_max.clamp_min(1e-5) ** (1 - alpha)
     return torch.where((absmax > 0) & (w_max > 0), factors, torch.ones_like(factors))
+
+
+def _fold(gm: GraphModule, x: Node, readers: list[Node], source: Source, alpha: float,
+          absmax: torch.Tensor) -> None:
+    w_max = torch.stack([get_attr_tensor(gm, r.args[1]).detach().abs().amax(0).float() for r in readers]).amax(0)
+    factors = smoothing_factors(source.reduce(absmax), source.reduce(w_max), alpha)
+    for reader, param in source.folds:
+        value = get_attr_tensor(gm, param)
+        per_channel = factors.reshape(-1, *([1] * (value.dim() - 1)))  # output channels are the first dim
+        _replace_stored(gm, reader, param, (value.float() / per_channel).to(value.dtype))
+    for reader in readers:
+        weight = get_attr_tensor(gm, reader.args[1])
+        _replace_stored(gm, reader, reader.args[1], (weight.float() * source.expand(factors)).to(weight.dtype))
+
+
+def _check_same_function(gm: GraphModule, ctx: CompileContext) -> None:
+    """Smoothing is exact in floating point: the graph must still give its calibration outputs."""
+    with torch.no_grad():
+        for inputs, expected in zip(ctx.calibration_inputs, ctx.calibration_outputs):
+            got = gm(*inputs)
+            for a, b in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+                if not (isinstance(a, torch.Tensor) and a.is_floating_point()):
+                    continue
+                tolerance = 1e-3 if a.dtype == torch.float32 else 3e-2
+                error = (a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-6)
+                if error > tolerance:
+                    raise ZQError(f"smoothing changed the model's outputs (max relative difference {error:.2e}); "
+                                  f"this is a zqcompile bug, please report it; set smooth_alpha: null meanwhile")
 
 
 def smooth_activations(gm: GraphModule, ctx: CompileContext) -> PassResult:
@@ -99,19 +213,13 @@ def smooth_activations(gm: GraphModule, ctx: CompileContext) -> PassResult:
             ctx.smooth_skipped[x.name] = (f"its output is also read by non-quantized nodes "
                                           f"{[r.name for r in readers if not is_op(r, LINEAR)]}")
             continue
-        source = _foldable_source(x)
-        if not isinstance(source, tuple):
-            ctx.smooth_skipped[x.name] = source or f"it comes from {x.target}, not a LayerNorm, RMSNorm or SwiGLU"
+        source = _source(x)
+        if isinstance(source, str):
+            ctx.smooth_skipped[x.name] = source
             continue
-        kind, folds = source
-        factors = smoothing_factors(ctx.activation_absmax[x.name],
-                                    [get_attr_tensor(gm, r.args[1]) for r in readers], alpha)
-        for reader, param in folds:
-            value = get_attr_tensor(gm, param)
-            per_channel = factors.reshape(-1, *([1] * (value.dim() - 1)))  # channels are the first dim
-            _replace_stored(gm, reader, param, (value.float() / per_channel).to(value.dtype))
-        for reader in readers:
-            weight = get_attr_tensor(gm, reader.args[1])
-            _replace_stored(gm, reader, reader.args[1], (weight.float() * factors).to(weight.dtype))
-        counts[f"smooth.{kind}"] = counts.get(f"smooth.{kind}", 0) + 1
+        _fold(gm, x, readers, source, alpha, ctx.activation_absmax[x.name])
+        counts[f"smooth.{source.kind}"] = counts.get(f"smooth.{source.kind}", 0) + 1
+    if counts:
+        gm.recompile()
+        _check_same_function(gm, ctx)
     return PassResult(gm, bool(counts), counts)
