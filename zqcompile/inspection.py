@@ -94,6 +94,8 @@ def inspect(qmodel: "QuantizedModel", code: bool = True) -> str:
         f"pass counters: {counters}",
         f"weights: {qmodel.weight_memory()}",
     ]
+    if ctx.smooth_skipped:  # only when the recipe smooths: which activations kept their outliers, and why
+        parts.append("not smoothed:\n" + "\n".join(f"  {name}: {why}" for name, why in ctx.smooth_skipped.items()))
     if code:
         parts += ["graph:", qmodel.graph_module.code]
     return "\n\n".join(parts)

@@ -168,7 +168,6 @@ def save(qmodel, directory: str | os.PathLike, *, source_model: str | None = Non
             "plans": {name: dataclasses.asdict(plan) for name, plan in ctx.plans.items()},
             "counters": dict(ctx.counters), "passes_run": list(ctx.passes_run),
             "unfused_reasons": by_index(ctx.unfused_reasons),
-            "smooth_skipped": by_index(getattr(ctx, "smooth_skipped", {})),
         },
         "nodes": [{"target": str(n.target),
                    "meta": {k: _encode_meta(v) for k, v in n.meta.items()
@@ -283,8 +282,6 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
     ctx.counters.update(saved_ctx["counters"])
     ctx.passes_run = list(saved_ctx["passes_run"])
     ctx.unfused_reasons = {nodes[int(i)].name: why for i, why in saved_ctx["unfused_reasons"].items()}
-    if hasattr(ctx, "smooth_skipped"):
-        ctx.smooth_skipped = {nodes[int(i)].name: why for i, why in saved_ctx.get("smooth_skipped", {}).items()}
 
     examples = tuple(weights[f"{EXAMPLE_PREFIX}{i}"] for i in range(sum(k.startswith(EXAMPLE_PREFIX) for k in weights)))
     input_names = manifest["input_names"]
