@@ -125,12 +125,25 @@ def test_rmsnorm_and_swiglu_folds_keep_the_function():
         torch.testing.assert_close(gm(test_input).double(), module(test_input).double(), rtol=1e-4, atol=1e-5)
 
 
-def test_post_norm_residual_is_refused_with_a_reason():
+def test_post_norm_residual_gets_the_unsmoothed_value_back():
+    torch.manual_seed(0)
     module = PostNormResidual().eval()
     calibration = torch.randn(2, 4, K)
     gm, ctx = _smoothed_graph(module, SMOOTH, calibration)
+    assert ctx.counters["smooth.layernorm"] == 1 and ctx.counters["smooth.residual_restored"] == 1
+    # the residual add now reads norm * s, the linear the smoothed norm itself
+    add = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.add.Tensor)
+    assert any(isinstance(a, torch.fx.Node) and a.target is torch.ops.aten.mul.Tensor for a in add.args)
+    test_input = torch.randn(3, 4, K)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(test_input).double(), module(test_input).double(), rtol=1e-4, atol=1e-5)
+
+
+def test_activation_without_a_rule_is_left_alone_with_a_reason():
+    module = nn.Sequential(nn.Linear(K, K), nn.GELU(), nn.Linear(K, K)).eval()
+    gm, ctx = _smoothed_graph(module, SMOOTH, torch.randn(2, K))
     assert not any(key.startswith("smooth.") for key in ctx.counters)
-    assert any("also read by non-quantized nodes" in reason for reason in ctx.smooth_skipped.values())
+    assert any("no smoothing rule covers" in reason for reason in ctx.smooth_skipped.values())
     assert not any("smoothed" in str(n.target) for n in gm.graph.nodes if n.op == "get_attr")
 
 

@@ -7,8 +7,8 @@ columns by ``s`` computes the same function in floating point, while the quantiz
 channels; ``s_j = absmax(x_j)**alpha / max_i |W_ij|**(1 - alpha)`` balances the two (alpha = recipe
 ``smooth_alpha``). The weights are quantized afterwards, so their scales see the smoothed values.
 
-Matches an activation ``x`` that only act-quantized linears (plan ``act_bits == 8``) with stored weights read,
-with ``ctx.activation_absmax`` holding its per-channel absmax (from ``calibrate_activations``), produced by
+Matches an activation ``x`` read by act-quantized linears (plan ``act_bits == 8``) with stored weights, with
+``ctx.activation_absmax`` holding its per-channel absmax (from ``calibrate_activations``), produced by
 
 - ``layer_norm(h, w, b)`` with a stored ``w`` (``b`` divided too), or Llama's RMSNorm ``w * normed``;
 - SwiGLU's ``silu(gate) * up`` with ``up`` a linear read only there (its weight rows and bias divided);
@@ -18,11 +18,12 @@ with ``ctx.activation_absmax`` holding its per-channel absmax (from ``calibrate_
   channels share one factor (the max over the group).
 
 Emits new buffers for the divided tensors and for each reader's weight; an original stays while anything
-else reads it (a tied embedding). After folding, the graph is run on the calibration inputs and must give
-the outputs it gave before (a ZQError otherwise: that would be a bug in a rule). Refuses, recording why in
-``ctx.smooth_skipped``, when ``x`` has another reader (post-LN BERT feeds its LayerNorm output to the
-residual too, which folding would change) or its producer matches no rule. Does nothing when
-``smooth_alpha`` is None (the default, plain ZeroQuant).
+else reads it (a tied embedding). Other readers of a smoothed norm (post-LN BERT's residual) read
+``x * s`` instead, one elementwise multiply that restores their value. After folding, the graph is run on
+the calibration inputs and must give the outputs it gave before (a ZQError otherwise: that would be a bug
+in a rule). Refuses, recording why in ``ctx.smooth_skipped``, when the producer matches no rule, or when a
+SwiGLU or attention output has other readers. Does nothing when ``smooth_alpha`` is None (the default,
+plain ZeroQuant).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ MOVEMENT = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, 
             aten.permute.default, aten.clone.default, aten.contiguous.default, aten.unsqueeze.default,
             aten.expand.default, aten.slice.Tensor)
 FULL_SLICE_END = 2 ** 62
+NORMS = ("layernorm", "rmsnorm")  # producers whose other readers can get the unsmoothed value back
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,9 @@ def smoothing_factors(absmax: torch.Tensor, w_max: torch.Tensor, alpha: float) -
 
 
 def _fold(gm: GraphModule, x: Node, readers: list[Node], source: Source, alpha: float,
-          absmax: torch.Tensor) -> None:
+          absmax: torch.Tensor) -> torch.Tensor:
+    """Divide x's producer by the factors and multiply the readers' weight columns by them; returns the
+    factors per channel of x."""
     w_max = torch.stack([get_attr_tensor(gm, r.args[1]).detach().abs().amax(0).float() for r in readers]).amax(0)
     factors = smoothing_factors(source.reduce(absmax), source.reduce(w_max), alpha)
     for reader, param in source.folds:
@@ -184,6 +188,21 @@ def _fold(gm: GraphModule, x: Node, readers: list[Node], source: Source, alpha: 
     for reader in readers:
         weight = get_attr_tensor(gm, reader.args[1])
         _replace_stored(gm, reader, reader.args[1], (weight.float() * source.expand(factors)).to(weight.dtype))
+    return source.expand(factors)
+
+
+def _restore_for(gm: GraphModule, x: Node, others: list[Node], factors: torch.Tensor) -> None:
+    """Give the non-linear readers of a smoothed norm (post-LN BERT's residual) ``x * s``: the value they read
+    before. Costs one elementwise multiply, which only ``smooth_alpha`` recipes pay."""
+    target = f"{x.name}_smoothing_factors"
+    set_attr_tensor(gm, target, factors.to(x.meta["val"].dtype))
+    with gm.graph.inserting_after(x):
+        stored = gm.graph.get_attr(target)
+    with gm.graph.inserting_after(stored):
+        restored = gm.graph.call_function(aten.mul.Tensor, (x, stored))
+    restored.meta["val"] = x.meta["val"]
+    for reader in others:
+        reader.replace_input_with(x, restored)
 
 
 def _check_same_function(gm: GraphModule, ctx: CompileContext) -> None:
@@ -207,17 +226,20 @@ def smooth_activations(gm: GraphModule, ctx: CompileContext) -> PassResult:
         return PassResult(gm, False)
     counts: dict[str, int] = {}
     for x in [n for n in gm.graph.nodes if n.name in ctx.activation_absmax]:
-        readers = list(x.users)
-        if not all(is_op(r, LINEAR) and r.args[0] is x and r.meta[META_PLAN].act_bits == 8
-                   and _stored(r.args[1]) is not None for r in readers):
-            ctx.smooth_skipped[x.name] = (f"its output is also read by non-quantized nodes "
-                                          f"{[r.name for r in readers if not is_op(r, LINEAR)]}")
-            continue
+        readers = [r for r in x.users if is_op(r, LINEAR) and r.args[0] is x and r.meta[META_PLAN].act_bits == 8
+                   and _stored(r.args[1]) is not None]
+        others = [r for r in x.users if r not in readers]
         source = _source(x)
         if isinstance(source, str):
             ctx.smooth_skipped[x.name] = source
             continue
-        _fold(gm, x, readers, source, alpha, ctx.activation_absmax[x.name])
+        if others and source.kind not in NORMS:
+            ctx.smooth_skipped[x.name] = f"its output is also read by {[r.name for r in others]}"
+            continue
+        factors = _fold(gm, x, readers, source, alpha, ctx.activation_absmax[x.name])
+        if others:
+            _restore_for(gm, x, others, factors)
+            counts["smooth.residual_restored"] = counts.get("smooth.residual_restored", 0) + 1
         counts[f"smooth.{source.kind}"] = counts.get(f"smooth.{source.kind}", 0) + 1
     if counts:
         gm.recompile()
