@@ -27,6 +27,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -71,11 +72,6 @@ def compile_row(model: torch.nn.Module, recipe: str, lkd: zqcompile.LKDConfig | 
     return compiled, time.perf_counter() - started
 
 
-def memory_columns(compiled) -> tuple[float, float]:
-    memory = compiled.weight_memory()
-    return memory.quantized_after / MB, memory.ratio_vs_fp16
-
-
 def lkd_notes(compiled) -> dict:
     result = compiled.lkd_result
     if result is None or not result.blocks:
@@ -87,27 +83,38 @@ def lkd_notes(compiled) -> dict:
             "lkd_block_mse_ratio_max": round(max(ratios), 3)}
 
 
-def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
-    model, tokenizer = load_pretrained(SMOLLM2)
-    text = (DATA / args.text).read_text()
-    evaluate = lambda m: text_perplexity(m, tokenizer, text, args.tokens, args.window, args.stride)  # noqa: E731
-    reference = evaluate(model)
-    print(f"{SMOLLM2} FP32: {reference}", flush=True)
-    rows, fp32_mb = [], None
+def recipe_rows(name: str, model: torch.nn.Module, reference: dict[str, float],
+                metrics_of: Callable[[Any], dict[str, float]], args: argparse.Namespace,
+                lkd: zqcompile.LKDConfig) -> list[Row]:
+    """The FP32 row (``reference``) and one row per configuration, scored by ``metrics_of(compiled)``."""
+    print(f"{name} FP32: {reference}", flush=True)
+    rows, fp32_mb = [], float("nan")
     for label, recipe, lkd_config in configurations(lkd, args.configs):
         compiled, seconds = compile_row(model, recipe, lkd_config)
         if lkd_config is not None:
             print(compiled.lkd_result, flush=True)
-        ppl = evaluate(compiled)
-        weight_mb, ratio = memory_columns(compiled)
-        fp32_mb = fp32_mb or compiled.weight_memory().quantized_before / MB
-        rows.append(Row(SMOLLM2, label, {"ppl": ppl.value, "ppl_vs_fp32": ppl.value / reference.value - 1},
-                        weight_mb, ratio, seconds, lkd_notes(compiled)))
-        print(f"{SMOLLM2} {label}: {ppl}, {compiled.weight_memory()} ({seconds:.0f} s)", flush=True)
+        metrics = metrics_of(compiled)
+        memory = compiled.weight_memory()
+        rows.append(Row(name, label, metrics, memory.quantized_after / MB, memory.ratio_vs_fp16, seconds,
+                        lkd_notes(compiled)))
+        print(f"{name} {label}: {metrics}, {memory} ({seconds:.0f} s)", flush=True)
+        fp32_mb = memory.quantized_before / MB
         del compiled
-    rows.insert(0, Row(SMOLLM2, "FP32", {"ppl": reference.value, "ppl_vs_fp32": 0.0}, fp32_mb, 2.0, 0.0))
-    return rows, (f"{args.text}, {reference.tokens_scored} tokens scored, window {reference.window}, "
-                  f"stride {reference.stride}")
+    return [Row(name, "FP32", reference, fp32_mb, 2.0, 0.0)] + rows
+
+
+def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
+    model, tokenizer = load_pretrained(SMOLLM2)
+    text = (DATA / args.text).read_text()
+    evaluate = lambda m: text_perplexity(m, tokenizer, text, args.tokens, args.window, args.stride)  # noqa: E731
+    fp = evaluate(model)
+
+    def metrics_of(compiled) -> dict[str, float]:
+        ppl = evaluate(compiled).value
+        return {"ppl": ppl, "ppl_vs_fp32": ppl / fp.value - 1}
+
+    rows = recipe_rows(SMOLLM2, model, {"ppl": fp.value, "ppl_vs_fp32": 0.0}, metrics_of, args, lkd)
+    return rows, f"{args.text}, {fp.tokens_scored} tokens scored, window {fp.window}, stride {fp.stride}"
 
 
 def probe_sentences(count: int) -> tuple[list[str], torch.Tensor]:
@@ -131,19 +138,13 @@ def encoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[li
 
     reference, ref_docs, ref_sents = scores(model)
     reference["cosine_vs_fp32"] = 1.0
-    print(f"{MINILM} FP32: {reference}", flush=True)
-    rows, fp32_mb = [], None
-    for label, recipe, lkd_config in configurations(lkd, args.configs):
-        compiled, seconds = compile_row(model, recipe, lkd_config)
-        if lkd_config is not None:
-            print(compiled.lkd_result, flush=True)
+
+    def metrics_of(compiled) -> dict[str, float]:
         metrics, docs, sents = scores(compiled)
         metrics["cosine_vs_fp32"] = mean_cosine(torch.cat([docs, sents]), torch.cat([ref_docs, ref_sents]))
-        weight_mb, ratio = memory_columns(compiled)
-        fp32_mb = fp32_mb or compiled.weight_memory().quantized_before / MB
-        rows.append(Row(MINILM, label, metrics, weight_mb, ratio, seconds, lkd_notes(compiled)))
-        print(f"{MINILM} {label}: {metrics}, {compiled.weight_memory()} ({seconds:.0f} s)", flush=True)
-    rows.insert(0, Row(MINILM, "FP32", reference, fp32_mb, 2.0, 0.0))
+        return metrics
+
+    rows = recipe_rows(MINILM, model, reference, metrics_of, args, lkd)
     setting = (f"Lee-50: {len(documents)} documents (max 256 tokens), {len(documents) * (len(documents) - 1) // 2} "
                f"pairs; probe: {half} train / {len(sentences) - half} test sentences of rt_polarity (seed 0 shuffle), "
                f"L2-regularised logistic regression (L-BFGS); cosine over {len(documents) + len(sentences)} texts")

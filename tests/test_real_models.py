@@ -11,6 +11,7 @@ Measured here (torch 2.13 CPU), asserted with a small margin and printed (run wi
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -29,27 +30,23 @@ MINILM_BOUNDS = {"w8a8": (0.989, 0.995, 0.992, 0.995), "w8a8-smooth": (0.996, 0.
 SMOLLM2_MAX_RATIO = {"w8a8": 1.04, "w8a8-smooth": 1.012}
 
 
-@pytest.fixture(scope="session")
-def minilm_fp():
-    return load_pretrained("all-MiniLM-L6-v2")
+_load_once = functools.lru_cache(maxsize=None)(load_pretrained)  # each real model loads once per session
 
 
-@pytest.fixture(scope="session", params=RECIPES)
-def minilm(request, minilm_fp):
+def _compiled(name: str, recipe: str):
     """(FP32 model, compiled model, tokenizer, recipe name)."""
-    model, tokenizer = minilm_fp
-    return model, zqcompile.compile(model, request.param), tokenizer, request.param
-
-
-@pytest.fixture(scope="session")
-def smollm2_fp():
-    return load_pretrained("SmolLM2-135M-Instruct")
+    model, tokenizer = _load_once(name)
+    return model, zqcompile.compile(model, recipe), tokenizer, recipe
 
 
 @pytest.fixture(scope="session", params=RECIPES)
-def smollm2(request, smollm2_fp):
-    model, tokenizer = smollm2_fp
-    return model, zqcompile.compile(model, request.param), tokenizer, request.param
+def minilm(request):
+    return _compiled("all-MiniLM-L6-v2", request.param)
+
+
+@pytest.fixture(scope="session", params=RECIPES)
+def smollm2(request):
+    return _compiled("SmolLM2-135M-Instruct", request.param)
 
 
 @pytest.fixture(scope="session")
