@@ -58,6 +58,7 @@ from torch.nn.utils import parametrize
 
 from zqcompile.capture import WRAPPER_PREFIX, is_hf_model, max_positions
 from zqcompile.errors import ZQError
+from zqcompile.passes.infra import attr_tensor, replace_attr_tensor
 from zqcompile.passes.annotate_roles import role_of
 from zqcompile.quant import dequantize_weight_values, quantize_rows, quantize_weight
 from zqcompile.recipe import LinearPlan, LinearSite, Recipe
@@ -553,16 +554,12 @@ def apply_to_graph_module(gm: torch.fx.GraphModule, weights: Mapping[str, torch.
     """Replace the captured graph's parameters by the distilled ones (new tensors: the user's model is untouched)."""
     for name, tensor in weights.items():
         target = WRAPPER_PREFIX + name
-        owner_name, _, leaf = target.rpartition(".")
         try:
-            owner = gm.get_submodule(owner_name)
+            old = attr_tensor(gm, target)
         except AttributeError:
-            owner = None
-        if owner is None or not hasattr(owner, leaf):
             raise ZQError(f"LKD distilled {name!r} but the captured graph has no attribute {target!r}; was the "
-                          f"model changed between capture and distillation?")
-        old = getattr(owner, leaf)
+                          f"model changed between capture and distillation?") from None
         if old.shape != tensor.shape:
             raise ZQError(f"LKD tensor for {name!r} has shape {tuple(tensor.shape)}, the graph's has "
                           f"{tuple(old.shape)}")
-        setattr(owner, leaf, nn.Parameter(tensor, requires_grad=False))
+        replace_attr_tensor(gm, target, tensor)

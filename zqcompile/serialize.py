@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 
 from zqcompile.capture import Captured
 from zqcompile.errors import ZQError
-from zqcompile.passes.infra import CompileContext
+from zqcompile.passes.infra import CompileContext, replace_attr_tensor
 from zqcompile.recipe import LinearPlan, Override, Recipe
 
 FORMAT = "zqcompile-quantized-model"
@@ -222,14 +222,6 @@ def _verified(directory: Path, manifest: dict[str, Any], name: str) -> Path:
     return path
 
 
-def _set_tensor(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
-    owner_name, _, leaf = target.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    if isinstance(getattr(owner, leaf, None), torch.nn.Parameter):
-        tensor = torch.nn.Parameter(tensor, requires_grad=False)
-    setattr(owner, leaf, tensor)
-
-
 def load(directory: str | os.PathLike, *, device: str | torch.device | None = None):
     """Load a model written by ``qmodel.save(directory)``; it runs without the original FP model.
 
@@ -265,7 +257,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
         raise ZQError(f"{weights_path} does not hold the tensors {GRAPH} needs; the directory mixes files of "
                       f"different models: save the model again")
     for name, tensor in graph_weights.items():
-        _set_tensor(gm, name, tensor)
+        replace_attr_tensor(gm, name, tensor)
 
     nodes = _tracked_nodes(gm)
     saved_nodes = manifest["nodes"]

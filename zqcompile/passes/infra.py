@@ -80,9 +80,14 @@ def run_passes(gm: GraphModule, ctx: CompileContext, passes: Iterable[PassFn],
 
 # ---- small graph helpers shared by the passes -------------------------------------------------------
 
-def attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
+def attr_owner(gm: GraphModule, target: str) -> tuple[torch.nn.Module, str]:
+    """(the submodule that holds dotted ``target``, the attribute name within it)."""
     owner, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+    return (gm.get_submodule(owner) if owner else gm), leaf
+
+
+def attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
+    return getattr(*attr_owner(gm, target))
 
 
 def get_attr_tensor(gm: GraphModule, node: Node) -> torch.Tensor:
@@ -91,9 +96,16 @@ def get_attr_tensor(gm: GraphModule, node: Node) -> torch.Tensor:
 
 def set_attr_tensor(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
     """Register ``tensor`` as a buffer at dotted ``target`` (creating nothing but the leaf)."""
-    owner, _, leaf = target.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
+    module, leaf = attr_owner(gm, target)
     module.register_buffer(leaf, tensor)
+
+
+def replace_attr_tensor(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` at the existing dotted ``target``; a parameter stays a (frozen) parameter."""
+    module, leaf = attr_owner(gm, target)
+    if isinstance(getattr(module, leaf), torch.nn.Parameter):
+        tensor = torch.nn.Parameter(tensor, requires_grad=False)
+    setattr(module, leaf, tensor)
 
 
 def drop_if_unused(gm: GraphModule, get_attr: Node) -> None:
@@ -107,8 +119,7 @@ def drop_if_unused(gm: GraphModule, get_attr: Node) -> None:
 
 def delete_attr(gm: GraphModule, target: str) -> None:
     """Remove the tensor at dotted ``target`` from the GraphModule."""
-    owner, _, leaf = target.rpartition(".")
-    delattr(gm.get_submodule(owner) if owner else gm, leaf)
+    delattr(*attr_owner(gm, target))
 
 
 def linear_nodes(gm: GraphModule) -> list[Node]:
