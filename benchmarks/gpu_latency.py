@@ -10,7 +10,8 @@ One run builds and times, with CUDA events (warm-up, then the median of many syn
   code) run on the same GPU tensors; a variant over ``--max-rel-err`` is reported and not timed.
 * ``kernels``: achieved GB/s of each fused Numba kernel at BERT-base B=32 S=128 shapes (launches replayed
   from a CUDA graph, so the Python launch cost is not counted), against a device-to-device copy, and each
-  kernel's registers and local memory; ``sweep`` adds block sizes, load widths and the tree reduction.
+  kernel's registers and local memory; ``sweep`` adds block shapes (threads per row x rows per block), word
+  widths and the tree reduction for three of them.
 * ``gemm``: the Triton INT8 (and W4A8) GEMM against cuBLAS FP16 and ``torch._int_mm`` at M x N x K shapes.
 * ``profile``: the CUDA kernels that dominate zqcompile W8A8 and FP16 eager BERT-base at B=32.
 
@@ -319,6 +320,10 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
+SWEPT_KERNELS = ("quantize_per_token K=768", "add_layernorm_quant K=768", "gelu_quant erf K=3072")
+"""The kernels whose block shapes and word widths the ``sweep`` part compares (each variant is a Numba build)."""
+
+
 def bench_kernels(res: Results, sweep: bool) -> None:
     from zqcompile.backends.numba_cuda import kernels, torch_ops
 
@@ -342,16 +347,14 @@ def bench_kernels(res: Results, sweep: bool) -> None:
         ("gelu_quant tanh K=3072", lambda: ops.gelu_quant(big, None, "tanh"), rows * f * (fp + i8) + sc),
         ("silu_mul_quant K=3072", lambda: ops.silu_mul_quant(big, up), rows * f * (2 * fp + i8) + sc),
     ]
-    variants = [("", {})]
-    if sweep:
-        variants += [(f" [block={b}, vec={v}]", {"block": b, "vectorize": v == 2}) for b in (64, 128, 256, 512)
-                     for v in (1, 2)]
-        variants += [(" [tree reduction]", {"reduction": "tree"})]
     for name, fn, nbytes in cases:
         k = int(name.rsplit("=", 1)[1])
+        variants = [("", {})]
+        if sweep and name in SWEPT_KERNELS:
+            variants += [(f" [T={t}, R={r}, vec=4]", {"threads": t, "rows_per_block": r, "vec": 4})
+                         for t in (32, 64, 128, 256) for r in (1, 2, 4) if t * r <= 512 and -(-k // (t * 4)) <= 12]
+            variants += [(" [vec=2]", {"vec": 2}), (" [vec=1]", {"vec": 1}), (" [tree reduction]", {"reduction": "tree"})]
         for suffix, options in variants:
-            if -(-k // options.get("block", 1024)) > kernels.MAX_PER_THREAD:
-                continue
             try:
                 torch_ops.LAUNCH_OPTIONS.update(options)
                 us = time_in_graph_ms(fn) * 1e3

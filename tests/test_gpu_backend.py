@@ -41,8 +41,8 @@ def test_cuda_backend_without_gpu_says_so():
 
 def test_cuda_graphs_need_the_cuda_backend():
     with pytest.raises(ZQError, match="cuda_graphs=True needs backend='cuda'"):
-        build_runner(torch.nn.Identity(), "cpu", cuda_graphs=True)
-    assert build_runner(torch.nn.Identity(), "cpu", cuda_graphs=None) is None
+        build_runner(torch.nn.Identity(), "cpu", cuda_graphs=True, ctx=None)
+    assert build_runner(torch.nn.Identity(), "cpu", cuda_graphs=None, ctx=None) is None
 
 
 def test_graph_runner_refuses_cpu_inputs():
@@ -113,21 +113,24 @@ def _op_cases(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_numba_ops_match_reference_on_gpu(dtype):
     zqcompile.backends.register_cuda_kernels()
-    for op, args in _op_cases(dtype):
+    for case, (op, args) in enumerate(_op_cases(dtype)):
         got = op(*args)
         with reference_kernels():
             ref = op(*args)
-        if len(ref) == 3:
-            _assert_float_close(got[0], ref[0], dtype)
-        _assert_quant_close(got[-2:], ref[-2:], dtype)
+        try:
+            if len(ref) == 3:
+                _assert_float_close(got[0], ref[0], dtype)
+            _assert_quant_close(got[-2:], ref[-2:], dtype)
+        except AssertionError as exc:
+            raise AssertionError(f"case {case}: {op} with {[getattr(a, 'dtype', a) for a in args]}") from exc
 
 
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduction", ["tree", "shuffle"])
-@pytest.mark.parametrize("vectorize", [True, False])
-@pytest.mark.parametrize("k", [40, 777, 5000])
-def test_both_reductions_and_load_widths_on_gpu(reduction, vectorize, k):
+@pytest.mark.parametrize("vec", [1, 2, 4])
+@pytest.mark.parametrize("k,threads,rows_per_block", [(40, 32, 1), (776, 32, 4), (776, 64, 2), (5000, 256, 1)])
+def test_reductions_word_widths_and_block_shapes_on_gpu(reduction, vec, k, threads, rows_per_block):
     from zqcompile.backends.numba_cuda import kernels
     from zqcompile.backends.numba_cuda.torch_ops import _nb, _stream
 
@@ -137,7 +140,7 @@ def test_both_reductions_and_load_widths_on_gpu(reduction, vectorize, k):
     q = torch.full(x.shape, 99, dtype=torch.int8, device="cuda")
     s = torch.full((37,), float("nan"), device="cuda")
     kernels.layernorm_quant(_nb(x), _nb(w), _nb(b), 1e-5, _nb(y), _nb(q), _nb(s), stream=_stream(),
-                            reduction=reduction, vectorize=vectorize)
+                            reduction=reduction, vec=vec, threads=threads, rows_per_block=rows_per_block)
     ref = ops.layernorm_quant(x.cpu(), w.cpu(), b.cpu(), 1e-5)  # the CPU backend itself
     _assert_float_close(y.cpu(), ref[0], torch.float16)
     _assert_quant_close((q.cpu(), s.cpu().view(37, 1)), ref[1:], torch.float16)

@@ -40,7 +40,7 @@ if not IN_SIMULATOR:
 else:
     from zqcompile.backends.numba_cuda import kernels
 
-    BLOCK = 32  # small blocks keep the simulator (one Python thread per CUDA thread) quick
+    THREADS = 32  # one warp per row keeps the simulator (one Python thread per CUDA thread) quick
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
     # float32 outputs differ from torch by float32 rounding of differently ordered sums (a few ulps);
     # float16/bfloat16 outputs are rounded once more, so they agree up to one ulp of their dtype
@@ -76,6 +76,9 @@ else:
         tol = TOLERANCE[ref.dtype] * ref.float().abs().clamp_min(1.0)
         assert torch.all((got - ref.float()).abs() <= tol), (got - ref.float()).abs().max()
 
+    def x_bytes(dtype: torch.dtype) -> int:
+        return torch.empty(0, dtype=dtype).element_size()
+
     def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 2.0) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
@@ -85,18 +88,20 @@ else:
     # ---- quantize_per_token ------------------------------------------------------------------------
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("rows,k", SHAPES)
-    @pytest.mark.parametrize("vectorize", [True, False])
-    def test_quantize_per_token_matches_reference(dtype, rows, k, vectorize):
+    @pytest.mark.parametrize("vec", [None, 1, 2, 4])
+    def test_quantize_per_token_matches_reference(dtype, rows, k, vec):
+        if vec and (k % vec or vec * x_bytes(dtype) > 8):
+            pytest.skip("this word width does not apply to the shape / dtype")
         x = randn(rows, k, dtype=dtype, seed=rows * k)
         q, scale = outputs(rows, k)
-        kernels.quantize_per_token(to_numba(x), q, scale, block=BLOCK, vectorize=vectorize)
+        kernels.quantize_per_token(to_numba(x), q, scale, threads=THREADS, vec=vec)
         check_quant(q, scale, *ops.quantize_per_token(x))
 
     def test_quantize_rounds_half_to_even_and_zero_row_gets_scale_one():
         # absmax 127 -> scale exactly 1, so x / scale are the values themselves: ties at .5 go to even
         x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, -126.5], [0.0] * 8])
         q, scale = outputs(2, 8)
-        kernels.quantize_per_token(to_numba(x), q, scale, block=BLOCK)
+        kernels.quantize_per_token(to_numba(x), q, scale, threads=THREADS)
         assert q[0].tolist() == [127, 0, 2, 2, -2, 0, 4, -126]
         assert q[1].tolist() == [0] * 8
         assert scale.tolist() == [1.0, 1.0]
@@ -105,15 +110,15 @@ else:
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("rows,k", SHAPES)
     @pytest.mark.parametrize("with_residual", [False, True])
-    @pytest.mark.parametrize("vectorize", [True, False])
-    def test_layernorm_quant_matches_reference(dtype, rows, k, with_residual, vectorize):
+    @pytest.mark.parametrize("vec", [None, 1])
+    def test_layernorm_quant_matches_reference(dtype, rows, k, with_residual, vec):
         x = randn(rows, k, dtype=dtype, seed=1) + 0.5
         residual = randn(rows, k, dtype=dtype, seed=2)
         weight, bias = randn(k, dtype=dtype, seed=3, scale=1.0), randn(k, dtype=dtype, seed=4, scale=0.3)
         y, q, scale = outputs(rows, k, dtype)
         kernels.layernorm_quant(to_numba(x), to_numba(weight), to_numba(bias), 1e-5, y, q, scale,
-                                residual=to_numba(residual) if with_residual else None, block=BLOCK,
-                                vectorize=vectorize)
+                                residual=to_numba(residual) if with_residual else None, threads=THREADS,
+                                vec=vec)
         if with_residual:
             ref = ops.add_layernorm_quant(x, residual, weight, bias, 1e-5)
         else:
@@ -124,7 +129,7 @@ else:
     def test_layernorm_quant_without_affine_parameters():
         x = randn(3, 40, dtype=torch.float16, seed=5)
         y, q, scale = outputs(3, 40, torch.float16)
-        kernels.layernorm_quant(to_numba(x), None, None, 1e-12, y, q, scale, block=BLOCK)
+        kernels.layernorm_quant(to_numba(x), None, None, 1e-12, y, q, scale, threads=THREADS)
         ref = ops.layernorm_quant(x, None, None, 1e-12)
         check_float(y, ref[0])
         check_quant(q, scale, ref[1], ref[2])
@@ -133,7 +138,7 @@ else:
         # independent of the reference op: mean 0 / variance 1 per row after the kernel, in float64
         x = randn(2, 40, dtype=torch.float32, seed=6) * 3 + 1
         y, q, scale = outputs(2, 40, torch.float32)
-        kernels.layernorm_quant(to_numba(x), None, None, 0.0, y, q, scale, block=BLOCK)
+        kernels.layernorm_quant(to_numba(x), None, None, 0.0, y, q, scale, threads=THREADS)
         y64 = torch.from_numpy(y).double()
         assert torch.allclose(y64.mean(-1), torch.zeros(2, dtype=torch.float64), atol=1e-6)
         assert torch.allclose(y64.var(-1, unbiased=False), torch.ones(2, dtype=torch.float64), atol=1e-5)
@@ -147,7 +152,7 @@ else:
         weight = randn(40, dtype=weight_dtype, seed=8, scale=1.0)
         ref = ops.rmsnorm_quant(x, weight, 1e-6)
         y, q, scale = outputs(3, 40, ref[0].dtype)
-        kernels.rmsnorm_quant(to_numba(x), to_numba(weight), 1e-6, y, q, scale, block=BLOCK)
+        kernels.rmsnorm_quant(to_numba(x), to_numba(weight), 1e-6, y, q, scale, threads=THREADS)
         check_float(y, ref[0])
         check_quant(q, scale, ref[1], ref[2])
 
@@ -159,56 +164,80 @@ else:
         x = randn(3, 40, dtype=dtype, seed=9)
         bias = randn(40, dtype=dtype, seed=10, scale=0.5) if with_bias else None
         q, scale = outputs(3, 40)
-        kernels.gelu_quant(to_numba(x), None if bias is None else to_numba(bias), approximate, q, scale, block=BLOCK)
+        kernels.gelu_quant(to_numba(x), None if bias is None else to_numba(bias), approximate, q, scale, threads=THREADS)
         check_quant(q, scale, *ops.gelu_quant(x, bias, approximate))
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("rows,k", SHAPES)
-    @pytest.mark.parametrize("vectorize", [True, False])
-    def test_silu_mul_quant_matches_reference(dtype, rows, k, vectorize):
+    @pytest.mark.parametrize("vec", [None, 1])
+    def test_silu_mul_quant_matches_reference(dtype, rows, k, vec):
         gate, up = randn(rows, k, dtype=dtype, seed=11), randn(rows, k, dtype=dtype, seed=12)
         q, scale = outputs(rows, k)
-        kernels.silu_mul_quant(to_numba(gate), to_numba(up), q, scale, block=BLOCK, vectorize=vectorize)
+        kernels.silu_mul_quant(to_numba(gate), to_numba(up), q, scale, threads=THREADS, vec=vec)
         check_quant(q, scale, *ops.silu_mul_quant(gate, up))
 
     def test_bfloat16_codec_matches_torch_casts():
-        # the in-kernel bfloat16 conversion (device functions called directly, which the simulator allows)
+        # the in-kernel bfloat16 rounding and word packing (device functions called directly, which the simulator allows)
+        decode, round_bf16, insert = kernels._CODECS["bf16"]
         g = torch.Generator().manual_seed(13)
         values = torch.randn(200, generator=g) * 10.0 ** torch.randint(-3, 4, (200,), generator=g)
         exact = values.bfloat16().float()
         ties = exact + exact.abs() * 2.0 ** -8  # halfway to the next bfloat16 (up to exponent edges)
         for v in torch.cat([values, ties, torch.tensor([0.0, -0.0, 1e38, -1e38])]).tolist():
-            v32 = np.float32(v)
-            expected = torch.tensor([v32]).bfloat16()
-            assert kernels._round_bf16(v32) == expected.float().item(), v
-            bits = np.zeros((1, 1), np.int16)
-            kernels._store_bf16(bits, 0, 0, kernels._round_bf16(v32))
-            assert bits[0, 0] == expected.view(torch.int16).item(), v
-            assert kernels._load_bf16(bits, 0, 0) == expected.float().item(), v
+            expected = torch.tensor([np.float32(v)]).bfloat16()
+            rounded = round_bf16(np.float32(v))
+            assert rounded == expected.float().item(), v
+            bits = int(expected.view(torch.int16).item()) & 0xFFFF
+            word = insert(np.uint64(0), rounded, 2)  # third element of a four-element word
+            assert int(word) == bits << 32, v
+            assert decode(word, 2) == expected.float().item() and decode(word, 1) == 0.0, v
 
-    def test_float16_bits_decode_exactly_for_every_pattern():
-        # the vectorised loads decode float16 from its bits: all 65536 patterns, subnormals, inf and NaN included
-        patterns = np.arange(2 ** 16, dtype=np.int64)
+    def test_float16_codec_is_exact_for_every_pattern():
+        # decoding from a word and packing back: all 65536 patterns, subnormals, inf and NaN included
+        decode, _, insert = kernels._CODECS["f16"]
+        patterns = np.arange(2 ** 16, dtype=np.uint64)
         expected = patterns.astype(np.uint16).view(np.float16).astype(np.float32)
-        got = np.array([kernels._f16_bits_float(h) for h in patterns.tolist()], dtype=np.float32)
+        got = np.array([decode(np.uint64(int(h) << 48), 3) for h in patterns], dtype=np.float32)
         nan = np.isnan(expected)
         assert np.array_equal(np.isnan(got), nan)
         assert np.array_equal(got[~nan].view(np.int32), expected[~nan].view(np.int32))  # signed zeros too
+        repacked = np.array([int(insert(np.uint32(0), v, 1)) >> 16 for v in got[~nan]], dtype=np.int64)
+        assert np.array_equal(repacked, patterns[~nan].astype(np.int64))
 
-    def test_vectorised_loads_handle_a_misaligned_row_start():
-        # a view starting one element in is not 4-byte aligned: the launch falls back to one-element loads
+    def test_int8_words_pack_signed_values():
+        insert = kernels._insert_i8
+        word = np.uint32(0)
+        for h, value in enumerate([-127, 5, 0, 127]):
+            word = insert(word, value, h)
+        assert np.array([word], dtype=np.uint32).view(np.int8).tolist() == [-127, 5, 0, 127]
+
+    def test_misaligned_rows_use_narrower_words():
+        # a view starting one element in is 2 bytes past a 4-byte boundary: the launch picks one-element words
         flat = to_numba(randn(3 * 40 + 1, dtype=torch.float16, seed=14))
-        x = flat[1:].reshape(3, 40)  # contiguous, but 2 bytes past a 4-byte boundary
+        x = flat[1:].reshape(3, 40)
         assert x.__array_interface__["data"][0] % 4 == 2
         q, scale = outputs(3, 40)
-        kernels.quantize_per_token(x, q, scale, block=BLOCK)
+        kernels.quantize_per_token(x, q, scale, threads=THREADS)
         check_quant(q, scale, *ops.quantize_per_token(torch.from_numpy(np.ascontiguousarray(x))))
+        with pytest.raises(ZQError, match="vec=2"):
+            kernels.quantize_per_token(x, q, scale, threads=THREADS, vec=2)
+
+    @pytest.mark.parametrize("rows_per_block", [2, 4])
+    def test_several_rows_per_block_with_a_partial_last_block(rows_per_block):
+        x = randn(5, 40, dtype=torch.float16, seed=15)
+        residual = randn(5, 40, dtype=torch.float16, seed=16)
+        y, q, scale = outputs(5, 40, torch.float16)
+        kernels.layernorm_quant(to_numba(x), None, None, 1e-5, y, q, scale, residual=to_numba(residual),
+                                threads=THREADS, rows_per_block=rows_per_block)
+        ref = ops.add_layernorm_quant(x, residual, None, None, 1e-5)
+        check_float(y, ref[0])
+        check_quant(q, scale, ref[1], ref[2])
 
     # ---- errors -----------------------------------------------------------------------------------------
     def test_unsupported_dtype_raises():
         q, scale = outputs(2, 8)
         with pytest.raises(ZQError, match="float32, float16 or bfloat16"):
-            kernels.quantize_per_token(np.ones((2, 8), np.float64), q, scale, block=BLOCK)
+            kernels.quantize_per_token(np.ones((2, 8), np.float64), q, scale, threads=THREADS)
 
     def test_shuffle_reduction_is_refused_in_simulator():
         q, scale = outputs(2, 8)
@@ -220,18 +249,19 @@ else:
         q, scale = outputs(1, k)
         with pytest.raises(ZQError, match="limit"):
             kernels.quantize_per_token(np.ones((1, k), np.float32), q, scale)
-        q, scale = outputs(1, 40 * BLOCK)
-        with pytest.raises(ZQError, match="larger block"):  # 40 values per thread would not fit in registers
-            kernels.quantize_per_token(np.ones((1, 40 * BLOCK), np.float32), q, scale, block=BLOCK)
+        q, scale = outputs(1, 40 * THREADS)
+        with pytest.raises(ZQError, match="more threads per row"):  # 40 values per thread would not fit in registers
+            kernels.quantize_per_token(np.ones((1, 40 * THREADS), np.float32), q, scale, threads=THREADS)
 
     def test_output_shape_mismatch_raises():
         with pytest.raises(ZQError, match="q must be int8"):
             kernels.quantize_per_token(np.ones((2, 8), np.float32), np.empty((2, 7), np.int8),
-                                       np.empty(2, np.float32), block=BLOCK)
+                                       np.empty(2, np.float32), threads=THREADS)
 
-    def test_block_sizes_are_powers_of_two_covering_the_row():
+    def test_launch_shapes_cover_the_row_within_register_limits():
         for k in (1, 7, 64, 768, 3072, 11008, kernels.MAX_K):
-            block = kernels.block_size(k)
-            assert block & (block - 1) == 0 and 32 <= block <= 1024
-            assert block * kernels.MAX_PER_THREAD >= k and (block <= 256 or block * kernels.MAX_PER_THREAD < 2 * k)
-        assert kernels.block_size(768) == 128 and kernels.block_size(3072) == 256
+            for vec in (1, 2, 4):
+                threads, rows = kernels.launch_shape(k, vec)
+                assert threads & (threads - 1) == 0 and 32 <= threads <= 1024 and threads * rows <= 1024
+                assert -(-k // threads) <= kernels.MAX_PER_THREAD
+        assert kernels.launch_shape(768, 4) == (32, 4) and kernels.launch_shape(3072, 4) == (128, 1)

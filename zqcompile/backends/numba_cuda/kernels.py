@@ -1,32 +1,40 @@
 """Numba-CUDA device code for the fused "elementwise + per-token INT8 quantization" ops, and its launch layer.
 
-Every kernel runs one thread block per token row (``[rows, K]`` row-major arrays). Each thread owns the
-columns ``tid, tid + BLOCK, ...`` (at most ``MAX_PER_THREAD``), loads them all up front and keeps their
-float32 values in registers (a local array indexed only in loops of compile-time length, which unroll), so
-the inputs are read from device memory once; the block reduces what the op needs (sum for the LayerNorm
-mean and variance, sum of squares for RMSNorm, absmax for the scale). Outputs are written once.
+Layout. A thread block of ``(T, R)`` threads handles ``R`` token rows of a row-major ``[rows, K]`` array,
+``T`` threads (a power of two, at least one warp) per row. Rows are read as **words** of ``vec`` elements
+(``vec`` in 1, 2, 4: 16-, 32- or 64-bit words for 16-bit elements), so one load moves up to 8 bytes and one
+store writes ``vec`` int8 values; thread ``t`` owns the words ``t + u * T`` for ``u < per_thread``
+(coalesced across the row's threads). It loads them all up front into a local array that the unrolled
+loops keep in registers, so each input is read from device memory once; the row's threads then reduce
+what the op needs (sum for the LayerNorm mean and variance, sum of squares for RMSNorm, absmax for the
+scale) and every output is written once. ``K`` is a compile-time constant of each built kernel, so the
+loops have fixed trip counts and the row-end checks vanish where ``K`` is a multiple of ``vec * T``.
 
-The arithmetic follows zqcompile/ops.py exactly: statistics in float32; every intermediate that the
-reference materialises in the tensor's dtype (``x + residual``, the norm output, ``gelu(x + bias)``,
-``silu(gate)``, ``silu(gate) * up``) is rounded to that dtype here too before it is used; the scale is
-``absmax / 127`` (1.0 for an all-zero row) and ``q = clamp(rint(v / scale), -127, 127)`` (Numba's
-``round`` is ``llrint``: round half to even).
+Per element the kernels do little besides the op itself (the cost that decides their speed, since a row
+is only 1.5-6 KB): a 16-bit element is decoded from its word with a shift and one conversion, ``min``,
+``max`` and ``abs`` are single instructions (libdevice), the quantization multiplies by the reciprocal of
+the scale and converts with ``float2int_rn`` (round half to even into int32), and indices stay 64-bit but
+are formed once per word.
 
-Vectorised loads (``vectorize=True``): a row of 16-bit elements with an even length and 4-byte aligned rows
-is read as int32 words (``vec=2``), two elements per load, each decoded from its bits in-kernel (float16
-exactly, subnormals, infinities and NaN included). It is off by default: on an H100 the one-element loads
-were 5-30% faster at BERT shapes (the kernels are bound by instructions per element, not by load width).
+Arithmetic follows zqcompile/ops.py: statistics in float32; every intermediate that the reference
+materialises in the tensor's dtype (``x + residual``, the norm output, ``gelu(x + bias)``, ``silu(gate)``,
+``silu(gate) * up``) is rounded to that dtype here too before it is used; the scale is ``absmax / 127``
+(1.0 for an all-zero row), exactly as the reference. The reference quantizes with ``rint(v / scale)``;
+the kernels use ``rint(v * (1 / scale))``, which differs in the last ulp before rounding and so can move a
+value that lies within an ulp of a .5 tie by one (tests allow +-1 on at most 1% of the values; measured
+far fewer).
 
-Element storage ("codecs"): float32 and float16 arrays are used as they are; **bfloat16 is passed as its
-int16 bit pattern** (``tensor.view(torch.int16)``; NumPy has no bfloat16) and converted in-kernel: a load
-shifts the 16 bits into the top of a float32, a store rounds the float32 to nearest-even on its bits. So a
-launch infers each array's element type from its dtype, and int16 always means bfloat16.
+Element storage ("codecs"): float32, float16 and **bfloat16 passed as its int16 bit pattern**
+(``tensor.view(torch.int16)``; NumPy has no bfloat16), all read and written through unsigned word views.
+Decoding and packing are LLVM intrinsics on a GPU (bit shifts, ``fpext``/``fptrunc`` of ``half``) and
+NumPy bit views under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``); bfloat16 rounds to nearest even on
+the float32 bits in both.
 
-Block reductions come in two variants chosen when a kernel is built: ``"tree"``, a shared-memory tree
-(the only one the CUDA simulator runs, since it has no warp shuffles), and ``"shuffle"``, warp shuffles
-then one shared-memory step (the default on a GPU). The launch functions take any array that Numba can
-view: NumPy arrays under the simulator (``NUMBA_ENABLE_CUDASIM=1``), ``cuda.as_cuda_array`` views of torch
-CUDA tensors on a GPU.
+Row reductions come in two variants chosen when a kernel is built: ``"tree"``, a shared-memory tree (the
+only one the CUDA simulator runs, since it has no warp shuffles), and ``"shuffle"``, a butterfly of warp
+shuffles plus, for rows wider than a warp, one shared-memory step (the default on a GPU). The launch
+functions take any arrays that Numba can view: NumPy arrays under the simulator, ``cuda.as_cuda_array``
+views of torch CUDA tensors on a GPU.
 """
 
 from __future__ import annotations
@@ -42,7 +50,6 @@ from zqcompile.errors import ZQError
 
 import numba  # noqa: E402
 from numba import cuda, float32, int32, int64  # noqa: E402
-from numba.types import float16  # noqa: E402
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 REDUCTIONS = ("tree", "shuffle")
@@ -50,7 +57,9 @@ DEFAULT_REDUCTION = "tree" if SIMULATOR else "shuffle"
 MAX_PER_THREAD = 32
 """Most row elements one thread holds in registers."""
 MAX_K = 1024 * MAX_PER_THREAD
-"""Longest row the kernels take (1024 threads per block)."""
+"""Longest row the kernels take (1024 threads per row)."""
+VECS = (1, 2, 4)
+MAX_WORD_BYTES = 8
 
 _WARP = 32
 _ZERO = np.float32(0.0)
@@ -60,22 +69,135 @@ _QMAX = np.float32(127.0)
 _SQRT1_2 = np.float32(math.sqrt(0.5))  # erf GELU: x * 0.5 * (1 + erf(x / sqrt(2)))
 _TANH_BETA = np.float32(math.sqrt(2.0 / math.pi))  # tanh GELU: 0.5 x (1 + tanh(beta (x + kappa x^3)))
 _TANH_KAPPA = np.float32(0.044715)
-_TWO_POW_M24 = np.float32(2.0 ** -24)
+
+_WORD_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_ELEMENT_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1}
 
 # ----------------------------------------------------------------------------------------------------
-# float32 <-> bit pattern (for bfloat16): libdevice on a GPU, NumPy views in the simulator
+# Bit-level primitives: LLVM intrinsics on a GPU, NumPy in the simulator (same results bit for bit)
+#
+#   decode_<codec>(word, h) -> float32 value of element h of a word
+#   insert_<codec>(word, v, h) -> the word with element h set to v (v representable in the codec;
+#                                 i8 takes an int in [-128, 127]; the word's other bits must be zero)
+#   rint_i32(v) -> int32 nearest to v, ties to even;  fmax / fmin / fabs on float32
 # ----------------------------------------------------------------------------------------------------
 
 if SIMULATOR:
-    @cuda.jit(device=True)
-    def _float_bits(v):
-        return np.float32(v).view(np.int32)
+    _NP_ELEMENT = {"f32": np.uint32, "f16": np.uint16, "bf16": np.uint16, "i8": np.uint8}
 
-    @cuda.jit(device=True)
+    def zero_word(a):
+        return a.dtype.type(0)
+
+    def _piece(word: Any, h: int, codec: str) -> int:
+        bits = 8 * _ELEMENT_BYTES[codec]
+        return (int(word) >> (bits * int(h))) & ((1 << bits) - 1)
+
+    def _decode(codec: str) -> Callable:
+        def decode(word, h):
+            bits = np.array(_piece(word, h, codec), dtype=_NP_ELEMENT[codec])
+            if codec == "f16":
+                return np.float32(bits.view(np.float16))
+            if codec == "bf16":
+                return np.array(int(bits) << 16, dtype=np.uint32).view(np.float32)[()]
+            return bits.view(np.float32)[()]
+        return decode
+
+    def _insert(codec: str) -> Callable:
+        def insert(word, v, h):
+            if codec == "i8":
+                bits = int(v) & 0xFF
+            elif codec == "f16":
+                bits = int(np.array(v, dtype=np.float16).view(np.uint16))
+            elif codec == "bf16":
+                bits = int(np.array(v, dtype=np.float32).view(np.uint32)) >> 16
+            else:
+                bits = int(np.array(v, dtype=np.float32).view(np.uint32))
+            return type(word)(int(word) | (bits << (8 * _ELEMENT_BYTES[codec] * int(h))))
+        return insert
+
+    def _float_bits(v):
+        return int(np.array(v, dtype=np.float32).view(np.int32))
+
     def _bits_float(b):
-        return np.int32(b).view(np.float32)
+        return np.array(b, dtype=np.int32).view(np.float32)[()]
+
+    def rint_i32(v):
+        return int(np.rint(np.float32(v)))
+
+    def fmax(a, b):
+        return np.float32(max(a, b))
+
+    def fmin(a, b):
+        return np.float32(min(a, b))
+
+    def fabs(a):
+        return np.float32(abs(a))
+
+    def _to_f16(v):
+        return np.float32(np.float16(v))
 else:
+    from llvmlite import ir
+    from numba import types
+    from numba.core.extending import intrinsic
     from numba.cuda import libdevice
+    from numba.types import float16
+
+    _LLVM_FLOAT = {"f32": ir.FloatType(), "f16": ir.HalfType()}
+
+    @intrinsic
+    def zero_word(typingctx, a):
+        """A zero of the array's element type (the word accumulator a store starts from)."""
+        def codegen(context, builder, sig, args):
+            return ir.Constant(context.get_value_type(sig.return_type), 0)
+        return a.dtype(a), codegen
+
+    def _narrow(builder, v, bits: int):
+        return builder.trunc(v, ir.IntType(bits)) if v.type.width > bits else v
+
+    def _shift_of(builder, h, word_type, bits: int):
+        """h * bits as an integer of the word's width (h is an i64 loop index, constant after unrolling)."""
+        width = word_type.width
+        h = builder.trunc(h, word_type) if width < 64 else h
+        return builder.mul(h, ir.Constant(word_type, bits))
+
+    def _decode(codec: str) -> Callable:
+        bits = 8 * _ELEMENT_BYTES[codec]
+
+        @intrinsic
+        def decode(typingctx, word, h):
+            def codegen(context, builder, sig, args):
+                w, hv = args
+                piece = _narrow(builder, builder.lshr(w, _shift_of(builder, hv, w.type, bits)), bits)
+                if codec == "bf16":  # the top half of a float32
+                    return builder.bitcast(builder.shl(builder.zext(piece, ir.IntType(32)),
+                                                       ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+                value = builder.bitcast(piece, _LLVM_FLOAT[codec])
+                return builder.fpext(value, ir.FloatType()) if codec == "f16" else value
+            return types.float32(word, types.intp), codegen
+        return decode
+
+    def _insert(codec: str) -> Callable:
+        bits = 8 * _ELEMENT_BYTES[codec]
+
+        @intrinsic
+        def insert(typingctx, word, v, h):
+            def codegen(context, builder, sig, args):
+                w, value, hv = args
+                if codec == "i8":
+                    piece = _narrow(builder, value, 8)
+                elif codec == "f16":
+                    piece = builder.bitcast(builder.fptrunc(value, ir.HalfType()), ir.IntType(16))
+                elif codec == "bf16":
+                    piece = _narrow(builder, builder.lshr(builder.bitcast(value, ir.IntType(32)),
+                                                          ir.Constant(ir.IntType(32), 16)), 16)
+                else:
+                    piece = builder.bitcast(value, ir.IntType(32))
+                if w.type.width > bits:
+                    piece = builder.zext(piece, w.type)
+                return builder.or_(w, builder.shl(piece, _shift_of(builder, hv, w.type, bits)))
+            value_type = types.int32 if codec == "i8" else types.float32
+            return word(word, value_type, types.intp), codegen
+        return insert
 
     @cuda.jit(device=True)
     def _float_bits(v):
@@ -85,34 +207,34 @@ else:
     def _bits_float(b):
         return libdevice.int_as_float(b)
 
+    @cuda.jit(device=True)
+    def rint_i32(v):
+        return libdevice.float2int_rn(v)
+
+    @cuda.jit(device=True)
+    def fmax(a, b):
+        return libdevice.fmaxf(a, b)
+
+    @cuda.jit(device=True)
+    def fmin(a, b):
+        return libdevice.fminf(a, b)
+
+    @cuda.jit(device=True)
+    def fabs(a):
+        return libdevice.fabsf(a)
+
+    @cuda.jit(device=True)
+    def _to_f16(v):
+        return float32(float16(v))
+
 
 # ----------------------------------------------------------------------------------------------------
-# Codecs: load an element as float32, round a float32 to the storage type, store a rounded value
+# Codecs: decode an element of a word, round a float32 to the storage type, insert into a word
 # ----------------------------------------------------------------------------------------------------
-
-@cuda.jit(device=True)
-def _load_float(a, i, j):
-    return float32(a[i, j])
-
-
-@cuda.jit(device=True)
-def _store_float(a, i, j, v):
-    a[i, j] = v
-
 
 @cuda.jit(device=True)
 def _round_f32(v):
     return v
-
-
-@cuda.jit(device=True)
-def _round_f16(v):
-    return float32(float16(v))
-
-
-@cuda.jit(device=True)
-def _load_bf16(a, i, j):
-    return _bits_float(int32(int64(a[i, j]) << 16))
 
 
 @cuda.jit(device=True)
@@ -132,46 +254,13 @@ def _round_bf16(v):
     return _bits_float(_as_int32(bits & 0xFFFFFFFF))
 
 
-@cuda.jit(device=True)
-def _store_bf16(a, i, j, v):
-    a[i, j] = int32(_float_bits(v)) >> 16
-
-
-@cuda.jit(device=True)
-def _f16_bits_float(h):
-    """float32 value of the float16 with bits ``h`` (0 <= h < 2**16), exact for every class of value."""
-    sign = (h & 0x8000) << 16
-    magnitude = h & 0x7FFF
-    if magnitude >= 0x7C00:  # infinity or NaN: all-ones exponent, the mantissa moves up
-        return _bits_float(_as_int32(sign | 0x7F800000 | ((magnitude & 0x3FF) << 13)))
-    if magnitude >= 0x0400:  # normal: rebias the exponent by 127 - 15 = 112
-        return _bits_float(_as_int32(sign | ((magnitude << 13) + 0x38000000)))
-    v = float32(magnitude) * _TWO_POW_M24  # zero or subnormal: mantissa * 2**-24, exact in float32
-    return -v if sign else v
-
-
-@cuda.jit(device=True)
-def _load_pair_f16(a, i, p, out, base):
-    word = int64(a[i, p]) & 0xFFFFFFFF  # little endian: the low half is the even column
-    out[base] = _f16_bits_float(word & 0xFFFF)
-    out[base + 1] = _f16_bits_float(word >> 16)
-
-
-@cuda.jit(device=True)
-def _load_pair_bf16(a, i, p, out, base):
-    word = int64(a[i, p]) & 0xFFFFFFFF
-    out[base] = _bits_float(_as_int32((word & 0xFFFF) << 16))
-    out[base + 1] = _bits_float(_as_int32(word & 0xFFFF0000))
-
-
-_PAIR_LOADS = {"f16": _load_pair_f16, "bf16": _load_pair_bf16}
-
 _CODECS: dict[str, tuple[Callable, Callable, Callable]] = {
-    # name: (load, round to storage type, store)
-    "f32": (_load_float, _round_f32, _store_float),
-    "f16": (_load_float, _round_f16, _store_float),
-    "bf16": (_load_bf16, _round_bf16, _store_bf16),
+    # name: (decode(word, h), round to storage type, insert(word, v, h))
+    "f32": (_decode("f32"), _round_f32, _insert("f32")),
+    "f16": (_decode("f16"), _to_f16, _insert("f16")),
+    "bf16": (_decode("bf16"), _round_bf16, _insert("bf16")),
 }
+_insert_i8 = _insert("i8")
 _CODEC_OF_DTYPE = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.int16): "bf16"}
 
 
@@ -184,8 +273,14 @@ def codec_of(array: Any, what: str) -> str:
     return codec
 
 
+def _word_vec(codec: str, vec: int) -> int:
+    """Elements per word for an array of this codec when the row is read ``vec`` elements at a time
+    (float32 per-column parameters of a 16-bit row are read in narrower words, at most 8 bytes)."""
+    return min(vec, MAX_WORD_BYTES // _ELEMENT_BYTES[codec])
+
+
 # ----------------------------------------------------------------------------------------------------
-# Block reductions
+# Row reductions (each row's T threads; every thread gets the total)
 # ----------------------------------------------------------------------------------------------------
 
 @cuda.jit(device=True)
@@ -193,70 +288,64 @@ def _add(a, b):
     return a + b
 
 
-@cuda.jit(device=True)
-def _max(a, b):
-    return max(a, b)
+def _make_row_reduce(combine: Callable, threads: int, rows: int, reduction: str) -> Callable:
+    """A device function ``reduce(scratch, value) -> total`` over each row's ``threads`` threads.
 
-
-def _make_block_reduce(combine: Callable, block: int, reduction: str) -> Callable:
-    """A device function ``reduce(scratch, value) -> total`` over the block, returned to every thread.
-
-    ``scratch`` is a float32 shared array of ``_scratch_len(block, reduction)`` elements; it is free again on
-    return. The identity element of both combines used here (sum, max of absolute values) is 0.
+    ``scratch`` is a float32 shared array of ``_scratch_len(...)`` elements, free again on return. The
+    identity element of both combines used here (sum, max of absolute values) is 0. Every thread of the
+    block must call it (it synchronises the block unless a row is one warp wide).
     """
     if reduction == "tree":
         @cuda.jit(device=True)
         def reduce(scratch, value):
-            tid = cuda.threadIdx.x
-            scratch[tid] = value
+            t = cuda.threadIdx.x
+            base = cuda.threadIdx.y * threads
+            scratch[base + t] = value
             cuda.syncthreads()
-            stride = block // 2
+            stride = threads // 2
             while stride > 0:
-                if tid < stride:
-                    scratch[tid] = combine(scratch[tid], scratch[tid + stride])
+                if t < stride:
+                    scratch[base + t] = combine(scratch[base + t], scratch[base + t + stride])
                 cuda.syncthreads()
                 stride //= 2
-            total = scratch[0]
+            total = scratch[base]
             cuda.syncthreads()
             return total
         return reduce
 
-    warps = block // _WARP
+    warps = threads // _WARP
 
     @cuda.jit(device=True)
     def reduce(scratch, value):
-        tid = cuda.threadIdx.x
-        lane = tid % _WARP
-        warp = tid // _WARP
         offset = _WARP // 2
-        while offset > 0:
-            value = combine(value, cuda.shfl_down_sync(0xFFFFFFFF, value, offset))
+        while offset > 0:  # butterfly: every lane ends with the warp's total
+            value = combine(value, cuda.shfl_xor_sync(0xFFFFFFFF, value, offset))
             offset //= 2
-        if lane == 0:
-            scratch[warp] = value
+        if warps == 1:
+            return value
+        t = cuda.threadIdx.x
+        base = cuda.threadIdx.y * warps
+        if t % _WARP == 0:
+            scratch[base + t // _WARP] = value
         cuda.syncthreads()
-        if warp == 0:
-            value = scratch[lane] if lane < warps else _ZERO
-            offset = _WARP // 2
-            while offset > 0:
-                value = combine(value, cuda.shfl_down_sync(0xFFFFFFFF, value, offset))
-                offset //= 2
-            if lane == 0:
-                scratch[_WARP] = value
-        cuda.syncthreads()
-        total = scratch[_WARP]
+        total = scratch[base]
+        for w in range(1, warps):
+            total = combine(total, scratch[base + w])
         cuda.syncthreads()
         return total
     return reduce
 
 
+def _scratch_len(threads: int, rows: int, reduction: str) -> int:
+    return max(1, rows * (threads if reduction == "tree" else threads // _WARP))
+
+
 # ----------------------------------------------------------------------------------------------------
-# Kernels (built per element codecs, flags, block size, loads per thread, vector width and reduction)
+# Kernels, built per (element codecs, flags, K, vec, T, R, reduction)
 #
-# Thread ``tid`` of a row's block loads the ``vec``-element chunks ``tid + u * block`` for
-# ``u < per_thread`` (coalesced across the block), all up front so the unrolled loads are in flight
-# together, into a local array that the unrolled loops keep in registers. Slot ``e`` of that array is
-# column ``_column(tid, e)``; every output is written once.
+# Slot e = u * vec + h of a thread's local array is element h of its word u, i.e. row word
+# w = t + u * T and column vec * w + h. Out-of-range rows of the last block compute on a clamped row
+# and store nothing (every thread must take part in the reductions).
 # ----------------------------------------------------------------------------------------------------
 
 @cuda.jit(device=True)
@@ -266,12 +355,8 @@ def _row_scale(absmax):
 
 
 @cuda.jit(device=True)
-def _quantize_value(v, s):
-    return min(max(round(v / s), -127), 127)  # round() is llrint on the GPU: half to even
-
-
-def _scratch_len(block: int, reduction: str) -> int:
-    return block if reduction == "tree" else _WARP + 1
+def _quantize_value(v, inverse_scale):
+    return rint_i32(fmin(fmax(v * inverse_scale, -_QMAX), _QMAX))
 
 
 BUILT_KERNELS: dict[tuple, Any] = {}
@@ -289,219 +374,269 @@ def _built(builder: Callable) -> Callable:
     return build
 
 
-def _make_row_helpers(codec: str, block: int, per_thread: int, vec: int) -> tuple[Callable, Callable]:
-    """``load_row(a, i, tid, out)`` fills ``out[per_thread * vec]`` (zeros past the row's end) and
-    ``column(tid, e)`` is the column of slot ``e``."""
-    @cuda.jit(device=True)
-    def column(tid, e):
-        return vec * (tid + (e // vec) * block) + e % vec
+class _Shape:
+    """The compile-time geometry of a kernel: K, words per row, words per thread, full words."""
 
-    if vec == 2:
-        load_pair = _PAIR_LOADS[codec]
+    def __init__(self, k: int, vec: int, threads: int, rows: int, reduction: str) -> None:
+        self.k, self.vec, self.threads, self.rows = k, vec, threads, rows
+        self.words = k // vec
+        self.per_thread = max(1, -(-self.words // threads))
+        self.full = self.words // threads  # words u < full exist for every thread: no bounds check
+        self.slots = self.per_thread * vec
+        self.scratch_len = _scratch_len(threads, rows, reduction)
 
+
+def _make_row_io(shape: _Shape) -> tuple[Callable, Callable, Callable]:
+    """Device functions over one row: ``load(a, codec_decode, base, t, out)`` fills ``out`` with the row's
+    decoded values (0 past the end); ``param(p, decode, pvec, w, h)`` is column ``vec * w + h`` of a
+    per-column vector read in words of ``pvec``; ``quantize_store(vals, absmax_total, q, scale, base,
+    row, t, store)`` writes the row's int8 words and scale."""
+    vec, threads, per_thread, full, words = shape.vec, shape.threads, shape.per_thread, shape.full, shape.words
+
+    def make_load(decode: Callable) -> Callable:
         @cuda.jit(device=True)
-        def load_row(a, i, tid, out):
+        def load(a, base, t, out):
             for u in range(per_thread):
-                p = tid + u * block
-                if p < a.shape[1]:
-                    load_pair(a, i, p, out, 2 * u)
+                w = t + u * threads
+                if u < full or w < words:
+                    word = a[base + w]
+                    for h in range(vec):
+                        out[u * vec + h] = decode(word, h)
                 else:
-                    out[2 * u] = _ZERO
-                    out[2 * u + 1] = _ZERO
-    else:
-        load = _CODECS[codec][0]
+                    for h in range(vec):
+                        out[u * vec + h] = _ZERO
+        return load
+
+    def make_param(decode: Callable, pvec: int) -> Callable:
+        ratio = vec // pvec
 
         @cuda.jit(device=True)
-        def load_row(a, i, tid, out):
-            for u in range(per_thread):
-                p = tid + u * block
-                out[u] = load(a, i, p) if p < a.shape[1] else _ZERO
-    return load_row, column
+        def param(p, w, h):
+            return decode(p[ratio * w + h // pvec], h % pvec)
+        return param
 
+    rows_per_block = shape.rows
 
-def _make_row_quantizer(column: Callable, block_max: Callable, slots: int) -> Callable:
-    """``quantize_row(scratch, absmax, vals, q, scale, i, tid)``: every kernel's epilogue, the row's INT8
-    values and scale from the values in ``vals`` and this thread's partial absmax."""
     @cuda.jit(device=True)
-    def quantize_row(scratch, absmax, vals, q, scale, i, tid):
-        s = _row_scale(block_max(scratch, absmax))
-        for e in range(slots):
-            j = column(tid, e)
-            if j < q.shape[1]:
-                q[i, j] = _quantize_value(vals[e], s)
-        if tid == 0:
-            scale[i] = s
-    return quantize_row
+    def quantize_store(vals, absmax, q, scale, base, t, store):
+        s = _row_scale(absmax)
+        inverse = _ONE / s
+        if store:
+            for u in range(per_thread):
+                w = t + u * threads
+                if u < full or w < words:
+                    word = zero_word(q)
+                    for h in range(vec):
+                        word = _insert_i8(word, _quantize_value(vals[u * vec + h], inverse), h)
+                    q[base + w] = word
+            if t == 0:
+                scale[cuda.blockIdx.x * rows_per_block + cuda.threadIdx.y] = s
+    return make_load, make_param, quantize_store
+
+
+def _row_position(rows_per_block: int, words: int) -> Callable:
+    @cuda.jit(device=True)
+    def position(n_rows):
+        """(first word of this thread's row, whether the row exists); a missing row reads the last one."""
+        row = cuda.blockIdx.x * rows_per_block + cuda.threadIdx.y
+        store = row < n_rows
+        return int64(min(row, n_rows - 1)) * words, store
+    return position
 
 
 @_built
-def _quantize_kernel(x_codec: str, block: int, per_thread: int, vec: int, reduction: str):
-    load_row, column = _make_row_helpers(x_codec, block, per_thread, vec)
-    scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
-    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
+def _quantize_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, reduction: str):
+    shape = _Shape(k, vec, threads, rows, reduction)
+    make_load, _, quantize_store = _make_row_io(shape)
+    load_x = make_load(_CODECS[x_codec][0])
+    block_max = _make_row_reduce(fmax, threads, rows, reduction)
+    position = _row_position(rows, shape.words)
+    slots, scratch_len = shape.slots, shape.scratch_len
 
     @cuda.jit
     def kernel(x, q, scale):
-        i = cuda.blockIdx.x
-        tid = cuda.threadIdx.x
+        t = cuda.threadIdx.x
+        base, store = position(scale.shape[0])
         scratch = cuda.shared.array(scratch_len, float32)
         vals = cuda.local.array(slots, float32)
-        load_row(x, i, tid, vals)
+        load_x(x, base, t, vals)
         absmax = _ZERO
         for e in range(slots):
-            absmax = max(absmax, abs(vals[e]))  # slots past the row hold 0
-        quantize_row(scratch, absmax, vals, q, scale, i, tid)
+            absmax = fmax(absmax, fabs(vals[e]))  # slots past the row hold 0
+        quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
 
 @_built
 def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bool, has_weight: bool,
-                      has_bias: bool, block: int, per_thread: int, vec: int, reduction: str):
-    load_row, column = _make_row_helpers(x_codec, block, per_thread, vec)
-    _, round_x, store_y = _CODECS[x_codec]
-    load_w = _CODECS[w_codec][0]
-    load_b = _CODECS[b_codec][0]
-    block_sum = _make_block_reduce(_add, block, reduction)
-    scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
-    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
+                      has_bias: bool, k: int, vec: int, threads: int, rows: int, reduction: str):
+    shape = _Shape(k, vec, threads, rows, reduction)
+    make_load, make_param, quantize_store = _make_row_io(shape)
+    decode_x, round_x, insert_x = _CODECS[x_codec]
+    load_x = make_load(decode_x)
+    weight_at = make_param(_CODECS[w_codec][0], _word_vec(w_codec, vec))
+    bias_at = make_param(_CODECS[b_codec][0], _word_vec(b_codec, vec))
+    block_sum = _make_row_reduce(_add, threads, rows, reduction)
+    block_max = _make_row_reduce(fmax, threads, rows, reduction)
+    position = _row_position(rows, shape.words)
+    slots, scratch_len, per_thread, full, words = shape.slots, shape.scratch_len, shape.per_thread, shape.full, shape.words
 
     @cuda.jit
     def kernel(x, residual, weight, bias, eps, y, q, scale):
-        i = cuda.blockIdx.x
-        tid = cuda.threadIdx.x
-        k = q.shape[1]
+        t = cuda.threadIdx.x
+        base, store = position(scale.shape[0])
         scratch = cuda.shared.array(scratch_len, float32)
         vals = cuda.local.array(slots, float32)
-        load_row(x, i, tid, vals)
+        load_x(x, base, t, vals)
         if add_residual:
             res = cuda.local.array(slots, float32)
-            load_row(residual, i, tid, res)
+            load_x(residual, base, t, res)
             for e in range(slots):
                 vals[e] = round_x(vals[e] + res[e])  # x + residual is a tensor of x's dtype
         total = _ZERO
         for e in range(slots):
             total += vals[e]  # slots past the row hold 0
-        mean = block_sum(scratch, total) / float32(k)
+        mean = block_sum(scratch, total) / float32(k)  # a division, as torch.mean: the same float32 value
         squares = _ZERO
-        for e in range(slots):
-            if column(tid, e) < k:
-                d = vals[e] - mean
-                squares += d * d
+        for u in range(per_thread):
+            if u < full or t + u * threads < words:
+                for h in range(vec):
+                    d = vals[u * vec + h] - mean
+                    squares += d * d
         rstd = _ONE / math.sqrt(block_sum(scratch, squares) / float32(k) + eps)
         absmax = _ZERO
-        for e in range(slots):
-            j = column(tid, e)
-            if j < k:
-                v = (vals[e] - mean) * rstd
-                if has_weight:
-                    v = v * load_w(weight, 0, j)
-                if has_bias:
-                    v = v + load_b(bias, 0, j)
-                v = round_x(v)
-                store_y(y, i, j, v)
-                vals[e] = v
-                absmax = max(absmax, abs(v))
-        quantize_row(scratch, absmax, vals, q, scale, i, tid)
+        for u in range(per_thread):
+            w = t + u * threads
+            if u < full or w < words:
+                word = zero_word(y)
+                for h in range(vec):
+                    v = (vals[u * vec + h] - mean) * rstd
+                    if has_weight:
+                        v = v * weight_at(weight, w, h)
+                    if has_bias:
+                        v = v + bias_at(bias, w, h)
+                    v = round_x(v)
+                    word = insert_x(word, v, h)
+                    vals[u * vec + h] = v
+                    absmax = fmax(absmax, fabs(v))
+                if store:
+                    y[base + w] = word
+        quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
 
 @_built
-def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, block: int, per_thread: int, vec: int,
+def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, k: int, vec: int, threads: int, rows: int,
                     reduction: str):
-    load_row, column = _make_row_helpers(x_codec, block, per_thread, vec)
+    shape = _Shape(k, vec, threads, rows, reduction)
+    make_load, make_param, quantize_store = _make_row_io(shape)
+    load_x = make_load(_CODECS[x_codec][0])
     round_x = _CODECS[x_codec][1]
-    load_w = _CODECS[w_codec][0]
-    _, round_y, store_y = _CODECS[y_codec]
-    block_sum = _make_block_reduce(_add, block, reduction)
-    scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
-    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
+    weight_at = make_param(_CODECS[w_codec][0], _word_vec(w_codec, vec))
+    _, round_y, insert_y = _CODECS[y_codec]
+    y_vec = _word_vec(y_codec, vec)
+    y_ratio = vec // y_vec
+    block_sum = _make_row_reduce(_add, threads, rows, reduction)
+    block_max = _make_row_reduce(fmax, threads, rows, reduction)
+    position = _row_position(rows, shape.words)
+    slots, scratch_len, per_thread, full, words = shape.slots, shape.scratch_len, shape.per_thread, shape.full, shape.words
 
     @cuda.jit
     def kernel(x, weight, eps, y, q, scale):
-        i = cuda.blockIdx.x
-        tid = cuda.threadIdx.x
-        k = q.shape[1]
+        t = cuda.threadIdx.x
+        base, store = position(scale.shape[0])
         scratch = cuda.shared.array(scratch_len, float32)
         vals = cuda.local.array(slots, float32)
-        load_row(x, i, tid, vals)
+        load_x(x, base, t, vals)
         squares = _ZERO
         for e in range(slots):
             squares += vals[e] * vals[e]
         rstd = _ONE / math.sqrt(block_sum(scratch, squares) / float32(k) + eps)
         absmax = _ZERO
-        for e in range(slots):
-            j = column(tid, e)
-            if j < k:
-                normed = round_x(vals[e] * rstd)  # the reference casts back to x's dtype before the weight
-                v = round_y(load_w(weight, 0, j) * normed)
-                store_y(y, i, j, v)
-                vals[e] = v
-                absmax = max(absmax, abs(v))
-        quantize_row(scratch, absmax, vals, q, scale, i, tid)
+        for u in range(per_thread):
+            w = t + u * threads
+            if u < full or w < words:
+                for part in range(y_ratio):  # y may be float32 in narrower words than x
+                    word = zero_word(y)
+                    for hh in range(y_vec):
+                        h = part * y_vec + hh
+                        normed = round_x(vals[u * vec + h] * rstd)  # the reference casts to x's dtype first
+                        v = round_y(weight_at(weight, w, h) * normed)
+                        word = insert_y(word, v, hh)
+                        vals[u * vec + h] = v
+                        absmax = fmax(absmax, fabs(v))
+                    if store:
+                        y[base * y_ratio + w * y_ratio + part] = word
+        quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
 
 @_built
-def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, block: int, per_thread: int, vec: int,
+def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, k: int, vec: int, threads: int, rows: int,
                  reduction: str):
-    load_row, column = _make_row_helpers(x_codec, block, per_thread, vec)
-    load_x, round_x, _ = _CODECS[x_codec]
-    scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
-    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
+    shape = _Shape(k, vec, threads, rows, reduction)
+    make_load, make_param, quantize_store = _make_row_io(shape)
+    decode_x, round_x, _ = _CODECS[x_codec]
+    load_x = make_load(decode_x)
+    bias_at = make_param(decode_x, vec)
+    block_max = _make_row_reduce(fmax, threads, rows, reduction)
+    position = _row_position(rows, shape.words)
+    slots, scratch_len, per_thread, full, words = shape.slots, shape.scratch_len, shape.per_thread, shape.full, shape.words
 
     @cuda.jit
     def kernel(x, bias, q, scale):
-        i = cuda.blockIdx.x
-        tid = cuda.threadIdx.x
-        k = q.shape[1]
+        t = cuda.threadIdx.x
+        base, store = position(scale.shape[0])
         scratch = cuda.shared.array(scratch_len, float32)
         vals = cuda.local.array(slots, float32)
-        load_row(x, i, tid, vals)
+        load_x(x, base, t, vals)
         absmax = _ZERO
-        for e in range(slots):
-            j = column(tid, e)
-            if j < k:
-                v = vals[e]
-                if has_bias:
-                    v = round_x(v + load_x(bias, 0, j))
-                if tanh:
-                    inner = _TANH_BETA * (v + _TANH_KAPPA * (v * v * v))
-                    g = _HALF * v * (_ONE + float32(math.tanh(inner)))
-                else:
-                    g = v * _HALF * (_ONE + float32(math.erf(v * _SQRT1_2)))
-                g = round_x(g)
-                vals[e] = g
-                absmax = max(absmax, abs(g))
-        quantize_row(scratch, absmax, vals, q, scale, i, tid)
+        for u in range(per_thread):
+            w = t + u * threads
+            if u < full or w < words:
+                for h in range(vec):
+                    v = vals[u * vec + h]
+                    if has_bias:
+                        v = round_x(v + bias_at(bias, w, h))
+                    if tanh:
+                        inner = _TANH_BETA * (v + _TANH_KAPPA * (v * v * v))
+                        g = _HALF * v * (_ONE + math.tanh(inner))
+                    else:
+                        g = v * _HALF * (_ONE + math.erf(v * _SQRT1_2))
+                    g = round_x(g)
+                    vals[u * vec + h] = g
+                    absmax = fmax(absmax, fabs(g))
+        quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
 
 @_built
-def _silu_mul_kernel(x_codec: str, block: int, per_thread: int, vec: int, reduction: str):
-    load_row, column = _make_row_helpers(x_codec, block, per_thread, vec)
+def _silu_mul_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, reduction: str):
+    shape = _Shape(k, vec, threads, rows, reduction)
+    make_load, _, quantize_store = _make_row_io(shape)
+    load_x = make_load(_CODECS[x_codec][0])
     round_x = _CODECS[x_codec][1]
-    scratch_len, slots = _scratch_len(block, reduction), per_thread * vec
-    quantize_row = _make_row_quantizer(column, _make_block_reduce(_max, block, reduction), slots)
+    block_max = _make_row_reduce(fmax, threads, rows, reduction)
+    position = _row_position(rows, shape.words)
+    slots, scratch_len = shape.slots, shape.scratch_len
 
     @cuda.jit
     def kernel(gate, up, q, scale):
-        i = cuda.blockIdx.x
-        tid = cuda.threadIdx.x
-        k = q.shape[1]
+        t = cuda.threadIdx.x
+        base, store = position(scale.shape[0])
         scratch = cuda.shared.array(scratch_len, float32)
         gates = cuda.local.array(slots, float32)
         ups = cuda.local.array(slots, float32)
-        load_row(gate, i, tid, gates)
-        load_row(up, i, tid, ups)
+        load_x(gate, base, t, gates)
+        load_x(up, base, t, ups)
         absmax = _ZERO
-        for e in range(slots):
-            if column(tid, e) < k:
-                g = gates[e]
-                silu = round_x(g / (_ONE + float32(math.exp(-g))))
-                v = round_x(silu * ups[e])
-                gates[e] = v
-                absmax = max(absmax, abs(v))
-        quantize_row(scratch, absmax, gates, q, scale, i, tid)
+        for e in range(slots):  # slots past the row hold 0 and stay 0
+            g = gates[e]
+            silu = round_x(g / (_ONE + math.exp(-g)))
+            v = round_x(silu * ups[e])
+            gates[e] = v
+            absmax = fmax(absmax, fabs(v))
+        quantize_store(gates, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
 
@@ -513,38 +648,15 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def block_size(k: int) -> int:
-    """Threads per row: about 8 columns per thread, at most 256 threads unless the row needs more.
+def launch_shape(k: int, vec: int) -> tuple[int, int]:
+    """Default (threads per row T, rows per block R) for rows of K elements read ``vec`` at a time.
 
-    Measured on an H100 at 4096 rows (benchmarks/gpu_latency.py sweep): K=768 is fastest with 128 threads
-    (6 columns each), K=3072 with 256 (12 each); 512 threads were 5-40% slower at both.
+    T: the narrowest power of two (>= one warp) that leaves each thread at most 6 words, so rows up to
+    768 x 4 elements take one warp and need no block-wide synchronisation; R fills blocks to 128 threads.
     """
-    return min(1024, max(_WARP, min(256, _pow2_at_least(-(-k // 8))), _pow2_at_least(-(-k // MAX_PER_THREAD))))
-
-
-def _launch_config(x: Any, q: Any, scale: Any, block: int | None, reduction: str | None
-                   ) -> tuple[int, int, str]:
-    """(rows, threads per row, reduction) after checking the outputs and the row length."""
-    rows, k = x.shape
-    if tuple(q.shape) != (rows, k) or np.dtype(q.dtype) != np.int8:
-        raise ZQError(f"q must be int8 of shape {(rows, k)}, got {q.dtype} {tuple(q.shape)}")
-    if tuple(scale.shape) != (rows,) or np.dtype(scale.dtype) != np.float32:
-        raise ZQError(f"scale must be float32 of shape ({rows},), got {scale.dtype} {tuple(scale.shape)}")
-    if k > MAX_K:
-        raise ZQError(f"rows of {k} elements exceed the Numba kernels' limit of {MAX_K} (1024 threads holding "
-                      f"{MAX_PER_THREAD} values each); use the reference kernels for this op")
-    block = block or block_size(k)
-    if block & (block - 1) or not _WARP <= block <= 1024:
-        raise ZQError(f"block size must be a power of two in [32, 1024], got {block}")
-    if -(-k // block) > MAX_PER_THREAD:
-        raise ZQError(f"{block} threads per row would hold {-(-k // block)} values each (at most "
-                      f"{MAX_PER_THREAD}); use a larger block")
-    reduction = reduction or DEFAULT_REDUCTION
-    if reduction not in REDUCTIONS:
-        raise ZQError(f"unknown reduction {reduction!r}; choose one of {list(REDUCTIONS)}")
-    if reduction == "shuffle" and SIMULATOR:
-        raise ZQError("the CUDA simulator has no warp shuffles; use reduction='tree' under NUMBA_ENABLE_CUDASIM")
-    return rows, block, reduction
+    words = -(-k // vec)
+    threads = min(1024, max(_WARP, _pow2_at_least(-(-words // 6)), _pow2_at_least(-(-k // MAX_PER_THREAD))))
+    return threads, max(1, 128 // threads)
 
 
 def _address(a: Any) -> int:
@@ -552,26 +664,77 @@ def _address(a: Any) -> int:
     return interface["data"][0]
 
 
-def _rows_as_words(rows: list[Any], vectorize: bool) -> tuple[list[Any], int]:
-    """The [rows, K] inputs as int32 words of two elements (vec=2) when they are 16-bit, of even K,
-    C-contiguous and 4-byte aligned; else unchanged (vec=1)."""
-    k = rows[0].shape[1]
-    if vectorize and k % 2 == 0 and all(np.dtype(a.dtype).itemsize == 2 and a.flags["C_CONTIGUOUS"]
-                                        and _address(a) % 4 == 0 for a in rows):
-        return [a.view(np.int32) for a in rows], 2
-    return rows, 1
+def _contiguous(a: Any) -> bool:
+    """C-contiguity of a NumPy array or a Numba device array."""
+    return a.is_c_contiguous() if hasattr(a, "is_c_contiguous") else bool(a.flags["C_CONTIGUOUS"])
 
 
-def _run(kernel, rows: int, block: int, stream: Any, *args: Any) -> None:
-    if rows:
-        kernel[rows, block, stream](*args)
+def _pick_vec(arrays: list[Any], k: int, vec: int | None) -> int:
+    """The widest word (``vec`` elements, at most 8 bytes per word of every array) that divides K and
+    that every array's start is aligned to; ``vec`` forces one (ZQError if it does not apply)."""
+    def fits(v: int) -> bool:
+        return (k % v == 0 and v * arrays[0].dtype.itemsize <= MAX_WORD_BYTES
+                and all(_address(a) % (_word_vec(_element_codec(a), v) * a.dtype.itemsize) == 0 for a in arrays))
+    if vec is None:
+        return next(v for v in reversed(VECS) if fits(v))
+    if vec not in VECS:
+        raise ZQError(f"vec must be one of {VECS}, got {vec}")
+    if not fits(vec):
+        raise ZQError(f"vec={vec} needs K ({k}) divisible by {vec} and rows aligned to whole words")
+    return vec
+
+
+def _element_codec(a: Any) -> str:
+    """The codec of a row or parameter array, "i8" for the quantized output."""
+    return "i8" if np.dtype(a.dtype).itemsize == 1 else codec_of(a, "array")
+
+
+def _words(a: Any, vec: int) -> Any:
+    """A C-contiguous array as a flat view of unsigned words of ``vec`` elements (narrower for 4-byte
+    elements that would exceed 8 bytes)."""
+    v = _word_vec(_element_codec(a), vec)
+    return a.reshape(-1).view(_WORD_DTYPES[v * np.dtype(a.dtype).itemsize])
+
+
+def _launch_config(x: Any, q: Any, scale: Any, threads: int | None, rows_per_block: int | None,
+                   reduction: str | None, vec: int) -> tuple[int, int, int, str]:
+    """(rows, T, R, reduction) after checking the outputs and the row length."""
+    rows, k = x.shape
+    if k > MAX_K:
+        raise ZQError(f"rows of {k} elements exceed the Numba kernels' limit of {MAX_K} (1024 threads holding "
+                      f"{MAX_PER_THREAD} values each); use the reference kernels for this op")
+    default_threads, default_rows = launch_shape(k, vec)
+    threads = threads or default_threads
+    rows_per_block = rows_per_block or (default_rows * default_threads // threads or 1)
+    if threads & (threads - 1) or not _WARP <= threads <= 1024:
+        raise ZQError(f"threads per row must be a power of two in [32, 1024], got {threads}")
+    if rows_per_block < 1 or threads * rows_per_block > 1024:
+        raise ZQError(f"{rows_per_block} rows of {threads} threads do not make a block of at most 1024 threads")
+    if -(-k // threads) > MAX_PER_THREAD:
+        raise ZQError(f"{threads} threads per row would hold {-(-k // threads)} values each (at most "
+                      f"{MAX_PER_THREAD}); use more threads per row")
+    reduction = reduction or DEFAULT_REDUCTION
+    if reduction not in REDUCTIONS:
+        raise ZQError(f"unknown reduction {reduction!r}; choose one of {list(REDUCTIONS)}")
+    if reduction == "shuffle" and SIMULATOR:
+        raise ZQError("the CUDA simulator has no warp shuffles; use reduction='tree' under NUMBA_ENABLE_CUDASIM")
+    return rows, threads, rows_per_block, reduction
+
+
+def _check_outputs(x: Any, q: Any, scale: Any) -> None:
+    rows, k = x.shape
+    if tuple(q.shape) != (rows, k) or np.dtype(q.dtype) != np.int8:
+        raise ZQError(f"q must be int8 of shape {(rows, k)}, got {q.dtype} {tuple(q.shape)}")
+    if tuple(scale.shape) != (rows,) or np.dtype(scale.dtype) != np.float32:
+        raise ZQError(f"scale must be float32 of shape ({rows},), got {scale.dtype} {tuple(scale.shape)}")
+    if not all(_contiguous(a) for a in (x, q)):
+        raise ZQError("the Numba kernels take C-contiguous [rows, K] arrays; call .contiguous() first")
 
 
 def _vector(v: Any, k: int, what: str) -> Any:
-    """A 1-D per-column parameter as a [1, K] view, so the codecs index every array the same way."""
     if tuple(v.shape) != (k,):
         raise ZQError(f"{what} must have shape ({k},), got {tuple(v.shape)}")
-    return v.reshape(1, k)
+    return v
 
 
 def _same_type(a: Any, b: Any, what: str, shape: bool = True) -> None:
@@ -581,28 +744,43 @@ def _same_type(a: Any, b: Any, what: str, shape: bool = True) -> None:
         raise ZQError(f"{what} must have the input's dtype {a.dtype}, got {b.dtype}")
 
 
-def _per_thread(k: int, block: int, vec: int) -> int:
-    return max(1, -(-k // (block * vec)))
+class _Launch:
+    """Checked launch geometry shared by every op: rows, vec, T, R, reduction, grid."""
+
+    def __init__(self, x: Any, q: Any, scale: Any, arrays: list[Any], options: dict[str, Any]) -> None:
+        _check_outputs(x, q, scale)
+        self.k = x.shape[1]
+        self.vec = _pick_vec([x, q, *arrays], self.k, options.get("vec"))
+        self.rows, self.threads, self.rows_per_block, self.reduction = _launch_config(
+            x, q, scale, options.get("threads"), options.get("rows_per_block"), options.get("reduction"), self.vec)
+        self.stream = options.get("stream", 0)
+
+    def geometry(self) -> tuple[int, int, int, int, str]:
+        return self.k, self.vec, self.threads, self.rows_per_block, self.reduction
+
+    def words(self, a: Any) -> Any:
+        return _words(a, self.vec)
+
+    def run(self, kernel: Any, *args: Any) -> None:
+        if self.rows:
+            grid = -(-self.rows // self.rows_per_block)
+            kernel[grid, (self.threads, self.rows_per_block), self.stream](*args)
 
 
-# Every launch takes [rows, K] arrays (q int8, scale float32 [rows]) and these keywords: stream (a Numba
-# stream), block (threads per row; default block_size(K)), reduction ("tree" | "shuffle"; default
-# DEFAULT_REDUCTION) and vectorize (allow the two-element loads; off by default, see the module docstring).
+# Every launch takes C-contiguous [rows, K] arrays (q int8, scale float32 [rows]) and these keywords:
+# stream (a Numba stream), threads (per row) and rows_per_block (default launch_shape(K, vec)), vec (elements
+# per load/store word, 1/2/4; default the widest that K and the arrays' alignment allow) and reduction
+# ("tree" | "shuffle"; default DEFAULT_REDUCTION).
 
-def quantize_per_token(x, q, scale, *, stream: Any = 0, block: int | None = None, reduction: str | None = None,
-                       vectorize: bool = False) -> None:
+def quantize_per_token(x, q, scale, **options: Any) -> None:
     """q, scale = per-token INT8 of x [rows, K]."""
-    rows, block, reduction = _launch_config(x, q, scale, block, reduction)
-    codec = codec_of(x, "x")
-    (xw,), vec = _rows_as_words([x], vectorize)
-    kernel = _quantize_kernel(codec, block, _per_thread(x.shape[1], block, vec), vec, reduction)
-    _run(kernel, rows, block, stream, xw, q, scale)
+    launch = _Launch(x, q, scale, [], options)
+    kernel = _quantize_kernel(codec_of(x, "x"), *launch.geometry())
+    launch.run(kernel, launch.words(x), launch.words(q), scale)
 
 
-def layernorm_quant(x, weight, bias, eps: float, y, q, scale, *, residual=None, stream: Any = 0,
-                    block: int | None = None, reduction: str | None = None, vectorize: bool = False) -> None:
+def layernorm_quant(x, weight, bias, eps: float, y, q, scale, *, residual=None, **options: Any) -> None:
     """y = LayerNorm(x [+ residual]) in x's dtype; q, scale = its per-token INT8. weight/bias may be None."""
-    rows, block, reduction = _launch_config(x, q, scale, block, reduction)
     k = x.shape[1]
     _same_type(x, y, "y")
     if residual is not None:
@@ -610,48 +788,41 @@ def layernorm_quant(x, weight, bias, eps: float, y, q, scale, *, residual=None, 
     has_weight, has_bias = weight is not None, bias is not None
     weight = _vector(weight, k, "weight") if has_weight else x  # an unused placeholder array otherwise
     bias = _vector(bias, k, "bias") if has_bias else x
-    inputs, vec = _rows_as_words([x] if residual is None else [x, residual], vectorize)
+    rows = [y] + ([residual] if residual is not None else [])
+    launch = _Launch(x, q, scale, rows + [weight, bias], options)
     kernel = _layernorm_kernel(codec_of(x, "x"), codec_of(weight, "weight"), codec_of(bias, "bias"),
-                               residual is not None, has_weight, has_bias, block, _per_thread(k, block, vec), vec,
-                               reduction)
-    _run(kernel, rows, block, stream, inputs[0], inputs[-1], weight, bias, np.float32(eps), y, q, scale)
+                               residual is not None, has_weight, has_bias, *launch.geometry())
+    launch.run(kernel, launch.words(x), launch.words(x if residual is None else residual), launch.words(weight),
+               launch.words(bias), np.float32(eps), launch.words(y), launch.words(q), scale)
 
 
-def rmsnorm_quant(x, weight, eps: float, y, q, scale, *, stream: Any = 0, block: int | None = None,
-                  reduction: str | None = None, vectorize: bool = False) -> None:
+def rmsnorm_quant(x, weight, eps: float, y, q, scale, **options: Any) -> None:
     """y = weight * RMSNorm(x) (normalised value cast to x's dtype first; y in y's dtype); q, scale of y."""
-    rows, block, reduction = _launch_config(x, q, scale, block, reduction)
     k = x.shape[1]
     if tuple(y.shape) != tuple(x.shape):
         raise ZQError(f"y has shape {tuple(y.shape)}, expected {tuple(x.shape)}")
     weight = _vector(weight, k, "weight")
-    (xw,), vec = _rows_as_words([x], vectorize)
-    kernel = _rmsnorm_kernel(codec_of(x, "x"), codec_of(weight, "weight"), codec_of(y, "y"), block,
-                             _per_thread(k, block, vec), vec, reduction)
-    _run(kernel, rows, block, stream, xw, weight, np.float32(eps), y, q, scale)
+    launch = _Launch(x, q, scale, [weight, y], options)
+    kernel = _rmsnorm_kernel(codec_of(x, "x"), codec_of(weight, "weight"), codec_of(y, "y"), *launch.geometry())
+    launch.run(kernel, launch.words(x), launch.words(weight), np.float32(eps), launch.words(y), launch.words(q),
+               scale)
 
 
-def gelu_quant(x, bias, approximate: str, q, scale, *, stream: Any = 0, block: int | None = None,
-               reduction: str | None = None, vectorize: bool = False) -> None:
+def gelu_quant(x, bias, approximate: str, q, scale, **options: Any) -> None:
     """q, scale = per-token INT8 of GELU(x [+ bias]); approximate is 'none' (erf) or 'tanh'."""
     if approximate not in ("none", "tanh"):
         raise ZQError(f"GELU approximate must be 'none' or 'tanh', got {approximate!r}")
-    rows, block, reduction = _launch_config(x, q, scale, block, reduction)
     k = x.shape[1]
     if bias is not None:
-        bias = _vector(bias, k, "bias")
-        _same_type(x, bias, "bias", shape=False)
-    (xw,), vec = _rows_as_words([x], vectorize)
-    kernel = _gelu_kernel(codec_of(x, "x"), bias is not None, approximate == "tanh", block,
-                          _per_thread(k, block, vec), vec, reduction)
-    _run(kernel, rows, block, stream, xw, x if bias is None else bias, q, scale)
+        _same_type(x, _vector(bias, k, "bias"), "bias", shape=False)
+    launch = _Launch(x, q, scale, [] if bias is None else [bias], options)
+    kernel = _gelu_kernel(codec_of(x, "x"), bias is not None, approximate == "tanh", *launch.geometry())
+    launch.run(kernel, launch.words(x), launch.words(x if bias is None else bias), launch.words(q), scale)
 
 
-def silu_mul_quant(gate, up, q, scale, *, stream: Any = 0, block: int | None = None,
-                   reduction: str | None = None, vectorize: bool = False) -> None:
+def silu_mul_quant(gate, up, q, scale, **options: Any) -> None:
     """q, scale = per-token INT8 of silu(gate) * up (gate and up of one dtype)."""
-    rows, block, reduction = _launch_config(gate, q, scale, block, reduction)
     _same_type(gate, up, "up")
-    (gw, uw), vec = _rows_as_words([gate, up], vectorize)
-    kernel = _silu_mul_kernel(codec_of(gate, "gate"), block, _per_thread(gate.shape[1], block, vec), vec, reduction)
-    _run(kernel, rows, block, stream, gw, uw, q, scale)
+    launch = _Launch(gate, q, scale, [up], options)
+    kernel = _silu_mul_kernel(codec_of(gate, "gate"), *launch.geometry())
+    launch.run(kernel, launch.words(gate), launch.words(up), launch.words(q), scale)

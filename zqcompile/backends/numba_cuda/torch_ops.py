@@ -26,8 +26,9 @@ kernels.numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = False  # decode-size launches
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _streams: dict[int, Any] = {}
 
-LAUNCH_OPTIONS: dict[str, Any] = {"reduction": None, "vectorize": False}
-"""Keyword options every launch gets (benchmarks/gpu_latency.py compares the variants through them)."""
+LAUNCH_OPTIONS: dict[str, Any] = {}
+"""Keyword options every launch gets (threads, rows_per_block, vec, reduction; unset = the kernels' defaults):
+benchmarks/gpu_latency.py compares the variants through them."""
 
 
 def _stream() -> Any:
