@@ -57,7 +57,7 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     backend = resolve_backend(backend, captured.device)
     calibration = _calibration_inputs(model, captured, calibration_data) if recipe.smooth_alpha is not None else ()
     gm, ctx = run_pipeline(captured.graph_module, recipe, dump_dir=dump_dir, calibration_inputs=calibration)
-    quantized = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, cuda_graphs))
+    quantized = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, cuda_graphs, ctx))
     quantized.lkd_result = lkd_result
     return quantized
 

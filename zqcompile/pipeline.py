@@ -1,6 +1,7 @@
 """The compiler, top-down: ZeroQuant's components as phases of graph passes.
 
 capture -> canonicalize -> plan -> smooth (optional) -> quantize weights -> insert activation quant -> fuse -> lower -> cleanup
+then, for the cuda backend only, on the copy of the graph it executes: fuse sibling GEMMs, hoist the attention mask
 
 Every phase leaves a runnable graph with the same meaning; up to ``fuse`` it is simulated quantization
 (integer values dequantized back to floats), ``lower`` makes the GEMMs integer. Set ``dump_dir`` (or the
@@ -15,14 +16,16 @@ from typing import Sequence
 
 import torch
 
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 from zqcompile.errors import ZQError
 from zqcompile.passes import (
-    CompileContext, annotate_roles, calibrate_activations, canonicalize_conv1d, cleanup, fuse_quant_into_elementwise,
-    insert_activation_quant, lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout,
-    remove_tensor_asserts, run_passes, smooth_activations,
+    CompileContext, additive_attention_mask, annotate_roles, calibrate_activations, canonicalize_conv1d, cleanup,
+    fuse_quant_into_elementwise, fuse_sibling_linears, insert_activation_quant, lower_linear_to_int8_gemm,
+    plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes, smooth_activations,
 )
+from zqcompile.passes.fuse_sibling_linears import FUSED_ARG_POSITION, META_FUSED_FROM
+from zqcompile.passes.infra import get_attr_tensor, replace_attr_tensor
 from zqcompile.recipe import Recipe
 
 PHASES = (
@@ -44,6 +47,12 @@ PHASES = (
 )
 PHASE_NAMES = tuple(name for name, _ in PHASES)
 
+CUDA_PHASES = (
+    # rewrites that pay off with the GPU kernels, applied to the graph the cuda backend runs; the compiled graph
+    # that users inspect, export and save keeps one GEMM per linear layer
+    ("cuda_graph_rewrites", (fuse_sibling_linears, additive_attention_mask, cleanup)),
+)
+
 
 def run_pipeline(gm: GraphModule, recipe: Recipe, stop_after: str | None = None,
                  dump_dir: str | os.PathLike | None = None,
@@ -64,3 +73,23 @@ def run_pipeline(gm: GraphModule, recipe: Recipe, stop_after: str | None = None,
         if phase == stop_after:
             break
     return gm, ctx
+
+
+def optimize_for_cuda(gm: GraphModule, ctx: CompileContext) -> GraphModule:
+    """The graph the cuda backend executes: a copy of ``gm`` (sharing its tensors) after ``CUDA_PHASES``.
+
+    The weights, scales and biases that a fused GEMM concatenated are put back into ``gm`` as views of the
+    concatenation, so the model holds each tensor once.
+    """
+    graph = Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = gm.graph._codegen  # export's pytree calling convention
+    executed = GraphModule(gm, graph)
+    for _, passes in CUDA_PHASES:
+        executed = run_passes(executed, ctx, passes)
+    for node in executed.graph.nodes:
+        for kind, parts in node.meta.get(META_FUSED_FROM, {}).items():
+            fused = get_attr_tensor(executed, node.args[FUSED_ARG_POSITION[kind]])
+            for target, start, end in parts:
+                replace_attr_tensor(gm, target, fused[start:end])
+    return executed

@@ -282,6 +282,6 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
                         examples, getattr(torch, manifest["dtype"]), device)
     backend = resolve_backend("auto" if device.type != torch.device(manifest["device"]).type else manifest["backend"],
                               device)
-    qmodel = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, None))
+    qmodel = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, None, ctx))
     qmodel.source_model = manifest.get("source_model")
     return qmodel

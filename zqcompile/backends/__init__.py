@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from zqcompile.errors import ZQError
+
+if TYPE_CHECKING:
+    from zqcompile.passes import CompileContext
 
 BACKENDS = ("auto", "cpu", "cuda")
 
@@ -66,9 +69,10 @@ def reference_kernels() -> Iterator[None]:
         yield
 
 
-def build_runner(graph_module: Callable[..., Any], backend: str, cuda_graphs: bool | None
-                 ) -> Callable[..., Any] | None:
-    """What runs the compiled graph: None (the graph itself) or, for the cuda backend, a CUDA-graph runner.
+def build_runner(graph_module: torch.fx.GraphModule, backend: str, cuda_graphs: bool | None,
+                 ctx: "CompileContext") -> Callable[..., Any] | None:
+    """What runs the compiled graph: None (the graph itself) or, for the cuda backend, its CUDA rewrite
+    (pipeline.optimize_for_cuda; the rewrites' counters go into ``ctx``), in a CUDA-graph runner.
 
     For ``backend='cuda'`` this registers the GPU kernels; ``cuda_graphs`` defaults to on there.
     """
@@ -78,8 +82,8 @@ def build_runner(graph_module: Callable[..., Any], backend: str, cuda_graphs: bo
                           "leave cuda_graphs unset")
         return None
     register_cuda_kernels()
-    if cuda_graphs is False:
-        return None
     from zqcompile.backends.cuda_graphs import CUDAGraphRunner
+    from zqcompile.pipeline import optimize_for_cuda
 
-    return CUDAGraphRunner(graph_module)
+    executed = optimize_for_cuda(graph_module, ctx)
+    return executed if cuda_graphs is False else CUDAGraphRunner(executed)

@@ -1,0 +1,99 @@
+"""fuse_sibling_linears: q/k/v-style siblings become one GEMM + split, exactly; other linears stay."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import zqcompile
+
+from conftest import TINY_MODELS, apply_pass, count_ops, export_graph, op_targets
+from zqcompile.passes import fuse_sibling_linears
+from zqcompile.passes.fuse_sibling_linears import META_FUSED_FROM
+from zqcompile.passes.infra import attr_tensor, get_attr_tensor
+from zqcompile.pipeline import optimize_for_cuda, run_pipeline
+from zqcompile.recipe import load_recipe
+
+INT8_LINEAR = torch.ops.zq.int8_linear.default
+SPLIT = torch.ops.aten.split_with_sizes.default
+
+
+class Heads(nn.Module):
+    """Three projections of one LayerNorm output, each reshaped into heads (the attention pattern), and a
+    fourth linear of the same input whose output feeds an add (must stay separate)."""
+
+    def __init__(self, with_extra: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 16)
+        self.extra = nn.Linear(32, 32) if with_extra else None
+
+    def forward(self, x):
+        h = self.norm(x)
+        b, s, _ = x.shape
+        out = (self.q(h).view(b, s, 4, 8).sum(-1), self.k(h).view(b, s, 4, 8).sum(-1), self.v(h).view(b, s, 2, 8))
+        return out + ((self.extra(h) + x,) if self.extra is not None else ())
+
+
+def _lowered(module: nn.Module):
+    x = torch.randn(2, 5, 32)
+    gm, ctx = run_pipeline(export_graph(module, x), load_recipe("w8a8"))  # fuse_sibling_linears runs after it
+    return gm, ctx, x
+
+
+def test_fuses_reshaped_siblings_into_one_exact_gemm():
+    gm, ctx, x = _lowered(Heads(with_extra=True))
+    assert count_ops(gm, INT8_LINEAR) == 4
+    with torch.no_grad():
+        expected = gm(x)
+        result = apply_pass(fuse_sibling_linears, gm, ctx)
+        got = gm(x)
+    assert result.counters == {"fuse_sibling_linears.fused_gemms": 1, "fuse_sibling_linears.linears": 3}
+    assert count_ops(gm, INT8_LINEAR) == 2 and count_ops(gm, SPLIT) == 1  # q+k+v fused; extra feeds an add
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # every output column computes exactly as before
+    fused = next(n for n in gm.graph.nodes if META_FUSED_FROM in n.meta)
+    assert [end - start for _, start, end in fused.meta[META_FUSED_FROM]["weight"]] == [32, 32, 16]
+    assert get_attr_tensor(gm, fused.args[2]).shape == (80, 32)
+
+
+def test_single_linear_and_mismatched_layouts_are_left_alone():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(32)
+            self.a, self.b = nn.Linear(32, 8), nn.Linear(32, 8, bias=False)  # bias presence differs
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.a(h).view(-1, 8), self.b(h).view(-1, 8)
+
+    for module in (Mixed(), nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 8))):
+        gm, ctx, x = _lowered(module)
+        before = op_targets(gm)
+        result = apply_pass(fuse_sibling_linears, gm, ctx)
+        assert not result.modified and op_targets(gm) == before
+
+
+def test_cuda_rewrite_of_a_tiny_bert_is_exact_and_shares_the_weights():
+    # optimize_for_cuda is device-agnostic graph work: run it on the CPU graph and compare with the reference ops
+    model = TINY_MODELS["bert"]()
+    qmodel = zqcompile.compile(model, "w8a8")
+    gm, ctx = qmodel.graph_module, qmodel.context
+    ids = torch.randint(0, 100, (2, 12))
+    inputs = qmodel.graph_inputs(ids, torch.ones_like(ids))
+    with torch.no_grad():
+        expected = gm(*inputs)
+        executed = optimize_for_cuda(gm, ctx)
+        got = executed(*inputs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    layers = model.config.num_hidden_layers
+    assert ctx.counters["fuse_sibling_linears.fused_gemms"] == layers
+    assert ctx.counters["additive_attention_mask.masks"] == 1 and ctx.counters["additive_attention_mask.sdpa"] == layers
+    assert count_ops(executed, INT8_LINEAR) == count_ops(gm, INT8_LINEAR) - 2 * layers
+    # the original graph's q/k/v weights are now views of the fused buffers: nothing is stored twice
+    fused = next(n for n in executed.graph.nodes if META_FUSED_FROM in n.meta)
+    buffer = get_attr_tensor(executed, fused.args[2])
+    for target, start, end in fused.meta[META_FUSED_FROM]["weight"]:
+        part = attr_tensor(gm, target)
+        assert part.data_ptr() == buffer[start:end].data_ptr() and torch.equal(part, buffer[start:end])

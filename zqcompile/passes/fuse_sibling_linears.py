@@ -1,0 +1,99 @@
+"""fuse_sibling_linears: one integer GEMM for the linears that read the same quantized activation.
+
+Matches two or more ``zq.int8_linear`` (or two or more ``zq.int4_linear``) nodes with the same activation
+(``x_q``, ``x_scale``) and output dtype, whose weights share K, the scale layout (rows per scale group, input
+groups, dtypes) and bias presence, and whose outputs are only reshaped (``view`` / ``reshape``): attention's
+query / key / value projections. Emits one GEMM over the row-wise concatenated weights, scales and biases and
+``split_with_sizes`` of its output. Each slice equals the original output exactly (a column's epilogue reads
+only its own scale and bias), and one wide GEMM fills the GPU where three narrow ones leave SMs idle and pay
+three launches. The fused node records where its tensors came from (``meta[META_FUSED_FROM]``) so a backend
+can make the originals views of the concatenation instead of a second copy.
+
+Refuses (leaves out of a group) a GEMM whose layout differs from its siblings', whose weight/scale/bias is not
+a graph constant, or whose output feeds anything but a reshape: a slice of the fused output is not contiguous, so an elementwise kernel after
+it would copy it first.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+
+import torch
+from torch.fx import GraphModule, Node
+
+from zqcompile.passes.infra import CompileContext, PassResult, get_attr_tensor, is_op, set_attr_tensor
+
+zq = torch.ops.zq
+_GEMMS = (zq.int8_linear.default, zq.int4_linear.default)
+_RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+META_FUSED_FROM = "zq_fused_from"
+"""On a fused GEMM: {"weight" | "scale" | "bias": [(original attribute, first row, end row), ...]}."""
+FUSED_ARG_POSITION = {"weight": 2, "scale": 3, "bias": 4}
+"""Where each concatenated tensor is in the fused GEMM's arguments."""
+
+
+def _constants(node: Node) -> list[Node] | None:
+    tensors = [a for a in node.args[2:5] if a is not None]
+    return tensors if all(isinstance(a, Node) and a.op == "get_attr" for a in tensors) else None
+
+
+def _layout(gm: GraphModule, node: Node) -> tuple | None:
+    """What must agree between siblings: K, rows per scale group, input groups, dtypes; None if not fusible."""
+    if _constants(node) is None or any(not is_op(user, *_RESHAPES) for user in node.users):
+        return None
+    w, w_s = get_attr_tensor(gm, node.args[2]), get_attr_tensor(gm, node.args[3])
+    bias = node.args[4]
+    bias_dtype = None if bias is None else get_attr_tensor(gm, bias).dtype
+    return w.shape[1], w.dtype, w.shape[0] // w_s.shape[0], w_s.shape[1], w_s.dtype, bias_dtype
+
+
+def _concat(gm: GraphModule, parts: list[Node], name: str) -> tuple[Node, list[tuple[str, int, int]]]:
+    """A get_attr of the row-wise concatenation of ``parts``' tensors, and each part's row range in it."""
+    tensors = [get_attr_tensor(gm, p) for p in parts]
+    target = f"{parts[0].target}_{name}"
+    set_attr_tensor(gm, target, torch.cat(tensors))
+    rows, start = [], 0
+    for part, tensor in zip(parts, tensors):
+        rows.append((part.target, start, start + tensor.shape[0]))
+        start += tensor.shape[0]
+    return gm.graph.get_attr(target), rows
+
+
+def _fuse(gm: GraphModule, siblings: list[Node]) -> None:
+    first = siblings[0]
+    x_q, x_scale, _, _, bias, out_dtype = first.args
+    with gm.graph.inserting_before(first):
+        weight, weight_rows = _concat(gm, [n.args[2] for n in siblings], "siblings")
+        scale, scale_rows = _concat(gm, [n.args[3] for n in siblings], "siblings")
+        fused_from = {"weight": weight_rows, "scale": scale_rows}
+        fused_bias = None
+        if bias is not None:
+            fused_bias, fused_from["bias"] = _concat(gm, [n.args[4] for n in siblings], "siblings")
+        fused = gm.graph.call_function(first.target, (x_q, x_scale, weight, scale, fused_bias, out_dtype))
+        fused.meta[META_FUSED_FROM] = fused_from
+        sizes = [end - start for _, start, end in weight_rows]  # output columns = weight rows (INT4 packs K)
+        split = gm.graph.call_function(torch.ops.aten.split_with_sizes.default, (fused, sizes, -1))
+        for index, node in enumerate(siblings):
+            part = gm.graph.call_function(operator.getitem, (split, index))
+            part.meta = dict(node.meta)
+            node.replace_all_uses_with(part)
+    for node in siblings:
+        gm.graph.erase_node(node)
+
+
+def fuse_sibling_linears(gm: GraphModule, ctx: CompileContext | None) -> PassResult:
+    groups: dict[tuple, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if is_op(node, *_GEMMS) and (layout := _layout(gm, node)) is not None:
+            x_q, x_scale, _, _, _, out_dtype = node.args
+            groups.setdefault((node.target, x_q, x_scale, out_dtype, layout), []).append(node)
+    counts: Counter = Counter()
+    for siblings in groups.values():
+        if len(siblings) < 2:
+            continue
+        _fuse(gm, siblings)
+        counts["fuse_sibling_linears.fused_gemms"] += 1
+        counts["fuse_sibling_linears.linears"] += len(siblings)
+    gm.graph.eliminate_dead_code()
+    return PassResult(gm, counts["fuse_sibling_linears.fused_gemms"] > 0, counts)
