@@ -204,13 +204,13 @@ def test_graph_replay_equals_eager_and_cache_is_bounded():
     for ids in batches + batches[:1]:
         replayed = qmodel(input_ids=ids).last_hidden_state
         again = qmodel(input_ids=ids).last_hidden_state  # a replay of the cached graph
-        eager = qmodel.graph_module(*qmodel.graph_inputs(input_ids=ids))[0]
+        eager = qmodel.executed_graph(*qmodel.graph_inputs(input_ids=ids))[0]
         assert torch.equal(replayed, eager) and torch.equal(again, eager)
     assert runner.captures == 4  # the first shape was evicted by the third and captured again
     assert len(runner.cached_signatures) == 2
     first = qmodel(input_ids=batches[0]).last_hidden_state
     qmodel(input_ids=(batches[0] + 1) % TINY_VOCAB)  # same shape, other tokens: a replay into the same buffers
-    assert torch.equal(first, qmodel.graph_module(*qmodel.graph_inputs(input_ids=batches[0]))[0])  # not overwritten
+    assert torch.equal(first, qmodel.executed_graph(*qmodel.graph_inputs(input_ids=batches[0]))[0])  # not overwritten
 
 
 @needs_gpu
@@ -226,9 +226,9 @@ def test_graph_captured_in_inference_mode_replays_outside_it():
 
 @needs_gpu
 @pytest.mark.gpu
-def test_cuda_graphs_off_runs_the_graph_module():
+def test_cuda_graphs_off_runs_the_rewritten_graph_eagerly():
     _, qmodel = _compile_cuda("bert", "w8a8", cuda_graphs=False)
-    assert qmodel.runner is None  # the graph module itself runs
+    assert qmodel.runner is qmodel.executed_graph and qmodel.executed_graph is not qmodel.graph_module
     ids = token_batch(2, 8).cuda()
     with reference_kernels():
         ref = qmodel(input_ids=ids).last_hidden_state

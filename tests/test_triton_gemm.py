@@ -1,8 +1,9 @@
 """The Triton INT8/INT4 GEMM (zqcompile/backends/triton_gemm.py).
 
-CPU tests cover the config selection and argument checks; the GPU tests (skipped without a GPU) run every
-candidate tile config of each M bucket, for INT8 and INT4 weights, per-channel, output-row groups and
-input-dim groups, against a float64 reference of the same integer arithmetic.
+CPU tests cover the config selection, the TMA operand checks and argument checks; the GPU tests (skipped
+without a GPU) run every candidate tile config of each M bucket (the persistent TMA kernel's too, on sm_90),
+for INT8 and INT4 weights, per-channel, output-row groups and input-dim groups, against a float64 reference
+of the same integer arithmetic.
 """
 
 from __future__ import annotations
@@ -55,6 +56,30 @@ def test_candidate_configs_fit_the_input_dim_groups():
     assert sizes == {16}  # decode: smallest M tile
 
 
+def test_tma_configs_only_where_the_tma_kernel_applies():
+    large = candidate_configs(4096, 3072, None, tma=True)
+    assert large[0].kernel == "tma_persistent"  # the untuned default at large M
+    assert {cfg.kernel for cfg in large} == {"tma_persistent", "tiled"}
+    medium = candidate_configs(64, 768, None, tma=True)
+    assert medium[0].kernel == "tiled" and {cfg.kernel for cfg in medium} == {"tma_persistent", "tiled"}
+    assert {cfg.kernel for cfg in candidate_configs(4096, 3072, None)} == {"tiled"}
+    assert {cfg.kernel for cfg in candidate_configs(8, 768, None, tma=True)} == {"tiled"}  # decode: weight-bound
+    assert {cfg.kernel for cfg in candidate_configs(4096, 512, 64, tma=True)} == {"tiled"}  # input-dim groups
+    for cfg in large:
+        assert cfg.kernel == "tma_persistent" or (not cfg.subtile and cfg.ctas_per_sm == 1)
+
+
+def test_tma_operands_need_16_byte_alignment():
+    ok = torch.zeros(8, 64, dtype=torch.int8)
+    assert triton_gemm.tma_operands_ok(ok, torch.zeros(4, 8, dtype=torch.float16))
+    assert not triton_gemm.tma_operands_ok(torch.zeros(8, 40, dtype=torch.int8))  # 40-byte row pitch
+    assert not triton_gemm.tma_operands_ok(torch.zeros(8 * 64 + 1, dtype=torch.int8)[1:].view(8, 64))  # base
+    assert not triton_gemm.tma_operands_ok(torch.zeros(64, 64, dtype=torch.int8).t())  # not row-major
+    assert not triton_gemm.tma_operands_ok(torch.zeros(4, 12, dtype=torch.float16))  # 24-byte row pitch
+    assert triton_gemm.tma_operands_ok(torch.zeros(4, 12, dtype=torch.float32)[:, :8])  # 48-byte pitch, strided
+    assert not triton_gemm.tma_kernel_applies(ok, ok, ok, int4=False, g_in=1)  # CPU tensors: no TMA
+
+
 def test_check_linear_args_reports_mismatches():
     (x_q, x_scale, w, w_scale, bias), _ = make_operands(4, 8, 64, int4=False, g_out=8, g_in=1, bias=True, seed=0)
     assert check_linear_args(x_q, x_scale, w, w_scale, bias, int4=False).k == 64
@@ -87,6 +112,8 @@ GEMM_CASES = [
     (300, 256, 512, "per_channel", 8),  # input-dim groups of 64
     (77, 160, 320, "per_channel", 5),  # groups of 64 with a K that is no power of two
     (33, 64, 200, "per_channel", 1),  # K with no power-of-two divisor >= 32: masked K loop
+    (300, 160, 336, "rows_of_32", 1),  # TMA kernel: partial tiles in M, N and K (K = 16 * 21)
+    (130, 64, 96, "per_channel", 1),  # K tiles of 32 (32-byte TMA boxes)
 ]
 
 
@@ -97,13 +124,16 @@ GEMM_CASES = [
     *[(*case, torch.float16) for case in GEMM_CASES],
     (100, 192, 768, "rows_of_32", 1, torch.bfloat16),
     (300, 256, 512, "per_channel", 8, torch.float32),
+    (300, 160, 336, "rows_of_32", 1, torch.float32),
 ])
 def test_every_candidate_config_matches_float64(int4, m, n, k, rows, g_in, out_dtype):
     g_out = n if rows == "per_channel" else n // 32
     (x_q, x_scale, w, w_scale, bias), w_q = make_operands(m, n, k, int4=int4, g_out=g_out, g_in=g_in, bias=True,
                                                           seed=m + n + k, device="cuda")
     ref = float64_reference(x_q.cpu(), x_scale.cpu(), w_q, w_scale.cpu(), bias.cpu())
-    configs = candidate_configs(m, k, k // g_in if g_in > 1 else None)
+    tma = triton_gemm.tma_kernel_applies(x_q, w, torch.empty(m, n, dtype=out_dtype, device="cuda"), int4=int4,
+                                         g_in=g_in)
+    configs = candidate_configs(m, k, k // g_in if g_in > 1 else None, tma=tma)
     assert configs, "every case here has a Triton config"
     for cfg in configs:
         y = triton_gemm.triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4, config=cfg)
@@ -145,3 +175,66 @@ def test_forced_config_with_huge_tile_still_correct():
                                       config=GemmConfig(128, 128, 128, 8, 3))
     ref = float64_reference(x_q.cpu(), x_scale.cpu(), w_q, w_scale.cpu(), bias.cpu())
     assert ((y.double().cpu() - ref).norm() / ref.norm()).item() <= 1e-6
+
+
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                                  reason="needs a Hopper (sm_90) GPU: the TMA kernel")
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_tma_kernel_inside_cuda_graph_capture():
+    (x_q, x_scale, w, w_scale, bias), w_q = make_operands(200, 256, 512, int4=False, g_out=256, g_in=1, bias=True,
+                                                          seed=5, device="cuda")
+    ref = float64_reference(x_q.cpu(), x_scale.cpu(), w_q, w_scale.cpu(), bias.cpu())
+    cfg = next(cfg for cfg in candidate_configs(200, 512, None, tma=True) if cfg.kernel == "tma_persistent")
+    run = lambda: triton_gemm.triton_int_linear(x_q, x_scale, w, w_scale, bias, torch.float16,
+                                                int4=False, config=cfg)
+    run()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() <= 4e-3
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_misaligned_activations_use_the_tiled_kernel():
+    (x_q, x_scale, w, w_scale, bias), w_q = make_operands(64, 128, 256, int4=False, g_out=128, g_in=1, bias=True,
+                                                          seed=9, device="cuda")
+    shifted = torch.empty(64 * 256 + 1, dtype=torch.int8, device="cuda")[1:].view(64, 256)
+    shifted.copy_(x_q)  # same values, base address 1 byte past a 16-byte boundary
+    tma_config = next(cfg for cfg in candidate_configs(64, 256, None, tma=True) if cfg.kernel == "tma_persistent")
+    with pytest.raises(ZQError, match="TMA"):
+        triton_gemm.triton_int_linear(shifted, x_scale, w, w_scale, bias, torch.float16, int4=False,
+                                      config=tma_config)
+    y = triton_gemm.triton_int_linear(shifted, x_scale, w, w_scale, bias, torch.float16, int4=False)
+    ref = float64_reference(x_q.cpu(), x_scale.cpu(), w_q, w_scale.cpu(), bias.cpu())
+    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() <= 4e-3
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("m,n,k,out_dtype", [(300, 160, 336, torch.float16), (4096, 3072, 768, torch.bfloat16)])
+def test_gelu_epilogue_of_every_config_matches_gelu_of_the_gemm(approximate, m, n, k, out_dtype):
+    # int8_linear_gelu = GELU of the rounded int8_linear output: compare with torch's GELU of this kernel's own
+    # plain output (same GEMM and rounding), so any difference is the epilogue's GELU: within one output ulp
+    (x_q, x_scale, w, w_scale, bias), _ = make_operands(m, n, k, int4=False, g_out=n, g_in=1, bias=True, seed=m,
+                                                        device="cuda")
+    tma = triton_gemm.tma_kernel_applies(x_q, w, torch.empty(m, n, dtype=out_dtype, device="cuda"), int4=False,
+                                         g_in=1)
+    ulp = 2.0 ** -10 if out_dtype == torch.float16 else 2.0 ** -7
+    configs = candidate_configs(m, k, None, tma=tma)
+    # the epilogue is one function shared by both kernels: the first config of each kernel covers it
+    for cfg in {c.kernel: c for c in reversed(configs)}.values():
+        plain = triton_gemm.triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False, config=cfg)
+        fused = triton_gemm.triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False, config=cfg,
+                                              gelu=approximate)
+        expected = torch.nn.functional.gelu(plain, approximate=approximate)
+        diff = (fused.float() - expected.float()).abs()
+        assert torch.all(diff <= ulp * expected.float().abs().clamp_min(1.0)), (cfg, diff.max().item())
+        assert (diff > 0).float().mean().item() < 0.03, cfg  # float32 erf/tanh evaluations flip ~1% of roundings

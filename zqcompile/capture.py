@@ -139,7 +139,9 @@ def capture_hf(model: nn.Module, batch: int = 2, seq: int = 8) -> Captured:
         "token_type_ids": torch.zeros(batch, seq, dtype=torch.long, device=device),
     }
     args = tuple(example[name] for name in input_names)
-    batch_dim, seq_dim = Dim("batch", min=1), Dim("seq", min=1, max=max_seq)
+    # seq is a hint, not a named Dim: export may then keep guards that hold for every length (fp16 Llama on CUDA
+    # guards min(16*seq, 32*seq) == 16*seq, which a named Dim rejects as "Constraints violated (seq)")
+    batch_dim, seq_dim = Dim("batch", min=1), Dim.DYNAMIC(min=1, max=max_seq)
     dynamic = ({0: batch_dim, 1: seq_dim},) * len(args)
     wrapper = _HFTextWrapper(model, input_names).eval()
     with _no_kv_cache(model):

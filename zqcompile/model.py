@@ -56,7 +56,18 @@ class QuantizedModel(nn.Module):
         self.recipe = recipe
         self.context = ctx
         self.backend = backend
-        self.runner = runner  # e.g. a CUDA-graph runner; None runs the graph module directly (not a submodule)
+        # a CUDA-graph runner or the cuda backend's rewritten graph; None runs the graph module directly. Kept out of
+        # the submodules: its tensors are graph_module's (or views of them), which .to() / state_dict cover already
+        object.__setattr__(self, "runner", runner)
+
+    @property
+    def executed_graph(self) -> GraphModule:
+        """The graph the backend runs: the compiled graph, or the cuda backend's rewrite of it
+        (pipeline.optimize_for_cuda), which the CUDA-graph runner replays."""
+        for candidate in (self.runner, getattr(self.runner, "forward", None)):
+            if isinstance(candidate, GraphModule):
+                return candidate
+        return self.graph_module
 
     # ---- calling ------------------------------------------------------------------------------------
     def graph_inputs(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:

@@ -1,20 +1,27 @@
 """CUDA kernels for ``zq::int8_linear`` and ``zq::int4_linear``: Triton INT8 GEMMs with the dequant fused.
 
-One Triton kernel serves W8A8 and W4A8 (``INT4`` is a ``tl.constexpr``). It multiplies INT8 activations
-``[M, K]`` by the stored weight ``[N, K]`` as it is (K-contiguous rows are exactly the K-major B operand
-that the INT8 tensor-core instructions want, so no re-layout is needed), accumulates in INT32 on the
-tensor cores, and applies the epilogue ``y = acc * s_x[row] * s_w[col] + bias`` in float32 before the
-single store in ``out_dtype``: the INT32 product never goes to memory.
+Both kernels multiply INT8 activations ``[M, K]`` by the stored weight ``[N, K]`` as it is (K-contiguous
+rows are exactly the K-major B operand that the INT8 tensor-core instructions want, so no re-layout is
+needed), accumulate in INT32 on the tensor cores, and apply the epilogue ``y = acc * s_x[row] * s_w[col] +
+bias`` in float32 before the single store in ``out_dtype``: the INT32 product never goes to memory. Output-row
+groups (``G_out < N``) index ``w_scale[col // (N // G_out)]``.
+
+``_int_linear_kernel`` ("tiled": one program per output tile, pointer loads) serves every case, W8A8 and
+W4A8 (``INT4`` is a ``tl.constexpr``):
 
 * INT4 weights (``uint8 [N, K/2]``, low nibble = even column) are unpacked in registers, so only half
   the weight bytes are read; at decode batch sizes those bytes are the cost of the whole GEMM.
-* Output-row groups (``G_out < N``) index ``w_scale[col // (N // G_out)]``.
 * Input-dim groups (``G_in > 1``) change the scale along K, so each group's partial INT32 sum is
   scaled and added into a float32 accumulator separately; ``BLOCK_K`` is chosen to divide the group
   width so a K tile never straddles two groups.
 
-Block shapes are autotuned per (M bucket, N, K, variant) on first use (a small in-module tuner, so the
-tests can also run every candidate config and the CUDA-graph capture never triggers tuning).
+``_int_linear_tma_kernel`` ("tma_persistent") is the Hopper (sm_90) kernel for plain W8A8 (INT8 weights,
+``G_in == 1``): a persistent grid of ``ctas_per_sm`` programs per SM loops over the output tiles, and
+host-side TMA descriptors load the operand tiles (zero-filled past M, N, K) and store the output tile
+(clipped at M, N). Its configs join the tiled kernel's candidates where ``tma_kernel_applies``.
+
+Block shapes and the kernel are autotuned per (M bucket, N, K, variant) on first use (a small in-module
+tuner, so the tests can also run every candidate config and the CUDA-graph capture never triggers tuning).
 ``torch._int_mm`` + a separate dequant is kept as the fallback for machines without a working Triton
 (and as the baseline in ``benchmarks/gemm.py``).
 
@@ -23,12 +30,14 @@ Importing this module never needs Triton or a GPU; using it without them raises 
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from zqcompile import ops
@@ -39,7 +48,9 @@ try:
     import triton
     import triton.language as tl
     from triton.runtime.errors import OutOfResources
-    from triton.testing import do_bench
+    from triton.testing import do_bench_cudagraph
+    from triton.language.extra import libdevice
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break importing zqcompile
     triton = None
     _TRITON_ERROR: str | None = f"{type(exc).__name__}: {exc}"
@@ -63,6 +74,9 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8  # row-tile swizzle so consecutive programs share weight tiles in L2
+    kernel: str = "tiled"  # "tiled" (_int_linear_kernel) or "tma_persistent" (_int_linear_tma_kernel)
+    subtile: bool = False  # tma_persistent: store the output tile in two column halves
+    ctas_per_sm: int = 1  # tma_persistent: programs per SM in the persistent grid
 
 
 # Candidates per (M bucket, input-dim grouped); the first of each is the untuned default. Large tiles
@@ -98,12 +112,38 @@ _CONFIGS: dict[tuple[str, bool], tuple[GemmConfig, ...]] = {
 }
 
 
+def _tma(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, *, subtile: bool = False,
+         ctas_per_sm: int = 1) -> GemmConfig:
+    return GemmConfig(block_m, block_n, block_k, num_warps, num_stages, kernel="tma_persistent", subtile=subtile,
+                      ctas_per_sm=ctas_per_sm)
+
+
+# The persistent TMA kernel's candidates (W8A8 with one input group on sm_90, see tma_kernel_applies).
+# Two CTAs of one warpgroup per SM are the fastest at BERT/GPT prefill shapes on an H100 (1.15-1.7x cuBLAS
+# FP16, against 1.0-1.3x for one CTA of two warpgroups): while one CTA runs its epilogue, the other keeps the
+# tensor cores busy. Two CTAs need <= 113 KB of shared memory each, hence 3 stages and subtiled stores for
+# 128x128 tiles with 16-bit outputs (fp32 outputs of some of these fit only one CTA per SM: correct but
+# slower). Every config fits 227 KB and compiles without spills for sm_90 with fp16, bf16 and fp32 outputs.
+_TMA_CONFIGS: dict[str, tuple[GemmConfig, ...]] = {
+    "medium": (
+        _tma(64, 128, 128, 4, 4, ctas_per_sm=2), _tma(64, 64, 128, 4, 4, ctas_per_sm=2),
+        _tma(64, 64, 256, 4, 3, ctas_per_sm=2), _tma(128, 128, 128, 4, 3, subtile=True, ctas_per_sm=2),
+    ),
+    "large": (
+        _tma(128, 128, 128, 4, 3, subtile=True, ctas_per_sm=2), _tma(64, 128, 128, 4, 4, ctas_per_sm=2),
+        _tma(128, 128, 64, 4, 5, subtile=True, ctas_per_sm=2), _tma(128, 256, 128, 8, 3, subtile=True),
+        _tma(128, 64, 128, 4, 4, ctas_per_sm=2), _tma(64, 128, 128, 4, 3, subtile=True, ctas_per_sm=2),
+        _tma(256, 128, 128, 8, 3, subtile=True), _tma(128, 128, 256, 8, 3, subtile=True),
+    ),
+}
+
+
 def m_bucket(m: int) -> int:
     """The autotuning bucket of a row count: the next power of two, at least 16, at most 8192."""
     return min(max(16, 1 << max(m - 1, 0).bit_length()), 8192)
 
 
-def candidate_configs(m: int, k: int, group_width: int | None) -> list[GemmConfig]:
+def candidate_configs(m: int, k: int, group_width: int | None, *, tma: bool = False) -> list[GemmConfig]:
     """The configs worth trying for this shape, each fitted to K and to the input-dim group width.
 
     ``group_width`` is ``K // G_in`` when ``G_in > 1``, else None. ``BLOCK_K`` is shrunk to the largest
@@ -111,6 +151,7 @@ def candidate_configs(m: int, k: int, group_width: int | None) -> list[GemmConfi
     so the main loop needs no K mask (masked 1-byte loads cannot use the asynchronous copies the software
     pipeline is built on); only a K with no such divisor >= 32 runs masked. Returns [] when the group
     width is not a multiple of the tensor-core K (32): the Triton kernel does not cover that case.
+    ``tma`` (see ``tma_kernel_applies``) adds the persistent TMA kernel's configs for M > 16.
     """
     width = group_width or k
     divisor = width & -width
@@ -119,8 +160,13 @@ def candidate_configs(m: int, k: int, group_width: int | None) -> list[GemmConfi
             return []
         divisor = max(_MIN_BLOCK_K, 1 << (k - 1).bit_length())
     size = "decode" if m <= 16 else "medium" if m <= 128 else "large"
+    tiled = _CONFIGS[size, group_width is not None]
+    tma_configs = _TMA_CONFIGS.get(size, ()) if tma and group_width is None else ()
+    # The first candidate is the untuned default: the TMA kernel's for M > 128, the tiled kernel's below,
+    # where the TMA kernel measured no faster on an H100.
+    ordered = (*tma_configs, *tiled) if size == "large" else (*tiled, *tma_configs)
     fitted: list[GemmConfig] = []
-    for cfg in _CONFIGS[size, group_width is not None]:
+    for cfg in ordered:
         cfg = replace(cfg, block_k=min(cfg.block_k, divisor))
         if cfg not in fitted:
             fitted.append(cfg)
@@ -169,6 +215,24 @@ def check_linear_args(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
     return _Problem(m, n, k, w_scale.shape[0], w_scale.shape[1])
 
 
+def tma_operands_ok(*tensors: Tensor) -> bool:
+    """Whether TMA descriptors can address these 2-D tensors: unit last stride, base address and row
+    pitch multiples of 16 bytes (a hardware requirement of the tensor maps)."""
+    return all(t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+               for t in tensors)
+
+
+def tma_kernel_applies(a: Tensor, w: Tensor, out: Tensor, *, int4: bool, g_in: int) -> bool:
+    """Whether the persistent TMA kernel can run ``out = a @ w.T``: W8A8 with one input group (the kernel
+    has no INT4 unpacking or per-group rescaling), on a Hopper GPU, with TMA-addressable operands.
+
+    Only sm_90: its configs are sized for Hopper's 227 KB of shared memory per CTA (two CTAs per SM), and
+    newer GPUs differ (sm_120 has 99 KB), so they keep the tiled kernel until tuned there.
+    """
+    return (not int4 and g_in == 1 and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9
+            and tma_operands_ok(a, w, out))
+
+
 def _require_cuda(what: str, *tensors: Tensor) -> None:
     if not torch.cuda.is_available():
         raise ZQError(f"{what} needs a CUDA GPU but torch.cuda.is_available() is False; run on a machine with "
@@ -199,22 +263,45 @@ if triton is not None:
         return tl.interleave(low, high)
 
     @triton.jit
+    def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """Output tile index -> (row tile, column tile), walking GROUP_M row tiles per column tile so
+        consecutive tiles share weight tiles in L2."""
+        tiles_per_group = GROUP_M * num_pid_n
+        first_pid_m = (tile_id // tiles_per_group) * GROUP_M
+        group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (tile_id % tiles_per_group) % group_rows
+        pid_n = (tile_id % tiles_per_group) // group_rows
+        return pid_m, pid_n
+
+    @triton.jit
+    def _scale_rows_add_bias(acc, rows, cols, a_scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+        """The epilogue after the weight scale: ``acc * s_x[row] (+ bias[col])`` in float32."""
+        acc = acc * tl.load(a_scale_ptr + rows)[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _activation(y, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
+        """y in ``OUT_DTYPE``; for ``int8_linear_gelu``, GELU of y rounded to ``OUT_DTYPE`` (the op's definition).
+        ACTIVATION: 0 none, 1 GELU (erf), 2 GELU (tanh), as ``_ACTIVATIONS``."""
+        if ACTIVATION != 0:
+            y = y.to(OUT_DTYPE).to(tl.float32)
+            if ACTIVATION == 1:  # 0.5 y (1 + erf(y / sqrt(2)))
+                y = 0.5 * y * (1.0 + libdevice.erf(y * 0.7071067811865476))
+            else:  # 0.5 y (1 + tanh(sqrt(2 / pi) (y + 0.044715 y^3)))
+                y = 0.5 * y * (1.0 + libdevice.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+        return y.to(OUT_DTYPE)
+
+    @triton.jit
     def _int_linear_kernel(
         a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr,
         M, N, K, rows_per_scale, g_in, stride_am, stride_wn, stride_cm,
         INT4: tl.constexpr, GROUPED: tl.constexpr, TILES_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
+        GROUP_M: tl.constexpr, ACTIVATION: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        pids_per_group = GROUP_M * num_pid_n
-        first_pid_m = (pid // pids_per_group) * GROUP_M
-        group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-        pid_n = (pid % pids_per_group) // group_rows
-
+        pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # Out-of-range rows/cols wrap onto valid ones so the main loop loads without M/N masks; the
@@ -250,11 +337,47 @@ if triton is not None:
             w_ptrs += W_STEP
         if not GROUPED:
             acc = part.to(tl.float32) * tl.load(w_scale_ptrs)[None, :]
-        acc = acc * tl.load(a_scale_ptr + rows)[:, None]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        acc = _scale_rows_add_bias(acc, rows, cols, a_scale_ptr, bias_ptr, HAS_BIAS)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        tl.store(c_ptrs, _activation(acc, ACTIVATION, c_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _int_linear_tma_kernel(
+        a_desc, w_desc, c_desc, a_scale_ptr, w_scale_ptr, bias_ptr,
+        M, N, K, rows_per_scale,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, NUM_PROGRAMS: tl.constexpr, ACTIVATION: tl.constexpr,
+    ):
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)  # TMA reads zeros past K (and past M, N); its stores drop rows past M
+        # The epilogue recomputes its tile from a second counter, as Triton's persistent-matmul tutorial
+        # does to keep the pipeliner of the flattened loop from carrying one value from the loads to the
+        # epilogue. Flattening lets the next tile's loads start during this tile's epilogue.
+        tile_id_c = tl.program_id(0) - NUM_PROGRAMS
+        for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for ki in range(k_tiles):
+                a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+                wt = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+                acc = tl.dot(a, wt.T, acc, out_dtype=tl.int32)
+
+            tile_id_c += NUM_PROGRAMS
+            pid_m, pid_n = _tile_coords(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+            rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+            cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+            y = acc.to(tl.float32) * tl.load(w_scale_ptr + cols // rows_per_scale)[None, :]
+            y = _scale_rows_add_bias(y, rows, cols, a_scale_ptr, bias_ptr, HAS_BIAS)
+            if SUBTILE:
+                # Two column halves, stored one after the other: half the epilogue's shared-memory
+                # staging buffer, which leaves room for another pipeline stage or a second CTA per SM.
+                y0, y1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], _activation(y0, ACTIVATION, c_desc.dtype))
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], _activation(y1, ACTIVATION, c_desc.dtype))
+            else:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], _activation(y, ACTIVATION, c_desc.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,10 +385,38 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------
 
 _TUNED: dict[tuple, GemmConfig] = {}
+_ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
+"""The kernels' ACTIVATION constexpr per ``gelu`` argument: none, GELU (erf), GELU (tanh)."""
+
+
+@functools.cache
+def _num_sms(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_tma(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
+                p: _Problem, cfg: GemmConfig, activation: int) -> None:
+    # Host-side descriptors: plain Python objects, encoded into the launch's parameters (no device
+    # allocation, so they are safe inside CUDA-graph capture).
+    a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+    w_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k])
+    c_desc = TensorDescriptor.from_tensor(out, [cfg.block_m, cfg.block_n // 2 if cfg.subtile else cfg.block_n])
+    num_programs = cfg.ctas_per_sm * _num_sms(a.device.index)
+    grid = (min(num_programs, triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.n, cfg.block_n)),)
+    _int_linear_tma_kernel[grid](
+        a_desc, w_desc, c_desc, s_x, w_scale, out if bias is None else bias,
+        p.m, p.n, p.k, p.n // p.g_out,
+        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, SUBTILE=cfg.subtile, NUM_PROGRAMS=num_programs, ACTIVATION=activation,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
-            p: _Problem, int4: bool, cfg: GemmConfig) -> None:
+            p: _Problem, int4: bool, cfg: GemmConfig, activation: int) -> None:
+    if cfg.kernel == "tma_persistent":
+        _launch_tma(a, s_x, w, w_scale, bias, out, p, cfg, activation)
+        return
     grouped = p.g_in > 1
     grid = (triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.n, cfg.block_n),)
     _int_linear_kernel[grid](
@@ -273,7 +424,7 @@ def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | N
         p.m, p.n, p.k, p.n // p.g_out, p.g_in, a.stride(0), w.stride(0), out.stride(0),
         INT4=int4, GROUPED=grouped, TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
         HAS_BIAS=bias is not None, EVEN_K=p.k % cfg.block_k == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, ACTIVATION=activation,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -282,7 +433,9 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
     """The fastest candidate for ``key``, timed once and cached; the first candidate when tuning is off.
 
     Never tunes during CUDA-graph capture (timing synchronizes the device): a shape first seen inside a
-    capture gets the default config, uncached, so a later eager call can still tune it.
+    capture gets the default config, uncached, so a later eager call can still tune it. Candidates are timed
+    as CUDA-graph replays, the way zqcompile runs them: timed eagerly, the host cost of each launch (about
+    0.1 ms more for the TMA kernel's descriptors) hides the device time of all but the largest GEMMs.
     """
     if key in _TUNED:
         return _TUNED[key]
@@ -294,7 +447,7 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
     timings: dict[GemmConfig, float] = {}
     for cfg in candidates:
         try:
-            timings[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+            timings[cfg] = do_bench_cudagraph(lambda: run(cfg), rep=10, return_mode="median")
         except OutOfResources:  # e.g. too much shared memory on a smaller GPU
             continue
     if not timings:
@@ -305,36 +458,47 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
 
 
 def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                      out_dtype: torch.dtype, *, int4: bool, config: GemmConfig | None = None) -> Tensor:
-    """int8_linear (``int4=False``) or int4_linear (``int4=True``) through the Triton kernel.
+                      out_dtype: torch.dtype, *, int4: bool, config: GemmConfig | None = None,
+                      gelu: str | None = None) -> Tensor:
+    """int8_linear (``int4=False``) or int4_linear (``int4=True``) through the Triton kernel; with
+    ``gelu`` ('none' = erf, 'tanh'), int8_linear_gelu (GELU applied in the epilogue).
 
     ``config`` forces one tile config (tests use it to check every candidate); by default the config is
-    autotuned per shape key. Falls back to ``int_mm_linear`` where no Triton config applies (an
+    autotuned per shape key, among the persistent TMA kernel's and the tiled kernel's configs where
+    ``tma_kernel_applies``. Falls back to ``int_mm_linear`` where no Triton config applies (an
     input-dim group width that is not a multiple of 32).
     """
     p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
     _require_cuda("the Triton INT8 GEMM", x_q, x_scale, w, w_scale, *([bias] if bias is not None else []))
     _require_triton()
     group_width = p.k // p.g_in if p.g_in > 1 else None
-    candidates = [config] if config is not None else candidate_configs(p.m, p.k, group_width)
-    if not candidates:
-        return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
     out = torch.empty((*x_q.shape[:-1], p.n), dtype=out_dtype, device=x_q.device)
     if p.m == 0 or p.n == 0:
         return out
     a = x_q.reshape(p.m, p.k)
     a = a if a.stride(1) == 1 else a.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
+    out2d = out.view(p.m, p.n)
+    tma = tma_kernel_applies(a, w, out2d, int4=int4, g_in=p.g_in)
+    if config is not None and config.kernel == "tma_persistent" and not tma:
+        raise ZQError(f"{config} needs the TMA kernel's conditions (INT8 weights with G_in=1, an sm_90 GPU, "
+                      "16-byte aligned operands and row pitches); use a tiled config")
+    candidates = candidate_configs(p.m, p.k, group_width, tma=tma) if config is None else [config]
+    if not candidates:
+        return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
     s_x = x_scale.reshape(p.m).float().contiguous()
     w_scale = w_scale.float().contiguous()
     bias = bias.contiguous() if bias is not None else None
-    out2d = out.view(p.m, p.n)
+
+    activation = _ACTIVATIONS[gelu]
 
     def run(cfg: GemmConfig) -> None:
-        _launch(a, s_x, w, w_scale, bias, out2d, p, int4, cfg)
+        _launch(a, s_x, w, w_scale, bias, out2d, p, int4, cfg, activation)
 
-    key = (m_bucket(p.m), p.n, p.k, group_width, int4, bias is not None, out_dtype, x_q.device.index)
-    run(_pick_config(key, candidates, run))
+    # A forced config bypasses the tuner's cache, so it does not become the shape's tuned choice.
+    key = (m_bucket(p.m), p.n, p.k, group_width, int4, tma, bias is not None, out_dtype, activation,
+           x_q.device.index)
+    run(config if config is not None else _pick_config(key, candidates, run))
     return out
 
 
@@ -389,6 +553,10 @@ def _int4_linear_cuda(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
     return triton_int_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
 
 
+def _int8_linear_gelu_cuda(x_q, x_scale, w, w_scale, bias, out_dtype, approximate):
+    return triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False, gelu=approximate)
+
+
 def _int8_linear_int_mm(x_q, x_scale, w, w_scale, bias, out_dtype):
     return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
 
@@ -397,8 +565,12 @@ def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
     return int_mm_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
 
 
+def _int8_linear_gelu_int_mm(x_q, x_scale, w, w_scale, bias, out_dtype, approximate):
+    return F.gelu(int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False), approximate=approximate)
+
+
 def register_cuda_kernels() -> str:
-    """Make ``zq::int8_linear`` / ``zq::int4_linear`` run these kernels on CUDA tensors; idempotent.
+    """Make ``zq::int8_linear`` / ``int4_linear`` / ``int8_linear_gelu`` run these kernels on CUDA tensors; idempotent.
 
     Returns the backend in use: ``"triton"``, or ``"int_mm"`` (with a warning) when Triton is missing
     or the GPU predates INT8 ``tl.dot`` (sm_80). Raises ZQError when there is no CUDA GPU.
@@ -408,18 +580,18 @@ def register_cuda_kernels() -> str:
         return _REGISTERED_BACKEND
     _require_cuda("register_cuda_kernels()")
     if _triton_supported():
-        backend, int8_fn, int4_fn = "triton", _int8_linear_cuda, _int4_linear_cuda
+        backend, kernels = "triton", (_int8_linear_cuda, _int4_linear_cuda, _int8_linear_gelu_cuda)
     else:
         warnings.warn(f"Triton INT8 GEMMs unavailable ({_TRITON_ERROR or 'GPU older than sm_80'}); "
                       "zq int8/int4 linears use torch._int_mm with a separate dequant", stacklevel=2)
-        backend, int8_fn, int4_fn = "int_mm", _int8_linear_int_mm, _int4_linear_int_mm
-    ops.int8_linear.register_kernel("cuda")(int8_fn)
-    ops.int4_linear.register_kernel("cuda")(int4_fn)
+        backend, kernels = "int_mm", (_int8_linear_int_mm, _int4_linear_int_mm, _int8_linear_gelu_int_mm)
+    for op, kernel in zip((ops.int8_linear, ops.int4_linear, ops.int8_linear_gelu), kernels):
+        op.register_kernel("cuda")(kernel)
     _REGISTERED_BACKEND = backend
     return backend
 
 
 __all__ = [
     "AUTOTUNE", "GemmConfig", "candidate_configs", "check_linear_args", "int_mm_linear",
-    "m_bucket", "register_cuda_kernels", "triton_int_linear",
+    "m_bucket", "register_cuda_kernels", "tma_kernel_applies", "tma_operands_ok", "triton_int_linear",
 ]
