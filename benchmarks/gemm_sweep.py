@@ -89,9 +89,8 @@ def sweep_shape(m: int, n: int, k: int, max_err: float) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     res = measure(autotuned, ref, max_err)  # the first call tunes, outside the graph
-    # the tuner's cache key of this call (see triton_int_linear)
-    key = (triton_gemm.m_bucket(m), n, k, None, False, tma, True, torch.float16, a8.device.index)
-    chosen = triton_gemm._TUNED.get(key)
+    chosen = triton_gemm._TUNED.get(triton_gemm.tuning_key(m, n, k, None, False, tma, True, torch.float16, None,
+                                                           a8.device.index))
     add(f"autotuned -> {label(chosen) if chosen else '?'}", "autotuned",
         {**res, "tune_s": round(time.perf_counter() - t0, 1)})
     return {"shape": f"{m}x{n}x{k}", "tma_applies": tma, "rows": rows}

@@ -353,7 +353,8 @@ def bench_kernels(res: Results, sweep: bool) -> None:
         if sweep and name in SWEPT_KERNELS:
             variants += [(f" [T={t}, R={r}, vec=4]", {"threads": t, "rows_per_block": r, "vec": 4})
                          for t in (32, 64, 128, 256) for r in (1, 2, 4) if t * r <= 512 and -(-k // (t * 4)) <= 12]
-            variants += [(" [vec=2]", {"vec": 2}), (" [vec=1]", {"vec": 1}), (" [tree reduction]", {"reduction": "tree"})]
+            variants += [(" [vec=2]", {"vec": 2}), (" [vec=1]", {"vec": 1}),
+                         (" [tree reduction]", {"reduction": "tree"})]
         for suffix, options in variants:
             try:
                 torch_ops.LAUNCH_OPTIONS.update(options)

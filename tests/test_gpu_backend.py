@@ -169,16 +169,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-_LLAMA_CUDA_CAPTURE = pytest.mark.xfail(
-    raises=ZQError, strict=False,
-    reason="capture: torch.export (torch 2.11) fails on an fp16 CUDA Llama with 'Constraints violated (seq)'")
-
-
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("family,recipe", [
     ("bert", "w8a8"), ("bert", "w4a8"), ("gpt2", "w8a8"),
-    pytest.param("llama", "w8a8", marks=_LLAMA_CUDA_CAPTURE), pytest.param("llama", "w4a8", marks=_LLAMA_CUDA_CAPTURE),
+    ("llama", "w8a8"), ("llama", "w4a8"),
 ])
 def test_compiled_model_matches_reference_kernels(family, recipe):
     model, qmodel = _compile_cuda(family, recipe)

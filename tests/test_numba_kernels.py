@@ -164,7 +164,8 @@ else:
         x = randn(3, 40, dtype=dtype, seed=9)
         bias = randn(40, dtype=dtype, seed=10, scale=0.5) if with_bias else None
         q, scale = outputs(3, 40)
-        kernels.gelu_quant(to_numba(x), None if bias is None else to_numba(bias), approximate, q, scale, threads=THREADS)
+        kernels.gelu_quant(to_numba(x), None if bias is None else to_numba(bias), approximate, q, scale,
+                           threads=THREADS)
         check_quant(q, scale, *ops.gelu_quant(x, bias, approximate))
 
     @pytest.mark.parametrize("dtype", DTYPES)
@@ -177,7 +178,7 @@ else:
         check_quant(q, scale, *ops.silu_mul_quant(gate, up))
 
     def test_bfloat16_codec_matches_torch_casts():
-        # the in-kernel bfloat16 rounding and word packing (device functions called directly, which the simulator allows)
+        # the in-kernel bfloat16 rounding and word packing (device functions called directly, as the simulator allows)
         decode, round_bf16, insert = kernels._CODECS["bf16"]
         g = torch.Generator().manual_seed(13)
         values = torch.randn(200, generator=g) * 10.0 ** torch.randint(-3, 4, (200,), generator=g)

@@ -375,7 +375,8 @@ if triton is not None:
                 # staging buffer, which leaves room for another pipeline stage or a second CTA per SM.
                 y0, y1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], _activation(y0, ACTIVATION, c_desc.dtype))
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], _activation(y1, ACTIVATION, c_desc.dtype))
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2],
+                             _activation(y1, ACTIVATION, c_desc.dtype))
             else:
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], _activation(y, ACTIVATION, c_desc.dtype))
 
@@ -427,6 +428,12 @@ def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | N
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, ACTIVATION=activation,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def tuning_key(m: int, n: int, k: int, group_width: int | None, int4: bool, tma: bool, has_bias: bool,
+               out_dtype: torch.dtype, gelu: str | None, device_index: int | None) -> tuple:
+    """The autotuner's cache key of a GEMM call (``_TUNED[key]`` is its chosen config once tuned)."""
+    return (m_bucket(m), n, k, group_width, int4, tma, has_bias, out_dtype, _ACTIVATIONS[gelu], device_index)
 
 
 def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmConfig], None]) -> GemmConfig:
@@ -496,8 +503,7 @@ def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
         _launch(a, s_x, w, w_scale, bias, out2d, p, int4, cfg, activation)
 
     # A forced config bypasses the tuner's cache, so it does not become the shape's tuned choice.
-    key = (m_bucket(p.m), p.n, p.k, group_width, int4, tma, bias is not None, out_dtype, activation,
-           x_q.device.index)
+    key = tuning_key(p.m, p.n, p.k, group_width, int4, tma, bias is not None, out_dtype, gelu, x_q.device.index)
     run(config if config is not None else _pick_config(key, candidates, run))
     return out
 
@@ -593,5 +599,5 @@ def register_cuda_kernels() -> str:
 
 __all__ = [
     "AUTOTUNE", "GemmConfig", "candidate_configs", "check_linear_args", "int_mm_linear",
-    "m_bucket", "register_cuda_kernels", "tma_kernel_applies", "tma_operands_ok", "triton_int_linear",
+    "m_bucket", "register_cuda_kernels", "tma_kernel_applies", "tma_operands_ok", "triton_int_linear", "tuning_key",
 ]

@@ -19,7 +19,7 @@ from zqcompile.passes.smooth_activations import smooth_activations
 
 __all__ = [
     "CompileContext", "PassResult", "run_passes", "remove_dropout", "remove_tensor_asserts", "canonicalize_conv1d",
-    "annotate_roles", "plan_linears", "calibrate_activations", "smooth_activations", "quantize_weights", "insert_activation_quant", "fuse_quant_into_elementwise",
-    "lower_linear_to_int8_gemm", "cleanup", "fuse_sibling_linears", "additive_attention_mask",
-    "fuse_gelu_into_gemm",
+    "annotate_roles", "plan_linears", "calibrate_activations", "smooth_activations", "quantize_weights",
+    "insert_activation_quant", "fuse_quant_into_elementwise", "lower_linear_to_int8_gemm", "cleanup",
+    "fuse_sibling_linears", "fuse_gelu_into_gemm", "additive_attention_mask",
 ]

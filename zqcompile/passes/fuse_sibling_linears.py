@@ -10,8 +10,8 @@ three launches. The fused node records where its tensors came from (``meta[META_
 can make the originals views of the concatenation instead of a second copy.
 
 Refuses (leaves out of a group) a GEMM whose layout differs from its siblings', whose weight/scale/bias is not
-a graph constant, or whose output feeds anything but a reshape: a slice of the fused output is not contiguous, so an elementwise kernel after
-it would copy it first.
+a graph constant, or whose output feeds anything but a reshape: a slice of the fused output is not contiguous,
+so an elementwise kernel after it would copy it first.
 """
 
 from __future__ import annotations

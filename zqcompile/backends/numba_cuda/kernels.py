@@ -385,6 +385,11 @@ class _Shape:
         self.slots = self.per_thread * vec
         self.scratch_len = _scratch_len(threads, rows, reduction)
 
+    def constants(self) -> tuple[int, int, int, int, int]:
+        """(slots, scratch_len, per_thread, full, words): plain ints for the kernels' closures (Numba compiles
+        them in as constants; it cannot read attributes of Python objects)."""
+        return self.slots, self.scratch_len, self.per_thread, self.full, self.words
+
 
 def _make_row_io(shape: _Shape) -> tuple[Callable, Callable, Callable]:
     """Device functions over one row: ``load(a, codec_decode, base, t, out)`` fills ``out`` with the row's
@@ -451,7 +456,7 @@ def _quantize_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, re
     load_x = make_load(_CODECS[x_codec][0])
     block_max = _make_row_reduce(fmax, threads, rows, reduction)
     position = _row_position(rows, shape.words)
-    slots, scratch_len = shape.slots, shape.scratch_len
+    slots, scratch_len, *_ = shape.constants()
 
     @cuda.jit
     def kernel(x, q, scale):
@@ -479,7 +484,7 @@ def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bo
     block_sum = _make_row_reduce(_add, threads, rows, reduction)
     block_max = _make_row_reduce(fmax, threads, rows, reduction)
     position = _row_position(rows, shape.words)
-    slots, scratch_len, per_thread, full, words = shape.slots, shape.scratch_len, shape.per_thread, shape.full, shape.words
+    slots, scratch_len, per_thread, full, words = shape.constants()
 
     @cuda.jit
     def kernel(x, residual, weight, bias, eps, y, q, scale):
@@ -539,7 +544,7 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, k: int, vec: int, 
     block_sum = _make_row_reduce(_add, threads, rows, reduction)
     block_max = _make_row_reduce(fmax, threads, rows, reduction)
     position = _row_position(rows, shape.words)
-    slots, scratch_len, per_thread, full, words = shape.slots, shape.scratch_len, shape.per_thread, shape.full, shape.words
+    slots, scratch_len, per_thread, full, words = shape.constants()
 
     @cuda.jit
     def kernel(x, weight, eps, y, q, scale):
@@ -581,7 +586,7 @@ def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, k: int, vec: int, thr
     bias_at = make_param(decode_x, vec)
     block_max = _make_row_reduce(fmax, threads, rows, reduction)
     position = _row_position(rows, shape.words)
-    slots, scratch_len, per_thread, full, words = shape.slots, shape.scratch_len, shape.per_thread, shape.full, shape.words
+    slots, scratch_len, per_thread, full, words = shape.constants()
 
     @cuda.jit
     def kernel(x, bias, q, scale):
@@ -618,7 +623,7 @@ def _silu_mul_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, re
     round_x = _CODECS[x_codec][1]
     block_max = _make_row_reduce(fmax, threads, rows, reduction)
     position = _row_position(rows, shape.words)
-    slots, scratch_len = shape.slots, shape.scratch_len
+    slots, scratch_len, *_ = shape.constants()
 
     @cuda.jit
     def kernel(gate, up, q, scale):
