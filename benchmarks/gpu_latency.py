@@ -402,8 +402,8 @@ def bench_gemm(res: Results, shapes: list[tuple[int, int, int]]) -> None:
             "cuBLAS FP16 (F.linear)": lambda: torch.nn.functional.linear(a16, w16, bias),
             "triton W8A8 (dequant+bias fused)": lambda: triton_gemm.triton_int_linear(
                 a8, s_x, w8, s_w, bias, torch.float16, int4=False),
-            "torch._int_mm + dequant": lambda: triton_gemm.int_mm_linear(a8, s_x, w8, s_w, bias, torch.float16,
-                                                                        int4=False),
+            "torch._int_mm + dequant": lambda: triton_gemm.int_mm_linear(
+                a8, s_x, w8, s_w, bias, torch.float16, int4=False),
             "triton W4A8 groups of 64": lambda: triton_gemm.triton_int_linear(
                 a8, s_x, w4, s_w_groups, bias, torch.float16, int4=True),
         }
@@ -450,6 +450,20 @@ def bench_profile(res: Results, batch: int = 32) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 
+def select_cuda_rewrites(names: str) -> str:
+    """Keep only the named rewrites of pipeline.CUDA_PHASES (cleanup always runs); returns a note for the report."""
+    from zqcompile import pipeline
+
+    available = {fn.__name__: fn for _, passes in pipeline.CUDA_PHASES for fn in passes}
+    keep = [n for n in names.split(",") if n]
+    unknown = sorted(set(keep) - set(available))
+    if unknown:
+        raise SystemExit(f"--cuda-rewrites: unknown {unknown}; choose from {sorted(available)}")
+    chosen = tuple(available[n] for n in keep if n != "cleanup") + (available["cleanup"],)
+    pipeline.CUDA_PHASES = (("cuda_graph_rewrites", chosen),)
+    return f"cuda rewrites: {[fn.__name__ for fn in chosen]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -463,6 +477,9 @@ def main() -> None:
                         help="batch sizes that get the torch.compile baseline (default: every batch size)")
     parser.add_argument("--fp16-only", action="store_true", help="time the FP16 variants only")
     parser.add_argument("--recipes", default="w8a8,w4a8", help="zqcompile recipes to time")
+    parser.add_argument("--cuda-rewrites", default=None,
+                        help="comma-separated passes of pipeline.CUDA_PHASES to keep (default: all; '' for none), "
+                             "to measure what each rewrite of the executed graph buys")
     parser.add_argument("--gemm-shapes", default="4096x768x3072,16384x4096x1024")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--reps", type=int, default=50)
@@ -474,6 +491,8 @@ def main() -> None:
         raise SystemExit("benchmarks/gpu_latency.py needs a CUDA GPU")
     parts = set(args.parts.split(","))
     res = Results(Path(args.out), args)
+    if args.cuda_rewrites is not None:
+        res.data["notes"].append(select_cuda_rewrites(args.cuda_rewrites))
     res.data["env"]["gemm_backend"] = register_cuda_kernels()["gemm"]
     t0 = time.perf_counter()
 
