@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -35,26 +36,31 @@ class Heads(nn.Module):
         return out + ((self.extra(h) + x,) if self.extra is not None else ())
 
 
-def _lowered(module: nn.Module):
+INT4_LINEAR = torch.ops.zq.int4_linear.default
+INT4_GROUPED = {"base": "w8a8", "weight_bits": 4, "input_group_size": 16}  # packed INT4, two scale groups along K
+
+
+def _lowered(module: nn.Module, recipe="w8a8"):
     x = torch.randn(2, 5, 32)
-    gm, ctx = run_pipeline(export_graph(module, x), load_recipe("w8a8"))  # fuse_sibling_linears runs after it
+    gm, ctx = run_pipeline(export_graph(module, x), load_recipe(recipe))  # fuse_sibling_linears runs after it
     return gm, ctx, x
 
 
-def test_fuses_reshaped_siblings_into_one_exact_gemm():
-    gm, ctx, x = _lowered(Heads(with_extra=True))
-    assert count_ops(gm, INT8_LINEAR) == 4
+@pytest.mark.parametrize("recipe,gemm", [("w8a8", INT8_LINEAR), (INT4_GROUPED, INT4_LINEAR)])
+def test_fuses_reshaped_siblings_into_one_exact_gemm(recipe, gemm):
+    gm, ctx, x = _lowered(Heads(with_extra=True), recipe)
+    assert count_ops(gm, gemm) == 4
     with torch.no_grad():
         expected = gm(x)
         result = apply_pass(fuse_sibling_linears, gm, ctx)
         got = gm(x)
     assert result.counters == {"fuse_sibling_linears.fused_gemms": 1, "fuse_sibling_linears.linears": 3}
-    assert count_ops(gm, INT8_LINEAR) == 2 and count_ops(gm, SPLIT) == 1  # q+k+v fused; extra feeds an add
+    assert count_ops(gm, gemm) == 2 and count_ops(gm, SPLIT) == 1  # q+k+v fused; extra feeds an add
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # every output column computes exactly as before
     fused = next(n for n in gm.graph.nodes if META_FUSED_FROM in n.meta)
     assert [end - start for _, start, end in fused.meta[META_FUSED_FROM]["weight"]] == [32, 32, 16]
-    assert get_attr_tensor(gm, fused.args[2]).shape == (80, 32)
+    assert get_attr_tensor(gm, fused.args[2]).shape[0] == 80  # [80, 32] int8 or [80, 16] packed INT4
 
 
 def test_single_linear_and_mismatched_layouts_are_left_alone():
