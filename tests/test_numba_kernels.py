@@ -254,6 +254,13 @@ else:
         with pytest.raises(ZQError, match="more threads per row"):  # 40 values per thread would not fit in registers
             kernels.quantize_per_token(np.ones((1, 40 * THREADS), np.float32), q, scale, threads=THREADS)
 
+    def test_strided_output_raises_instead_of_writing_a_copy():
+        x = np.ones((2, 8), np.float16)
+        y = np.empty((2, 16), np.float16)[:, ::2]  # a strided view: a word view of it would be a copy
+        q, scale = outputs(2, 8)
+        with pytest.raises(ZQError, match="C-contiguous"):
+            kernels.layernorm_quant(x, None, None, 1e-5, y, q, scale, threads=THREADS)
+
     def test_output_shape_mismatch_raises():
         with pytest.raises(ZQError, match="q must be int8"):
             kernels.quantize_per_token(np.ones((2, 8), np.float32), np.empty((2, 7), np.int8),

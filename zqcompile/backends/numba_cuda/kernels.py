@@ -754,6 +754,9 @@ class _Launch:
 
     def __init__(self, x: Any, q: Any, scale: Any, arrays: list[Any], options: dict[str, Any]) -> None:
         _check_outputs(x, q, scale)
+        if not all(_contiguous(a) for a in arrays):  # a word view of a strided array would be a copy
+            raise ZQError("the Numba kernels take C-contiguous arrays (y, residual, weight, bias, up); call "
+                          ".contiguous() first")
         self.k = x.shape[1]
         self.vec = _pick_vec([x, q, *arrays], self.k, options.get("vec"))
         self.rows, self.threads, self.rows_per_block, self.reduction = _launch_config(
