@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -374,29 +374,37 @@ def _built(builder: Callable) -> Callable:
     return build
 
 
-class _Shape:
-    """The compile-time geometry of a kernel: K, words per row, words per thread, full words."""
+class _RowKit(NamedTuple):
+    """What every kernel of one geometry (K, vec, T, R, reduction) is built from.
 
-    def __init__(self, k: int, vec: int, threads: int, rows: int, reduction: str) -> None:
-        self.k, self.vec, self.threads, self.rows = k, vec, threads, rows
-        self.words = k // vec
-        self.per_thread = max(1, -(-self.words // threads))
-        self.full = self.words // threads  # words u < full exist for every thread: no bounds check
-        self.slots = self.per_thread * vec
-        self.scratch_len = _scratch_len(threads, rows, reduction)
+    The ints are compile-time constants of the kernels (Numba folds closure ints; a kernel reads them from
+    locals of its builder, since it cannot read attributes of Python objects): ``words`` per row,
+    ``per_thread`` words per thread, the first ``full`` of which exist for every thread (no bounds check),
+    ``slots`` values per thread and the reductions' ``scratch_len``. The device functions:
+    ``make_load(decode)(a, base, t, out)`` fills ``out`` with the row's decoded values (0 past the end);
+    ``make_param(decode, pvec)(p, w, h)`` is column ``vec * w + h`` of a per-column vector read in words of
+    ``pvec``; ``position(n_rows)`` is (first word of this thread's row, whether the row exists);
+    ``quantize_store(vals, absmax, q, scale, base, t, store)`` writes the row's int8 words and scale from its
+    values and the row's absmax; ``row_sum`` / ``row_max`` reduce over the row's threads.
+    """
 
-    def constants(self) -> tuple[int, int, int, int, int]:
-        """(slots, scratch_len, per_thread, full, words): plain ints for the kernels' closures (Numba compiles
-        them in as constants; it cannot read attributes of Python objects)."""
-        return self.slots, self.scratch_len, self.per_thread, self.full, self.words
+    words: int
+    per_thread: int
+    full: int
+    slots: int
+    scratch_len: int
+    make_load: Callable
+    make_param: Callable
+    position: Callable
+    quantize_store: Callable
+    row_sum: Callable
+    row_max: Callable
 
 
-def _make_row_io(shape: _Shape) -> tuple[Callable, Callable, Callable]:
-    """Device functions over one row: ``load(a, codec_decode, base, t, out)`` fills ``out`` with the row's
-    decoded values (0 past the end); ``param(p, decode, pvec, w, h)`` is column ``vec * w + h`` of a
-    per-column vector read in words of ``pvec``; ``quantize_store(vals, absmax_total, q, scale, base,
-    row, t, store)`` writes the row's int8 words and scale."""
-    vec, threads, per_thread, full, words = shape.vec, shape.threads, shape.per_thread, shape.full, shape.words
+def _row_kit(k: int, vec: int, threads: int, rows_per_block: int, reduction: str) -> _RowKit:
+    words = k // vec
+    per_thread = max(1, -(-words // threads))
+    full = words // threads
 
     def make_load(decode: Callable) -> Callable:
         @cuda.jit(device=True)
@@ -420,7 +428,11 @@ def _make_row_io(shape: _Shape) -> tuple[Callable, Callable, Callable]:
             return decode(p[ratio * w + h // pvec], h % pvec)
         return param
 
-    rows_per_block = shape.rows
+    @cuda.jit(device=True)
+    def position(n_rows):
+        row = cuda.blockIdx.x * rows_per_block + cuda.threadIdx.y
+        store = row < n_rows
+        return int64(min(row, n_rows - 1)) * words, store  # a missing row reads the last one
 
     @cuda.jit(device=True)
     def quantize_store(vals, absmax, q, scale, base, t, store):
@@ -436,27 +448,19 @@ def _make_row_io(shape: _Shape) -> tuple[Callable, Callable, Callable]:
                     q[base + w] = word
             if t == 0:
                 scale[cuda.blockIdx.x * rows_per_block + cuda.threadIdx.y] = s
-    return make_load, make_param, quantize_store
 
-
-def _row_position(rows_per_block: int, words: int) -> Callable:
-    @cuda.jit(device=True)
-    def position(n_rows):
-        """(first word of this thread's row, whether the row exists); a missing row reads the last one."""
-        row = cuda.blockIdx.x * rows_per_block + cuda.threadIdx.y
-        store = row < n_rows
-        return int64(min(row, n_rows - 1)) * words, store
-    return position
+    return _RowKit(words, per_thread, full, per_thread * vec, _scratch_len(threads, rows_per_block, reduction),
+                   make_load, make_param, position, quantize_store,
+                   _make_row_reduce(_add, threads, rows_per_block, reduction),
+                   _make_row_reduce(fmax, threads, rows_per_block, reduction))
 
 
 @_built
 def _quantize_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, reduction: str):
-    shape = _Shape(k, vec, threads, rows, reduction)
-    make_load, _, quantize_store = _make_row_io(shape)
-    load_x = make_load(_CODECS[x_codec][0])
-    block_max = _make_row_reduce(fmax, threads, rows, reduction)
-    position = _row_position(rows, shape.words)
-    slots, scratch_len, *_ = shape.constants()
+    kit = _row_kit(k, vec, threads, rows, reduction)
+    load_x = kit.make_load(_CODECS[x_codec][0])
+    position, quantize_store, block_max = kit.position, kit.quantize_store, kit.row_max
+    slots, scratch_len = kit.slots, kit.scratch_len
 
     @cuda.jit
     def kernel(x, q, scale):
@@ -475,16 +479,13 @@ def _quantize_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, re
 @_built
 def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bool, has_weight: bool,
                       has_bias: bool, k: int, vec: int, threads: int, rows: int, reduction: str):
-    shape = _Shape(k, vec, threads, rows, reduction)
-    make_load, make_param, quantize_store = _make_row_io(shape)
+    kit = _row_kit(k, vec, threads, rows, reduction)
     decode_x, round_x, insert_x = _CODECS[x_codec]
-    load_x = make_load(decode_x)
-    weight_at = make_param(_CODECS[w_codec][0], _word_vec(w_codec, vec))
-    bias_at = make_param(_CODECS[b_codec][0], _word_vec(b_codec, vec))
-    block_sum = _make_row_reduce(_add, threads, rows, reduction)
-    block_max = _make_row_reduce(fmax, threads, rows, reduction)
-    position = _row_position(rows, shape.words)
-    slots, scratch_len, per_thread, full, words = shape.constants()
+    load_x = kit.make_load(decode_x)
+    weight_at = kit.make_param(_CODECS[w_codec][0], _word_vec(w_codec, vec))
+    bias_at = kit.make_param(_CODECS[b_codec][0], _word_vec(b_codec, vec))
+    position, quantize_store, block_sum, block_max = kit.position, kit.quantize_store, kit.row_sum, kit.row_max
+    slots, scratch_len, per_thread, full, words = kit.slots, kit.scratch_len, kit.per_thread, kit.full, kit.words
 
     @cuda.jit
     def kernel(x, residual, weight, bias, eps, y, q, scale):
@@ -533,18 +534,15 @@ def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bo
 @_built
 def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, k: int, vec: int, threads: int, rows: int,
                     reduction: str):
-    shape = _Shape(k, vec, threads, rows, reduction)
-    make_load, make_param, quantize_store = _make_row_io(shape)
-    load_x = make_load(_CODECS[x_codec][0])
+    kit = _row_kit(k, vec, threads, rows, reduction)
+    load_x = kit.make_load(_CODECS[x_codec][0])
     round_x = _CODECS[x_codec][1]
-    weight_at = make_param(_CODECS[w_codec][0], _word_vec(w_codec, vec))
+    weight_at = kit.make_param(_CODECS[w_codec][0], _word_vec(w_codec, vec))
     _, round_y, insert_y = _CODECS[y_codec]
     y_vec = _word_vec(y_codec, vec)
     y_ratio = vec // y_vec
-    block_sum = _make_row_reduce(_add, threads, rows, reduction)
-    block_max = _make_row_reduce(fmax, threads, rows, reduction)
-    position = _row_position(rows, shape.words)
-    slots, scratch_len, per_thread, full, words = shape.constants()
+    position, quantize_store, block_sum, block_max = kit.position, kit.quantize_store, kit.row_sum, kit.row_max
+    slots, scratch_len, per_thread, full, words = kit.slots, kit.scratch_len, kit.per_thread, kit.full, kit.words
 
     @cuda.jit
     def kernel(x, weight, eps, y, q, scale):
@@ -579,14 +577,12 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, k: int, vec: int, 
 @_built
 def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, k: int, vec: int, threads: int, rows: int,
                  reduction: str):
-    shape = _Shape(k, vec, threads, rows, reduction)
-    make_load, make_param, quantize_store = _make_row_io(shape)
+    kit = _row_kit(k, vec, threads, rows, reduction)
     decode_x, round_x, _ = _CODECS[x_codec]
-    load_x = make_load(decode_x)
-    bias_at = make_param(decode_x, vec)
-    block_max = _make_row_reduce(fmax, threads, rows, reduction)
-    position = _row_position(rows, shape.words)
-    slots, scratch_len, per_thread, full, words = shape.constants()
+    load_x = kit.make_load(decode_x)
+    bias_at = kit.make_param(decode_x, vec)
+    position, quantize_store, block_max = kit.position, kit.quantize_store, kit.row_max
+    slots, scratch_len, per_thread, full, words = kit.slots, kit.scratch_len, kit.per_thread, kit.full, kit.words
 
     @cuda.jit
     def kernel(x, bias, q, scale):
@@ -617,13 +613,11 @@ def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, k: int, vec: int, thr
 
 @_built
 def _silu_mul_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, reduction: str):
-    shape = _Shape(k, vec, threads, rows, reduction)
-    make_load, _, quantize_store = _make_row_io(shape)
-    load_x = make_load(_CODECS[x_codec][0])
+    kit = _row_kit(k, vec, threads, rows, reduction)
+    load_x = kit.make_load(_CODECS[x_codec][0])
     round_x = _CODECS[x_codec][1]
-    block_max = _make_row_reduce(fmax, threads, rows, reduction)
-    position = _row_position(rows, shape.words)
-    slots, scratch_len, *_ = shape.constants()
+    position, quantize_store, block_max = kit.position, kit.quantize_store, kit.row_max
+    slots, scratch_len = kit.slots, kit.scratch_len
 
     @cuda.jit
     def kernel(gate, up, q, scale):
@@ -701,9 +695,9 @@ def _words(a: Any, vec: int) -> Any:
     return a.reshape(-1).view(_WORD_DTYPES[v * np.dtype(a.dtype).itemsize])
 
 
-def _launch_config(x: Any, q: Any, scale: Any, threads: int | None, rows_per_block: int | None,
-                   reduction: str | None, vec: int) -> tuple[int, int, int, str]:
-    """(rows, T, R, reduction) after checking the outputs and the row length."""
+def _launch_config(x: Any, threads: int | None, rows_per_block: int | None, reduction: str | None,
+                   vec: int) -> tuple[int, int, int, str]:
+    """(rows, T, R, reduction) after checking the row length and the requested geometry."""
     rows, k = x.shape
     if k > MAX_K:
         raise ZQError(f"rows of {k} elements exceed the Numba kernels' limit of {MAX_K} (1024 threads holding "
@@ -760,7 +754,7 @@ class _Launch:
         self.k = x.shape[1]
         self.vec = _pick_vec([x, q, *arrays], self.k, options.get("vec"))
         self.rows, self.threads, self.rows_per_block, self.reduction = _launch_config(
-            x, q, scale, options.get("threads"), options.get("rows_per_block"), options.get("reduction"), self.vec)
+            x, options.get("threads"), options.get("rows_per_block"), options.get("reduction"), self.vec)
         self.stream = options.get("stream", 0)
 
     def geometry(self) -> tuple[int, int, int, int, str]:
