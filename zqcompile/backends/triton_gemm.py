@@ -492,7 +492,7 @@ def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
                       "16-byte aligned operands and row pitches); use a tiled config")
     candidates = candidate_configs(p.m, p.k, group_width, tma=tma) if config is None else [config]
     if not candidates:
-        return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
+        return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4, gelu=gelu)
     s_x = x_scale.reshape(p.m).float().contiguous()
     w_scale = w_scale.float().contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -513,8 +513,9 @@ def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
 # ----------------------------------------------------------------------------------------------------
 
 def int_mm_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                  out_dtype: torch.dtype, *, int4: bool) -> Tensor:
-    """The op through cuBLASLt's INT8 GEMM (``torch._int_mm``) and a separate float32 dequant.
+                  out_dtype: torch.dtype, *, int4: bool, gelu: str | None = None) -> Tensor:
+    """The op through cuBLASLt's INT8 GEMM (``torch._int_mm``) and a separate float32 dequant; with ``gelu``,
+    int8_linear_gelu (GELU of the ``out_dtype`` result).
 
     ``torch._int_mm`` needs more than 16 rows and K, N multiples of 8: rows are zero-padded to 32;
     other shapes use the reference implementation.
@@ -524,20 +525,23 @@ def int_mm_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias
     w8 = unpack_int4(w) if int4 else w
     width = p.k // p.g_in
     if p.m == 0 or p.n % 8 or width % 8:
-        return ops._int_linear_reference(x_q, x_scale, w8, w_scale, bias, out_dtype)
-    a = x_q.reshape(p.m, p.k)
-    if p.m <= 16:
-        a = torch.cat([a, a.new_zeros(32 - p.m, p.k)])
-    col_scale = expand_weight_scale(w_scale, p.n, p.g_in).float()  # [N, G_in]
-    y = None
-    for g in range(p.g_in):
-        cols = slice(g * width, (g + 1) * width)
-        part = torch._int_mm(a[:, cols].contiguous(), w8[:, cols].contiguous().t())[: p.m].float() * col_scale[:, g]
-        y = part if y is None else y + part
-    y *= x_scale.reshape(p.m, 1)
-    if bias is not None:
-        y += bias.float()
-    return y.to(out_dtype).reshape(*x_q.shape[:-1], p.n)
+        y = ops._int_linear_reference(x_q, x_scale, w8, w_scale, bias, out_dtype)
+    else:
+        a = x_q.reshape(p.m, p.k)
+        if p.m <= 16:
+            a = torch.cat([a, a.new_zeros(32 - p.m, p.k)])
+        col_scale = expand_weight_scale(w_scale, p.n, p.g_in).float()  # [N, G_in]
+        acc = None
+        for g in range(p.g_in):
+            cols = slice(g * width, (g + 1) * width)
+            part = torch._int_mm(a[:, cols].contiguous(), w8[:, cols].contiguous().t())[: p.m].float()
+            part *= col_scale[:, g]
+            acc = part if acc is None else acc + part
+        acc *= x_scale.reshape(p.m, 1)
+        if bias is not None:
+            acc += bias.float()
+        y = acc.to(out_dtype).reshape(*x_q.shape[:-1], p.n)
+    return y if gelu is None else F.gelu(y, approximate=gelu)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -572,7 +576,7 @@ def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
 
 
 def _int8_linear_gelu_int_mm(x_q, x_scale, w, w_scale, bias, out_dtype, approximate):
-    return F.gelu(int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False), approximate=approximate)
+    return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False, gelu=approximate)
 
 
 def register_cuda_kernels() -> str:
