@@ -34,7 +34,7 @@ FUSED_ARG_POSITION = {"weight": 2, "scale": 3, "bias": 4}
 
 
 def _constants(node: Node) -> list[Node] | None:
-    tensors = [a for a in node.args[2:5] if a is not None]
+    tensors = [a for a in (node.args[i] for i in FUSED_ARG_POSITION.values()) if a is not None]
     return tensors if all(isinstance(a, Node) and a.op == "get_attr" for a in tensors) else None
 
 
@@ -48,10 +48,10 @@ def _layout(gm: GraphModule, node: Node) -> tuple | None:
     return w.shape[1], w.dtype, w.shape[0] // w_s.shape[0], w_s.shape[1], w_s.dtype, bias_dtype
 
 
-def _concat(gm: GraphModule, parts: list[Node], name: str) -> tuple[Node, list[tuple[str, int, int]]]:
+def _concat(gm: GraphModule, parts: list[Node]) -> tuple[Node, list[tuple[str, int, int]]]:
     """A get_attr of the row-wise concatenation of ``parts``' tensors, and each part's row range in it."""
     tensors = [get_attr_tensor(gm, p) for p in parts]
-    target = f"{parts[0].target}_{name}"
+    target = f"{parts[0].target}_siblings"
     set_attr_tensor(gm, target, torch.cat(tensors))
     rows, start = [], 0
     for part, tensor in zip(parts, tensors):
@@ -62,17 +62,15 @@ def _concat(gm: GraphModule, parts: list[Node], name: str) -> tuple[Node, list[t
 
 def _fuse(gm: GraphModule, siblings: list[Node]) -> None:
     first = siblings[0]
-    x_q, x_scale, _, _, bias, out_dtype = first.args
+    args, fused_from = list(first.args), {}
     with gm.graph.inserting_before(first):
-        weight, weight_rows = _concat(gm, [n.args[2] for n in siblings], "siblings")
-        scale, scale_rows = _concat(gm, [n.args[3] for n in siblings], "siblings")
-        fused_from = {"weight": weight_rows, "scale": scale_rows}
-        fused_bias = None
-        if bias is not None:
-            fused_bias, fused_from["bias"] = _concat(gm, [n.args[4] for n in siblings], "siblings")
-        fused = gm.graph.call_function(first.target, (x_q, x_scale, weight, scale, fused_bias, out_dtype))
+        for kind, position in FUSED_ARG_POSITION.items():
+            if first.args[position] is not None:  # the bias may be absent (for all siblings alike)
+                args[position], fused_from[kind] = _concat(gm, [n.args[position] for n in siblings])
+        fused = gm.graph.call_function(first.target, tuple(args))
         fused.meta[META_FUSED_FROM] = fused_from
-        sizes = [end - start for _, start, end in weight_rows]  # output columns = weight rows (INT4 packs K)
+        # output columns = weight rows (INT4 packs along K)
+        sizes = [end - start for _, start, end in fused_from["weight"]]
         split = gm.graph.call_function(torch.ops.aten.split_with_sizes.default, (fused, sizes, -1))
         for index, node in enumerate(siblings):
             part = gm.graph.call_function(operator.getitem, (split, index))
