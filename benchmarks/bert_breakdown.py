@@ -9,10 +9,11 @@ Needs a CUDA GPU. In one run (results in ``--out``/bert_breakdown.json and .md):
 * ``sdpa``: attention at BERT-base B=32 shapes with no mask and with the mask forms a graph can hand to
   SDPA (boolean, additive materialised, additive broadcast over queries), under each SDPA backend.
 * ``rewrites``: whole-model latency (CUDA graph) with each subset of the cuda backend's rewrites.
-* ``gelu``: FC1 + GELU + per-token quantization at BERT-base and GPT (350M, 1.3B) MLP shapes over M (tokens):
-  GELU in the GEMM epilogue then a quantize kernel, against the plain GEMM then the fused GELU+quant kernel.
 
-    PYTHONPATH=. python benchmarks/bert_breakdown.py --parts graph,gemm,sdpa,rewrites,gelu
+Commit 7de3caa of this script also timed GELU in the GEMM epilogue (op ``int8_linear_gelu``, since removed:
+slower than the GEMM + the Numba GELU+quant kernel at every measured shape, see BENCHMARKS.md).
+
+    PYTHONPATH=. python benchmarks/bert_breakdown.py --parts graph,gemm,sdpa,rewrites
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from gpu_latency import Results, bert_base, select_cuda_rewrites, time_in_graph_
 from zqcompile import pipeline
 
 BATCH, SEQ, HEADS, HEAD_DIM = 32, 128, 12, 64
-GEMM_OPS = ("int8_linear", "int8_linear_gelu")
+GEMM_OPS = ("int8_linear",)
 
 
 def profile_kernels(fn: Callable[[], Any]) -> list[tuple[str, float]]:
@@ -108,9 +109,6 @@ def bench_graph_and_gemm(res: Results, parts: set[str]) -> None:
             row = {"shape": shape, "op": target.__name__, "in_graph_us": sum(by_position[position]) / max(
                 len(by_position[position]), 1)}
             row["isolated_us"] = time_in_graph_ms(lambda: target(*args, **kwargs)) * 1e3
-            if target.__name__.startswith("int8_linear_gelu"):
-                plain = torch.ops.zq.int8_linear.default
-                row["without_gelu_us"] = time_in_graph_ms(lambda: plain(*args[:6])) * 1e3
             row["x_q strides"] = str(x_q.stride())
             row["w strides"] = str(w.stride())
             res.add("gemm_in_model", row)
@@ -156,10 +154,9 @@ def bench_sdpa(res: Results) -> None:
 
 
 REWRITE_SETS = {
-    "all": "fuse_sibling_linears,fuse_gelu_into_gemm,additive_attention_mask",
-    "no gelu epilogue": "fuse_sibling_linears,additive_attention_mask",
-    "no sibling fusion": "fuse_gelu_into_gemm,additive_attention_mask",
-    "no additive mask": "fuse_sibling_linears,fuse_gelu_into_gemm",
+    "all": "fuse_sibling_linears,additive_attention_mask",
+    "no sibling fusion": "additive_attention_mask",
+    "no additive mask": "fuse_sibling_linears",
     "none": "",
 }
 
@@ -184,53 +181,22 @@ def bench_rewrites(res: Results, batches: list[int]) -> None:
             pipeline.CUDA_PHASES = original
 
 
-GELU_SHAPES = ((3072, 768, "none"), (4096, 1024, "tanh"), (8192, 2048, "tanh"))
-"""(N, K, GELU approximation) of the MLP up-projections: BERT-base, GPT-350M, GPT-1.3B."""
-
-
-def bench_gelu_placement(res: Results, rows: list[int]) -> None:
-    from zqcompile import ops
-
-    for n, k, approximate in GELU_SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(n)
-        w = torch.randint(-127, 128, (n, k), device="cuda", generator=g, dtype=torch.int8)
-        w_scale = torch.rand(n, 1, device="cuda", generator=g) * 1e-3
-        bias = torch.randn(n, device="cuda", generator=g).half()
-        for m in rows:
-            x_q = torch.randint(-127, 128, (m, k), device="cuda", generator=g, dtype=torch.int8)
-            x_scale = torch.rand(m, 1, device="cuda", generator=g) * 1e-2
-            variants = {
-                "epilogue": lambda: ops.quantize_per_token(
-                    ops.int8_linear_gelu(x_q, x_scale, w, w_scale, bias, torch.float16, approximate)),
-                "separate": lambda: ops.gelu_quant(
-                    ops.int8_linear(x_q, x_scale, w, w_scale, bias, torch.float16), None, approximate),
-            }
-            row: dict[str, Any] = {"shape": f"{m}x{n}x{k}", "gelu": approximate}
-            for name, fn in variants.items():
-                fn()  # autotune outside the graph
-                row[f"{name}_us"] = time_in_graph_ms(fn) * 1e3
-            res.add("gelu_placement", row)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    parser.add_argument("--parts", default="graph,gemm,sdpa,rewrites,gelu")
+    parser.add_argument("--parts", default="graph,gemm,sdpa,rewrites")
     parser.add_argument("--rewrite-batches", default="1,32")
-    parser.add_argument("--gelu-rows", default="128,256,512,1024,2048,4096,8192")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/bert_breakdown.py needs a CUDA GPU")
     parts = set(args.parts.split(","))
     res = Results(Path(args.out), args)
-    res.data.update(profile={}, sdpa=[], gemm_in_model=[], gelu_placement=[])
+    res.data.update(profile={}, sdpa=[], gemm_in_model=[])
     zqcompile.backends.register_cuda_kernels()
     if parts & {"graph", "gemm"}:
         bench_graph_and_gemm(res, parts)
     if "sdpa" in parts:
         bench_sdpa(res)
-    if "gelu" in parts:
-        bench_gelu_placement(res, [int(m) for m in args.gelu_rows.split(",")])
     if "rewrites" in parts:
         bench_rewrites(res, [int(b) for b in args.rewrite_batches.split(",")])
     res.save()

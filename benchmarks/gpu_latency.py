@@ -229,7 +229,7 @@ def check_against_reference(res: Results, name: str, model: torch.nn.Module, qmo
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference INT GEMM needs exact float32 GEMMs
     with torch.inference_mode():
         graph_inputs = qmodel.graph_inputs(**inputs)
-        check = OpByOpCheck(qmodel.executed_graph)  # the graph the runner replays (fused GEMMs, GELU epilogue)
+        check = OpByOpCheck(qmodel.executed_graph)  # the graph the runner replays (fused q/k/v GEMMs)
         ref = check.run(*graph_inputs)[0]
         out = qmodel(**inputs)[0]
         fp16 = model(**inputs)[0]
@@ -284,7 +284,7 @@ def bench_model(res: Results, model_name: str, model: torch.nn.Module, batches: 
                 with torch.inference_mode():
                     record(f"zq {recipe} eager", batch,
                            lambda: qmodel.executed_graph(*qmodel.graph_inputs(**inputs)))
-        del qmodel
+        qmodel = None  # free the GPU memory before the next recipe
 
     if args.compile_mode != "none":
         torch._dynamo.config.cache_size_limit = 64

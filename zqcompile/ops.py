@@ -113,18 +113,6 @@ def _(x_q, x_scale, w, w_scale, bias, out_dtype):
     return _linear_fake(x_q, w.shape[0], out_dtype)
 
 
-@torch.library.custom_op(f"{_LIB}::int8_linear_gelu", mutates_args=())
-def int8_linear_gelu(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                     out_dtype: torch.dtype, approximate: str) -> Tensor:
-    """GELU(int8_linear(...)): the activation in the GEMM epilogue, applied to the ``out_dtype`` result."""
-    return F.gelu(_int_linear_reference(x_q, x_scale, w, w_scale, bias, out_dtype), approximate=approximate)
-
-
-@int8_linear_gelu.register_fake
-def _(x_q, x_scale, w, w_scale, bias, out_dtype, approximate):
-    return _linear_fake(x_q, w.shape[0], out_dtype)
-
-
 @torch.library.custom_op(f"{_LIB}::int4_linear", mutates_args=())
 def int4_linear(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None,
                 out_dtype: torch.dtype) -> Tensor:

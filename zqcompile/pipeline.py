@@ -1,8 +1,8 @@
 """The compiler, top-down: ZeroQuant's components as phases of graph passes.
 
 capture -> canonicalize -> plan -> smooth (optional) -> quantize weights -> insert activation quant -> fuse -> lower
--> cleanup; then, for the cuda backend only, on the copy of the graph it executes: fuse sibling GEMMs, GELU into the
-GEMM epilogue, one additive attention mask (CUDA_PHASES)
+-> cleanup; then, for the cuda backend only, on the copy of the graph it executes: fuse sibling GEMMs, one additive
+attention mask (CUDA_PHASES)
 
 Every phase leaves a runnable graph with the same meaning; up to ``fuse`` it is simulated quantization
 (integer values dequantized back to floats), ``lower`` makes the GEMMs integer. Set ``dump_dir`` (or the
@@ -22,7 +22,7 @@ from torch.fx import Graph, GraphModule
 from zqcompile.errors import ZQError
 from zqcompile.passes import (
     CompileContext, additive_attention_mask, annotate_roles, calibrate_activations, canonicalize_conv1d, cleanup,
-    fuse_gelu_into_gemm, fuse_quant_into_elementwise, fuse_sibling_linears, insert_activation_quant,
+    fuse_quant_into_elementwise, fuse_sibling_linears, insert_activation_quant,
     lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes,
     smooth_activations,
 )
@@ -52,7 +52,7 @@ PHASE_NAMES = tuple(name for name, _ in PHASES)
 CUDA_PHASES = (
     # rewrites that pay off with the GPU kernels, applied to the graph the cuda backend runs; the compiled graph
     # that users inspect, export and save keeps one GEMM per linear layer
-    ("cuda_graph_rewrites", (fuse_sibling_linears, fuse_gelu_into_gemm, additive_attention_mask, cleanup)),
+    ("cuda_graph_rewrites", (fuse_sibling_linears, additive_attention_mask, cleanup)),
 )
 
 

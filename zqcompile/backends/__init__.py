@@ -47,7 +47,7 @@ def register_cuda_kernels() -> dict[str, str]:
 
     numba_cuda.register_cuda_kernels()
     gemm = triton_gemm.register_cuda_kernels()
-    _CUDA_KERNEL_OPS.update((*numba_cuda.OPS, "int8_linear", "int4_linear", "int8_linear_gelu"))
+    _CUDA_KERNEL_OPS.update((*numba_cuda.OPS, "int8_linear", "int4_linear"))
     return {"activation_quant": "numba", "gemm": gemm}
 
 

@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from zqcompile import ops
@@ -49,7 +48,6 @@ try:
     import triton.language as tl
     from triton.runtime.errors import OutOfResources
     from triton.testing import do_bench_cudagraph
-    from triton.language.extra import libdevice
     from triton.tools.tensor_descriptor import TensorDescriptor
 except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break importing zqcompile
     triton = None
@@ -282,24 +280,12 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _activation(y, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
-        """y in ``OUT_DTYPE``; for ``int8_linear_gelu``, GELU of y rounded to ``OUT_DTYPE`` (the op's definition).
-        ACTIVATION: 0 none, 1 GELU (erf), 2 GELU (tanh), as ``_ACTIVATIONS``."""
-        if ACTIVATION != 0:
-            y = y.to(OUT_DTYPE).to(tl.float32)
-            if ACTIVATION == 1:  # 0.5 y (1 + erf(y / sqrt(2)))
-                y = 0.5 * y * (1.0 + libdevice.erf(y * 0.7071067811865476))
-            else:  # 0.5 y (1 + tanh(sqrt(2 / pi) (y + 0.044715 y^3)))
-                y = 0.5 * y * (1.0 + libdevice.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
-        return y.to(OUT_DTYPE)
-
-    @triton.jit
     def _int_linear_kernel(
         a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr,
         M, N, K, rows_per_scale, g_in, stride_am, stride_wn, stride_cm,
         INT4: tl.constexpr, GROUPED: tl.constexpr, TILES_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, ACTIVATION: tl.constexpr,
+        GROUP_M: tl.constexpr,
     ):
         pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,15 +325,14 @@ if triton is not None:
             acc = part.to(tl.float32) * tl.load(w_scale_ptrs)[None, :]
         acc = _scale_rows_add_bias(acc, rows, cols, a_scale_ptr, bias_ptr, HAS_BIAS)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, _activation(acc, ACTIVATION, c_ptr.dtype.element_ty),
-                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
     @triton.jit
     def _int_linear_tma_kernel(
         a_desc, w_desc, c_desc, a_scale_ptr, w_scale_ptr, bias_ptr,
         M, N, K, rows_per_scale,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, NUM_PROGRAMS: tl.constexpr, ACTIVATION: tl.constexpr,
+        GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     ):
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -374,11 +359,11 @@ if triton is not None:
                 # Two column halves, stored one after the other: half the epilogue's shared-memory
                 # staging buffer, which leaves room for another pipeline stage or a second CTA per SM.
                 y0, y1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], _activation(y0, ACTIVATION, c_desc.dtype))
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y0.to(c_desc.dtype))
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2],
-                             _activation(y1, ACTIVATION, c_desc.dtype))
+                             y1.to(c_desc.dtype))
             else:
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], _activation(y, ACTIVATION, c_desc.dtype))
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,8 +371,6 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------
 
 _TUNED: dict[tuple, GemmConfig] = {}
-_ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
-"""The kernels' ACTIVATION constexpr per ``gelu`` argument: none, GELU (erf), GELU (tanh)."""
 
 
 @functools.cache
@@ -396,7 +379,7 @@ def _num_sms(device: int) -> int:
 
 
 def _launch_tma(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
-                p: _Problem, cfg: GemmConfig, activation: int) -> None:
+                p: _Problem, cfg: GemmConfig) -> None:
     # Host-side descriptors: plain Python objects, encoded into the launch's parameters (no device
     # allocation, so they are safe inside CUDA-graph capture).
     a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
@@ -408,15 +391,15 @@ def _launch_tma(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor
         a_desc, w_desc, c_desc, s_x, w_scale, out if bias is None else bias,
         p.m, p.n, p.k, p.n // p.g_out,
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, SUBTILE=cfg.subtile, NUM_PROGRAMS=num_programs, ACTIVATION=activation,
+        GROUP_M=cfg.group_m, SUBTILE=cfg.subtile, NUM_PROGRAMS=num_programs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
-            p: _Problem, int4: bool, cfg: GemmConfig, activation: int) -> None:
+            p: _Problem, int4: bool, cfg: GemmConfig) -> None:
     if cfg.kernel == "tma_persistent":
-        _launch_tma(a, s_x, w, w_scale, bias, out, p, cfg, activation)
+        _launch_tma(a, s_x, w, w_scale, bias, out, p, cfg)
         return
     grouped = p.g_in > 1
     grid = (triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.n, cfg.block_n),)
@@ -425,15 +408,15 @@ def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | N
         p.m, p.n, p.k, p.n // p.g_out, p.g_in, a.stride(0), w.stride(0), out.stride(0),
         INT4=int4, GROUPED=grouped, TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
         HAS_BIAS=bias is not None, EVEN_K=p.k % cfg.block_k == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, ACTIVATION=activation,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def tuning_key(m: int, n: int, k: int, group_width: int | None, int4: bool, tma: bool, has_bias: bool,
-               out_dtype: torch.dtype, gelu: str | None, device_index: int | None) -> tuple:
+               out_dtype: torch.dtype, device_index: int | None) -> tuple:
     """The autotuner's cache key of a GEMM call (``_TUNED[key]`` is its chosen config once tuned)."""
-    return (m_bucket(m), n, k, group_width, int4, tma, has_bias, out_dtype, _ACTIVATIONS[gelu], device_index)
+    return (m_bucket(m), n, k, group_width, int4, tma, has_bias, out_dtype, device_index)
 
 
 def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmConfig], None]) -> GemmConfig:
@@ -465,10 +448,8 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
 
 
 def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                      out_dtype: torch.dtype, *, int4: bool, config: GemmConfig | None = None,
-                      gelu: str | None = None) -> Tensor:
-    """int8_linear (``int4=False``) or int4_linear (``int4=True``) through the Triton kernel; with
-    ``gelu`` ('none' = erf, 'tanh'), int8_linear_gelu (GELU applied in the epilogue).
+                      out_dtype: torch.dtype, *, int4: bool, config: GemmConfig | None = None) -> Tensor:
+    """int8_linear (``int4=False``) or int4_linear (``int4=True``) through the Triton kernel.
 
     ``config`` forces one tile config (tests use it to check every candidate); by default the config is
     autotuned per shape key, among the persistent TMA kernel's and the tiled kernel's configs where
@@ -492,18 +473,16 @@ def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
                       "16-byte aligned operands and row pitches); use a tiled config")
     candidates = candidate_configs(p.m, p.k, group_width, tma=tma) if config is None else [config]
     if not candidates:
-        return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4, gelu=gelu)
+        return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
     s_x = x_scale.reshape(p.m).float().contiguous()
     w_scale = w_scale.float().contiguous()
     bias = bias.contiguous() if bias is not None else None
 
-    activation = _ACTIVATIONS[gelu]
-
     def run(cfg: GemmConfig) -> None:
-        _launch(a, s_x, w, w_scale, bias, out2d, p, int4, cfg, activation)
+        _launch(a, s_x, w, w_scale, bias, out2d, p, int4, cfg)
 
     # A forced config bypasses the tuner's cache, so it does not become the shape's tuned choice.
-    key = tuning_key(p.m, p.n, p.k, group_width, int4, tma, bias is not None, out_dtype, gelu, x_q.device.index)
+    key = tuning_key(p.m, p.n, p.k, group_width, int4, tma, bias is not None, out_dtype, x_q.device.index)
     run(config if config is not None else _pick_config(key, candidates, run))
     return out
 
@@ -513,9 +492,8 @@ def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
 # ----------------------------------------------------------------------------------------------------
 
 def int_mm_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                  out_dtype: torch.dtype, *, int4: bool, gelu: str | None = None) -> Tensor:
-    """The op through cuBLASLt's INT8 GEMM (``torch._int_mm``) and a separate float32 dequant; with ``gelu``,
-    int8_linear_gelu (GELU of the ``out_dtype`` result).
+                  out_dtype: torch.dtype, *, int4: bool) -> Tensor:
+    """The op through cuBLASLt's INT8 GEMM (``torch._int_mm``) and a separate float32 dequant.
 
     ``torch._int_mm`` needs more than 16 rows and K, N multiples of 8: rows are zero-padded to 32;
     other shapes use the reference implementation.
@@ -541,7 +519,7 @@ def int_mm_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias
         if bias is not None:
             acc += bias.float()
         y = acc.to(out_dtype).reshape(*x_q.shape[:-1], p.n)
-    return y if gelu is None else F.gelu(y, approximate=gelu)
+    return y
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -563,10 +541,6 @@ def _int4_linear_cuda(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
     return triton_int_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
 
 
-def _int8_linear_gelu_cuda(x_q, x_scale, w, w_scale, bias, out_dtype, approximate):
-    return triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False, gelu=approximate)
-
-
 def _int8_linear_int_mm(x_q, x_scale, w, w_scale, bias, out_dtype):
     return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
 
@@ -575,12 +549,8 @@ def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
     return int_mm_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
 
 
-def _int8_linear_gelu_int_mm(x_q, x_scale, w, w_scale, bias, out_dtype, approximate):
-    return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False, gelu=approximate)
-
-
 def register_cuda_kernels() -> str:
-    """Make ``zq::int8_linear`` / ``int4_linear`` / ``int8_linear_gelu`` run these kernels on CUDA tensors; idempotent.
+    """Make ``zq::int8_linear`` / ``int4_linear`` run these kernels on CUDA tensors; idempotent.
 
     Returns the backend in use: ``"triton"``, or ``"int_mm"`` (with a warning) when Triton is missing
     or the GPU predates INT8 ``tl.dot`` (sm_80). Raises ZQError when there is no CUDA GPU.
@@ -590,12 +560,12 @@ def register_cuda_kernels() -> str:
         return _REGISTERED_BACKEND
     _require_cuda("register_cuda_kernels()")
     if _triton_supported():
-        backend, kernels = "triton", (_int8_linear_cuda, _int4_linear_cuda, _int8_linear_gelu_cuda)
+        backend, kernels = "triton", (_int8_linear_cuda, _int4_linear_cuda)
     else:
         warnings.warn(f"Triton INT8 GEMMs unavailable ({_TRITON_ERROR or 'GPU older than sm_80'}); "
                       "zq int8/int4 linears use torch._int_mm with a separate dequant", stacklevel=2)
-        backend, kernels = "int_mm", (_int8_linear_int_mm, _int4_linear_int_mm, _int8_linear_gelu_int_mm)
-    for op, kernel in zip((ops.int8_linear, ops.int4_linear, ops.int8_linear_gelu), kernels):
+        backend, kernels = "int_mm", (_int8_linear_int_mm, _int4_linear_int_mm)
+    for op, kernel in zip((ops.int8_linear, ops.int4_linear), kernels):
         op.register_kernel("cuda")(kernel)
     _REGISTERED_BACKEND = backend
     return backend
