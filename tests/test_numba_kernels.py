@@ -205,6 +205,28 @@ else:
         repacked = np.array([int(insert(np.uint32(0), v, 1)) >> 16 for v in got[~nan]], dtype=np.int64)
         assert np.array_equal(repacked, patterns[~nan].astype(np.int64))
 
+    @pytest.mark.parametrize("approximate", ["none", "tanh"])
+    def test_gelu_forms_on_every_float16_input(approximate):
+        # the kernel's GELU (one exp2 instead of erff / tanhf) on every finite float16, against GELU in float64
+        gelu = kernels._gelu_tanh if approximate == "tanh" else kernels._gelu_erf
+        x16 = np.arange(2 ** 16, dtype=np.uint16).view(np.float16)
+        x = x16[np.isfinite(x16)].astype(np.float32)
+        got = np.array([gelu(v) for v in x], dtype=np.float32)
+        exact = torch.nn.functional.gelu(torch.from_numpy(x).double(), approximate=approximate).numpy()
+        # within ~1e-7 of the v/2 term (erf's fit: 4.4e-8) plus a few float32 roundings of the result
+        bound = np.abs(x) * 0.5 * 1.2e-7 + np.abs(exact) * 2.0 ** -21 + 1e-30
+        assert np.all(np.abs(got - exact) <= bound), x[np.argmax(np.abs(got - exact) / bound)]
+        # what the kernel keeps is the float16 rounding: that of torch's float32 GELU for normal x > 0 (where a
+        # row's absmax, hence its scale, comes from) but for exact values within a float32 ulp of a float16 tie
+        # (1 of the 30720 inputs for tanh; subnormal x/2 all sit on ties), and closer to the exact value than
+        # torch's for x < 0, where 1 + erf / 1 + tanh cancel in torch's formula
+        ours = got.astype(np.float16)
+        torchs = torch.nn.functional.gelu(torch.from_numpy(x), approximate=approximate).half().numpy()
+        exact16 = exact.astype(np.float32).astype(np.float16)
+        positive, negative = x >= 2.0 ** -14, x < 0
+        assert (ours != torchs)[positive].sum() <= 1
+        assert (ours != exact16)[negative].sum() <= (torchs != exact16)[negative].sum() // 4
+
     def test_int8_words_pack_signed_values():
         insert = kernels._insert_i8
         word = np.uint32(0)

@@ -49,7 +49,7 @@ from zqcompile.backends.numba_cuda import _numpy_compat  # noqa: F401  (must pre
 from zqcompile.errors import ZQError
 
 import numba  # noqa: E402
-from numba import cuda, float32, int32, int64  # noqa: E402
+from numba import cuda, float32, int32, int64, uint64  # noqa: E402
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 REDUCTIONS = ("tree", "shuffle")
@@ -132,6 +132,14 @@ if SIMULATOR:
 
     def fabs(a):
         return np.float32(abs(a))
+
+    def exp2f(v):
+        with np.errstate(over="ignore"):
+            return np.float32(np.exp2(np.float32(v)))
+
+    def fast_div(a, b):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return np.float32(np.float32(a) / np.float32(b))
 
     def _to_f16(v):
         return np.float32(np.float16(v))
@@ -222,6 +230,14 @@ else:
     @cuda.jit(device=True)
     def fabs(a):
         return libdevice.fabsf(a)
+
+    @cuda.jit(device=True)
+    def exp2f(v):  # MUFU.EX2, 2 ulp
+        return libdevice.exp2f(v)
+
+    @cuda.jit(device=True)
+    def fast_div(a, b):  # a * rcp(b), 2 ulp; 0 for |b| > 2^126 (so v / inf = 0)
+        return libdevice.fast_fdividef(a, b)
 
     @cuda.jit(device=True)
     def _to_f16(v):
@@ -412,7 +428,7 @@ def _row_kit(k: int, vec: int, threads: int, rows_per_block: int, reduction: str
             for u in range(per_thread):
                 w = t + u * threads
                 if u < full or w < words:
-                    word = a[base + w]
+                    word = a[uint64(base + w)]  # unsigned: no negative-index wraparound code
                     for h in range(vec):
                         out[u * vec + h] = decode(word, h)
                 else:
@@ -425,7 +441,7 @@ def _row_kit(k: int, vec: int, threads: int, rows_per_block: int, reduction: str
 
         @cuda.jit(device=True)
         def param(p, w, h):
-            return decode(p[ratio * w + h // pvec], h % pvec)
+            return decode(p[uint64(ratio * w + h // pvec)], h % pvec)
         return param
 
     @cuda.jit(device=True)
@@ -445,9 +461,9 @@ def _row_kit(k: int, vec: int, threads: int, rows_per_block: int, reduction: str
                     word = zero_word(q)
                     for h in range(vec):
                         word = _insert_i8(word, _quantize_value(vals[u * vec + h], inverse), h)
-                    q[base + w] = word
+                    q[uint64(base + w)] = word
             if t == 0:
-                scale[cuda.blockIdx.x * rows_per_block + cuda.threadIdx.y] = s
+                scale[uint64(cuda.blockIdx.x * rows_per_block + cuda.threadIdx.y)] = s
 
     return _RowKit(words, per_thread, full, per_thread * vec, _scratch_len(threads, rows_per_block, reduction),
                    make_load, make_param, position, quantize_store,
@@ -526,7 +542,7 @@ def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bo
                     vals[u * vec + h] = v
                     absmax = fmax(absmax, fabs(v))
                 if store:
-                    y[base + w] = word
+                    y[uint64(base + w)] = word
         quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
@@ -569,9 +585,45 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, k: int, vec: int, 
                         vals[u * vec + h] = v
                         absmax = fmax(absmax, fabs(v))
                     if store:
-                        y[base * y_ratio + w * y_ratio + part] = word
+                        y[uint64(base * y_ratio + w * y_ratio + part)] = word
         quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
+
+
+# GELU without libdevice's erff / tanhf: the GELU+quant kernel is bound by instruction issue, not memory, and
+# those two were about half of its instructions per element. Both forms below stay within a few float32 ulp of
+# 1 + erf / 1 + tanh (the reference's own rounding is 1 ulp of 1), far below the float16 rounding that follows.
+_ERFC_FIT_END = np.float32(3.9)  # erfc(3.9) = 3.5e-8: beyond it 1 + erf(x) is 2 (x > 0) or 0 in float32
+_LOG2_ERFC_COEFFS = tuple(np.float32(c) for c in (
+    # log2(erfc(t)) / t on [0, 3.9]: degree-9 minimax fit weighted by erfc(t) * t (the absolute error it causes in
+    # erf); evaluated in float32 the resulting erf is within 4.4e-8 of the exact value (0.75 ulp of 1)
+    -1.6279070377349854, -0.9184483885765076, -0.14826619625091553, 0.02757399156689644, 0.0003822098078671843,
+    -0.0026190713979303837, 0.0010867005912587047, -0.0002497498062439263, 3.273919355706312e-05,
+    -1.909314960357733e-06,
+)[::-1])  # highest power first, for Horner's rule
+_TWO = np.float32(2.0)
+_MINUS_2_LOG2E = np.float32(-2.0 / math.log(2.0))
+
+
+@cuda.jit(device=True)
+def _gelu_erf(v):
+    """v / 2 * (1 + erf(v / sqrt(2))) with 1 + erf(x) = 2 - erfc(|x|) for x >= 0 and erfc(|x|) below, erfc(t) =
+    2^(t * P(t)): one polynomial and one exp2 instead of erff's two polynomials merged by selects."""
+    t = fabs(v) * _SQRT1_2
+    fitted = fmin(t, _ERFC_FIT_END)  # keeps the polynomial finite for any input
+    p = _ZERO
+    for c in _LOG2_ERFC_COEFFS:
+        p = p * fitted + c
+    erfc = exp2f(p * fitted) if t < _ERFC_FIT_END else _ZERO
+    return v * _HALF * (_TWO - erfc if v >= _ZERO else erfc)
+
+
+@cuda.jit(device=True)
+def _gelu_tanh(v):
+    """v / 2 * (1 + tanh(u)) = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3): one exp2 and one fast division
+    instead of tanhf (for u -> -inf, exp -> inf and v / inf = 0)."""
+    u = _TANH_BETA * (v + _TANH_KAPPA * (v * v * v))
+    return fast_div(v, _ONE + exp2f(u * _MINUS_2_LOG2E))
 
 
 @_built
@@ -599,12 +651,7 @@ def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, k: int, vec: int, thr
                     v = vals[u * vec + h]
                     if has_bias:
                         v = round_x(v + bias_at(bias, w, h))
-                    if tanh:
-                        inner = _TANH_BETA * (v + _TANH_KAPPA * (v * v * v))
-                        g = _HALF * v * (_ONE + math.tanh(inner))
-                    else:
-                        g = v * _HALF * (_ONE + math.erf(v * _SQRT1_2))
-                    g = round_x(g)
+                    g = round_x(_gelu_tanh(v) if tanh else _gelu_erf(v))
                     vals[u * vec + h] = g
                     absmax = fmax(absmax, fabs(g))
         quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
