@@ -65,6 +65,7 @@ _WARP = 32
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
+_LOG2E = np.float32(1.0 / math.log(2.0))
 _QMAX = np.float32(127.0)
 _SQRT1_2 = np.float32(math.sqrt(0.5))  # erf GELU: x * 0.5 * (1 + erf(x / sqrt(2)))
 _TANH_BETA = np.float32(math.sqrt(2.0 / math.pi))  # tanh GELU: 0.5 x (1 + tanh(beta (x + kappa x^3)))
@@ -133,9 +134,9 @@ if SIMULATOR:
     def fabs(a):
         return np.float32(abs(a))
 
-    def exp2f(v):
+    def fast_exp(v):
         with np.errstate(over="ignore"):
-            return np.float32(np.exp2(np.float32(v)))
+            return np.float32(np.exp(np.float32(v)))
 
     def fast_div(a, b):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -231,9 +232,18 @@ else:
     def fabs(a):
         return libdevice.fabsf(a)
 
+    @intrinsic
+    def _ex2_approx_ftz(typingctx, v):
+        """PTX ex2.approx.ftz.f32, one MUFU instruction (libdevice's exp2f / fast_expf add a denormal-result path)."""
+        def codegen(context, builder, sig, args):
+            fn = builder.module.declare_intrinsic("llvm.nvvm.ex2.approx.ftz.f", fnty=ir.FunctionType(
+                ir.FloatType(), [ir.FloatType()]))
+            return builder.call(fn, args)
+        return types.float32(types.float32), codegen
+
     @cuda.jit(device=True)
-    def exp2f(v):  # MUFU.EX2, 2 ulp
-        return libdevice.exp2f(v)
+    def fast_exp(v):  # 2 ulp; results below 2^-126 flush to 0
+        return _ex2_approx_ftz(v * _LOG2E)
 
     @cuda.jit(device=True)
     def fast_div(a, b):  # a * rcp(b), 2 ulp; 0 for |b| > 2^126 (so v / inf = 0)
@@ -594,36 +604,36 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, k: int, vec: int, 
 # those two were about half of its instructions per element. Both forms below stay within a few float32 ulp of
 # 1 + erf / 1 + tanh (the reference's own rounding is 1 ulp of 1), far below the float16 rounding that follows.
 _ERFC_FIT_END = np.float32(3.9)  # erfc(3.9) = 3.5e-8: beyond it 1 + erf(x) is 2 (x > 0) or 0 in float32
-_LOG2_ERFC_COEFFS = tuple(np.float32(c) for c in (
-    # log2(erfc(t)) / t on [0, 3.9]: degree-9 minimax fit weighted by erfc(t) * t (the absolute error it causes in
-    # erf); evaluated in float32 the resulting erf is within 4.4e-8 of the exact value (0.75 ulp of 1)
-    -1.6279070377349854, -0.9184483885765076, -0.14826619625091553, 0.02757399156689644, 0.0003822098078671843,
-    -0.0026190713979303837, 0.0010867005912587047, -0.0002497498062439263, 3.273919355706312e-05,
-    -1.909314960357733e-06,
-)[::-1])  # highest power first, for Horner's rule
+# ln(erfc(t)) / t on [0, 3.9] = C0 + C1 t + ... + C9 t^9: a degree-9 minimax fit weighted by erfc(t) * t (the
+# absolute error it causes in erf); evaluated in float32 the resulting erf is within 6.4e-8 (1.1 ulp of 1) of the
+# exact value, before the exponential's own error
+_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9 = (np.float32(c) for c in (
+    -1.128379225730896, -0.6366199254989624, -0.10277029871940613, 0.019112834706902504, 0.0002649276575539261,
+    -0.0018154019489884377, 0.0007532434538006783, -0.00017311336705461144, 2.2693080609315075e-05,
+    -1.323436322309135e-06,
+))
 _TWO = np.float32(2.0)
-_MINUS_2_LOG2E = np.float32(-2.0 / math.log(2.0))
+_MINUS_TWO = np.float32(-2.0)
 
 
 @cuda.jit(device=True)
 def _gelu_erf(v):
     """v / 2 * (1 + erf(v / sqrt(2))) with 1 + erf(x) = 2 - erfc(|x|) for x >= 0 and erfc(|x|) below, erfc(t) =
-    2^(t * P(t)): one polynomial and one exp2 instead of erff's two polynomials merged by selects."""
+    exp(t * P(t)): one polynomial and one exponential instead of erff's two polynomials merged by selects."""
     t = fabs(v) * _SQRT1_2
     fitted = fmin(t, _ERFC_FIT_END)  # keeps the polynomial finite for any input
-    p = _ZERO
-    for c in _LOG2_ERFC_COEFFS:
-        p = p * fitted + c
-    erfc = exp2f(p * fitted) if t < _ERFC_FIT_END else _ZERO
+    p = ((((((((_C9 * fitted + _C8) * fitted + _C7) * fitted + _C6) * fitted + _C5) * fitted + _C4) * fitted + _C3)
+          * fitted + _C2) * fitted + _C1) * fitted + _C0  # Horner, written out: a loop over a tuple stays a loop
+    erfc = fast_exp(p * fitted) if t < _ERFC_FIT_END else _ZERO
     return v * _HALF * (_TWO - erfc if v >= _ZERO else erfc)
 
 
 @cuda.jit(device=True)
 def _gelu_tanh(v):
-    """v / 2 * (1 + tanh(u)) = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3): one exp2 and one fast division
-    instead of tanhf (for u -> -inf, exp -> inf and v / inf = 0)."""
+    """v / 2 * (1 + tanh(u)) = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3): one exponential and one fast
+    division instead of tanhf (for u -> -inf, exp -> inf and v / inf = 0)."""
     u = _TANH_BETA * (v + _TANH_KAPPA * (v * v * v))
-    return fast_div(v, _ONE + exp2f(u * _MINUS_2_LOG2E))
+    return fast_div(v, _ONE + fast_exp(u * _MINUS_TWO))
 
 
 @_built
