@@ -23,41 +23,21 @@ import os
 import traceback
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import zqcompile
 from zqcompile.backends.cuda_graphs import CUDAGraphRunner
-from gpu_latency import Results, bert_base, select_cuda_rewrites, time_in_graph_ms, time_ms, token_inputs
+from gpu_latency import (
+    Results, bert_base, profile_kernels, select_cuda_rewrites, summarise_kernels, time_in_graph_ms, time_ms,
+    token_inputs,
+)
 from zqcompile import pipeline
 
 BATCH, SEQ, HEADS, HEAD_DIM = 32, 128, 12, 64
 GEMM_OPS = ("int8_linear",)
-
-
-def profile_kernels(fn: Callable[[], Any]) -> list[tuple[str, float]]:
-    """(kernel name, device us) of every kernel that one ``fn()`` call runs, in launch order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return [(e.name, e.device_time) for e in sorted(events, key=lambda e: e.time_range.start)]
-
-
-def summarise(kernels: list[tuple[str, float]]) -> list[dict[str, Any]]:
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for name, us in kernels:
-        totals[name][0] += us
-        totals[name][1] += 1
-    rows = [{"name": k, "us": v[0], "calls": v[1]} for k, v in sorted(totals.items(), key=lambda kv: -kv[1][0])]
-    return [{"name": "all kernels", "us": sum(us for _, us in kernels), "calls": len(kernels)}] + rows
 
 
 class GemmRecorder(torch.fx.Interpreter):
@@ -90,7 +70,8 @@ def bench_graph_and_gemm(res: Results, parts: set[str]) -> None:
         gemm_times: list[float] = []
         for name, fn in variants.items():
             kernels = profile_kernels(fn)
-            res.data["profile"][name] = summarise(kernels)[:15]  # the total, then the top 14
+            total, rows = summarise_kernels(kernels)
+            res.data["profile"][name] = [total] + rows[:14]
             if name.startswith("zq"):
                 gemm_times = [us for k, us in kernels if "int_linear" in k]
         by_position = defaultdict(list)
@@ -190,8 +171,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/bert_breakdown.py needs a CUDA GPU")
     parts = set(args.parts.split(","))
-    res = Results(Path(args.out), args)
-    res.data.update(profile={}, sdpa=[], gemm_in_model=[])
+    res = Results(Path(args.out), args, name="bert_breakdown")
+    res.data.update(sdpa=[], gemm_in_model=[])
     zqcompile.backends.register_cuda_kernels()
     if parts & {"graph", "gemm"}:
         bench_graph_and_gemm(res, parts)
@@ -200,8 +181,6 @@ def main() -> None:
     if "rewrites" in parts:
         bench_rewrites(res, [int(b) for b in args.rewrite_batches.split(",")])
     res.save()
-    (Path(args.out) / "gpu_latency.json").rename(Path(args.out) / "bert_breakdown.json")
-    (Path(args.out) / "gpu_latency.md").rename(Path(args.out) / "bert_breakdown.md")
 
 
 if __name__ == "__main__":

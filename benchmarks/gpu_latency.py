@@ -31,6 +31,7 @@ import platform
 import statistics
 import time
 import traceback
+from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -89,8 +90,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 class Results:
-    def __init__(self, out_dir: Path, args: argparse.Namespace):
+    """The measurements of one run, rewritten to ``out_dir/<name>.json`` and ``.md`` after each one."""
+
+    def __init__(self, out_dir: Path, args: argparse.Namespace, name: str = "gpu_latency"):
         self.out_dir = out_dir
+        self.name = name
         out_dir.mkdir(parents=True, exist_ok=True)
         self.data: dict[str, Any] = {"env": environment(), "args": vars(args), "models": [], "checks": [],
                                      "kernels": [], "gemm": [], "profile": {}, "errors": [], "notes": [],
@@ -102,8 +106,8 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        (self.out_dir / "gpu_latency.json").write_text(json.dumps(self.data, indent=1, default=str))
-        (self.out_dir / "gpu_latency.md").write_text(markdown(self.data))
+        (self.out_dir / f"{self.name}.json").write_text(json.dumps(self.data, indent=1, default=str))
+        (self.out_dir / f"{self.name}.md").write_text(markdown(self.data))
 
 
 def _version(name: str) -> str:
@@ -421,30 +425,39 @@ def bench_gemm(res: Results, shapes: list[tuple[int, int, int]]) -> None:
                              "speedup_vs_fp16": fp16_us / us})
 
 
-def bench_profile(res: Results, batch: int = 32) -> None:
+def profile_kernels(fn: Callable[[], Any]) -> list[tuple[str, float]]:
+    """(kernel name, device us) of every kernel that one ``fn()`` call runs (after 3 warm-up calls), in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [(e.name, e.device_time) for e in sorted(events, key=lambda e: e.time_range.start)]
+
+
+def summarise_kernels(kernels: list[tuple[str, float]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The total over all kernels, and per kernel name its total us and calls, largest first."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, us in kernels:
+        totals[name][0] += us
+        totals[name][1] += 1
+    rows = [{"name": k, "us": v[0], "calls": v[1]} for k, v in sorted(totals.items(), key=lambda kv: -kv[1][0])]
+    return {"name": "all kernels", "us": sum(us for _, us in kernels), "calls": len(kernels)}, rows
+
+
+def bench_profile(res: Results, batch: int = 32) -> None:
     model = bert_base()
     qmodel = zqcompile.compile(model, "w8a8", backend="cuda", cuda_graphs=False)
     inputs = token_inputs(model.config.vocab_size, batch, with_types=True)
     for name, fn in (("zq w8a8 eager B=32", lambda: qmodel(**inputs)), ("fp16 eager B=32", lambda: model(**inputs))):
         with torch.inference_mode():
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize()
-        totals: dict[str, list[float]] = {}
-        for evt in prof.events():
-            if evt.device_type == torch.autograd.DeviceType.CUDA:
-                entry = totals.setdefault(evt.name, [0.0, 0])
-                entry[0] += evt.device_time
-                entry[1] += 1
-        top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:12]
-        res.data["profile"][name] = [{"name": k, "us": v[0], "calls": v[1]} for k, v in top]
-        res.data["profile"][name + " total us"] = [{"name": "all kernels", "us": sum(v[0] for v in totals.values()),
-                                                    "calls": sum(v[1] for v in totals.values())}]
+            total, rows = summarise_kernels(profile_kernels(fn))
+        res.data["profile"][name] = rows[:12]
+        res.data["profile"][name + " total us"] = [total]
         res.save()
 
 
