@@ -107,7 +107,7 @@ def run_interpreted_cases() -> dict:
                                                          config=cfg)
         x, w, w_scale, b = weight_only_operands(m, n, k, int4=int4, g_in=g_in, bias=bias, seed=m + k)
         out["weight_only", i] = triton_small_m.stream_weight_only_linear(x, w, w_scale, b, config=cfg)
-        out["workspace_dirty", i] = any(t.any().item() for t in triton_small_m._workspace(torch.device("cpu"), n))
+        out["tickets_left", i] = triton_small_m._workspace(torch.device("cpu"))[1].any().item()
     for i, (x, w) in enumerate(widen_operands()):
         out["widen", i] = triton_small_m.stream_weight_only_linear(x, w, torch.ones(1, 1), None, config=WIDEN_CONFIG)
     return out
@@ -134,7 +134,7 @@ def test_interpreted_int_kernel_matches_float64(interpreted, case):
     (x_q, x_scale, w, w_scale, b), w_q = make_operands(m, n, k, int4=int4, g_out=n, g_in=g_in, bias=bias, seed=m + k)
     y = interpreted["int", case]
     assert y.shape == (m, n) and rel_err(y, float64_reference(x_q, x_scale, w_q, w_scale, b)) <= 1e-6
-    assert not interpreted["workspace_dirty", case]  # the last split left the workspace zeroed for the next call
+    assert not interpreted["tickets_left", case]  # the last split reset the tile's ticket for the next call
 
 
 @pytest.mark.parametrize("case", range(len(INTERPRETER_CASES)))
@@ -171,7 +171,7 @@ def test_configs_match_float64_on_gpu(m, n, k, int4, g_in, every):
     ref16 = weight_only_float64(x.cpu(), w16, s16, b16)
     configs = candidate_configs(triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, bias, int4))
     for cfg in configs if every else configs[:1]:
-        for _ in range(2):  # the second call finds the workspace the first one left zeroed
+        for _ in range(2):  # the second call finds the tickets the first one reset
             y = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, bias, torch.float32, int4=int4, config=cfg)
             assert rel_err(y, ref) <= 1e-6, cfg
             y16 = triton_small_m.stream_weight_only_linear(x, w16, s16, b16, config=cfg)

@@ -5,15 +5,17 @@ At decode sizes a GEMM costs the time it takes to read its weight once: ``N*K`` 
 plus the group scales (INT4) against at most ``64*K`` of activations. ``_stream_kernel`` is built for that:
 
 * One program per ``BLOCK_N`` weight rows and one K range (split-K): ``N / BLOCK_N`` column tiles alone do not
-  fill 132 SMs with enough bytes in flight, so K is split until the grid is a few waves. Each split adds its
-  partial tile into a workspace with atomics; the last split to arrive (a per-tile ticket counter) reads the
-  sum, resets workspace and counter to zero for the next call (so no memset is needed, and CUDA-graph replays
-  stay valid) and runs the epilogue. W8A8 without input-dim groups adds INT32 partials, so the sum is exact.
+  fill 132 SMs with enough bytes in flight, so K is split until the grid is a few waves. Each split stores its
+  partial tile in a workspace; the last split to arrive (a per-tile ticket counter) sums the partials in split
+  order, resets its counter for the next call (no memset, CUDA-graph replays stay valid) and runs the
+  epilogue. Plain stores, not atomic adds: at M = 16 the atomics cost more than the weight reads. W8A8 without
+  input-dim groups sums INT32 partials, so the sum is exact; float partials are summed in a fixed order.
 * All M rows sit in one ``BLOCK_M`` (16, 32 or 64) tile, multiplied on the tensor cores: at M = 1 the 16-row
   MMA wastes arithmetic, which is free here, and it keeps the weight tile's load layout the same at every M.
 * INT4 weights (``uint8 [N, K/2]``, low nibble = even k) are widened to INT8 in registers without
   interleaving: the low nibbles multiply the even activation columns and the high nibbles the odd ones (two
-  MMAs over K/2), so no shuffle of the weight tile between layouts is needed, and the main loop stays INT8.
+  MMAs over K/2, the activations loaded as two strided halves), so the weight tile is never shuffled between
+  layouts, and the main loop stays on INT8 MMAs.
 * Input-dim groups (``G_in > 1``, the w4a8 / w4a16 presets' groups of 64): each K tile holds ``SUBS`` whole
   groups; each group's exact INT32 (W?A8) or float32 (W?A16) partial product is scaled by its group scale and
   added to a float32 accumulator: the reference's arithmetic, ``sum_g (x @ w_g.T) * s_w[:, g]``.
@@ -70,8 +72,9 @@ class StreamConfig:
 # thread; narrow column tiles and more waves keep more bytes in flight per SM at small M; wide tiles reread
 # the activations less at M = 64.
 _CONFIGS = (
-    StreamConfig(64, 256, 4, 4, 4), StreamConfig(32, 512, 4, 3, 4), StreamConfig(128, 256, 4, 4, 2),
-    StreamConfig(64, 512, 4, 3, 2), StreamConfig(128, 128, 4, 5, 4), StreamConfig(256, 128, 8, 4, 2),
+    StreamConfig(64, 256, 4, 4, 2), StreamConfig(64, 256, 4, 4, 4), StreamConfig(128, 256, 4, 3, 1),
+    StreamConfig(32, 512, 4, 3, 2), StreamConfig(64, 512, 4, 3, 1), StreamConfig(128, 128, 4, 4, 2),
+    StreamConfig(256, 256, 8, 3, 1),
 )
 
 
@@ -141,16 +144,34 @@ if triton is not None:
             return q.to(a.dtype)
 
     @triton.jit
-    def _dot_group(acc, a, w, INT4: tl.constexpr):
-        """acc + a [BM, SK] @ w.T, with w int8 [BN, SK] or packed uint8 [BN, SK/2] (low nibble = even k)."""
+    def _sub_tile_product(acc, a_row_ptrs, a_rows_ok, w_ptrs, k, K, offs_k, offs_wk, INT4: tl.constexpr,
+                          EVEN_K: tl.constexpr):
+        """acc + a[:, k:k+SK] @ w[:, k:k+SK].T for one sub-tile of SK = len(offs_k) values.
+
+        INT4 (``w_ptrs`` on packed bytes): the low nibbles multiply the even activation columns and the high
+        nibbles the odd ones, loaded as two strided halves, so the weight tile is never interleaved."""
         if INT4:
+            k_even = k + 2 * offs_wk
+            a_mask = a_rows_ok & (k_even[None, :] < K)
+            a_even = tl.load(a_row_ptrs + k_even[None, :], mask=a_mask, other=0)
+            a_odd = tl.load(a_row_ptrs + (k_even + 1)[None, :], mask=a_mask, other=0)
+            if EVEN_K:
+                w = tl.load(w_ptrs + k // 2)
+            else:
+                w = tl.load(w_ptrs + k // 2, mask=k_even[None, :] < K, other=0)
             b = w.to(tl.int8, bitcast=True)
             low = ((b << 4).to(tl.int8) >> 4).to(tl.int8)  # arithmetic shifts sign-extend each nibble
             high = (b >> 4).to(tl.int8)
-            a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
-            acc = tl.dot(a_even, tl.trans(_widen(low, a)), acc, out_dtype=acc.dtype)
-            return tl.dot(a_odd, tl.trans(_widen(high, a)), acc, out_dtype=acc.dtype)
+            acc = tl.dot(a_even, tl.trans(_widen(low, a_even)), acc, out_dtype=acc.dtype)
+            return tl.dot(a_odd, tl.trans(_widen(high, a_odd)), acc, out_dtype=acc.dtype)
         else:
+            if EVEN_K:
+                a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok, other=0)
+                w = tl.load(w_ptrs + k)
+            else:
+                a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok & ((k + offs_k)[None, :] < K),
+                            other=0)
+                w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
             return tl.dot(a, tl.trans(_widen(w, a)), acc, out_dtype=acc.dtype)
 
     @triton.jit
@@ -166,50 +187,45 @@ if triton is not None:
         k_end = tl.minimum(k_start + k_per_split, K)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = offs_m % M  # rows / cols past M / N wrap onto valid ones: unmasked loads, masked stores
+        rows = offs_m % M  # rows / cols past M / N wrap onto valid ones for the epilogue's loads
         cols = offs_n % N
-        PACK: tl.constexpr = 2 if INT4 else 1  # weight values per stored byte
-        BLOCK_K: tl.constexpr = SUB_K * SUBS
+        a_rows_ok = offs_m[:, None] < M  # activation rows past M load no bytes
         offs_k = tl.arange(0, SUB_K)
-        offs_wk = tl.arange(0, SUB_K // PACK)
-        a_ptrs = a_ptr + rows[:, None] * stride_am + (k_start + offs_k)[None, :]
-        w_ptrs = w_ptr + cols[:, None] * stride_wn + (k_start // PACK + offs_wk)[None, :]
+        offs_wk = tl.arange(0, SUB_K // 2 if INT4 else SUB_K)  # weight bytes per row of a sub-tile
+        a_row_ptrs = a_ptr + offs_m[:, None] * stride_am
+        w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_wk[None, :]
         s_ptrs = w_scale_ptr + (cols // rows_per_scale) * g_in
         INT_ACC: tl.constexpr = a_ptr.dtype.element_ty == tl.int8
         ACC_DTYPE: tl.constexpr = tl.int32 if INT_ACC else tl.float32
         # Without groups the accumulator is the MMA's own (exact INT32 for W8A8); with groups it is float32.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if GROUPED else ACC_DTYPE)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        for k0 in range(k_start, k_end, SUB_K * SUBS):
             for s in tl.static_range(SUBS):
-                if EVEN_K:
-                    a = tl.load(a_ptrs + s * SUB_K)
-                    w = tl.load(w_ptrs + s * (SUB_K // PACK))
-                else:
-                    a = tl.load(a_ptrs + s * SUB_K, mask=(k0 + s * SUB_K + offs_k)[None, :] < K, other=0)
-                    w = tl.load(w_ptrs + s * (SUB_K // PACK),
-                                mask=(k0 + s * SUB_K + offs_wk * PACK)[None, :] < K, other=0)
+                k = k0 + s * SUB_K
                 if GROUPED:
-                    part = _dot_group(tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), a, w, INT4)
+                    part = _sub_tile_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), a_row_ptrs, a_rows_ok,
+                                             w_ptrs, k, K, offs_k, offs_wk, INT4, EVEN_K)
                     # SUB_K is the group width; a group past K (ragged last tile) has a zero product
-                    s_w = tl.load(s_ptrs + tl.minimum((k0 + s * SUB_K) // SUB_K, g_in - 1))
+                    s_w = tl.load(s_ptrs + tl.minimum(k // SUB_K, g_in - 1))
                     acc += part.to(tl.float32) * s_w[None, :]
                 else:
-                    acc = _dot_group(acc, a, w, INT4)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K // PACK
+                    acc = _sub_tile_product(acc, a_row_ptrs, a_rows_ok, w_ptrs, k, K, offs_k, offs_wk, INT4, EVEN_K)
 
         out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if SPLIT:
-            # Add this split's partial tile; the last split of the tile (ticket == splits - 1) takes the sum
-            # and leaves zeros behind. The barrier makes every thread's adds precede the release of the ticket.
-            ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]  # int32 workspace
-            tl.atomic_add(ws_ptrs.to(tl.pointer_type(acc.dtype)), acc, mask=out_mask, sem="relaxed")
+            # Each split stores its partial tile in its own workspace slice; the last split of the tile to
+            # arrive (ticket == splits - 1) sums the slices in split order (a deterministic float sum), resets
+            # the ticket for the next launch and runs the epilogue. The barrier puts every thread's stores
+            # before the release of the ticket.
+            splits = tl.num_programs(1)
+            ws_tile = ws_ptr.to(tl.pointer_type(acc.dtype)) + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(ws_tile + tl.program_id(1) * M * N, acc, mask=out_mask)
             tl.debug_barrier()
             ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
-            if ticket == tl.num_programs(1) - 1:
-                total = tl.atomic_xchg(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=out_mask,
-                                       sem="acquire")
-                total = total.to(acc.dtype, bitcast=True)
+            if ticket == splits - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+                for j in range(0, splits):
+                    total += tl.load(ws_tile + j * M * N, mask=out_mask, other=0, cache_modifier=".cg")
                 tl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed")
                 _epilogue(total, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr,
                           stride_cm, INT_ACC, GROUPED, HAS_BIAS)
@@ -235,20 +251,19 @@ if triton is not None:
 # Launch
 # ----------------------------------------------------------------------------------------------------
 
-_WORKSPACES: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+WORKSPACE_VALUES = 8 * 2**20
+"""32-bit partial sums in the split-K workspace (32 MB per device): splits x M x N never exceed it."""
+_WORKSPACES: dict[str, tuple[Tensor, Tensor]] = {}
 
 
-def _workspace(device: torch.device, n: int) -> tuple[Tensor, Tensor]:
-    """The zeroed split-K workspace for N output columns: ``[MAX_M * N]`` 32-bit partial sums (int32, also
-    added to as float32: zero is the same bits) and ``[N]`` ticket counters (at least one per column tile).
-
-    Kept for the process's lifetime (one per N and device, 256 B per column): a CUDA graph that captured a
-    launch holds its address, so it is never freed or replaced. Every launch leaves it zeroed again.
-    """
-    key = (str(device), n)
+def _workspace(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The split-K workspace of a device: ``WORKSPACE_VALUES`` partial sums (int32, also written as float32)
+    and 65536 ticket counters (one per column tile; zero between launches: each launch's last split resets
+    its own). Kept for the process's lifetime: a CUDA graph that captured a launch holds its address."""
+    key = str(device)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = (torch.zeros(MAX_M * n, dtype=torch.int32, device=device),
-                            torch.zeros(n, dtype=torch.int32, device=device))
+        _WORKSPACES[key] = (torch.empty(WORKSPACE_VALUES, dtype=torch.int32, device=device),
+                            torch.zeros(65536, dtype=torch.int32, device=device))
     return _WORKSPACES[key]
 
 
@@ -262,10 +277,11 @@ def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tens
     """Run ``_stream_kernel`` for ``out [M, N] = a [M, K] @ w.T`` (contiguous 2-D operands) with ``cfg``."""
     width = group_width_for(p)
     sub_k = width if width is not None else cfg.block_k
-    split = split_k_for(p.n, p.k, cfg.block_n, cfg.block_k, cfg.waves, _num_sms(str(a.device)))
+    split = min(split_k_for(p.n, p.k, cfg.block_n, cfg.block_k, cfg.waves, _num_sms(str(a.device))),
+                WORKSPACE_VALUES // (p.m * p.n))
     k_per_split = -(-p.k // (split * cfg.block_k)) * cfg.block_k
     split = -(-p.k // k_per_split)  # rounding k_per_split up to whole K tiles may leave fewer splits
-    ws, tickets = _workspace(a.device, p.n)
+    ws, tickets = _workspace(a.device)
     grid = (triton.cdiv(p.n, cfg.block_n), split)
     _stream_kernel[grid](
         a, s_x if s_x is not None else w_scale, w, w_scale, bias if bias is not None else out, out, ws, tickets,
