@@ -14,7 +14,7 @@ plus the group scales (INT4) against at most ``64*K`` of activations. ``_stream_
   MMA wastes arithmetic, which is free here, and it keeps the weight tile's load layout the same at every M.
 * INT4 weights (``uint8 [N, K/2]``, low nibble = even k) are widened to INT8 in registers without
   interleaving: the low nibbles multiply the even activation columns and the high nibbles the odd ones (two
-  MMAs over K/2, the activations loaded as two strided halves), so the weight tile is never shuffled between
+  MMAs over K/2, the activation tile split in registers), so the weight tile is never shuffled between
   layouts, and the main loop stays on INT8 MMAs.
 * Input-dim groups (``G_in > 1``, the w4a8 / w4a16 presets' groups of 64): each K tile holds ``SUBS`` whole
   groups; each group's exact INT32 (W?A8) or float32 (W?A16) partial product is scaled by its group scale and
@@ -149,29 +149,25 @@ if triton is not None:
         """acc + a[:, k:k+SK] @ w[:, k:k+SK].T for one sub-tile of SK = len(offs_k) values.
 
         INT4 (``w_ptrs`` on packed bytes): the low nibbles multiply the even activation columns and the high
-        nibbles the odd ones, loaded as two strided halves, so the weight tile is never interleaved."""
-        if INT4:
-            k_even = k + 2 * offs_wk
-            a_mask = a_rows_ok & (k_even[None, :] < K)
-            a_even = tl.load(a_row_ptrs + k_even[None, :], mask=a_mask, other=0)
-            a_odd = tl.load(a_row_ptrs + (k_even + 1)[None, :], mask=a_mask, other=0)
-            if EVEN_K:
-                w = tl.load(w_ptrs + k // 2)
+        nibbles the odd ones (the activation tile split in registers), so the weight tile is never interleaved.
+        """
+        if EVEN_K:
+            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok, other=0)
+            w = tl.load(w_ptrs + k // 2 if INT4 else w_ptrs + k)
+        else:
+            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok & ((k + offs_k)[None, :] < K), other=0)
+            if INT4:
+                w = tl.load(w_ptrs + k // 2, mask=(k + 2 * offs_wk)[None, :] < K, other=0)
             else:
-                w = tl.load(w_ptrs + k // 2, mask=k_even[None, :] < K, other=0)
+                w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
+        if INT4:
             b = w.to(tl.int8, bitcast=True)
             low = ((b << 4).to(tl.int8) >> 4).to(tl.int8)  # arithmetic shifts sign-extend each nibble
             high = (b >> 4).to(tl.int8)
-            acc = tl.dot(a_even, tl.trans(_widen(low, a_even)), acc, out_dtype=acc.dtype)
-            return tl.dot(a_odd, tl.trans(_widen(high, a_odd)), acc, out_dtype=acc.dtype)
+            a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
+            acc = tl.dot(a_even, tl.trans(_widen(low, a)), acc, out_dtype=acc.dtype)
+            return tl.dot(a_odd, tl.trans(_widen(high, a)), acc, out_dtype=acc.dtype)
         else:
-            if EVEN_K:
-                a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok, other=0)
-                w = tl.load(w_ptrs + k)
-            else:
-                a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok & ((k + offs_k)[None, :] < K),
-                            other=0)
-                w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
             return tl.dot(a, tl.trans(_widen(w, a)), acc, out_dtype=acc.dtype)
 
     @triton.jit
