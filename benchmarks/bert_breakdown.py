@@ -30,11 +30,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import zqcompile
 from common import (
-    Results, bert_base, default_out_dir, profile_kernels, profile_tables, summarise_kernels, table, time_in_graph_ms,
-    time_ms, token_inputs,
+    Results, bert_base, cuda_rewrites, default_out_dir, profile_kernels, profile_tables, summarise_kernels, table,
+    time_in_graph_ms, time_ms, token_inputs,
 )
-from gpu_latency import select_cuda_rewrites
-from zqcompile import pipeline
 from zqcompile.backends.cuda_graphs import CUDAGraphRunner
 
 BATCH, SEQ, HEADS, HEAD_DIM = 32, 128, 12, 64
@@ -145,11 +143,9 @@ REWRITE_SETS = {
 
 def bench_rewrites(res: Results, batches: list[int]) -> None:
     model = bert_base()
-    original = pipeline.CUDA_PHASES
     for label, names in REWRITE_SETS.items():
         try:
-            select_cuda_rewrites(names)
-            qmodel = zqcompile.compile(model, "w8a8", backend="cuda")
+            qmodel = zqcompile.compile(model, "w8a8", backend="cuda", target_passes=cuda_rewrites(names))
             for batch in batches:
                 inputs = token_inputs(model.config.vocab_size, batch, with_types=True)
                 with torch.inference_mode():
@@ -159,8 +155,6 @@ def bench_rewrites(res: Results, batches: list[int]) -> None:
         except Exception as exc:  # noqa: BLE001
             res.add("errors", {"where": f"rewrites {label}", "error": f"{type(exc).__name__}: {exc}",
                                "trace": traceback.format_exc()[-2000:]})
-        finally:
-            pipeline.CUDA_PHASES = original
 
 
 def render(data: dict[str, Any]) -> str:

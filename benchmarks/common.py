@@ -222,3 +222,8 @@ def token_inputs(vocab: int, batch: int, with_types: bool) -> dict[str, torch.Te
     if with_types:
         inputs["token_type_ids"] = torch.zeros_like(ids)
     return inputs
+
+
+def cuda_rewrites(names: str | None) -> list[str] | None:
+    """``--cuda-rewrites`` as zqcompile.compile's ``target_passes`` (None: all of the cuda target's passes)."""
+    return None if names is None else [n for n in names.split(",") if n]
