@@ -15,14 +15,16 @@ LKD runs with its defaults (self-generated text for the decoder, random token id
 
     python benchmarks/accuracy.py [--tokens 1024] [--window 256] [--stride 256] [--probe-sentences 2000]
                                   [--models smollm2,minilm] [--configs W8A8,W8A8-smooth,...]
-                                  [--text austen_persuasion.txt] [--json FILE] [--markdown FILE]
+                                  [--text austen_persuasion.txt] [--out DIR]
+
+Results go to ``--out`` (default ``$OUT``, else the git-ignored benchmarks/results/) as ``accuracy.json`` and
+``accuracy.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,9 +37,9 @@ import zqcompile
 from zqcompile.evaluate import (
     load_lee50, logistic_probe_accuracy, mean_cosine, sentence_embeddings, similarity_spearman, text_perplexity,
 )
-from zqcompile.models import MINILM, SMOLLM2, load_pretrained
+from common import Results, default_out_dir, table
+from zqcompile.pretrained import MINILM, SMOLLM2, data_dir, load_pretrained
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MB = 2 ** 20
 
 
@@ -105,7 +107,7 @@ def recipe_rows(name: str, model: torch.nn.Module, reference: dict[str, float],
 
 def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
     model, tokenizer = load_pretrained(SMOLLM2)
-    text = (DATA / args.text).read_text()
+    text = (data_dir() / args.text).read_text()
     evaluate = lambda m: text_perplexity(m, tokenizer, text, args.tokens, args.window, args.stride)  # noqa: E731
     fp = evaluate(model)
 
@@ -118,7 +120,7 @@ def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[li
 
 
 def probe_sentences(count: int) -> tuple[list[str], torch.Tensor]:
-    items = json.loads((DATA / "rt_polarity_4000.json").read_text())
+    items = json.loads((data_dir() / "rt_polarity_4000.json").read_text())
     random.Random(0).shuffle(items)
     items = items[:count]
     return [item["text"] for item in items], torch.tensor([item["label"] for item in items])
@@ -126,7 +128,7 @@ def probe_sentences(count: int) -> tuple[list[str], torch.Tensor]:
 
 def encoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
     model, tokenizer = load_pretrained(MINILM)
-    documents, human = load_lee50(str(DATA / "lee50.txt"), str(DATA / "lee50_similarities.tsv"))
+    documents, human = load_lee50(str(data_dir() / "lee50.txt"), str(data_dir() / "lee50_similarities.tsv"))
     sentences, labels = probe_sentences(args.probe_sentences)
     half = len(sentences) // 2
 
@@ -151,20 +153,19 @@ def encoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[li
     return rows, setting
 
 
-def markdown(decoder: list[Row], encoder: list[Row]) -> str:
-    lines = []
-    if decoder:
-        lines += [f"| {SMOLLM2} | perplexity | vs FP32 | quantized-linear weights MB | x FP16 | compile s |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r.config} | {r.metrics['ppl']:.3f} | {100 * r.metrics['ppl_vs_fp32']:+.2f}% | "
-                  f"{r.weight_mb:.1f} | {r.ratio_fp16:.3f} | {r.seconds:.0f} |" for r in decoder]
-        lines.append("")
-    if encoder:
-        lines += [f"| {MINILM} | cosine vs FP32 | Spearman (Lee-50) | probe accuracy | quantized-linear weights MB "
-                  f"| x FP16 | compile s |", "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r.config} | {r.metrics['cosine_vs_fp32']:.4f} | {r.metrics['spearman_lee50']:.4f} | "
-                  f"{r.metrics['probe_accuracy']:.4f} | {r.weight_mb:.1f} | {r.ratio_fp16:.3f} | {r.seconds:.0f} |"
-                  for r in encoder]
+def render(data: dict[str, Any]) -> str:
+    lines = [f"torch threads: {data['threads']}; SmolLM2 perplexity: {data['decoder_setting']}",
+             f"MiniLM: {data['encoder_setting']}", f"LKD: {data['lkd']}", ""]
+    decoder = [r for r in data["rows"] if r["model"] == SMOLLM2]
+    encoder = [r for r in data["rows"] if r["model"] == MINILM]
+    lines += table([SMOLLM2, "perplexity", "vs FP32", "quantized-linear weights MB", "x FP16", "compile s"],
+                   [[r["config"], f"{r['metrics']['ppl']:.3f}", f"{100 * r['metrics']['ppl_vs_fp32']:+.2f}%",
+                     f"{r['weight_mb']:.1f}", f"{r['ratio_fp16']:.3f}", f"{r['seconds']:.0f}"] for r in decoder])
+    lines += table([MINILM, "cosine vs FP32", "Spearman (Lee-50)", "probe accuracy", "quantized-linear weights MB",
+                    "x FP16", "compile s"],
+                   [[r["config"], f"{r['metrics']['cosine_vs_fp32']:.4f}", f"{r['metrics']['spearman_lee50']:.4f}",
+                     f"{r['metrics']['probe_accuracy']:.4f}", f"{r['weight_mb']:.1f}", f"{r['ratio_fp16']:.3f}",
+                     f"{r['seconds']:.0f}"] for r in encoder])
     return "\n".join(lines)
 
 
@@ -180,25 +181,19 @@ def main() -> None:
     parser.add_argument("--lkd-steps", type=int, default=zqcompile.LKDConfig.steps)
     parser.add_argument("--lkd-samples", type=int, default=zqcompile.LKDConfig.num_samples)
     parser.add_argument("--lkd-lr", type=float, default=zqcompile.LKDConfig.lr)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--out", type=Path, default=default_out_dir(), help="accuracy.json and .md go here")
     args = parser.parse_args()
     lkd = zqcompile.LKDConfig(steps=args.lkd_steps, num_samples=args.lkd_samples, lr=args.lkd_lr)
     models = set(args.models.split(","))
     started = time.perf_counter()
     decoder, decoder_setting = decoder_rows(args, lkd) if "smollm2" in models else ([], "")
     encoder, encoder_setting = encoder_rows(args, lkd) if "minilm" in models else ([], "")
-    table = markdown(decoder, encoder)
-    header = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} CPU x{torch.get_num_threads()} threads, torch "
-              f"{torch.__version__}, {time.perf_counter() - started:.0f} s in all\n"
-              f"SmolLM2 perplexity: {decoder_setting}\nMiniLM: {encoder_setting}\n"
-              f"LKD: {lkd}")
-    print(header + "\n\n" + table)
-    if args.markdown:
-        args.markdown.write_text(header + "\n\n" + table + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": [r.__dict__ for r in decoder + encoder]},
-                                        indent=1, default=str))
+    res = Results(args.out, "accuracy", args, {
+        "threads": torch.get_num_threads(), "decoder_setting": decoder_setting, "encoder_setting": encoder_setting,
+        "lkd": str(lkd), "rows": [r.__dict__ for r in decoder + encoder]}, render)
+    res.data["notes"].append(f"{time.perf_counter() - started:.0f} s in all")
+    res.save()
+    print(res.markdown())
 
 
 if __name__ == "__main__":

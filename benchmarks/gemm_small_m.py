@@ -14,7 +14,7 @@ the weight comes from HBM as it does in a decode step):
 Every variant is first checked against the reference op on the same GPU tensors (``--max-rel-err``); configs are
 autotuned on the first call. Achieved bandwidth = weight bytes (values + scales) / time, also as a fraction
 of the device-to-device copy bandwidth measured in the same run. Results go to ``--out`` (default ``$OUT`` or
-./out) as ``gemm_small_m.json`` / ``.md``, rewritten after every shape, and the run stops starting new shapes
+benchmarks/results/) as ``gemm_small_m.json`` / ``.md``, rewritten after every shape, and the run stops starting new shapes
 after ``--budget-s`` seconds.
 
     PYTHONPATH=. python benchmarks/gemm_small_m.py [--ms 1,8,64] [--shapes 4096x4096]
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import traceback
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from gpu_latency import copy_bandwidth_gbps, environment, rel_err, time_in_graph_ms
+from common import Results, copy_bandwidth_gbps, default_out_dir, rel_err, time_in_graph_ms
 from zqcompile import ops
 from zqcompile.backends import reference_kernels, register_cuda_kernels, triton_gemm
 from zqcompile.quant import pack_int4
@@ -138,9 +137,7 @@ def _us(row: dict, key: str) -> float | None:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    env = data["env"]
-    lines = [f"GPU: {env['gpu']} ({env['sm_count']} SMs), {env['date_utc']}; torch {env['torch']} (CUDA {env['cuda']}), "
-             f"triton {env['triton']}; copy bandwidth {data['copy_gbps']:.0f} GB/s", "",
+    lines = [f"Copy bandwidth {data['copy_gbps']:.0f} GB/s.", "",
              "Device time per GEMM in us (CUDA-graph replays, weights cycled through 3x L2); `new` = the registered "
              "CUDA kernel (weight-streaming for M <= 64), `old` = the prefill Triton kernel (W8A8, W4A8) or the "
              "reference dequantize + cuBLAS (W8A16, W4A16); `%cp` = weight bytes / time against the copy bandwidth.",
@@ -168,12 +165,12 @@ def markdown(data: dict[str, Any]) -> str:
             cell(row, "w4a8_old"), cell(row, "w4a8_new"), pct(row, "w4a8_new"), ratio(w8, w4), ratio(f16, w4),
             cell(row, "w8a16_old"), cell(row, "w8a16_new"), pct(row, "w8a16_new"),
             cell(row, "w4a16_old"), cell(row, "w4a16_new"), pct(row, "w4a16_new")]) + " |")
-    return "\n".join(lines + [""] + [f"- {note}" for note in data["notes"]]) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--out", default=str(default_out_dir()))
     parser.add_argument("--shapes", default=SHAPES, help="N x K list")
     parser.add_argument("--ms", default=MS)
     parser.add_argument("--max-rel-err", type=float, default=5e-3)
@@ -183,10 +180,7 @@ def main() -> None:
         raise SystemExit("benchmarks/gemm_small_m.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
     register_cuda_kernels()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"env": environment(), "args": vars(args), "copy_gbps": copy_bandwidth_gbps(),
-                            "rows": [], "notes": []}
+    res = Results(Path(args.out), "gemm_small_m", args, {"copy_gbps": copy_bandwidth_gbps(), "rows": []}, markdown)
     t0 = time.perf_counter()
     g = torch.Generator(device="cuda").manual_seed(0)
     for spec in args.shapes.split(","):
@@ -194,17 +188,14 @@ def main() -> None:
         weights = weight_copies(n, k, g)
         for m in (int(v) for v in args.ms.split(",")):
             if time.perf_counter() - t0 > args.budget_s:
-                data["notes"].append(f"stopped at the {args.budget_s:.0f} s budget before M={m} {n}x{k}")
+                res.data["notes"].append(f"stopped at the {args.budget_s:.0f} s budget before M={m} {n}x{k}")
                 break
-            data["rows"].append(bench_shape(m, n, k, weights, data["copy_gbps"], args.max_rel_err))
-            (out_dir / "gemm_small_m.json").write_text(json.dumps(data, indent=1, default=str))
-            (out_dir / "gemm_small_m.md").write_text(markdown(data))
+            res.add("rows", bench_shape(m, n, k, weights, res.data["copy_gbps"], args.max_rel_err))
         del weights
         torch.cuda.empty_cache()
-    data["notes"].append(f"wall time {time.perf_counter() - t0:.0f} s (including autotuning)")
-    (out_dir / "gemm_small_m.json").write_text(json.dumps(data, indent=1, default=str))
-    (out_dir / "gemm_small_m.md").write_text(markdown(data))
-    print(markdown(data))
+    res.data["notes"].append(f"wall time {time.perf_counter() - t0:.0f} s (including autotuning)")
+    res.save()
+    print(res.markdown())
 
 
 if __name__ == "__main__":

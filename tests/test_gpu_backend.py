@@ -16,7 +16,7 @@ from zqcompile.backends import build_runner, reference_kernels, resolve_backend
 from zqcompile.backends.cuda_graphs import CUDAGraphRunner
 from zqcompile.errors import ZQError
 
-from conftest import TINY_MODELS, TINY_VOCAB, token_batch
+from helpers import TINY_MODELS, TINY_VOCAB, token_batch
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

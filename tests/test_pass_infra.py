@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import count_ops, export_graph
+from helpers import count_ops, export_graph
 from zqcompile import ZQError
 from zqcompile.passes import CompileContext, PassResult, remove_dropout, remove_tensor_asserts, run_passes
 from zqcompile.pipeline import PHASE_NAMES, run_pipeline

