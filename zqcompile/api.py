@@ -9,19 +9,23 @@ import torch
 from torch import nn
 
 from zqcompile.backends import build_runner, resolve_backend
+from zqcompile.buckets import Buckets, resolve_buckets
 from zqcompile.capture import Captured, capture
 from zqcompile.errors import ZQError
 from zqcompile.lkd import LKDConfig, apply_to_graph_module, distill
 from zqcompile.model import QuantizedModel
 from zqcompile.pipeline import run_pipeline
 from zqcompile.recipe import Recipe, load_recipe
+from zqcompile.sentence_transformer import compile_sentence_transformer, is_sentence_transformer
 
 
+@torch.inference_mode(False)  # tensors made inside inference mode could not be used outside it
 def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, Any] = "w8a8", *,
             example_inputs: tuple | None = None, backend: str = "auto", cuda_graphs: bool | None = None,
             dump_dir: str | os.PathLike | None = None,
             lkd: LKDConfig | Mapping[str, Any] | bool | None = None,
-            calibration_data: torch.Tensor | tuple | None = None) -> QuantizedModel:
+            calibration_data: torch.Tensor | tuple | None = None,
+            buckets: Buckets | Mapping[str, Any] | bool | None = None) -> QuantizedModel:
     """Compile ``model`` with ZeroQuant quantization and return a model with the same call signature.
 
     Args:
@@ -39,7 +43,18 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
         calibration_data: only for recipes with ``smooth_alpha``: token ids ``[batch, seq]`` of real text
             for the activation statistics (default: random token ids), or a tuple of positional inputs for a
             plain module (default: ``example_inputs``).
+        buckets: shape buckets (zqcompile/buckets.py): requests are padded up to them so that a stream of
+            shapes reuses a few CUDA graphs; ``None`` = on with the model's defaults for the cuda backend, off
+            for cpu; ``True`` (defaults), ``False``, a :class:`Buckets` or a dict with ``batch_sizes`` / ``seq_lens``.
+
+    A ``sentence_transformers.SentenceTransformer`` compiles to a copy whose ``encode()`` runs the quantized
+    transformer (zqcompile/sentence_transformer.py). Compiling works inside ``torch.inference_mode()`` and
+    ``torch.no_grad()``: the compiler makes normal tensors, and LKD turns gradients on for itself.
     """
+    if is_sentence_transformer(model):
+        return compile_sentence_transformer(model, recipe, example_inputs=example_inputs, backend=backend,
+                                            cuda_graphs=cuda_graphs, dump_dir=dump_dir, lkd=lkd,
+                                            calibration_data=calibration_data, buckets=buckets)
     recipe = load_recipe(recipe)
     lkd_config = LKDConfig.from_value(lkd) if lkd is not None else recipe.lkd
     if lkd_config is not None and recipe.smooth_alpha is not None:
@@ -48,7 +63,8 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     was_training = model.training if isinstance(model, nn.Module) else False
     try:  # capture and LKD run the model in eval mode; the user's model gets its own mode back
         captured = capture(model, example_inputs)
-        lkd_result = distill(model, recipe, lkd_config) if lkd_config is not None else None
+        with torch.enable_grad():  # LKD trains; the caller may be inside no_grad()
+            lkd_result = distill(model, recipe, lkd_config) if lkd_config is not None else None
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
@@ -57,7 +73,10 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     backend = resolve_backend(backend, captured.device)
     calibration = _calibration_inputs(model, captured, calibration_data) if recipe.smooth_alpha is not None else ()
     gm, ctx = run_pipeline(captured.graph_module, recipe, dump_dir=dump_dir, calibration_inputs=calibration)
-    quantized = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, cuda_graphs, ctx))
+    shape_buckets = resolve_buckets(buckets, backend=backend, input_names=captured.input_names,
+                                    max_seq_len=captured.max_seq_len, graph_module=gm)
+    quantized = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, cuda_graphs, ctx),
+                               buckets=shape_buckets)
     quantized.lkd_result = lkd_result
     return quantized
 
