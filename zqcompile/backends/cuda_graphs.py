@@ -126,10 +126,12 @@ class CUDAGraphRunner:
     @torch.inference_mode(False)
     def warmup(self, input_tuples: Iterable[Sequence[Any]], progress: bool = True) -> int:
         """Capture a graph for every signature among ``input_tuples`` not captured yet; returns how many were.
-        A tqdm progress bar shows the shapes while ``progress`` is on."""
+        The largest inputs go first, so that the smaller graphs reuse the pool memory its intermediates freed
+        (captured the other way round, each larger graph would need segments of its own). A tqdm progress bar
+        shows the shapes while ``progress`` is on."""
         from tqdm.auto import tqdm
 
-        input_tuples = list(input_tuples)
+        input_tuples = sorted(input_tuples, key=_tensor_bytes, reverse=True)
         before = self.captures
         bar = tqdm(input_tuples, desc="capturing CUDA graphs", unit="graph", disable=not progress)
         for inputs in bar:
