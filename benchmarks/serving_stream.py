@@ -8,7 +8,7 @@ length-grouping batcher forms them), padded to its longest, so request lengths s
 requests, pre-tokenized on the CPU, go to every variant; a request's latency is wall time from the host-to-device
 copy of its inputs to the end of its forward (synchronised).
 
-Variants (``--variants``): ``zq`` (zqcompile W8A8, cuda backend, buckets: batch 1..64 powers of two, sequence
+Variants (``--stages`` runs ``variant:model`` pairs in order): ``zq`` (zqcompile W8A8, cuda backend, buckets: batch 1..64 powers of two, sequence
 multiples of 16 up to 128 and 256; warm-up timed cold, with empty Triton and tuning caches, and in a new process
 with the tuning cache warm), ``eager`` (FP16, unpadded), ``compile-dynamic`` (FP16 ``torch.compile(dynamic=True)``)
 and ``compile-autotune`` (FP16 ``torch.compile(mode="max-autotune")``), both padded to the same buckets by the same
@@ -46,6 +46,8 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_TOKENS, MIN_TOKENS = 256, 8
 START = time.perf_counter()
+# minimum seconds each stage needs to be worth starting
+NEEDS = {"zq": 60, "eager": 25, "warm-cache": 45, "compile-dynamic": 90, "compile-autotune": 300, "pool-growth": 20}
 
 
 # ---- requests -----------------------------------------------------------------------------------------------
@@ -151,9 +153,23 @@ def bench_zq(res: Results, name: str, requests: list, args: argparse.Namespace) 
                      "captures_during_stream": qmodel.runner.captures - captures,
                      "tuning_runs_during_stream": tuning_cache.STATS.tuned - tuned,
                      "eager_calls": qmodel.runner.eager_calls, "graph_pool_mb": round(memory.pool_reserved / 2**20, 1),
+                     "graph_pool_allocated_mb": round(memory.pool_allocated / 2**20, 1),
                      "graph_static_inputs_mb": round(memory.static_inputs / 2**20, 2)})
-    del qmodel
-    torch.cuda.empty_cache()
+
+
+def bench_pool_growth(res: Results, name: str, args: argparse.Namespace) -> None:
+    """The graph pool after each capture, largest shape first: what sharing one pool saves."""
+    import zqcompile
+    from zqcompile.buckets import Buckets
+
+    qmodel = zqcompile.compile(load_model(name, args), "w8a8", buckets=Buckets((64, 32, 16, 8), (256, 128)))
+    for batch, seq in ((64, 256), (32, 256), (64, 128), (16, 256), (8, 128)):
+        qmodel.warmup([batch], [seq], progress=False)
+        report = qmodel.memory_report()
+        res.add("pool_growth", {"model": name, "graphs": report.graphs, "last": f"{batch}x{seq}",
+                                "pool_reserved_mb": round(report.pool_reserved / 2**20, 1),
+                                "pool_allocated_mb": round(report.pool_allocated / 2**20, 1),
+                                "torch_reserved_mb": round(torch.cuda.memory_reserved() / 2**20, 1)})
 
 
 def bench_warm_cache(res: Results, name: str, args: argparse.Namespace) -> None:
@@ -210,7 +226,8 @@ class Results:
         self.out_dir = out_dir
         from gpu_latency import environment
         self.data: dict[str, Any] = {"env": environment(), "args": vars(args), "command": " ".join(sys.argv),
-                                     "rows": [], "warm_cache": [], "skipped": [], "errors": []}
+                                     "rows": [], "warm_cache": [], "pool_growth": [], "skipped": [],
+                                     "errors": []}
 
     def add(self, section: str, row: Any) -> None:
         self.data[section].append(row)
@@ -234,6 +251,9 @@ def markdown(data: dict[str, Any]) -> str:
     for w in data["warm_cache"]:
         lines.append(f"\nwarm tuning cache, new process, {w['model']}: warm-up {w['warmup_s']} s ({w['graphs']} graphs, "
                      f"{w['tuned']} tuning runs, {w['tuning_loaded']} configs loaded), compile {w['compile_s']} s")
+    for g in data["pool_growth"]:
+        lines.append(f"\ngraph pool, {g['model']}, {g['graphs']} graphs (last {g['last']}): {g['pool_reserved_mb']} MB "
+                     f"reserved, {g['pool_allocated_mb']} MB allocated")
     lines += [f"\nskipped: {s}" for s in data["skipped"]] + [f"\nerror: {e}" for e in data["errors"]]
     return "\n".join(lines) + "\n"
 
@@ -245,8 +265,9 @@ def remaining(args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--models", default="bert-base,minilm")
-    parser.add_argument("--variants", default="zq,eager,warm-cache,compile-dynamic")
+    parser.add_argument("--stages", default="zq:bert-base,eager:bert-base,warm-cache:bert-base,zq:minilm,eager:minilm,"
+                        "warm-cache:minilm,compile-dynamic:minilm,compile-dynamic:bert-base",
+                        help="variant:model pairs, run in this order (variants: " + ",".join(NEEDS) + ")")
     parser.add_argument("--minilm-dir", default=None)
     parser.add_argument("--data-dir", default=str(DATA_DIR))
     parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
@@ -265,22 +286,21 @@ def main() -> None:
     res = Results(Path(args.out), args)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir(args.minilm_dir))
     requests = build_requests(tokenizer, text_pool(Path(args.data_dir)), args.requests)
-    # minimum seconds each stage needs to be worth starting
-    needs = {"zq": 60, "eager": 25, "warm-cache": 45, "compile-dynamic": 90, "compile-autotune": 300}
     stages = {"zq": lambda m: bench_zq(res, m, requests, args),
               "eager": lambda m: bench_eager(res, m, requests, args),
               "warm-cache": lambda m: bench_warm_cache(res, m, args),
               "compile-dynamic": lambda m: bench_torch_compile(res, m, requests, args, "dynamic"),
-              "compile-autotune": lambda m: bench_torch_compile(res, m, requests, args, "max-autotune")}
-    for variant in args.variants.split(","):
-        for name in args.models.split(","):
-            if remaining(args) < needs[variant]:
-                res.add("skipped", f"{name} {variant}: {remaining(args):.0f} s left of --deadline-s")
-                continue
-            try:
-                stages[variant](name)
-            except Exception as err:  # noqa: BLE001 - one failed stage must not lose the others' results
-                res.add("errors", f"{name} {variant}: {type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}")
+              "compile-autotune": lambda m: bench_torch_compile(res, m, requests, args, "max-autotune"),
+              "pool-growth": lambda m: bench_pool_growth(res, m, args)}
+    for stage in args.stages.split(","):
+        variant, name = stage.split(":")
+        if remaining(args) < NEEDS[variant]:
+            res.add("skipped", f"{name} {variant}: {remaining(args):.0f} s left of --deadline-s")
+            continue
+        try:
+            stages[variant](name)
+        except Exception as err:  # noqa: BLE001 - one failed stage must not lose the others' results
+            res.add("errors", f"{name} {variant}: {type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class CUDAGraphRunner:
         self.warmup_runs = warmup_runs
         self.copy_outputs = copy_outputs
         self._pool = pool
+        self._side_stream: torch.cuda.Stream | None = None  # one for all warm-up runs (cuBLAS keeps a workspace per stream)
         self._graphs: dict[tuple, _Captured] = {}
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
         self.eager_calls = 0  # calls past max_graphs, run without a graph
@@ -166,7 +167,7 @@ class CUDAGraphRunner:
 
     def _capture(self, inputs: Sequence[Any]) -> _Captured:
         static_inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
-        side = torch.cuda.Stream()
+        side = self._side_stream = self._side_stream or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup_runs):
