@@ -23,7 +23,7 @@ from zqcompile.buckets import (
 )
 from zqcompile.errors import ZQError
 
-from conftest import TINY_MAX_POSITIONS, TinyMLP, make_tiny_bert, make_tiny_gpt2, token_batch
+from helpers import TINY_MAX_POSITIONS, TinyMLP, make_tiny_bert, make_tiny_gpt2, token_batch
 
 FP32_RTOL = 1e-5  # of the output's absmax: float32 summation-order differences
 W8A8_SHARE = 0.1  # of the recipe's max error against FP32

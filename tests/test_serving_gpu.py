@@ -16,7 +16,7 @@ import zqcompile
 from zqcompile.backends import triton_gemm, tuning_cache
 from zqcompile.backends.cuda_graphs import CUDAGraphRunner
 
-from conftest import TINY_MODELS, token_batch
+from helpers import TINY_MODELS, token_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -223,7 +223,7 @@ def test_split_k_kernel_inside_cuda_graph_replays():
 def test_compiled_model_matches_reference_kernels(family, recipe):
     """Whole tiny models at 48 tokens (the weight-streaming kernels) against the reference kernels."""
     import zqcompile
-    from conftest import TINY_MODELS, token_batch
+    from helpers import TINY_MODELS, token_batch
     from zqcompile.backends import reference_kernels
 
     qmodel = zqcompile.compile(TINY_MODELS[family]().half().cuda(), recipe, backend="cuda")

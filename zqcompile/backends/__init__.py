@@ -47,7 +47,10 @@ def register_cuda_kernels() -> dict[str, str]:
     numba_cuda.register_cuda_kernels()
     gemm = triton_gemm.register_cuda_kernels()
     _CUDA_KERNEL_OPS.update((*numba_cuda.OPS, "int8_linear", "int4_linear"))
-    if gemm == "triton":
+    if gemm == "triton":  # decode-size (M <= 64) kernels in front of the prefill GEMMs, and the weight-only GEMM
+        from zqcompile.backends import triton_small_m
+
+        triton_small_m.register_cuda_kernels()
         _CUDA_KERNEL_OPS.add("weight_only_linear")
     return {"activation_quant": "numba", "gemm": gemm}
 

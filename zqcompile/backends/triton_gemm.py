@@ -568,6 +568,14 @@ def _triton_supported() -> bool:
     return triton is not None and torch.cuda.get_device_capability() >= (8, 0)
 
 
+def _int8_linear_cuda(x_q, x_scale, w, w_scale, bias, out_dtype):
+    return triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
+
+
+def _int4_linear_cuda(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
+    return triton_int_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
+
+
 def _int8_linear_int_mm(x_q, x_scale, w, w_scale, bias, out_dtype):
     return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
 
@@ -579,8 +587,7 @@ def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
 def register_cuda_kernels() -> str:
     """Make ``zq::int8_linear`` / ``int4_linear`` run these kernels on CUDA tensors; idempotent.
 
-    With Triton, the registered kernels dispatch by M (``triton_small_m``: its weight-streaming kernel for
-    M <= 64, this module's kernels above), and ``zq::weight_only_linear`` gets ``triton_small_m``'s kernel too.
+    (``triton_small_m.register_cuda_kernels`` then puts its decode-size kernels in front of these.)
     Returns the backend in use: ``"triton"``, or ``"int_mm"`` (with a warning) when Triton is missing
     or the GPU predates INT8 ``tl.dot`` (sm_80). Raises ZQError when there is no CUDA GPU.
     """
@@ -589,10 +596,7 @@ def register_cuda_kernels() -> str:
         return _REGISTERED_BACKEND
     _require_cuda("register_cuda_kernels()")
     if _triton_supported():
-        from zqcompile.backends import triton_small_m  # it builds on this module, so it is imported here
-
-        backend, kernels = "triton", (triton_small_m.int8_linear_cuda, triton_small_m.int4_linear_cuda)
-        ops.weight_only_linear.register_kernel("cuda")(triton_small_m.weight_only_linear_cuda)
+        backend, kernels = "triton", (_int8_linear_cuda, _int4_linear_cuda)
     else:
         warnings.warn(f"Triton INT8 GEMMs unavailable ({_TRITON_ERROR or 'GPU older than sm_80'}); "
                       "zq int8/int4 linears use torch._int_mm with a separate dequant", stacklevel=2)

@@ -383,3 +383,13 @@ __all__ = [
     "int8_linear_cuda", "launch", "split_k_for", "stream_int_linear", "stream_kernel_applies",
     "stream_weight_only_linear", "weight_only_linear_cuda",
 ]
+
+
+def register_cuda_kernels() -> None:
+    """Put the weight-streaming kernels in front of triton_gemm's (registered first): ``zq::int8_linear`` /
+    ``int4_linear`` dispatch by M (these kernels for M <= 64, triton_gemm's above), and ``zq::weight_only_linear``
+    gets a CUDA kernel. Idempotent (a later registration replaces the earlier one)."""
+    ops.int8_linear.register_kernel("cuda")(int8_linear_cuda)
+    ops.int4_linear.register_kernel("cuda")(int4_linear_cuda)
+    ops.weight_only_linear.register_kernel("cuda")(weight_only_linear_cuda)
+

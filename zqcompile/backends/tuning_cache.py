@@ -53,14 +53,14 @@ def device_environment(device_index: int) -> dict[str, str]:
     """What a tuning result depends on besides the problem shape."""
     import torch
 
-    import zqcompile
+    from zqcompile.version import __version__
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
     return {"gpu": torch.cuda.get_device_name(device_index), "torch": torch.__version__,
-            "cuda": str(torch.version.cuda), "triton": triton_version, "zqcompile": zqcompile.__version__}
+            "cuda": str(torch.version.cuda), "triton": triton_version, "zqcompile": __version__}
 
 
 def fingerprint(candidates: Any) -> str:
