@@ -11,7 +11,8 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from zqcompile.ops import ACTIVATION_QUANT_OPS, QUANTIZED_LINEAR_OPS, WEIGHT_ARGS
 from zqcompile.passes.infra import (
-    LINEAR, META_FUSED_INTO, META_MODULE, META_PLAN, META_ROLE, META_WEIGHT_BYTES, get_attr_tensor, is_stored,
+    LINEAR, META_FUSED_INTO, META_MODULE, META_PLAN, META_ROLE, META_ROUNDING, META_WEIGHT_BYTES, get_attr_tensor,
+    is_stored,
 )
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ class LinearRow:
     bytes_before: int
     bytes_after: int
     plan_reason: str
+    rounding: str = "-"  # how the weight's integers were chosen, with the error before/after (GPTQ, AWQ, LoRC)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -69,14 +71,16 @@ def linear_rows(gm: GraphModule, unfused: Mapping[str, str] | None = None) -> li
         before = node.meta[META_WEIGHT_BYTES]
         rows.append(LinearRow(node.meta[META_MODULE], node.meta[META_ROLE], plan.kind,
                               f"INT{plan.weight_bits} {groups}", activation, fused, before,
-                              _tensor_bytes(q) + _tensor_bytes(scale), plan.reason))
+                              _tensor_bytes(q) + _tensor_bytes(scale), plan.reason,
+                              node.meta.get(META_ROUNDING, "rtn")))
     return rows
 
 
 def _table(rows: list[LinearRow]) -> str:
-    header = ("module", "role", "kind", "weight", "activation", "fused into", "KB before", "KB after", "why")
+    header = ("module", "role", "kind", "weight", "activation", "fused into", "KB before", "KB after", "why",
+              "rounding")
     body = [(r.module, r.role, r.kind, r.weight, r.activation, r.fused_into, f"{r.bytes_before / 1024:.1f}",
-             f"{r.bytes_after / 1024:.1f}", r.plan_reason) for r in rows]
+             f"{r.bytes_after / 1024:.1f}", r.plan_reason, r.rounding) for r in rows]
     widths = [min(60, max(len(str(x)) for x in col)) for col in zip(header, *body)]
     line = lambda cells: "  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line("-" * w for w in widths), *map(line, body)])

@@ -1,6 +1,7 @@
 """The compiler, top-down: ZeroQuant's components as phases of graph passes.
 
-capture -> canonicalize -> plan -> distill (LKD, optional) -> smooth (optional) -> quantize weights -> insert
+capture -> canonicalize -> plan -> distill (LKD, optional) -> smooth (optional) -> round weights (GPTQ / AWQ,
+optional) -> quantize weights -> insert
 activation quant -> fuse -> lower -> cleanup: the compiled graph (inspect, export, save). Then the phases of the
 target (``TARGET_PHASES``), on a copy of the compiled graph that shares its tensors: the graph the backend
 executes. For ``target="cpu"`` there are none and the executed graph is the compiled one.
@@ -24,7 +25,7 @@ from torch.fx import Graph, GraphModule
 from zqcompile.errors import ZQError
 from zqcompile.passes import (
     CompileContext, additive_attention_mask, annotate_roles, calibrate_activations, canonicalize_conv1d, cleanup,
-    distill_blocks, fuse_quant_into_elementwise, fuse_sibling_linears, insert_activation_quant,
+    distill_blocks, fuse_quant_into_elementwise, gptq_round_weights, fuse_sibling_linears, insert_activation_quant,
     lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes,
     smooth_activations,
 )
@@ -40,6 +41,8 @@ PHASES = (
     ("distill", (distill_blocks,)),
     # optional (recipe smooth_alpha): fold per-channel activation outliers of norm outputs into the weights
     ("smooth", (calibrate_activations, smooth_activations)),
+    # optional (recipe weight_rounding): GPTQ chooses the integers quantize_weights stores
+    ("round_weights", (gptq_round_weights,)),
     # offline: group-wise symmetric INT8/INT4 weights + scales, FP weights dropped
     ("quantize_weights", (quantize_weights,)),
     # run time: token-wise dynamic INT8 activations in front of W*A8 linears

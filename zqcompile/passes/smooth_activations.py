@@ -36,7 +36,7 @@ from torch.fx import GraphModule, Node
 
 from zqcompile.errors import ZQError
 from zqcompile.passes.infra import (
-    META_PLAN, CompileContext, PassResult, drop_if_unused, get_attr_tensor, is_op, is_stored, set_attr_tensor,
+    META_PLAN, CompileContext, PassResult, get_attr_tensor, is_op, is_stored, replace_stored, set_attr_tensor,
 )
 from zqcompile.passes.patterns import (
     LayerNorm, Miss, RMSNorm, Rule, SiluMul, apply_rules, match_layer_norm, match_rms_norm, match_silu_mul,
@@ -162,17 +162,6 @@ def attention(x: Node) -> Source | Miss | None:
     return _source(x, folds, restores_others=False, shared_by=channels // v_channels, head_dim=int(head_dim))
 
 
-def _replace_stored(gm: GraphModule, reader: Node, old: Node, tensor: torch.Tensor) -> None:
-    """Give ``reader`` a new buffer in place of the get_attr ``old`` (dropped once nothing reads it)."""
-    target = f"{old.target}_smoothed"
-    set_attr_tensor(gm, target, tensor.detach())  # a constant of the graph, like the weights it replaces
-    with gm.graph.inserting_before(reader):
-        new = gm.graph.get_attr(target)
-    new.meta = dict(old.meta)
-    reader.replace_input_with(old, new)
-    drop_if_unused(gm, old)
-
-
 def smoothing_factors(absmax: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
     """Per-channel factors s = absmax**alpha / w_max**(1-alpha); 1 where a channel is all zero."""
     factors = absmax.clamp_min(1e-5) ** alpha / w_max.clamp_min(1e-5) ** (1 - alpha)
@@ -188,10 +177,11 @@ def _fold(gm: GraphModule, source: Source, alpha: float, absmax: torch.Tensor) -
     for reader, param in source.folds:
         value = get_attr_tensor(gm, param)
         per_channel = factors.reshape(-1, *([1] * (value.dim() - 1)))  # output channels are the first dim
-        _replace_stored(gm, reader, param, (value.float() / per_channel).to(value.dtype))
+        replace_stored(gm, reader, param, (value.float() / per_channel).to(value.dtype), "smoothed")
     for reader in readers:
         weight = get_attr_tensor(gm, reader.args[1])
-        _replace_stored(gm, reader, reader.args[1], (weight.float() * source.expand(factors)).to(weight.dtype))
+        replace_stored(gm, reader, reader.args[1], (weight.float() * source.expand(factors)).to(weight.dtype),
+                       "smoothed")
     return source.expand(factors)
 
 
