@@ -24,7 +24,7 @@ from torch.fx import Graph, GraphModule
 
 from zqcompile.errors import ZQError
 from zqcompile.passes import (
-    CompileContext, additive_attention_mask, annotate_roles, calibrate_activations, canonicalize_conv1d, cleanup,
+    CompileContext, additive_attention_mask, annotate_roles, awq_scale_weights, calibrate_activations, canonicalize_conv1d, cleanup,
     distill_blocks, fuse_quant_into_elementwise, gptq_round_weights, fuse_sibling_linears, insert_activation_quant,
     lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes,
     smooth_activations,
@@ -41,8 +41,9 @@ PHASES = (
     ("distill", (distill_blocks,)),
     # optional (recipe smooth_alpha): fold per-channel activation outliers of norm outputs into the weights
     ("smooth", (calibrate_activations, smooth_activations)),
-    # optional (recipe weight_rounding): GPTQ chooses the integers quantize_weights stores
-    ("round_weights", (gptq_round_weights,)),
+    # optional (recipe weight_rounding): AWQ scales weight channels (folded like smoothing), or GPTQ chooses the
+    # integers quantize_weights stores
+    ("round_weights", (awq_scale_weights, gptq_round_weights)),
     # offline: group-wise symmetric INT8/INT4 weights + scales, FP weights dropped
     ("quantize_weights", (quantize_weights,)),
     # run time: token-wise dynamic INT8 activations in front of W*A8 linears

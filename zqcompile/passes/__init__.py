@@ -3,6 +3,7 @@ patterns that several passes match are in patterns.py."""
 
 from zqcompile.passes.additive_attention_mask import additive_attention_mask
 from zqcompile.passes.annotate_roles import annotate_roles
+from zqcompile.passes.awq_scale_weights import awq_scale_weights
 from zqcompile.passes.calibrate_activations import calibrate_activations
 from zqcompile.passes.canonicalize_conv1d import canonicalize_conv1d
 from zqcompile.passes.cleanup import cleanup
@@ -21,7 +22,7 @@ from zqcompile.passes.smooth_activations import smooth_activations
 
 __all__ = [
     "CompileContext", "PassResult", "run_passes", "remove_dropout", "remove_tensor_asserts", "canonicalize_conv1d",
-    "annotate_roles", "plan_linears", "distill_blocks", "calibrate_activations", "smooth_activations", "gptq_round_weights",
+    "annotate_roles", "plan_linears", "distill_blocks", "calibrate_activations", "smooth_activations", "awq_scale_weights", "gptq_round_weights",
     "quantize_weights",
     "insert_activation_quant", "fuse_quant_into_elementwise", "lower_linear_to_int8_gemm", "cleanup",
     "fuse_sibling_linears", "additive_attention_mask",
