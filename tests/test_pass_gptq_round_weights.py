@@ -22,21 +22,29 @@ def gptq_llama():
     return model, zqcompile.compile(model, W4A8_GPTQ), zqcompile.compile(model, "w4a8")
 
 
-def _stored(qmodel) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
-    """module -> (int8 values, scales, rounding meta) of every quantized linear."""
+def _calibration() -> list[tuple[torch.Tensor, ...]]:
+    ids = token_batch(8, 16, seed=5)
+    return [(chunk, torch.ones_like(chunk)) for chunk in ids.split(4)]
+
+
+def _stored(gm) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
+    """module -> (int8 values, scales, rounding meta) of every quantized linear of a compiled graph."""
     from zqcompile.ops import WEIGHT_ARGS
-    gm = qmodel.graph_module
     return {n.meta[META_MODULE]: (unpack_weight(get_attr_tensor(gm, n.args[WEIGHT_ARGS[n.target].weight])),
                                   get_attr_tensor(gm, n.args[WEIGHT_ARGS[n.target].scale]), n.meta.get(META_ROUNDING, "rtn"))
             for n in gm.graph.nodes if n.op == "call_function" and n.target in WEIGHT_ARGS and META_MODULE in n.meta}
 
 
 def test_the_stored_integers_are_gptqs_and_the_ops_are_unchanged(gptq_llama):
-    _, gptq, rtn = gptq_llama
-    stored, nearest = _stored(gptq), _stored(rtn)
-    assert set(stored) == set(nearest) and len(stored) == 14  # every quantized linear of the 2 blocks
-    rounded = list(gptq.context.rounded_weights.values())
+    model, gptq, rtn = gptq_llama
+    recipe = gptq.recipe
+    rounded = list(run_pipeline(capture(model, None).graph_module, recipe, stop_after="round_weights",
+                                calibration_inputs=_calibration()).context.rounded_weights.values())
     assert len(rounded) == 14
+    compiled = run_pipeline(capture(model, None).graph_module, recipe, calibration_inputs=_calibration())
+    assert not compiled.context.rounded_weights  # quantize_weights consumed them
+    stored, nearest = _stored(compiled.compiled), _stored(rtn.graph_module)
+    assert set(stored) == set(nearest) and len(stored) == 14  # every quantized linear of the 2 blocks
     for module, (q, scale, how) in stored.items():
         assert how.startswith("gptq: output error")
         assert any(torch.equal(q, r.q) and torch.equal(scale, r.scale) for r in rounded), module
@@ -50,7 +58,7 @@ def test_the_stored_integers_are_gptqs_and_the_ops_are_unchanged(gptq_llama):
 def test_reported_errors_drop_on_the_calibration_data(gptq_llama):
     _, gptq, _ = gptq_llama
     pairs = [tuple(float(v) for v in how.removeprefix("gptq: output error ").split(" (rtn) -> "))
-             for _, _, how in _stored(gptq).values()]
+             for _, _, how in _stored(gptq.graph_module).values()]
     assert sum(after for _, after in pairs) < 0.9 * sum(before for before, _ in pairs)
 
 

@@ -69,9 +69,11 @@ def linear_rows(gm: GraphModule, unfused: Mapping[str, str] | None = None) -> li
             groups += f", {q.shape[1] * (2 if q.dtype == torch.uint8 else 1) // scale.shape[1]} cols/group"
         activation, fused = _activation_source(gm, node, unfused or {})
         before = node.meta[META_WEIGHT_BYTES]
+        lorc = sum(_tensor_bytes(get_attr_tensor(gm, f)) for u in node.users
+                   if u.target is torch.ops.zq.low_rank_correction.default for f in u.args[2:])
         rows.append(LinearRow(node.meta[META_MODULE], node.meta[META_ROLE], plan.kind,
                               f"INT{plan.weight_bits} {groups}", activation, fused, before,
-                              _tensor_bytes(q) + _tensor_bytes(scale), plan.reason,
+                              _tensor_bytes(q) + _tensor_bytes(scale) + lorc, plan.reason,
                               node.meta.get(META_ROUNDING, "rtn")))
     return rows
 

@@ -232,8 +232,13 @@ def _translation_table() -> dict[Any, Any]:
     def silu_mul_quant(gate, up):
         return quantize_rows(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up))
 
+    def low_rank_correction(y, x, a, b):
+        factor = lambda f: op.Transpose(op.Cast(f, to=float32), perm=[1, 0])  # noqa: E731  (FP16 stored)
+        return op.Add(y, op.MatMul(op.MatMul(x, factor(b)), factor(a)))
+
     zq = torch.ops.zq
     return {
+        zq.low_rank_correction.default: low_rank_correction,
         zq.quantize_per_token.default: quantize_per_token, zq.dequantize_per_token.default: dequantize_per_token,
         zq.dequantize_weight.default: dequantize_weight, zq.int8_linear.default: int8_linear,
         zq.int4_linear.default: int4_linear, zq.weight_only_linear.default: weight_only_linear,

@@ -208,6 +208,23 @@ def _(gate, up):
     return _quant_like(gate)
 
 
+# ----------------------------------------------------------------------------------------------------
+# LoRC (ZeroQuant-V2): a low-rank floating-point correction of a quantized weight's rounding error
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::low_rank_correction", mutates_args=())
+def low_rank_correction(y: Tensor, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``y + (x @ b.T) @ a.T``: the output ``y`` of a quantized linear on input ``x`` (the value the linear reads,
+    its dequantized INT8 activation for W*A8) plus the rank-r correction ``x (A B)^T`` of its weight error;
+    ``a`` [N, r] and ``b`` [r, K] are stored in FP16 and computed with in x's dtype."""
+    return y + ((x @ b.to(x.dtype).T) @ a.to(x.dtype).T).to(y.dtype)
+
+
+@low_rank_correction.register_fake
+def _(y, x, a, b):
+    return torch.empty_like(y)
+
+
 ACTIVATION_QUANT_OPS = {
     torch.ops.zq.quantize_per_token.default, torch.ops.zq.layernorm_quant.default,
     torch.ops.zq.add_layernorm_quant.default, torch.ops.zq.rmsnorm_quant.default,

@@ -1,7 +1,7 @@
 """The compiler, top-down: ZeroQuant's components as phases of graph passes.
 
 capture -> canonicalize -> plan -> distill (LKD, optional) -> smooth (optional) -> round weights (GPTQ / AWQ,
-optional) -> quantize weights -> insert
+optional) -> low-rank correction (LoRC, optional) -> quantize weights -> insert
 activation quant -> fuse -> lower -> cleanup: the compiled graph (inspect, export, save). Then the phases of the
 target (``TARGET_PHASES``), on a copy of the compiled graph that shares its tensors: the graph the backend
 executes. For ``target="cpu"`` there are none and the executed graph is the compiled one.
@@ -26,7 +26,7 @@ from zqcompile.errors import ZQError
 from zqcompile.passes import (
     CompileContext, additive_attention_mask, annotate_roles, awq_scale_weights, calibrate_activations, canonicalize_conv1d, cleanup,
     distill_blocks, fuse_quant_into_elementwise, gptq_round_weights, fuse_sibling_linears, insert_activation_quant,
-    lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes,
+    low_rank_correction, lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes,
     smooth_activations,
 )
 from zqcompile.passes.infra import PassFn
@@ -44,6 +44,8 @@ PHASES = (
     # optional (recipe weight_rounding): AWQ scales weight channels (folded like smoothing), or GPTQ chooses the
     # integers quantize_weights stores
     ("round_weights", (awq_scale_weights, gptq_round_weights)),
+    # optional (recipe lorc_rank): LoRC, a rank-r FP16 correction of each quantized weight's rounding error
+    ("low_rank_correction", (low_rank_correction,)),
     # offline: group-wise symmetric INT8/INT4 weights + scales, FP weights dropped
     ("quantize_weights", (quantize_weights,)),
     # run time: token-wise dynamic INT8 activations in front of W*A8 linears

@@ -35,6 +35,7 @@ class RoundedWeight:
     q: torch.Tensor  # int8 [N, K], values in [-qmax, qmax]
     scale: torch.Tensor  # float32 [G_out, G_in]
     layout: Layout
+    source: torch.Tensor  # the floating-point weight that was rounded (LoRC corrects the error against it)
 
 
 def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:

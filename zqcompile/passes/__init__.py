@@ -13,6 +13,7 @@ from zqcompile.passes.fuse_sibling_linears import fuse_sibling_linears
 from zqcompile.passes.gptq_round_weights import gptq_round_weights
 from zqcompile.passes.infra import CompileContext, PassResult, run_passes
 from zqcompile.passes.insert_activation_quant import insert_activation_quant
+from zqcompile.passes.low_rank_correction import low_rank_correction
 from zqcompile.passes.lower_linear_to_int8_gemm import lower_linear_to_int8_gemm
 from zqcompile.passes.plan_linears import plan_linears
 from zqcompile.passes.quantize_weights import quantize_weights
@@ -23,7 +24,7 @@ from zqcompile.passes.smooth_activations import smooth_activations
 __all__ = [
     "CompileContext", "PassResult", "run_passes", "remove_dropout", "remove_tensor_asserts", "canonicalize_conv1d",
     "annotate_roles", "plan_linears", "distill_blocks", "calibrate_activations", "smooth_activations", "awq_scale_weights", "gptq_round_weights",
-    "quantize_weights",
+    "low_rank_correction", "quantize_weights",
     "insert_activation_quant", "fuse_quant_into_elementwise", "lower_linear_to_int8_gemm", "cleanup",
     "fuse_sibling_linears", "additive_attention_mask",
 ]

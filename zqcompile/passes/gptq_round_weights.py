@@ -84,7 +84,7 @@ def gptq_round_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
             linear.meta[META_ROUNDING] = (f"gptq: output error {output_error(weight, nearest, hessian):.2e} (rtn) -> "
                                           f"{output_error(weight, rounded, hessian):.2e}")
             new = replace_stored(gm, linear, weight_node, rounded, "gptq")
-            ctx.rounded_weights[new.target] = RoundedWeight(q, scale, layout)
+            ctx.rounded_weights[new.target] = RoundedWeight(q, scale, layout, weight)
             for env in envs:  # the readers run after this node: give them the rounded weight
                 env.pop(weight_node, None)
                 env[new] = rounded

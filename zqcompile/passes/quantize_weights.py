@@ -34,7 +34,7 @@ def quantize_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
         weight = get_attr_tensor(gm, weight_node)
         key = (weight_node.target, plan.weight_bits, plan.group_size, plan.input_group_size)
         if key not in stored:
-            rounded = ctx.rounded_weights.get(weight_node.target)
+            rounded = ctx.rounded_weights.pop(weight_node.target, None)  # consumed: frees its FP source
             if rounded is not None and rounded.layout == Layout(*key[1:]):
                 q, scale = rounded.q, rounded.scale
             else:
