@@ -39,6 +39,8 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def _activation_source(gm: GraphModule, node: Node, unfused: Mapping[str, str]) -> tuple[str, str]:
     """(activation description, fused-into description) of a lowered linear."""
+    if node.target is torch.ops.zq.outlier_int8_linear.default:
+        return "INT8 per-token + FP16 outlier columns", "-"
     if node.target not in (torch.ops.zq.int8_linear.default, torch.ops.zq.int4_linear.default):
         return "FP (weight-only)" if node.target in QUANTIZED_LINEAR_OPS else "FP", "-"
     source = node.args[0].args[0]  # getitem(quant-producing op, i)
@@ -69,11 +71,13 @@ def linear_rows(gm: GraphModule, unfused: Mapping[str, str] | None = None) -> li
             groups += f", {q.shape[1] * (2 if q.dtype == torch.uint8 else 1) // scale.shape[1]} cols/group"
         activation, fused = _activation_source(gm, node, unfused or {})
         before = node.meta[META_WEIGHT_BYTES]
-        lorc = sum(_tensor_bytes(get_attr_tensor(gm, f)) for u in node.users
-                   if u.target is torch.ops.zq.low_rank_correction.default for f in u.args[2:])
+        extra = sum(_tensor_bytes(get_attr_tensor(gm, f)) for u in node.users  # LoRC's factors
+                    if u.target is torch.ops.zq.low_rank_correction.default for f in u.args[2:])
+        if node.target is torch.ops.zq.outlier_int8_linear.default:  # LLM.int8()'s FP16 columns
+            extra += sum(_tensor_bytes(get_attr_tensor(gm, f)) for f in node.args[3:5])
         rows.append(LinearRow(node.meta[META_MODULE], node.meta[META_ROLE], plan.kind,
                               f"INT{plan.weight_bits} {groups}", activation, fused, before,
-                              _tensor_bytes(q) + _tensor_bytes(scale) + lorc, plan.reason,
+                              _tensor_bytes(q) + _tensor_bytes(scale) + extra, plan.reason,
                               node.meta.get(META_ROUNDING, "rtn")))
     return rows
 

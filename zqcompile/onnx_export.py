@@ -361,6 +361,9 @@ def export_onnx(qmodel, example_inputs: Any = None, path: str | os.PathLike = "m
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     register_ms_schemas()
+    if any(n.target is torch.ops.zq.outlier_int8_linear.default for n in qmodel.graph_module.graph.nodes):
+        raise ZQError("ONNX export does not translate zq.outlier_int8_linear (the LLM.int8() decomposition of "
+                      "recipe outlier_threshold); compile without outlier_threshold to export")
     args = _as_graph_args(qmodel, example_inputs)
     steps = tqdm(total=3, desc="export onnx", disable=not progress, leave=False)
     try:

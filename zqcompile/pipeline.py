@@ -24,10 +24,10 @@ from torch.fx import Graph, GraphModule
 
 from zqcompile.errors import ZQError
 from zqcompile.passes import (
-    CompileContext, additive_attention_mask, annotate_roles, awq_scale_weights, calibrate_activations, canonicalize_conv1d, cleanup,
-    distill_blocks, fuse_quant_into_elementwise, gptq_round_weights, fuse_sibling_linears, insert_activation_quant,
-    low_rank_correction, lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes,
-    smooth_activations,
+    CompileContext, additive_attention_mask, annotate_roles, awq_scale_weights, calibrate_activations,
+    canonicalize_conv1d, cleanup, decompose_outliers, distill_blocks, fuse_quant_into_elementwise,
+    fuse_sibling_linears, gptq_round_weights, insert_activation_quant, low_rank_correction, lower_linear_to_int8_gemm,
+    plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes, smooth_activations,
 )
 from zqcompile.passes.infra import PassFn
 from zqcompile.recipe import Recipe
@@ -41,6 +41,8 @@ PHASES = (
     ("distill", (distill_blocks,)),
     # optional (recipe smooth_alpha): fold per-channel activation outliers of norm outputs into the weights
     ("smooth", (calibrate_activations, smooth_activations)),
+    # optional (recipe outlier_threshold): LLM.int8(), calibrated outlier input columns stay FP16, the rest INT8
+    ("decompose_outliers", (decompose_outliers,)),
     # optional (recipe weight_rounding): AWQ scales weight channels (folded like smoothing), or GPTQ chooses the
     # integers quantize_weights stores
     ("round_weights", (awq_scale_weights, gptq_round_weights)),
