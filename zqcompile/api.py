@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from zqcompile.backends import build_runner, resolve_backend
-from zqcompile.capture import Captured, capture
+from zqcompile.capture import Captured, capture, take_ownership
 from zqcompile.errors import ZQError
 from zqcompile.lkd import LKDConfig, apply_to_graph_module, distill
 from zqcompile.model import QuantizedModel
@@ -57,6 +57,7 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     backend = resolve_backend(backend, captured.device)
     calibration = _calibration_inputs(model, captured, calibration_data) if recipe.smooth_alpha is not None else ()
     gm, ctx = run_pipeline(captured.graph_module, recipe, dump_dir=dump_dir, calibration_inputs=calibration)
+    take_ownership([gm], model)
     quantized = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, cuda_graphs, ctx))
     quantized.lkd_result = lkd_result
     return quantized
