@@ -212,9 +212,11 @@ def take_ownership(graphs: Sequence[torch.fx.GraphModule], model: nn.Module) -> 
     Export's graph holds the user's Parameter objects. Called once the pipeline has replaced the quantized
     weights (so only the floating-point tensors the recipe keeps are copied: embeddings, norms, FP layers), it
     makes the compiled model independent of the user's: ``model.half()`` or an in-place edit of one no longer
-    changes the other. A tensor that several names or graphs read (tied embeddings) is copied once.
+    changes the other. A tensor that several names or graphs read (tied embeddings) is copied once; tensors no
+    node reads (export registers every parameter, so GPT-2's tied ``wte.weight`` beside the ``lm_head.weight``
+    the graph reads) are dropped, not copied.
     """
-    from zqcompile.passes.infra import replace_attr_tensor
+    from zqcompile.passes.infra import delete_attr, replace_attr_tensor
 
     def key(t: torch.Tensor) -> tuple:
         return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype
@@ -223,7 +225,11 @@ def take_ownership(graphs: Sequence[torch.fx.GraphModule], model: nn.Module) -> 
     copies: dict[tuple, torch.Tensor] = {}
     copied = 0
     for gm in graphs:
+        read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
         for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            if name not in read:
+                delete_attr(gm, name)
+                continue
             if tensor.untyped_storage().data_ptr() not in owned:
                 continue
             if key(tensor) not in copies:
