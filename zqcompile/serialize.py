@@ -246,10 +246,10 @@ def _tensor_key(tensor: torch.Tensor) -> tuple:
 
 
 def graph_to_json(gm: GraphModule, example_inputs: tuple, weights: dict[str, torch.Tensor],
-                  input_names: tuple[str, ...] | None = None) -> dict[str, Any]:
+                  input_names: tuple[str, ...] | None = None, output_names: tuple[str, ...] = ()) -> dict[str, Any]:
     """``gm`` as a JSON-able dict; the tensors it reads go into ``weights`` (shared by every graph of a model:
-    a tensor already there, by identity, is referred to, not stored again). ``input_names`` names the
-    placeholders (HF models), so a loader can check them against the manifest."""
+    a tensor already there, by identity, is referred to, not stored again). ``input_names`` / ``output_names``
+    name the placeholders and outputs (HF models), so a loader can check them against the manifest."""
     from zqcompile.passes.infra import attr_tensor
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -294,7 +294,7 @@ def graph_to_json(gm: GraphModule, example_inputs: tuple, weights: dict[str, tor
     for text in guards:
         parse_guard(text)
     return {
-        "nodes": nodes, "attrs": attrs, "guards": guards,
+        "nodes": nodes, "attrs": attrs, "guards": guards, "outputs": list(output_names),
         "inputs": [{"name": name, "dtype": DTYPE_NAMES[x.dtype], "shape": list(x.shape)}
                    for name, x in zip(input_names or [n.name for n in placeholders], example_inputs)],
         "orig_args": list(info.orig_args), "in_spec": _spec_to_json(info.in_spec),
@@ -314,7 +314,8 @@ def graph_from_json(data: Any, tensors: Mapping[str, torch.Tensor],
     from zqcompile.passes.infra import attr_owner
 
     devices = devices or {}
-    data = _dict(data, "graph", ("nodes", "attrs", "guards", "inputs", "orig_args", "in_spec", "out_spec"))
+    data = _dict(data, "graph", ("nodes", "attrs", "guards", "inputs", "outputs", "orig_args", "in_spec",
+                                 "out_spec"))
     attrs = _dict(data["attrs"], "graph attrs")
     root: dict[str, torch.Tensor] = {}
     for target, spec in attrs.items():
@@ -497,8 +498,8 @@ def save(qmodel, directory: str | os.PathLike, *, source_model: str | None = Non
     for name, (gm, example_inputs) in named_graphs(qmodel).items():
         if not _IDENTIFIER.match(name):
             raise ZQError(f"graph name {name!r} must be an identifier")
-        names = qmodel.input_names if name == FORWARD else None
-        graphs[name] = graph_to_json(gm, example_inputs, weights, names)
+        names = (qmodel.input_names, qmodel.output_keys) if name == FORWARD else (None, ())
+        graphs[name] = graph_to_json(gm, example_inputs, weights, *names)
         examples.update({f"{EXAMPLE_PREFIX}{name}.{i}": x for i, x in enumerate(example_inputs)})
     # one contiguous CPU copy per distinct tensor (safetensors stores no views or shared storage)
     stored = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in {**weights, **examples}.items()}
@@ -646,6 +647,8 @@ def _context_from(data: dict[str, Any], recipe: Recipe, nodes: set[str]) -> Comp
 
 def _check_signature(manifest: dict[str, Any], data: dict[str, Any], examples: tuple, gm: GraphModule) -> None:
     """The forward graph's own inputs and outputs agree with the manifest's call signature."""
+    from zqcompile.model import embedding_rows
+
     inputs = data["inputs"]
     if not isinstance(inputs, list) or len(inputs) != len(examples):
         raise ZQError("the forward graph's inputs do not match its example inputs; save the model again")
@@ -660,9 +663,14 @@ def _check_signature(manifest: dict[str, Any], data: dict[str, Any], examples: t
                       f"{[spec['name'] for spec in inputs]}; save the model again")
     if names is not None and any(example.is_floating_point() for example in examples):
         raise ZQError("an HF model's graph must take integer inputs; save the model again")
+    if names is not None and 0 not in embedding_rows(gm):
+        raise ZQError("the graph's input named input_ids indexes no embedding table; save the model again")
     outputs = list(gm.graph.nodes)[-1].args[0]
     count = len(pytree.tree_leaves(outputs, is_leaf=lambda x: isinstance(x, Node)))
     keys = manifest["output_keys"]
+    if data["outputs"] != keys:
+        raise ZQError(f"the manifest's output_keys {keys} do not match the graph's outputs {data['outputs']}; save "
+                      f"the model again")
     if (manifest["output_type"] is None) != (names is None) or (names is not None and count != len(keys)):
         raise ZQError(f"the forward graph returns {count} outputs but the manifest names {keys} "
                       f"({manifest['output_type']}); save the model again")
