@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import zqcompile
-from conftest import TINY_HIDDEN, TINY_MAX_POSITIONS, TINY_MODELS, TINY_VOCAB, cosine, make_tiny_mlp
+from conftest import TINY_HIDDEN, TINY_MAX_POSITIONS, TINY_VOCAB, cosine, make_tiny_mlp
 from zqcompile.errors import ZQError
 from zqcompile.recipe import ROLES, load_recipe
 
@@ -38,7 +38,8 @@ def test_fuzz_recipes():
             recipe = load_recipe(spec)
         except ZQError:
             continue
-        for bits in [recipe.weight_bits, recipe.act_bits, *(o.settings.get("weight_bits", 8) for o in recipe.overrides)]:
+        override_bits = [o.settings.get("weight_bits", 8) for o in recipe.overrides]
+        for bits in [recipe.weight_bits, recipe.act_bits, *override_bits]:
             assert bits is None or (type(bits) is int and bits in (4, 8)), spec
         if compiled >= 2:
             continue

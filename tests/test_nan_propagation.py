@@ -44,7 +44,8 @@ def _cases(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor, b: torch.Tenso
         ("layernorm_quant", deq(ops.layernorm_quant(x, w, b, 1e-5)), F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)),
         ("add_layernorm_quant", deq(ops.add_layernorm_quant(x, other, w, b, 1e-5)),
          F.layer_norm(x + other, (x.shape[-1],), w, b, 1e-5)),
-        ("rmsnorm_quant", deq(ops.rmsnorm_quant(x, w, 1e-6)), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w),
+        ("rmsnorm_quant", deq(ops.rmsnorm_quant(x, w, 1e-6)),
+         x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w),
         ("gelu_quant", deq(ops.gelu_quant(x, b, "tanh")), F.gelu(x + b, approximate="tanh")),
         ("silu_mul_quant", deq(ops.silu_mul_quant(x, other)), F.silu(x) * other),
     ]
@@ -69,7 +70,8 @@ def test_zero_row_keeps_scale_one():
 @pytest.mark.parametrize("op", ["int8_linear", "int4_linear", "weight_only_linear"])
 def test_linear_ops_propagate_non_finite_activation_rows(op):
     g = torch.Generator().manual_seed(1)
-    clean, weight, bias = torch.randn(4, 64, generator=g), torch.randn(16, 64, generator=g), torch.randn(16, generator=g)
+    clean, weight = torch.randn(4, 64, generator=g), torch.randn(16, 64, generator=g)
+    bias = torch.randn(16, generator=g)
     x = planted(clean)
     fp = F.linear(x, weight, bias)
     bits = 4 if op == "int4_linear" else 8

@@ -21,7 +21,7 @@ import torch
 
 import zqcompile
 from conftest import token_batch
-from zqcompile.serialize import FORWARD, MANIFEST, WEIGHTS, _content_hash, graph_file, sha256_of
+from zqcompile.serialize import FORWARD, MANIFEST, _content_hash, graph_file, sha256_of
 
 GRAPH = graph_file(FORWARD)
 

@@ -145,14 +145,15 @@ class QuantizedModel(nn.Module):
             if value.shape != input_ids.shape:
                 raise ZQError(f"{name} has shape {tuple(value.shape)}, input_ids has {tuple(input_ids.shape)}")
             self._check_device(value, name)
-            if value.is_floating_point() or value.is_complex() or (value.dtype == torch.bool and name != "attention_mask"):
+            boolean_ids = value.dtype == torch.bool and name != "attention_mask"
+            if value.is_floating_point() or value.is_complex() or boolean_ids:
                 raise ZQError(f"{name} must be an integer tensor, got {value.dtype}; token ids are indices "
                               f"(tokenizer(..., return_tensors='pt') gives int64)")
             rows = self._embedding_rows.get(index)
             if rows is not None and bool(((value < 0) | (value >= rows)).any()):  # one sync; a CUDA index error
                 low, high = int(value.min()), int(value.max())  # would kill the process's CUDA context
                 raise ZQError(f"{name} holds values in [{low}, {high}], but {self.model_class}'s embedding "
-                                  f"has {rows} rows (valid values 0..{rows - 1}); use the model's own tokenizer")
+                              f"has {rows} rows (valid values 0..{rows - 1}); use the model's own tokenizer")
             tensors.append(value.to(self.example_inputs[index].dtype))
         return tuple(tensors)
 
@@ -160,7 +161,6 @@ class QuantizedModel(nn.Module):
         if value.device != self.device:
             raise ZQError(f"inputs are on {value.device} but the model was compiled for {self.device}; move them "
                           f"with .to({str(self.device)!r}) ({name})")
-
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         outputs = (self.runner or self.graph_module)(*self.graph_inputs(*args, **kwargs))

@@ -708,7 +708,8 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
     recipe = _recipe_from_dict(manifest["recipe"])
 
     # device arguments of the graph (arange(..., device=), to(device)) follow the model to the device it loads on
-    devices = {d: device for d in (str(saved_device), saved_device.type, f"{saved_device.type}:{saved_device.index or 0}")}
+    saved_names = (str(saved_device), saved_device.type, f"{saved_device.type}:{saved_device.index or 0}")
+    devices = {name: device for name in saved_names}
     graphs: dict[str, tuple[GraphModule, tuple]] = {}
     used = set()
     for name, data in graph_data.items():
