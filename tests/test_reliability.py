@@ -108,3 +108,22 @@ def test_casting_a_compiled_model_says_to_recompile(compiled_tiny, cast):
     with torch.no_grad():
         assert torch.equal(qmodel(input_ids=ids).last_hidden_state, before)
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_guard_interpreter_reads_torch_printed_guards_and_nothing_else():
+    from zqcompile.guards import check_guards, parse_guard
+
+    x = torch.zeros(2, 8)
+    # the forms torch's Python printer writes (fp16 Llama on CUDA guards min(16*seq, 32*seq) == 16*seq)
+    check_guards(["min(16*args[0].size()[1], 32*args[0].size()[1]) == 16*args[0].size()[1]",
+                  "Max(1, args[0].size()[0]) >= 1 and not args[0].size()[0] == 3",
+                  "math.floor(args[0].size()[1] / 3) == 2", "(args[0].size()[1] % 8) == 0",
+                  "args[0].size()[1] ** 2 <= 1024"], [x], "M")
+    with pytest.raises(ZQError, match=r"violate 'args\[1\].size\(\)\[0\] == 2'"):
+        check_guards(["args[1].size()[0] == 2"], [x], "M")  # an input the call does not have
+    for hostile in ['__import__("os").system("true")', "args[0].__class__", "open('f')", "(lambda: 1)()",
+                    "args[0].size()[0] if True else 0", "[1][0]"]:
+        with pytest.raises(ZQError, match="not an expression zqcompile can check"):
+            parse_guard(hostile)
+    with pytest.raises(ZQError, match="cannot be evaluated"):
+        check_guards(["args[0].size()[0] ** 10000000 > 0"], [x], "M")

@@ -5,14 +5,15 @@
 ``_guards_fn`` submodule, which raises a bare ``AssertionError``. zqcompile keeps the expressions instead
 (``args[0].size()[1] <= 32``), removes that submodule, and checks them itself before running the graph, so a
 violation is a ZQError naming the condition. The expressions are evaluated by a small interpreter over their
-syntax tree (integers, ``+ - * // %``, comparisons, ``and / or / not``, ``Max`` / ``Min`` and
-``args[i].size()[d]``), never by ``eval``: a saved model's guards are data, whoever wrote the file.
+syntax tree (integers, ``+ - * / // % **``, comparisons, ``and / or / not``, ``min`` / ``max`` / ``abs`` /
+``int`` / ``math.floor`` / ``math.ceil`` and ``args[i].size()[d]``), never by ``eval``: a saved model's guards are data, whoever wrote the file.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import math
 import operator
 from typing import Any, Callable, Iterator, Sequence
 
@@ -25,13 +26,16 @@ GUARDS_META = "zq_input_guards"  # GraphModule.meta key: the guard expressions o
 
 _BINARY: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
+    ast.Mod: operator.mod, ast.Div: operator.truediv, ast.Pow: operator.pow,
 }
 _COMPARE: dict[type, Callable[[Any, Any], bool]] = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt,
     ast.GtE: operator.ge,
 }
-_CALLS: dict[str, Callable[..., Any]] = {"Max": max, "Min": min}
+_CALLS: dict[str, Callable[..., Any]] = {  # the calls torch's Python printer of sympy writes into guards
+    "Max": max, "Min": min, "max": max, "min": min, "abs": abs, "int": int, "math.floor": math.floor,
+    "math.ceil": math.ceil, "math.trunc": math.trunc,
+}
 
 
 def _size_ref(node: ast.AST) -> tuple[int, int] | None:
@@ -66,8 +70,10 @@ def _evaluate(node: ast.AST, sizes: Sequence[Sequence[int]] | None) -> Any:
         return sizes[index][dim]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left, sizes), _evaluate(node.right, sizes)
-        if sizes is None or (isinstance(node.op, (ast.FloorDiv, ast.Mod)) and right == 0):
+        if sizes is None or (isinstance(node.op, (ast.FloorDiv, ast.Mod, ast.Div)) and right == 0):
             return 1
+        if isinstance(node.op, ast.Pow) and not (isinstance(right, int) and 0 <= right <= 64):
+            raise ValueError(f"exponent {right!r}")  # a hostile exponent must not run for ever
         return _BINARY[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
         value = _evaluate(node.operand, sizes)
@@ -82,10 +88,18 @@ def _evaluate(node: ast.AST, sizes: Sequence[Sequence[int]] | None) -> Any:
             result = result and _COMPARE[type(op)](left, right)
             left = right
         return result
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _CALLS
-            and not node.keywords and node.args):
-        return _CALLS[node.func.id](*(_evaluate(a, sizes) for a in node.args))
+    if isinstance(node, ast.Call) and _call_name(node.func) in _CALLS and not node.keywords and node.args:
+        return _CALLS[_call_name(node.func)](*(_evaluate(a, sizes) for a in node.args))
     raise ValueError(ast.dump(node)[:120])
+
+
+def _call_name(func: ast.AST) -> str | None:
+    """``min`` or ``math.floor`` for a called name or module attribute, else None."""
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+        return f"{func.value.id}.{func.attr}"
+    return None
 
 
 class _Violation(Exception):
@@ -112,6 +126,9 @@ def check_guards(guards: Sequence[str], inputs: Sequence[Any], model_class: str)
             holds = bool(_evaluate(parse_guard(text), sizes))
         except _Violation:
             holds = False
+        except (ValueError, ArithmeticError) as err:
+            raise ZQError(f"shape guard {text!r} of {model_class} cannot be evaluated ({err}); compile the model "
+                          f"again") from None
         if not holds:
             shapes = ", ".join(str(list(s)) for s in sizes)
             raise ZQError(f"inputs of shapes {shapes} violate {text!r}, a condition torch.export found when it "
