@@ -176,7 +176,8 @@ def test_graph_that_does_not_fit_its_tensors_is_refused(saved, tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("max_seq_len", "32"), ("dtype", "float8"), ("device", "cuda; rm -rf"), ("input_names", ["labels"]),
-    ("recipe", {"weight_bits": 8.0}), ("context", {}), ("graphs", {"forward": "../../etc/passwd"}),
+    ("recipe", {"weight_bits": 8.0}), ("recipe", {"keep_fp": 5}), ("context", {}),
+    ("graphs", {"forward": "../../etc/passwd"}),
 ])
 def test_manifest_fields_are_checked(saved, tmp_path, field, value):
     _, directory = saved

@@ -450,7 +450,10 @@ def _recipe_from_dict(data: Any) -> Recipe:
         entry = dict(_dict(entry, "recipe override"))
         selector = {k: entry.pop(k) for k in ("module", "role") if k in entry}
         parsed.append(Override(settings=entry, **selector))
-    return Recipe(overrides=parsed, **data)
+    try:
+        return Recipe(overrides=parsed, **data)
+    except (TypeError, ValueError, AttributeError) as err:  # values of the wrong type that Recipe's checks assume
+        raise ZQError(f"malformed recipe in the manifest ({err}); save the model again") from None
 
 
 def output_type_name(cls: type | None) -> str | None:
@@ -713,7 +716,10 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
     graphs: dict[str, tuple[GraphModule, tuple]] = {}
     used = set()
     for name, data in graph_data.items():
-        gm = graph_from_json(data, tensors, devices)
+        try:
+            gm = graph_from_json(data, tensors, devices)
+        except RecursionError:
+            raise ZQError(f"saved graph {name!r} is nested too deeply to be one zqcompile wrote") from None
         prefix = f"{EXAMPLE_PREFIX}{name}."
         count = sum(key.startswith(prefix) for key in tensors)
         examples = tuple(tensors.get(f"{prefix}{i}") for i in range(count))
