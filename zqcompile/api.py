@@ -15,8 +15,9 @@ from zqcompile.capture import Captured, capture
 from zqcompile.distillation_data import distillation_data
 from zqcompile.errors import ZQError
 from zqcompile.model import QuantizedModel
-from zqcompile.pipeline import run_pipeline
+from zqcompile.pipeline import run_pipeline, run_target_phases
 from zqcompile.recipe import LKDConfig, Recipe, load_recipe
+from zqcompile.serialize import read_saved
 from zqcompile.sentence_transformer import compile_sentence_transformer, is_sentence_transformer
 
 
@@ -84,6 +85,24 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
                                runner=build_runner(result.executed, backend, cuda_graphs), buckets=shape_buckets)
     quantized.lkd_result = result.context.lkd_result
     return quantized
+
+
+def load(directory: str | os.PathLike, *, device: str | torch.device | None = None) -> QuantizedModel:
+    """Load a model written by ``qmodel.save(directory)``; it runs without the original FP model and without
+    running any code from the directory (zqcompile/serialize.py checks every file first).
+
+    ``device`` defaults to the device it was compiled on (a CUDA model needs a GPU to load); the graph the backend
+    executes is made again by the pipeline's target phases.
+    """
+    saved = read_saved(directory, device=device)
+    compiled = saved.captured.graph_module
+    executed = run_target_phases(compiled, saved.context, saved.backend)
+    qmodel = QuantizedModel(compiled, saved.captured, saved.recipe, saved.context, saved.backend,
+                            runner=build_runner(executed, saved.backend, None))
+    qmodel.source_model = saved.source_model
+    if saved.extra_graphs:
+        qmodel.extra_graphs = saved.extra_graphs
+    return qmodel
 
 
 CALIBRATION_SHAPE = (4, 128)  # random token ids for smoothing alone: batch, sequence length

@@ -270,10 +270,11 @@ class Recipe:
 
 def _check_settings(where: str, settings: Mapping[str, Any]) -> None:
     for key, value in settings.items():
-        if key == "weight_bits" and value not in (4, 8):
+        is_int = isinstance(value, int) and not isinstance(value, bool)  # 8.0 or True would pass `in (4, 8)`
+        if key == "weight_bits" and not (is_int and value in (4, 8)):
             raise ZQError(f"{where}: weight_bits must be 4 or 8, got {value!r} (keep a layer in floating point "
                           f"with keep_fp instead)")
-        if key == "act_bits" and value not in (8, None):
+        if key == "act_bits" and not (value is None or (is_int and value == 8)):
             raise ZQError(f"{where}: act_bits must be 8 (token-wise INT8) or null (weight-only), got {value!r}")
         if key in ("group_size", "input_group_size") and value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value <= 0):

@@ -176,3 +176,15 @@ def getitem(graph: torch.fx.Graph, node: Node, index: int) -> Node:
 
 def single_user(node: Node) -> bool:
     return len(node.users) == 1
+
+
+def embedding_rows(gm: GraphModule) -> dict[int, int]:
+    """Rows of the embedding table that each graph input indexes directly (input_ids, token_type_ids)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    rows = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+            weight, indices = node.args[:2]
+            if indices in placeholders and is_stored(weight):
+                rows[placeholders.index(indices)] = get_attr_tensor(gm, weight).shape[0]
+    return rows
