@@ -11,6 +11,8 @@ from torch import nn
 from zqcompile.backends import build_runner, resolve_backend
 from zqcompile.capture import Captured, capture
 from zqcompile.errors import ZQError
+from zqcompile.generation import compile_generation
+from zqcompile.kv_cache import capture_static_cache, is_causal_lm
 from zqcompile.lkd import LKDConfig, apply_to_graph_module, distill
 from zqcompile.model import QuantizedModel
 from zqcompile.pipeline import run_pipeline
@@ -21,7 +23,8 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
             example_inputs: tuple | None = None, backend: str = "auto", cuda_graphs: bool | None = None,
             dump_dir: str | os.PathLike | None = None,
             lkd: LKDConfig | Mapping[str, Any] | bool | None = None,
-            calibration_data: torch.Tensor | tuple | None = None) -> QuantizedModel:
+            calibration_data: torch.Tensor | tuple | None = None, generation: bool | None = None,
+            max_cache_len: int | None = None) -> QuantizedModel:
     """Compile ``model`` with ZeroQuant quantization and return a model with the same call signature.
 
     Args:
@@ -39,14 +42,23 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
         calibration_data: only for recipes with ``smooth_alpha``: token ids ``[batch, seq]`` of real text
             for the activation statistics (default: random token ids), or a tuple of positional inputs for a
             plain module (default: ``example_inputs``).
+        generation: also compile the prefill / decode step over a static KV cache, for ``qmodel.generate``
+            (default: for Hugging Face causal LMs; ``False`` halves a decoder's compile time when only the
+            forward is needed).
+        max_cache_len: KV-cache slots per sequence for ``generate`` (prompt + new tokens); default the model's
+            maximum positions, at most 1024.
     """
     recipe = load_recipe(recipe)
     lkd_config = LKDConfig.from_value(lkd) if lkd is not None else recipe.lkd
     if lkd_config is not None and recipe.smooth_alpha is not None:
         raise ZQError(f"recipe {recipe.name!r} sets both smooth_alpha and LKD; LKD distils the unsmoothed weights, "
                       f"so use one of them (smooth_alpha: null, or no lkd)")
+    if generation and not is_causal_lm(model):
+        raise ZQError(f"generation=True needs a Hugging Face causal language model (...ForCausalLM, GPT2LMHeadModel); "
+                      f"{type(model).__name__} is not one")
     was_training = model.training if isinstance(model, nn.Module) else False
     try:  # capture and LKD run the model in eval mode; the user's model gets its own mode back
+        cached = capture_static_cache(model, max_cache_len) if generation is not False and is_causal_lm(model) else None
         captured = capture(model, example_inputs)
         lkd_result = distill(model, recipe, lkd_config) if lkd_config is not None else None
     finally:
@@ -54,11 +66,20 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
             model.train(was_training)
     if lkd_result is not None:
         apply_to_graph_module(captured.graph_module, lkd_result.weights)
+        if cached is not None:
+            apply_to_graph_module(cached.graph_module, lkd_result.weights)
     backend = resolve_backend(backend, captured.device)
     calibration = _calibration_inputs(model, captured, calibration_data) if recipe.smooth_alpha is not None else ()
     gm, ctx = run_pipeline(captured.graph_module, recipe, dump_dir=dump_dir, calibration_inputs=calibration)
     quantized = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, cuda_graphs, ctx))
     quantized.lkd_result = lkd_result
+    if cached is not None:
+        quantized.generation = compile_generation(
+            cached, gm, quantized.executed_graph, recipe, backend=backend, cuda_graphs=cuda_graphs, model=model,
+            calibration_inputs=calibration, dump_dir=dump_dir)
+    elif not is_causal_lm(model):
+        quantized.no_generation_reason = (f"{captured.model_class} is not a decoder language model; generate needs "
+                                          f"a Hugging Face causal LM (...ForCausalLM, GPT2LMHeadModel)")
     return quantized
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from zqcompile.capture import Captured
 from zqcompile.errors import ZQError
 from zqcompile.passes.infra import CompileContext
 from zqcompile.recipe import Recipe
+from zqcompile.runtime import BATCH_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class WeightMemory:
     quantized_fp16: int  # the same weights stored in FP16 (the paper's baseline)
     quantized_after: int  # their integer values + scales
     kept_fp: int  # linear weights the recipe keeps in floating point
-    total: int  # every tensor of the compiled graph (embeddings, norms, FP layers, integer weights)
+    total: int  # every tensor of the compiled graphs (embeddings, norms, FP layers, integer weights), once
 
     @property
     def ratio_vs_fp16(self) -> float:
@@ -59,6 +60,12 @@ class QuantizedModel(nn.Module):
         # a CUDA-graph runner or the cuda backend's rewritten graph; None runs the graph module directly. Kept out of
         # the submodules: its tensors are graph_module's (or views of them), which .to() / state_dict cover already
         object.__setattr__(self, "runner", runner)
+        # the prefill / decode step over a static KV cache (zqcompile.generation.Generator) of a decoder LM; its
+        # graph's tensors are graph_module's, so it is kept out of the submodules as well
+        object.__setattr__(self, "generation", None)
+        self.no_generation_reason = (f"this compiled {self.model_class} has no generation graph (compiled with "
+                                     f"generation=False, or saved by a zqcompile without it): compile it again with "
+                                     f"zqcompile.compile(model, recipe)")
 
     @property
     def executed_graph(self) -> GraphModule:
@@ -116,6 +123,23 @@ class QuantizedModel(nn.Module):
             return outputs
         return self.output_type(**dict(zip(self.output_keys, outputs)))
 
+    # ---- generation ---------------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
+                 **options: Any) -> torch.Tensor:
+        """Token ids [batch, prompt + new] like Hugging Face ``generate`` (zqcompile.generation.Generator.generate:
+        do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, streamer, seed)."""
+        return self._generator().generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)
+
+    def warmup(self, batch_sizes: Sequence[int] = BATCH_BUCKETS, prompt_lens: Sequence[int] = (128,),
+               max_new_tokens: int = 1) -> None:
+        """Capture the generation steps' CUDA graphs for these batch sizes and prompt lengths ahead of time."""
+        self._generator().warmup(batch_sizes, prompt_lens, max_new_tokens)
+
+    def _generator(self):
+        if self.generation is None:
+            raise ZQError(self.no_generation_reason)
+        return self.generation
+
     # ---- saving -------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, source_model: str | None = None) -> Path:
         """Write the compiled model to ``directory``; ``zqcompile.load(directory)`` reads it back (see
@@ -128,7 +152,9 @@ class QuantizedModel(nn.Module):
         from zqcompile.inspection import linear_rows
         rows = linear_rows(self.graph_module)
         before = sum(r.bytes_before for r in rows if r.kind != "FP")
-        tensors = {id(t): t for t in self.graph_module.state_dict().values()}.values()  # tied weights count once
+        graphs = [self.graph_module] + ([self.generation.graph_module] if self.generation is not None else [])
+        # tied weights, and the tensors the generation graph shares with the forward graph, count once
+        tensors = {t.data_ptr(): t for graph in graphs for t in graph.state_dict().values()}.values()
         return WeightMemory(
             quantized_before=before,
             quantized_fp16=before * 2 // self.dtype.itemsize,
