@@ -15,9 +15,10 @@ Each zqcompile variant is compiled with ``max_cache_len`` = 256 and warmed up fo
 further graph. Per-token decode latency = (time of ``generate`` with 128 new tokens - time with 1) / 127 (the
 decode steps), each the median of ``--reps`` runs, CUDA-synchronised (so it includes the sampling and the Python
 loop, as a user sees it); prefill = the time with 1 new token. ``fp16-eager`` uses 33 new tokens instead of 128
-(it is Python-bound, about constant per token). The bandwidth floor of a decode step is the bytes of weights it reads (every tensor of the
-compiled model but the input-embedding rows it does not gather) over the measured device-to-device copy
-bandwidth. Models run in the order given until ``--budget-s`` is spent; what did not run is listed as cut.
+(it is Python-bound, about constant per token). The bandwidth floor of a decode step is the bytes of weights
+it reads (every tensor of the compiled model but the input-embedding rows it does not gather) over the measured
+device-to-device copy bandwidth. Models run in the order given until ``--budget-s`` is spent; what did not run
+is listed as cut.
 
     PYTHONPATH=. python benchmarks/generation_bench.py --models smollm2,llama1b,llama7b --batches 1,8,32
 """
@@ -55,6 +56,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
                     max_position_embeddings=4096),
 }
+
+
+class Rows(list):
+    """The measurements; the markdown and JSON reports are rewritten after each one, so a run cut short keeps them."""
+
+    def __init__(self, out: Path, env: dict, copy_gbps: float, command: str):
+        super().__init__()
+        self.out, self.env, self.copy_gbps, self.command = out, env, copy_gbps, command
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        print(row, flush=True)
+        (self.out / "generation_bench.md").write_text(markdown(self.env, self, self.copy_gbps, self.command))
+        (self.out / "generation_bench.json").write_text(
+            json.dumps(dict(env=self.env, copy_gbps=self.copy_gbps, command=self.command, rows=self), indent=1))
 
 
 def build(name: str, weights: str | None) -> torch.nn.Module:
@@ -100,7 +116,7 @@ def decode_weight_bytes(qmodel, model: torch.nn.Module, batch: int) -> int:
 
 
 def measure_variant(model: torch.nn.Module, name: str, variant: str, recipe: Any, args: argparse.Namespace,
-                    rows: list[dict], copy_gbps: float) -> None:
+                    rows: Rows, copy_gbps: float) -> None:
     params = sum(p.numel() for p in model.parameters())
     started = time.perf_counter()
     qmodel = zqcompile.compile(model, recipe, max_cache_len=CACHE)
@@ -117,13 +133,12 @@ def measure_variant(model: torch.nn.Module, name: str, variant: str, recipe: Any
                          decode_ms=decode, tokens_per_s=batch / decode * 1e3, weight_bytes=weights,
                          floor_ms=weights / copy_gbps / 1e6, compile_s=compiled - started,
                          warmup_s=warmed - compiled))
-        print(rows[-1], flush=True)
     if qmodel.generation.captures != captures:
         rows.append(dict(model=name, variant=variant,
                          error=f"generate captured {qmodel.generation.captures - captures} graphs after warm-up"))
 
 
-def run_model(name: str, args: argparse.Namespace, rows: list[dict], copy_gbps: float, deadline: float) -> None:
+def run_model(name: str, args: argparse.Namespace, rows: Rows, copy_gbps: float, deadline: float) -> None:
     model = build(name, args.smollm2_weights if name == "smollm2" else None)
     params = sum(p.numel() for p in model.parameters())
     for batch in args.batches:
@@ -133,8 +148,8 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict], copy_gbps: 
                                         EAGER_NEW, args.reps)
         rows.append(dict(model=name, params=params, variant="fp16-eager", batch=batch, prefill_ms=prefill,
                          decode_ms=decode, tokens_per_s=batch / decode * 1e3))
-        print(rows[-1], flush=True)
-    for variant, recipe in VARIANTS.items():
+    for variant in args.variants:
+        recipe = VARIANTS[variant]
         if time.perf_counter() > deadline:
             rows.append(dict(model=name, variant=variant, cut="time budget spent"))
             continue
@@ -156,9 +171,9 @@ def markdown(env: dict, rows: list[dict], copy_gbps: float, command: str) -> str
         fp16 = [r["decode_ms"] for r in rows if r["model"] == row["model"] and r.get("batch") == row["batch"]
                 and r["variant"].startswith("fp16") and "decode_ms" in r]
         floor = f"{row['floor_ms']:.2f}" if "floor_ms" in row else ""
+        speed = f"{min(fp16) / row['decode_ms']:.2f}x" if fp16 else ""
         lines.append(f"| {row['model']} | {row['batch']} | {row['variant']} | {row['prefill_ms']:.1f} | "
-                     f"{row['decode_ms']:.2f} | {row['tokens_per_s']:.0f} | {min(fp16) / row['decode_ms']:.2f}x | "
-                     f"{floor} |")
+                     f"{row['decode_ms']:.2f} | {row['tokens_per_s']:.0f} | {speed} | {floor} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,17 +181,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,llama1b,llama7b")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="zqcompile variants, in order")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=3600.0, help="start no new zqcompile variant after this")
     parser.add_argument("--smollm2-weights", default=None, help="a local HF directory with SmolLM2's weights")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.variants = args.variants.split(",")
     deadline = time.perf_counter() + args.budget_s
-    env, copy_gbps, rows = environment(), copy_bandwidth_gbps(), []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "PYTHONPATH=. python " + " ".join(sys.argv)
+    copy_gbps = copy_bandwidth_gbps()
+    rows = Rows(out, environment(), copy_gbps, "PYTHONPATH=. python " + " ".join(sys.argv))
     for name in args.models.split(","):
         if time.perf_counter() > deadline:
             rows.append(dict(model=name, variant="all", cut="time budget spent"))
@@ -188,9 +205,7 @@ def main() -> None:
             traceback.print_exc()
         gc.collect()
         torch.cuda.empty_cache()
-        (out / "generation_bench.md").write_text(markdown(env, rows, copy_gbps, command))
-    (out / "generation_bench.json").write_text(json.dumps(dict(env=env, copy_gbps=copy_gbps, rows=rows), indent=1))
-    print(markdown(env, rows, copy_gbps, command))
+    print(markdown(rows.env, rows, copy_gbps, rows.command))
 
 
 if __name__ == "__main__":

@@ -204,10 +204,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         model, tokenizer = _load_fp_model(args.model)
         qmodel = zqcompile.compile(model, args.recipe)
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(qmodel.device)
-    print(args.prompt, end="", flush=True)
+    # the streamer prints the prompt too: decoded with the new tokens, the text keeps the tokenizer's spacing
     qmodel.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+                    streamer=TextStreamer(tokenizer, skip_special_tokens=True))
 
 
 # ---- parser -----------------------------------------------------------------------------------------

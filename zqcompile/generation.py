@@ -26,7 +26,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from zqcompile.errors import ZQError
-from zqcompile.kv_cache import CachedCapture, CacheLayout
+from zqcompile.kv_cache import CachedCapture, CacheLayout, dynamic_shapes, example_inputs
 from zqcompile.passes.infra import CompileContext, attr_tensor, replace_attr_tensor
 from zqcompile.recipe import Recipe
 from zqcompile.runtime import BATCH_BUCKETS, build_steps
@@ -89,6 +89,24 @@ class Generator:
         self.pad_token_id = pad_token_id
         self.own_tensors = list(own_tensors)  # tensors not shared with the forward graph (see share_tensors)
         self.steps = build_steps(executed_graph, layout, device, max_cache_len, cuda_graphs)
+
+    # ---- saving ---------------------------------------------------------------------------------------
+    def export(self) -> torch.export.ExportedProgram:
+        """The cached graph as a ``torch.export`` program with its dynamic axes (for zqcompile.serialize)."""
+        args = example_inputs(self.layout, self.device)
+        inputs, cache = dynamic_shapes(self.layout, self.max_positions)
+        try:
+            with torch.no_grad():
+                return torch.export.export(self.graph_module, args, dynamic_shapes=(*inputs, *cache), strict=False)
+        except Exception as err:  # export raises many types; all mean "this graph could not be re-exported"
+            raise ZQError(f"torch.export could not re-export the generation graph: "
+                          f"{str(err).strip().splitlines()[0]}") from err
+
+    def manifest(self) -> dict[str, Any]:
+        """What :func:`restore` needs besides the graph and its tensors (JSON)."""
+        return {"layers": [list(layer) for layer in self.layout.layers], "max_cache_len": self.max_cache_len,
+                "max_positions": self.max_positions, "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id}
 
     @property
     def captures(self) -> int:
@@ -218,6 +236,22 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: in
         drop = probs.cumsum(-1) - probs >= top_p
         scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def restore(graph_module: GraphModule, manifest: dict[str, Any], *, recipe: Recipe, dtype: torch.dtype,
+            device: torch.device, backend: str, forward_executed: GraphModule) -> Generator:
+    """A :class:`Generator` around a loaded cached graph (its tensors already the forward graph's)."""
+    from zqcompile.pipeline import optimize_for_cuda
+
+    ctx = CompileContext(recipe)
+    executed = graph_module
+    if backend == "cuda":
+        executed = optimize_for_cuda(graph_module, ctx)
+        share_tensors(executed, forward_executed)
+    layout = CacheLayout(tuple(tuple(layer) for layer in manifest["layers"]), dtype)
+    return Generator(graph_module, executed, ctx, layout, device=device, max_cache_len=manifest["max_cache_len"],
+                     max_positions=manifest["max_positions"], eos_token_id=manifest["eos_token_id"],
+                     pad_token_id=manifest["pad_token_id"], cuda_graphs=backend == "cuda")
 
 
 # ---- compile ------------------------------------------------------------------------------------------

@@ -173,8 +173,26 @@ def cache_layout(model: nn.Module, dtype: torch.dtype, device: torch.device) -> 
     return CacheLayout(tuple(layers), dtype)
 
 
-def capture_static_cache(model: nn.Module, max_cache_len: int | None = None, batch: int = 2, seq: int = 4,
-                         length: int = 8) -> CachedCapture:
+def example_inputs(layout: CacheLayout, device: torch.device | str, batch: int = 2, seq: int = 4,
+                   length: int = 8) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace the cached graph with (sequence and cache lengths differ, so export keeps them apart)."""
+    return (torch.zeros(batch, seq, dtype=torch.long, device=device),
+            torch.ones(batch, length, dtype=torch.long, device=device),
+            torch.arange(seq, device=device).expand(batch, seq).contiguous(),
+            torch.arange(seq, device=device),
+            *layout.allocate(batch, length, device))
+
+
+def dynamic_shapes(layout: CacheLayout, max_positions: int | None) -> tuple[list[dict], list[dict]]:
+    """The dynamic dims of (input_ids, attention_mask, position_ids, cache_position) and of the cache tensors:
+    batch, sequence and cache length (at least 2: export specializes 0 and 1)."""
+    batch = Dim("batch", min=1)
+    seq, length = Dim.DYNAMIC(min=1, max=max_positions), Dim.DYNAMIC(min=2, max=max_positions)
+    return ([{0: batch, 1: seq}, {0: batch, 1: length}, {0: batch, 1: seq}, {0: seq}],
+            [{0: batch, 2: length} for _ in range(2 * len(layout.layers))])
+
+
+def capture_static_cache(model: nn.Module, max_cache_len: int | None = None) -> CachedCapture:
     """Export ``model`` (an HF causal LM, in eval mode) as the cached step graph described in the module doc.
 
     ``max_cache_len``: the cache slots per sequence that generation will use; default the model's maximum positions,
@@ -197,18 +215,9 @@ def capture_static_cache(model: nn.Module, max_cache_len: int | None = None, bat
     dtype, device = model_dtype_and_device(model)
     model.eval()
     layout = cache_layout(model, dtype, device)
-    vocab = model.config.vocab_size
-    args = (torch.randint(0, vocab, (batch, seq), device=device),
-            torch.ones(batch, length, dtype=torch.long, device=device),
-            torch.arange(seq, device=device).expand(batch, seq).contiguous(),
-            torch.arange(seq, device=device),
-            *layout.allocate(batch, length, device))
-    batch_dim = Dim("batch", min=1)
-    seq_dim, length_dim = Dim.DYNAMIC(min=1, max=max_pos), Dim.DYNAMIC(min=2, max=max_pos)
-    dynamic = {"input_ids": {0: batch_dim, 1: seq_dim}, "attention_mask": {0: batch_dim, 1: length_dim},
-               "position_ids": {0: batch_dim, 1: seq_dim}, "cache_position": {0: seq_dim},
-               "kv": tuple({0: batch_dim, 2: length_dim} for _ in range(2 * len(layout.layers)))}
-    gm = _export(_CachedLMWrapper(model, dtype).eval(), args, dynamic, model_class)
+    args = example_inputs(layout, device)
+    inputs, cache = dynamic_shapes(layout, max_pos)
+    gm = _export(_CachedLMWrapper(model, dtype).eval(), args, (*inputs, tuple(cache)), model_class)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][len(INPUT_NAMES):]
     written = {n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.args and n.args[0] in placeholders
                and n.target in (torch.ops.aten.index_copy_.default, torch.ops.aten.copy_.default)}

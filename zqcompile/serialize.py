@@ -1,11 +1,13 @@
 """Saving and loading compiled models: ``qmodel.save(dir)`` / ``zqcompile.load(dir)``.
 
-A saved model is a directory of three files:
+A saved model is a directory of three files (four for a decoder compiled for generation):
 
 - ``weights.safetensors``: every tensor of the compiled graph (INT8 / packed INT4 weights, their float32
   scales, the floating-point tensors the recipe keeps) and the example inputs;
 - ``graph.pt2``: the compiled graph as a ``torch.export`` program (dynamic batch / seq axes), saved with
   its tensors replaced by one-element stand-ins so the weights live in one place only;
+- ``generation.pt2``: a decoder's cached step graph (zqcompile.generation), saved the same way; its tensors are
+  the forward graph's, stored once;
 - ``manifest.json``: the format version, the SHA-256 of both files, the model's call signature and output
   type, the recipe, the compiler's counters / plans / per-node metadata (what ``inspect`` shows) and,
   optionally, the path of the FP model it was compiled from (the CLI's ``bench`` / ``eval`` use it).
@@ -38,6 +40,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 GRAPH = "graph.pt2"
+GENERATION_GRAPH = "generation.pt2"
 EXAMPLE_PREFIX = "__example_input__."
 
 
@@ -139,10 +142,17 @@ def save(qmodel, directory: str | os.PathLike, *, source_model: str | None = Non
         raise ZQError("the compiled graph holds a non-tensor constant (a script object); it cannot be saved")
     weights = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}  # clone: no shared storage
     weights.update({f"{EXAMPLE_PREFIX}{i}": a.detach().cpu().contiguous() for i, a in enumerate(args)})
-    for name, tensor in program.state_dict.items():
-        program.state_dict[name] = _stand_in(tensor)
-    for name, tensor in program.constants.items():
-        program.constants[name] = _stand_in(tensor)
+    generation = qmodel.generation.export() if qmodel.generation is not None else None
+    if generation is not None:
+        for name, tensor in {**generation.state_dict, **generation.constants}.items():
+            if name not in tensors or not torch.equal(tensors[name], tensor):
+                raise ZQError(f"the generation graph's tensor {name!r} is not the forward graph's; this model "
+                              f"cannot be saved (a zqcompile bug: please report it)")
+    for stubbed in (program, generation) if generation is not None else (program,):
+        for name, tensor in stubbed.state_dict.items():
+            stubbed.state_dict[name] = _stand_in(tensor)
+        for name, tensor in stubbed.constants.items():
+            stubbed.constants[name] = _stand_in(tensor)
 
     original = _tracked_nodes(qmodel.graph_module)
     saved = _tracked_nodes(program.module())
@@ -169,6 +179,7 @@ def save(qmodel, directory: str | os.PathLike, *, source_model: str | None = Non
             "counters": dict(ctx.counters), "passes_run": list(ctx.passes_run),
             "unfused_reasons": by_index(ctx.unfused_reasons),
         },
+        "generation": qmodel.generation.manifest() if generation is not None else None,
         "nodes": [{"target": str(n.target),
                    "meta": {k: _encode_meta(v) for k, v in n.meta.items()
                             if k.startswith("zq_") and _encode_meta(v) is not None}} for n in original],
@@ -177,6 +188,9 @@ def save(qmodel, directory: str | os.PathLike, *, source_model: str | None = Non
     save_file(weights, str(weights_path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     torch.export.save(program, str(graph_path))
     manifest["files"] = {WEIGHTS: sha256_of(weights_path), GRAPH: sha256_of(graph_path)}
+    if generation is not None:
+        torch.export.save(generation, str(directory / GENERATION_GRAPH))
+        manifest["files"][GENERATION_GRAPH] = sha256_of(directory / GENERATION_GRAPH)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return directory
 
@@ -245,11 +259,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
         weights = load_file(str(weights_path), device=str(device))
     except SafetensorError as err:
         raise ZQError(f"{weights_path} cannot be read ({err}); save the model again") from err
-    try:
-        program = torch.export.load(str(graph_path))
-    except Exception as err:  # deserialization raises many types
-        raise ZQError(f"{graph_path} could not be loaded by torch {torch.__version__} (saved with torch "
-                      f"{manifest.get('torch_version')}): {str(err).strip().splitlines()[0]}") from err
+    program = _load_program(graph_path, manifest)
     gm = program.module()
     expected_names = set(program.state_dict) | set(program.constants)
     graph_weights = {k: v for k, v in weights.items() if not k.startswith(EXAMPLE_PREFIX)}
@@ -284,4 +294,24 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
                               device)
     qmodel = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, None, ctx))
     qmodel.source_model = manifest.get("source_model")
+    if manifest.get("generation") is not None:  # absent from directories saved before generation existed
+        from zqcompile.generation import restore
+        generation_program = _load_program(_verified(directory, manifest, GENERATION_GRAPH), manifest)
+        generation = generation_program.module()
+        names = set(generation_program.state_dict) | set(generation_program.constants)
+        if not names <= set(graph_weights):
+            raise ZQError(f"{weights_path} does not hold the tensors {GENERATION_GRAPH} needs; the directory mixes "
+                          f"files of different models: save the model again")
+        for name in names:
+            replace_attr_tensor(generation, name, graph_weights[name])  # the forward graph's tensor object
+        qmodel.generation = restore(generation, manifest["generation"], recipe=recipe, dtype=captured.dtype,
+                                    device=device, backend=backend, forward_executed=qmodel.executed_graph)
     return qmodel
+
+
+def _load_program(path: Path, manifest: dict[str, Any]) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.load(str(path))
+    except Exception as err:  # deserialization raises many types
+        raise ZQError(f"{path} could not be loaded by torch {torch.__version__} (saved with torch "
+                      f"{manifest.get('torch_version')}): {str(err).strip().splitlines()[0]}") from err
