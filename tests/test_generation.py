@@ -3,8 +3,10 @@ checked against Hugging Face ``generate`` and against the compiled model's own w
 
 Measured here (torch 2.13 CPU, transformers 5.24): decode-step logits vs whole-sequence prefill logits, relative
 L2 error per position over positions 3..63, at most 3.4e-7 for w8a8 / w4a8 / w8a16 on the tiny Llama and GPT-2;
-SmolLM2-135M W8A8 greedy continuations of 20 Austen sentences (32 new tokens) match FP32 greedy for a mean prefix
-of MEAN_MATCH_MEASURED tokens (asserted with a margin).
+SmolLM2-135M W8A8 greedy continuations of the first sentences of 20 Austen paragraphs (32 new tokens) match FP32
+greedy for a mean prefix of 6.90 tokens (min 0; 1 of 20 all 32), asserted >= MEAN_MATCH_BOUND. Greedy paths part at
+the first near-tie, and plain W8A8 moves SmolLM2's perplexity by ~3% (ACCURACY.md), so most continuations part
+within a few tokens; with every linear kept in floating point they are token-identical to Hugging Face's.
 """
 
 from __future__ import annotations
@@ -375,8 +377,7 @@ def test_smollm2_fp_kept_greedy_is_token_identical_to_hf(smollm2, data_dir, caps
     assert printed.strip() == tokenizer.decode(out[0, one.input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-MEAN_MATCH_MEASURED = None
-MEAN_MATCH_BOUND = 0.0
+MEAN_MATCH_BOUND = 6.0
 
 
 @pytest.mark.slow
