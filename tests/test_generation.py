@@ -46,7 +46,17 @@ def llama_model():
     return LlamaForCausalLM(config).eval()
 
 
-MODELS = {"gpt2": gpt2_model, "llama": llama_model}
+def qwen2_model():
+    """A small random-weight Qwen2 (biased q/k/v projections, grouped-query attention)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(4)
+    config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_MLP,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=POSITIONS, bos_token_id=1, eos_token_id=2)
+    return Qwen2ForCausalLM(config).eval()
+
+
+MODELS = {"gpt2": gpt2_model, "llama": llama_model, "qwen2": qwen2_model}
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,7 +78,7 @@ def left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.
 
 # ---- against Hugging Face generate -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_greedy_fp_kept_is_token_identical_to_hf_generate(family):
     model, qmodel = compiled(family, "fp")
     ids, mask = left_padded([5, 9, 2, 7])

@@ -110,7 +110,7 @@ class CUDAGraphSteps:
             return
         self._decode.clear()
         self._prefill.clear()
-        self.cache = []
+        self.cache = []  # free the old cache before allocating the larger one
         self.cache = self.layout.allocate(rows, self.max_cache_len, self.device)
         self.mask = torch.zeros(rows, self.max_cache_len, dtype=torch.long, device=self.device)
         self.rows = rows
