@@ -20,7 +20,7 @@ import torch
 import zqcompile
 from zqcompile.errors import ZQError
 
-from conftest import TINY_HIDDEN, TINY_MLP, TINY_VOCAB, token_batch
+from helpers import TINY_HIDDEN, TINY_MLP, TINY_VOCAB, token_batch
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP_KEPT = {"base": "w8a8", "keep_fp": ["*"]}  # every linear in floating point: generation must equal HF exactly
@@ -239,7 +239,7 @@ def test_bad_prompts_are_refused():
 
 
 def test_generation_true_on_an_encoder_is_refused():
-    from conftest import make_tiny_bert
+    from helpers import make_tiny_bert
     with pytest.raises(ZQError, match="generation=True needs a Hugging Face causal language model"):
         zqcompile.compile(make_tiny_bert(), "w8a8", generation=True)
 
