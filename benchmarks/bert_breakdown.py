@@ -31,10 +31,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import zqcompile
 from zqcompile.backends.cuda_graphs import CUDAGraphRunner
 from gpu_latency import (
-    Results, bert_base, profile_kernels, select_cuda_rewrites, summarise_kernels, time_in_graph_ms, time_ms,
+    Results, bert_base, cuda_rewrites, profile_kernels, summarise_kernels, time_in_graph_ms, time_ms,
     token_inputs,
 )
-from zqcompile import pipeline
 
 BATCH, SEQ, HEADS, HEAD_DIM = 32, 128, 12, 64
 GEMM_OPS = ("int8_linear",)
@@ -144,11 +143,9 @@ REWRITE_SETS = {
 
 def bench_rewrites(res: Results, batches: list[int]) -> None:
     model = bert_base()
-    original = pipeline.CUDA_PHASES
     for label, names in REWRITE_SETS.items():
         try:
-            select_cuda_rewrites(names)
-            qmodel = zqcompile.compile(model, "w8a8", backend="cuda")
+            qmodel = zqcompile.compile(model, "w8a8", backend="cuda", target_passes=cuda_rewrites(names))
             for batch in batches:
                 inputs = token_inputs(model.config.vocab_size, batch, with_types=True)
                 with torch.inference_mode():
@@ -158,8 +155,6 @@ def bench_rewrites(res: Results, batches: list[int]) -> None:
         except Exception as exc:  # noqa: BLE001
             res.add("errors", {"where": f"rewrites {label}", "error": f"{type(exc).__name__}: {exc}",
                                "trace": traceback.format_exc()[-2000:]})
-        finally:
-            pipeline.CUDA_PHASES = original
 
 
 def main() -> None:

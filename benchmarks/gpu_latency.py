@@ -269,7 +269,7 @@ def bench_model(res: Results, model_name: str, model: torch.nn.Module, batches: 
     for recipe in () if args.fp16_only else args.recipes.split(","):
         t0 = time.perf_counter()
         try:
-            qmodel = zqcompile.compile(model, recipe, backend="cuda")
+            qmodel = zqcompile.compile(model, recipe, backend="cuda", target_passes=cuda_rewrites(args.cuda_rewrites))
             compile_s = time.perf_counter() - t0
             check_batch = min(batches[-1], 8)
             ok = check_against_reference(res, f"{model_name} {recipe} B={check_batch}", model, qmodel,
@@ -463,18 +463,9 @@ def bench_profile(res: Results, batch: int = 32) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 
-def select_cuda_rewrites(names: str) -> str:
-    """Keep only the named rewrites of pipeline.CUDA_PHASES (cleanup always runs); returns a note for the report."""
-    from zqcompile import pipeline
-
-    available = {fn.__name__: fn for _, passes in pipeline.CUDA_PHASES for fn in passes}
-    keep = [n for n in names.split(",") if n]
-    unknown = sorted(set(keep) - set(available))
-    if unknown:
-        raise SystemExit(f"--cuda-rewrites: unknown {unknown}; choose from {sorted(available)}")
-    chosen = tuple(available[n] for n in keep if n != "cleanup") + (available["cleanup"],)
-    pipeline.CUDA_PHASES = (("cuda_graph_rewrites", chosen),)
-    return f"cuda rewrites: {[fn.__name__ for fn in chosen]}"
+def cuda_rewrites(names: str | None) -> list[str] | None:
+    """``--cuda-rewrites`` as zqcompile.compile's ``target_passes`` (None: all of the cuda target's passes)."""
+    return None if names is None else [n for n in names.split(",") if n]
 
 
 def main() -> None:
@@ -491,7 +482,8 @@ def main() -> None:
     parser.add_argument("--fp16-only", action="store_true", help="time the FP16 variants only")
     parser.add_argument("--recipes", default="w8a8,w4a8", help="zqcompile recipes to time")
     parser.add_argument("--cuda-rewrites", default=None,
-                        help="comma-separated passes of pipeline.CUDA_PHASES to keep (default: all; '' for none), "
+                        help="comma-separated passes of the cuda target (pipeline.TARGET_PHASES) to keep (default: all; '' "
+                             "for none; cleanup always runs), "
                              "to measure what each rewrite of the executed graph buys")
     parser.add_argument("--gemm-shapes", default="4096x768x3072,16384x4096x1024")
     parser.add_argument("--warmup", type=int, default=10)
@@ -505,7 +497,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     res = Results(Path(args.out), args)
     if args.cuda_rewrites is not None:
-        res.data["notes"].append(select_cuda_rewrites(args.cuda_rewrites))
+        res.data["notes"].append(f"cuda rewrites: {cuda_rewrites(args.cuda_rewrites)} (+ cleanup)")
     res.data["env"]["gemm_backend"] = register_cuda_kernels()["gemm"]
     t0 = time.perf_counter()
 

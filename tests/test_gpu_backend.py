@@ -41,8 +41,9 @@ def test_cuda_backend_without_gpu_says_so():
 
 def test_cuda_graphs_need_the_cuda_backend():
     with pytest.raises(ZQError, match="cuda_graphs=True needs backend='cuda'"):
-        build_runner(torch.nn.Identity(), "cpu", cuda_graphs=True, ctx=None)
-    assert build_runner(torch.nn.Identity(), "cpu", cuda_graphs=None, ctx=None) is None
+        build_runner(torch.nn.Identity(), "cpu", cuda_graphs=True)
+    identity = torch.nn.Identity()
+    assert build_runner(identity, "cpu", cuda_graphs=None) is identity
 
 
 def test_graph_runner_refuses_cpu_inputs():
@@ -55,7 +56,7 @@ def test_graph_runner_refuses_cpu_inputs():
 
 def test_cpu_compile_keeps_the_graph_as_runner():
     qmodel = zqcompile.compile(TINY_MODELS["bert"](), "w8a8", backend="cpu")
-    assert qmodel.runner is None  # the graph module itself runs
+    assert qmodel.runner is qmodel.graph_module and qmodel.executed_graph is qmodel.graph_module  # it runs itself
 
 
 # ---- GPU: the Numba kernels through the ops ------------------------------------------------------------------

@@ -15,10 +15,18 @@ from torch import nn
 
 import zqcompile
 from zqcompile import LKDConfig, ZQError
+from zqcompile.capture import capture
 from zqcompile.lkd import find_blocks
+from zqcompile.pipeline import run_pipeline
 from zqcompile.recipe import Recipe, load_recipe
 
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "c_fc", "mlp.c_proj", "intermediate.dense")
+
+
+def distill(model: nn.Module, recipe: Recipe, config: LKDConfig):
+    """zqcompile.lkd.distill with the plans the compiler resolves for ``model`` (its plan phase)."""
+    plans = run_pipeline(capture(model).graph_module, recipe, stop_after="plan").context.plans
+    return zqcompile.lkd.distill(model, plans, config, recipe_name=recipe.name)
 
 
 def tiny_llama(layers: int = 3):
@@ -120,7 +128,7 @@ def reference_block_errors(model: nn.Module, weights: dict[str, torch.Tensor], i
 def test_lkd_reduces_every_blocks_error_on_held_out_inputs():
     model = tiny_llama()
     config = LKDConfig(data="random", inputs_from="teacher", **{**FAST, "num_samples": 16, "seq_len": 32, "lr": 5e-5})
-    result = zqcompile.lkd.distill(model, load_recipe("w4a8"), config)
+    result = distill(model, load_recipe("w4a8"), config)
     held_out = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(5))
     ptq = reference_block_errors(model, {}, held_out)
     lkd = reference_block_errors(model, result.weights, held_out)
@@ -161,7 +169,7 @@ def test_only_one_blocks_copy_is_trained_at_a_time(monkeypatch):
             super().__init__(params, **kwargs)
 
     monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
-    result = zqcompile.lkd.distill(model, load_recipe("w4a8"), LKDConfig(data="random", **{**FAST, "steps": 2}))
+    result = distill(model, load_recipe("w4a8"), LKDConfig(data="random", **{**FAST, "steps": 2}))
     assert len(optimizers) == 3
     for index, (params, block) in enumerate(zip(optimizers, result.blocks)):
         assert not {id(p) for p in params} & user_params  # copies, never the user's tensors
@@ -175,13 +183,13 @@ def test_only_one_blocks_copy_is_trained_at_a_time(monkeypatch):
 def test_w8a8_blocks_are_distilled_too():
     # INT8 rounding steps are 16x finer than INT4 ones, so the weights need a smaller learning rate
     config = LKDConfig(data="random", **{**FAST, "lr": 1e-5})
-    result = zqcompile.lkd.distill(tiny_llama(layers=2), load_recipe("w8a8"), config)
+    result = distill(tiny_llama(layers=2), load_recipe("w8a8"), config)
     assert len(result.blocks) == 2 and all(b.mse_lkd < b.mse_ptq for b in result.blocks)
 
 
 def test_train_norms_adds_norm_parameters():
     model = tiny_llama(layers=2)
-    result = zqcompile.lkd.distill(model, load_recipe("w4a8"),
+    result = distill(model, load_recipe("w4a8"),
                                    LKDConfig(data="random", train_norms=True, **{**FAST, "steps": 3}))
     assert "model.layers.1.input_layernorm.weight" in result.blocks[1].trained
     assert "model.layers.1.post_attention_layernorm.weight" in result.weights
@@ -222,7 +230,7 @@ def test_text_data_with_a_tokenizer():
 
     config = LKDConfig(data=["some distillation text " * 4, "more text " * 8], tokenizer=CharTokenizer(),
                        **{**FAST, "steps": 2, "num_samples": 100})
-    result = zqcompile.lkd.distill(tiny_llama(layers=2), load_recipe("w4a8"), config)
+    result = distill(tiny_llama(layers=2), load_recipe("w4a8"), config)
     assert result.data_source == "user text" and result.tokens == (92 + 80) // 16 * 16
 
 
@@ -241,13 +249,13 @@ def test_bad_configs_raise(kwargs, message):
 def test_bad_inputs_raise_or_are_documented_no_ops():
     model = tiny_llama(layers=2)
     with pytest.raises(ZQError, match="no tokenizer"):
-        zqcompile.lkd.distill(model, load_recipe("w4a8"), LKDConfig(data="some text", **FAST))
+        distill(model, load_recipe("w4a8"), LKDConfig(data="some text", **FAST))
     two_tokens = lambda text: type("Encoding", (), {"input_ids": [1, 2]})()  # noqa: E731
     with pytest.raises(ZQError, match="fewer than seq_len"):
-        zqcompile.lkd.distill(model, load_recipe("w4a8"), LKDConfig(data="ab", tokenizer=two_tokens, **FAST))
+        distill(model, load_recipe("w4a8"), LKDConfig(data="ab", tokenizer=two_tokens, **FAST))
     all_fp = Recipe.from_dict({"base": "w4a8", "keep_fp": ["model.layers.*", "role:lm_head"]})
     with pytest.raises(ZQError, match="nothing to\\s+distil"):
-        zqcompile.lkd.distill(model, all_fp, LKDConfig(**FAST))
+        distill(model, all_fp, LKDConfig(**FAST))
     with pytest.warns(UserWarning, match="only has INT8 weight-only"):
         compiled = zqcompile.compile(model, "w8a16", lkd=LKDConfig(**FAST))
     assert compiled.lkd_result.weights == {} and not compiled.lkd_result.blocks
@@ -279,7 +287,7 @@ def test_plain_module_needs_its_inputs_as_data():
     with pytest.raises(ZQError, match="needs its inputs"):
         zqcompile.compile(model, "w4a16", lkd=LKDConfig(**FAST))
     inputs = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(8))
-    result = zqcompile.lkd.distill(model, load_recipe("w4a16"), LKDConfig(data=inputs, **FAST))
+    result = distill(model, load_recipe("w4a16"), LKDConfig(data=inputs, **FAST))
     assert [b.name for b in result.blocks] == ["layers.0", "layers.1"]
     assert all(b.mse_lkd < b.mse_ptq for b in result.blocks)
 
@@ -287,6 +295,6 @@ def test_plain_module_needs_its_inputs_as_data():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_lkd_on_cuda_returns_weights_on_the_models_device():
     model = tiny_llama(layers=2)
-    result = zqcompile.lkd.distill(model, load_recipe("w4a8"), LKDConfig(data="random", device="cuda", **FAST))
+    result = distill(model, load_recipe("w4a8"), LKDConfig(data="random", device="cuda", **FAST))
     assert all(t.device.type == "cpu" for t in result.weights.values())
     assert all(b.mse_lkd < b.mse_ptq for b in result.blocks)

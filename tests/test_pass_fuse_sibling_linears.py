@@ -12,7 +12,7 @@ from conftest import TINY_MODELS, apply_pass, count_ops, export_graph, op_target
 from zqcompile.passes import fuse_sibling_linears
 from zqcompile.passes.fuse_sibling_linears import META_FUSED_FROM
 from zqcompile.passes.infra import attr_tensor, get_attr_tensor
-from zqcompile.pipeline import optimize_for_cuda, run_pipeline
+from zqcompile.pipeline import run_pipeline, run_target_phases
 from zqcompile.recipe import load_recipe
 
 INT8_LINEAR = torch.ops.zq.int8_linear.default
@@ -42,7 +42,8 @@ INT4_GROUPED = {"base": "w8a8", "weight_bits": 4, "input_group_size": 16}  # pac
 
 def _lowered(module: nn.Module, recipe="w8a8"):
     x = torch.randn(2, 5, 32)
-    gm, ctx = run_pipeline(export_graph(module, x), load_recipe(recipe))  # fuse_sibling_linears runs after it
+    result = run_pipeline(export_graph(module, x), load_recipe(recipe))  # target "cpu": no sibling fusion yet
+    gm, ctx = result.compiled, result.context
     return gm, ctx, x
 
 
@@ -82,7 +83,7 @@ def test_single_linear_and_mismatched_layouts_are_left_alone():
 
 
 def test_cuda_rewrite_of_a_tiny_bert_is_exact_and_shares_the_weights():
-    # optimize_for_cuda is device-agnostic graph work: run it on the CPU graph and compare with the reference ops
+    # the cuda target's phases are device-agnostic graph work: run them on the CPU graph, compare with the reference
     model = TINY_MODELS["bert"]()
     qmodel = zqcompile.compile(model, "w8a8")
     gm, ctx = qmodel.graph_module, qmodel.context
@@ -90,7 +91,7 @@ def test_cuda_rewrite_of_a_tiny_bert_is_exact_and_shares_the_weights():
     inputs = qmodel.graph_inputs(ids, torch.ones_like(ids))
     with torch.no_grad():
         expected = gm(*inputs)
-        executed = optimize_for_cuda(gm, ctx)
+        executed = run_target_phases(gm, ctx, "cuda")
         got = executed(*inputs)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     layers = model.config.num_hidden_layers

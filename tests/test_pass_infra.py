@@ -89,7 +89,8 @@ def test_recompiles_after_each_pass_and_merges_counters():
 
 
 def test_pipeline_stops_after_a_phase_and_dumps_code(tmp_path):
-    gm, ctx = run_pipeline(_graph(), load_recipe("w8a8"), stop_after="quantize_weights", dump_dir=tmp_path)
+    result = run_pipeline(_graph(), load_recipe("w8a8"), stop_after="quantize_weights", dump_dir=tmp_path)
+    gm, ctx = result.compiled, result.context
     phases = PHASE_NAMES[:PHASE_NAMES.index("quantize_weights") + 1]
     dumps = [f"{index:02d}_{phase}.py" for index, phase in enumerate(phases)]
     assert dumps[:2] == ["00_canonicalize.py", "01_plan.py"]

@@ -74,7 +74,8 @@ class RMSNormSwiGLU(nn.Module):
 
 def _smoothed_graph(module: nn.Module, recipe: Recipe, calibration: torch.Tensor):
     captured = capture(module, (calibration,))
-    return run_pipeline(captured.graph_module, recipe, stop_after="smooth", calibration_inputs=[(calibration,)])
+    result = run_pipeline(captured.graph_module, recipe, stop_after="smooth", calibration_inputs=[(calibration,)])
+    return result.compiled, result.context
 
 
 def test_layernorm_fold_matches_hand_computed_factors_and_keeps_the_function():
@@ -152,7 +153,8 @@ def test_no_smooth_alpha_changes_nothing():
     calibration = torch.randn(2, 4, K)
     captured = capture(module, (calibration,))
     before = captured.graph_module.code
-    gm, ctx = run_pipeline(captured.graph_module, NO_SMOOTH, stop_after="smooth")
+    result = run_pipeline(captured.graph_module, NO_SMOOTH, stop_after="smooth")
+    gm, ctx = result.compiled, result.context
     assert gm.code == before
     assert "calibrate_activations" not in ctx.counters and not ctx.activation_absmax
 
@@ -174,7 +176,8 @@ def _tiny_hf_smoothed(make_model):
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     inputs = tuple(torch.ones_like(ids) if name == "attention_mask" else torch.zeros_like(ids) if
                    name == "token_type_ids" else ids for name in captured.input_names)
-    gm, ctx = run_pipeline(captured.graph_module, SMOOTH, stop_after="smooth", calibration_inputs=[inputs])
+    result = run_pipeline(captured.graph_module, SMOOTH, stop_after="smooth", calibration_inputs=[inputs])
+    gm, ctx = result.compiled, result.context
     return model, gm, ctx, ids
 
 

@@ -4,13 +4,12 @@ from zqcompile import ops  # noqa: F401  (registers the torch.ops.zq custom ops)
 from zqcompile.api import compile
 from zqcompile.errors import ZQError
 from zqcompile.inspection import format_error_report, inspect, report_error, to_networkx
-from zqcompile.lkd import LKDConfig, LKDResult
+from zqcompile.lkd import LKDResult
 from zqcompile.model import QuantizedModel, WeightMemory
 from zqcompile.onnx_export import export_onnx
-from zqcompile.recipe import PRESETS, LinearPlan, Recipe, load_recipe
+from zqcompile.recipe import PRESETS, LinearPlan, LKDConfig, Recipe, load_recipe
 from zqcompile.serialize import load
-
-__version__ = "0.1.0"
+from zqcompile.version import __version__
 
 __all__ = [
     "compile", "inspect", "to_networkx", "report_error", "format_error_report", "ZQError", "Recipe", "LinearPlan",

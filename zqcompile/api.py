@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 from torch import nn
@@ -11,17 +12,17 @@ from torch import nn
 from zqcompile.backends import build_runner, resolve_backend
 from zqcompile.capture import Captured, capture
 from zqcompile.errors import ZQError
-from zqcompile.lkd import LKDConfig, apply_to_graph_module, distill
 from zqcompile.model import QuantizedModel
 from zqcompile.pipeline import run_pipeline
-from zqcompile.recipe import Recipe, load_recipe
+from zqcompile.recipe import LKDConfig, Recipe, load_recipe
 
 
 def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, Any] = "w8a8", *,
             example_inputs: tuple | None = None, backend: str = "auto", cuda_graphs: bool | None = None,
             dump_dir: str | os.PathLike | None = None,
             lkd: LKDConfig | Mapping[str, Any] | bool | None = None,
-            calibration_data: torch.Tensor | tuple | None = None) -> QuantizedModel:
+            calibration_data: torch.Tensor | tuple | None = None,
+            target_passes: Collection[str] | None = None) -> QuantizedModel:
     """Compile ``model`` with ZeroQuant quantization and return a model with the same call signature.
 
     Args:
@@ -39,26 +40,28 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
         calibration_data: only for recipes with ``smooth_alpha``: token ids ``[batch, seq]`` of real text
             for the activation statistics (default: random token ids), or a tuple of positional inputs for a
             plain module (default: ``example_inputs``).
+        target_passes: keep only these passes of the backend's target phases (``pipeline.TARGET_PHASES``;
+            default: all), e.g. to measure what each CUDA graph rewrite buys.
     """
     recipe = load_recipe(recipe)
-    lkd_config = LKDConfig.from_value(lkd) if lkd is not None else recipe.lkd
-    if lkd_config is not None and recipe.smooth_alpha is not None:
+    if lkd is not None:
+        recipe = dataclasses.replace(recipe, lkd=LKDConfig.from_value(lkd))
+    if recipe.lkd is not None and recipe.smooth_alpha is not None:
         raise ZQError(f"recipe {recipe.name!r} sets both smooth_alpha and LKD; LKD distils the unsmoothed weights, "
                       f"so use one of them (smooth_alpha: null, or no lkd)")
     was_training = model.training if isinstance(model, nn.Module) else False
     try:  # capture and LKD run the model in eval mode; the user's model gets its own mode back
         captured = capture(model, example_inputs)
-        lkd_result = distill(model, recipe, lkd_config) if lkd_config is not None else None
+        backend = resolve_backend(backend, captured.device)
+        calibration = _calibration_inputs(model, captured, calibration_data) if recipe.smooth_alpha is not None else ()
+        result = run_pipeline(captured.graph_module, recipe, target=backend, target_passes=target_passes,
+                              dump_dir=dump_dir, calibration_inputs=calibration, source_model=model)
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
-    if lkd_result is not None:
-        apply_to_graph_module(captured.graph_module, lkd_result.weights)
-    backend = resolve_backend(backend, captured.device)
-    calibration = _calibration_inputs(model, captured, calibration_data) if recipe.smooth_alpha is not None else ()
-    gm, ctx = run_pipeline(captured.graph_module, recipe, dump_dir=dump_dir, calibration_inputs=calibration)
-    quantized = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, cuda_graphs, ctx))
-    quantized.lkd_result = lkd_result
+    quantized = QuantizedModel(result.compiled, captured, recipe, result.context, backend,
+                               runner=build_runner(result.executed, backend, cuda_graphs))
+    quantized.lkd_result = result.context.lkd_result
     return quantized
 
 

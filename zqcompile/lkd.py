@@ -18,18 +18,12 @@ For every transformer block k (the repeated layers of the model's block ``nn.Mod
 Memory: only block k's teacher, its student, the student's optimizer state and the cached block inputs /
 targets of the distillation set are alive; the user's model is never modified (teacher blocks run under
 ``no_grad``; students are copies). The distilled tensors are returned as ``{parameter name: tensor}`` and
-:func:`apply_to_graph_module` puts them into the captured graph before the compiler quantizes its weights,
-so the distilled model goes through exactly the same passes and backends as a PTQ model.
+the pipeline's ``distill`` phase (passes/distill_blocks.py) puts them into the captured graph before the
+compiler quantizes its weights, so the distilled model goes through exactly the same passes and backends as a
+PTQ model. The plans LKD simulates are the ones the compiler resolved (its ``plan`` phase).
 
-Distillation data (``LKDConfig.data``), with no training set needed:
-
-- ``"auto"`` (default): ``"self"`` for models that can generate (decoders), ``"random"`` otherwise;
-- ``"self"``: text sampled from the floating-point model itself (LLM-QAT): a random first token, then
-  ``seq_len - 1`` tokens sampled from the model's own next-token distribution;
-- ``"random"``: uniformly random token ids (ZeroQuant's encoder setting, which works for BERT-style models);
-- user data: a ``[num_samples, seq_len]`` LongTensor of token ids (for plain ``nn.Module`` s: a float
-  tensor of model inputs), or text (a string, a list of strings, or the path of a ``.txt`` file) together
-  with ``tokenizer=`` (a tokenizer object or the path/shipped name of a Hugging Face model).
+Distillation data (``LKDConfig.data``, zqcompile/distillation_data.py) needs no training set: text sampled
+from the model itself (decoders), random token ids (encoders), or the user's token ids or text.
 
 What is distilled: blocks with INT4 weights or INT8 activations (W4A8, W8A8, W4A16). A recipe whose
 blocks are all INT8 weight-only (W8A16, already near-exact) makes LKD a documented no-op with a warning;
@@ -42,78 +36,22 @@ arguments: attention masks, rotary cos/sin, ...), after which blocks are called 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from zqcompile.capture import WRAPPER_PREFIX, is_hf_model, max_positions
+from zqcompile.capture import is_hf_model
+from zqcompile.distillation_data import distillation_data
 from zqcompile.errors import ZQError
-from zqcompile.passes.infra import attr_tensor, replace_attr_tensor
-from zqcompile.passes.annotate_roles import role_of
 from zqcompile.quant import dequantize_weight_values, quantize_rows, quantize_weight
-from zqcompile.recipe import LinearPlan, LinearSite, Recipe
-
-DATA_SOURCES = ("auto", "self", "random")
-INPUT_SOURCES = ("student", "teacher")
-
-
-@dataclass
-class LKDConfig:
-    """Settings of layer-by-layer distillation; the defaults distil SmolLM2-135M (30 blocks) in < 8 min on CPU."""
-
-    data: Any = "auto"  # "auto" | "self" | "random" | LongTensor [N, T] | text | list of texts | path of a .txt
-    tokenizer: Any = None  # for text data: a tokenizer, or a model directory / shipped model name
-    num_samples: int = 32  # sequences in the distillation set
-    seq_len: int = 128  # tokens per sequence (generated / random / cut from text)
-    batch_size: int = 4  # sequences per optimizer step
-    steps: int = 40  # optimizer steps per block
-    lr: float = 1e-4  # Adam learning rate
-    inputs_from: str = "student"  # "student": h^{k-1} from the quantized blocks 1..k-1; "teacher": FP chain
-    train_norms: bool = False  # also update the block's LayerNorm / RMSNorm parameters
-    device: str | None = None  # where to distil ("cuda" on a GPU machine); default: the model's device
-    seed: int = 0
-    progress: bool = True  # a tqdm bar per block (steps, loss)
-
-    def __post_init__(self) -> None:
-        for name in ("num_samples", "seq_len", "batch_size", "steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                hint = " (to skip LKD, pass lkd=None)" if name == "steps" else ""
-                raise ZQError(f"LKDConfig.{name} must be a positive integer, got {value!r}{hint}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ZQError(f"LKDConfig.lr must be a positive number, got {self.lr!r}")
-        if self.inputs_from not in INPUT_SOURCES:
-            raise ZQError(f"LKDConfig.inputs_from must be one of {list(INPUT_SOURCES)}, got {self.inputs_from!r}")
-        if self.data is None or (isinstance(self.data, (str, list, tuple)) and len(self.data) == 0):
-            raise ZQError("LKDConfig.data is empty: LKD needs a data source: 'auto', 'self' (text sampled from the "
-                          "model), 'random' (random token ids), a tensor of token ids, or text with tokenizer=")
-
-    @classmethod
-    def from_value(cls, value: "LKDConfig | Mapping[str, Any] | bool | None") -> "LKDConfig | None":
-        """From a recipe's ``lkd:`` section: a mapping of LKDConfig fields, ``true`` (defaults), ``null``/``false``."""
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ZQError(f"unknown lkd key(s) {unknown}; valid keys are {sorted(known)}")
-            return cls(**value)
-        raise ZQError(f"lkd must be an LKDConfig, a mapping of its fields, true or null, got {type(value).__name__}")
+from zqcompile.recipe import LKDConfig, LinearPlan
 
 
 @dataclass(frozen=True)
@@ -178,7 +116,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): a linear layer with its weight stored as [in, out]."""
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
 
@@ -190,17 +128,8 @@ def needs_distillation(plan: LinearPlan) -> bool:
 
 def _linear_modules(module: nn.Module, prefix: str = ""):
     for name, child in module.named_modules(prefix=prefix):
-        if isinstance(child, nn.Linear) or _is_conv1d(child):
+        if isinstance(child, nn.Linear) or is_conv1d(child):
             yield name, child
-
-
-def linear_plans(model: nn.Module, recipe: Recipe) -> dict[str, LinearPlan]:
-    """The recipe's plan for every linear module of ``model``, resolved the way the compiler resolves it."""
-    sites = []
-    for name, module in _linear_modules(model):
-        n, k = module.weight.shape[::-1] if _is_conv1d(module) else module.weight.shape
-        sites.append(LinearSite(name, role_of(name), n, k))
-    return recipe.resolve(sites)
 
 
 # ---- simulated quantization with straight-through estimators ---------------------------------------------
@@ -251,7 +180,7 @@ def make_student(block: nn.Module, prefix: str, plans: Mapping[str, LinearPlan],
             if isinstance(param, nn.Parameter):
                 param.requires_grad_(True)
                 trainable[f"{full_name}.{param_name}"] = param
-        parametrize.register_parametrization(linear, "weight", FakeQuantWeight(plan, _is_conv1d(linear)),
+        parametrize.register_parametrization(linear, "weight", FakeQuantWeight(plan, is_conv1d(linear)),
                                              unsafe=True)
         if plan.act_bits == 8:
             linear.register_forward_pre_hook(_fake_quant_input_hook)
@@ -264,95 +193,7 @@ def make_student(block: nn.Module, prefix: str, plans: Mapping[str, LinearPlan],
     return student, trainable
 
 
-# ---- distillation data and block inputs ---------------------------------------------------------------------
-
-def _can_generate(model: nn.Module) -> bool:
-    can = getattr(model, "can_generate", None)
-    return bool(can()) if callable(can) else False
-
-
-def _vocab_size(model: nn.Module) -> int:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int):
-        raise ZQError(f"{type(model).__name__} has no config.vocab_size, so LKD cannot make token ids: pass "
-                      f"LKDConfig(data=<tensor of model inputs>)")
-    return vocab
-
-
-def _load_tokenizer(tokenizer: Any):
-    if tokenizer is None:
-        raise ZQError("LKD got text data but no tokenizer: pass LKDConfig(tokenizer=...) (a tokenizer, a model "
-                      "directory or a shipped model name), or token ids as a tensor")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        from zqcompile.models import SHIPPED_MODELS, shipped_model_dir
-        path = shipped_model_dir(str(tokenizer)) if str(tokenizer) in SHIPPED_MODELS else tokenizer
-        return AutoTokenizer.from_pretrained(path)
-    return tokenizer
-
-
-def _text_ids(config: LKDConfig) -> torch.Tensor:
-    data = config.data
-    if isinstance(data, (str, os.PathLike)) and str(data).endswith(".txt"):
-        if not Path(data).is_file():
-            raise ZQError(f"LKD data file {str(data)!r} does not exist")
-        data = Path(data).read_text()
-    texts = [data] if isinstance(data, str) else list(data)
-    if not all(isinstance(t, str) for t in texts):
-        raise ZQError("LKD text data must be a string, a list of strings or the path of a .txt file")
-    tokenizer = _load_tokenizer(config.tokenizer)
-    ids = torch.cat([torch.as_tensor(tokenizer(t).input_ids, dtype=torch.long) for t in texts])
-    rows = min(config.num_samples, ids.numel() // config.seq_len)
-    if rows == 0:
-        raise ZQError(f"LKD text data has {ids.numel()} tokens, fewer than seq_len={config.seq_len}: give more "
-                      f"text or a smaller seq_len")
-    return ids[:rows * config.seq_len].view(rows, config.seq_len)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _self_generated_ids(model: nn.Module, config: LKDConfig, device: torch.device) -> torch.Tensor:
-    """LLM-QAT-style data: a random first token, then tokens sampled from the model's own distribution."""
-    vocab = _vocab_size(model)
-    first = torch.randint(0, vocab, (config.num_samples, 1), device=device)
-    with torch.no_grad():
-        return model.generate(input_ids=first, attention_mask=torch.ones_like(first), do_sample=True, top_k=0,
-                              top_p=1.0, temperature=1.0, max_new_tokens=config.seq_len - 1,
-                              min_new_tokens=config.seq_len - 1, pad_token_id=0, use_cache=True)
-
-
-def distillation_data(model: nn.Module, config: LKDConfig) -> tuple[torch.Tensor, str]:
-    """(the distillation set [N, ...], a description of where it came from)."""
-    device = next(model.parameters()).device
-    data = config.data
-    if isinstance(data, torch.Tensor):
-        if data.dim() < 2 or data.shape[0] == 0:
-            raise ZQError(f"LKD data tensor must have shape [num_samples, ...], got {tuple(data.shape)}")
-        return data.to(device), f"user tensor {tuple(data.shape)}"
-    if not is_hf_model(model):
-        raise ZQError(f"LKD on a plain {type(model).__name__} needs its inputs: pass LKDConfig(data=<tensor "
-                      f"[num_samples, ...] of model inputs>)")
-    limit = max_positions(model.config)
-    if limit is not None and config.seq_len > limit:  # the default length does not fit every model
-        config = dataclasses.replace(config, seq_len=limit)
-    if isinstance(data, str) and data in DATA_SOURCES:
-        source = ("self" if _can_generate(model) else "random") if data == "auto" else data
-        with _seeded(config.seed):
-            if source == "random":
-                ids = torch.randint(0, _vocab_size(model), (config.num_samples, config.seq_len), device=device)
-                return ids, "random-token"
-            if not _can_generate(model):
-                raise ZQError(f"LKD data 'self' samples text from the model, but {type(model).__name__} cannot "
-                              f"generate; use data='random' or your own text")
-            return _self_generated_ids(model, config, device), "self-generated"
-    return _text_ids(config).to(device), "user text"
-
+# ---- block inputs ---------------------------------------------------------------------------------------
 
 class _StopForward(Exception):
     """Raised by the input-capturing hook: nothing after the first block needs to run."""
@@ -469,17 +310,20 @@ def _mse(student: nn.Module, calls: Sequence[tuple[tuple, dict]], targets: Seque
     return total / count, outputs
 
 
-def distill(model: nn.Module, recipe: Recipe, config: LKDConfig) -> LKDResult:
-    """Distil every block of ``model`` towards its quantized form; the model itself is left unchanged."""
+def distill(model: nn.Module, plans: Mapping[str, LinearPlan], config: LKDConfig, recipe_name: str = "") -> LKDResult:
+    """Distil every block of ``model`` towards its quantized form; the model itself is left unchanged.
+
+    ``plans`` are the compiler's resolved plans (``CompileContext.plans``: module name -> LinearPlan), so LKD
+    simulates exactly the quantization the compiler will apply; ``recipe_name`` only labels messages.
+    """
     started = time.perf_counter()
     blocks_name, blocks = find_blocks(model)
-    plans = linear_plans(model, recipe)
     in_blocks = {name: plan for name, plan in plans.items() if name.startswith(f"{blocks_name}.")}
     if not any(plan.quantized for plan in in_blocks.values()):
-        raise ZQError(f"recipe {recipe.name!r} quantizes no linear layer inside {blocks_name}: LKD has nothing to "
+        raise ZQError(f"recipe {recipe_name!r} quantizes no linear layer inside {blocks_name}: LKD has nothing to "
                       f"distil; compile without lkd=")
     if not any(needs_distillation(plan) for plan in in_blocks.values()):
-        note = (f"recipe {recipe.name!r} only has INT8 weight-only (W8A16) linears in {blocks_name}; they are "
+        note = (f"recipe {recipe_name!r} only has INT8 weight-only (W8A16) linears in {blocks_name}; they are "
                 f"accurate with PTQ and LKD distils only blocks with INT4 weights or INT8 activations: it does nothing")
         warnings.warn(note, stacklevel=3)
         return LKDResult(note=note, inputs_from=config.inputs_from)
@@ -548,18 +392,3 @@ def _progress(config: LKDConfig, description: str):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=config.steps, desc=description, leave=False)
-
-
-def apply_to_graph_module(gm: torch.fx.GraphModule, weights: Mapping[str, torch.Tensor]) -> None:
-    """Replace the captured graph's parameters by the distilled ones (new tensors: the user's model is untouched)."""
-    for name, tensor in weights.items():
-        target = WRAPPER_PREFIX + name
-        try:
-            old = attr_tensor(gm, target)
-        except AttributeError:
-            raise ZQError(f"LKD distilled {name!r} but the captured graph has no attribute {target!r}; was the "
-                          f"model changed between capture and distillation?") from None
-        if old.shape != tensor.shape:
-            raise ZQError(f"LKD tensor for {name!r} has shape {tuple(tensor.shape)}, the graph's has "
-                          f"{tuple(old.shape)}")
-        replace_attr_tensor(gm, target, tensor)

@@ -56,14 +56,15 @@ class QuantizedModel(nn.Module):
         self.recipe = recipe
         self.context = ctx
         self.backend = backend
-        # a CUDA-graph runner or the cuda backend's rewritten graph; None runs the graph module directly. Kept out of
-        # the submodules: its tensors are graph_module's (or views of them), which .to() / state_dict cover already
-        object.__setattr__(self, "runner", runner)
+        # what calls the executed graph (backends.build_runner): the compiled graph itself, the cuda target's rewrite
+        # of it, or a CUDA-graph runner replaying that. Kept out of the submodules: its tensors are graph_module's (or
+        # views of them), which .to() / state_dict cover already
+        object.__setattr__(self, "runner", runner if runner is not None else graph_module)
 
     @property
     def executed_graph(self) -> GraphModule:
-        """The graph the backend runs: the compiled graph, or the cuda backend's rewrite of it
-        (pipeline.optimize_for_cuda), which the CUDA-graph runner replays."""
+        """The graph the backend runs: the compiled graph, or the cuda target's rewrite of it
+        (pipeline.TARGET_PHASES), which the CUDA-graph runner replays."""
         for candidate in (self.runner, getattr(self.runner, "forward", None)):
             if isinstance(candidate, GraphModule):
                 return candidate
@@ -111,7 +112,7 @@ class QuantizedModel(nn.Module):
         return tuple(tensors)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = (self.runner or self.graph_module)(*self.graph_inputs(*args, **kwargs))
+        outputs = self.runner(*self.graph_inputs(*args, **kwargs))
         if self.output_type is None:
             return outputs
         return self.output_type(**dict(zip(self.output_keys, outputs)))

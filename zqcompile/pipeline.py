@@ -1,8 +1,9 @@
 """The compiler, top-down: ZeroQuant's components as phases of graph passes.
 
-capture -> canonicalize -> plan -> smooth (optional) -> quantize weights -> insert activation quant -> fuse -> lower
--> cleanup; then, for the cuda backend only, on the copy of the graph it executes: fuse sibling GEMMs, one additive
-attention mask (CUDA_PHASES)
+capture -> canonicalize -> plan -> distill (LKD, optional) -> smooth (optional) -> quantize weights -> insert
+activation quant -> fuse -> lower -> cleanup: the compiled graph (inspect, export, save). Then the phases of the
+target (``TARGET_PHASES``), on a copy of the compiled graph that shares its tensors: the graph the backend
+executes. For ``target="cpu"`` there are none and the executed graph is the compiled one.
 
 Every phase leaves a runnable graph with the same meaning; up to ``fuse`` it is simulated quantization
 (integer values dequantized back to floats), ``lower`` makes the GEMMs integer. Set ``dump_dir`` (or the
@@ -12,22 +13,22 @@ environment variable ZQ_DUMP_DIR) to write ``gm.code`` after each phase.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
-
+from torch import nn
 from torch.fx import Graph, GraphModule
 
 from zqcompile.errors import ZQError
 from zqcompile.passes import (
     CompileContext, additive_attention_mask, annotate_roles, calibrate_activations, canonicalize_conv1d, cleanup,
-    fuse_quant_into_elementwise, fuse_sibling_linears, insert_activation_quant,
+    distill_blocks, fuse_quant_into_elementwise, fuse_sibling_linears, insert_activation_quant,
     lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes,
     smooth_activations,
 )
-from zqcompile.passes.fuse_sibling_linears import FUSED_ARG_POSITION, META_FUSED_FROM
-from zqcompile.passes.infra import get_attr_tensor, replace_attr_tensor
+from zqcompile.passes.infra import PassFn
 from zqcompile.recipe import Recipe
 
 PHASES = (
@@ -35,6 +36,8 @@ PHASES = (
     ("canonicalize", (remove_dropout, remove_tensor_asserts, canonicalize_conv1d)),
     # what each linear is (role) and how the recipe says to compile it (plan)
     ("plan", (annotate_roles, plan_linears)),
+    # optional (recipe lkd): layer-by-layer knowledge distillation of the source model's blocks, for those plans
+    ("distill", (distill_blocks,)),
     # optional (recipe smooth_alpha): fold per-channel activation outliers of norm outputs into the weights
     ("smooth", (calibrate_activations, smooth_activations)),
     # offline: group-wise symmetric INT8/INT4 weights + scales, FP weights dropped
@@ -49,49 +52,77 @@ PHASES = (
 )
 PHASE_NAMES = tuple(name for name, _ in PHASES)
 
-CUDA_PHASES = (
-    # rewrites that pay off with the GPU kernels, applied to the graph the cuda backend runs; the compiled graph
-    # that users inspect, export and save keeps one GEMM per linear layer
-    ("cuda_graph_rewrites", (fuse_sibling_linears, additive_attention_mask, cleanup)),
-)
+TARGET_PHASES: dict[str, tuple[tuple[str, tuple[PassFn, ...]], ...]] = {
+    "cpu": (),
+    # rewrites that pay off with the GPU kernels; the compiled graph keeps one GEMM per linear layer
+    "cuda": (("cuda_graph_rewrites", (fuse_sibling_linears, additive_attention_mask, cleanup)),),
+}
+ALWAYS_RUN = (cleanup,)  # target passes that a selection (``target_passes``) cannot leave out
 
 
-def run_pipeline(gm: GraphModule, recipe: Recipe, stop_after: str | None = None,
-                 dump_dir: str | os.PathLike | None = None,
-                 calibration_inputs: Sequence[tuple[torch.Tensor, ...]] = ()) -> tuple[GraphModule, CompileContext]:
-    """Run the phases on a captured graph (in place), optionally stopping after the phase ``stop_after``.
+@dataclass
+class PipelineResult:
+    """The compiled graph (inspect, ONNX export, save), the graph the backend executes, and their context."""
 
-    ``calibration_inputs`` (graph input tuples) are only run when the recipe smooths activations.
+    compiled: GraphModule
+    executed: GraphModule
+    context: CompileContext
+
+
+def run_pipeline(gm: GraphModule, recipe: Recipe, *, target: str = "cpu", target_passes: Collection[str] | None = None,
+                 stop_after: str | None = None, dump_dir: str | os.PathLike | None = None,
+                 calibration_inputs: Sequence[tuple[torch.Tensor, ...]] = (),
+                 source_model: nn.Module | None = None) -> PipelineResult:
+    """Run the phases on a captured graph (in place), then the target's phases on a copy.
+
+    ``stop_after`` stops after that phase (the target's phases are then skipped: ``executed`` is ``compiled``).
+    ``target_passes`` keeps only the named passes of the target's phases (``None``: all), to measure what each
+    buys. ``calibration_inputs`` (graph input tuples) are only run when the recipe smooths activations;
+    ``source_model`` (the FP model) is only needed when the recipe distils (``lkd``).
     """
     if stop_after is not None and stop_after not in PHASE_NAMES:
         raise ZQError(f"unknown phase {stop_after!r}; phases are {list(PHASE_NAMES)}")
     dump_dir = dump_dir or os.environ.get("ZQ_DUMP_DIR")
-    ctx = CompileContext(recipe, calibration_inputs=list(calibration_inputs))
+    ctx = CompileContext(recipe, calibration_inputs=list(calibration_inputs), source_model=source_model)
+    if recipe.lkd is not None and source_model is None:
+        raise ZQError(f"recipe {recipe.name!r} asks for LKD, which distils the floating-point model's blocks: pass "
+                      f"the model (zqcompile.compile does)")
     for index, (phase, passes) in enumerate(PHASES):
         gm = run_passes(gm, ctx, passes)
-        if dump_dir:
-            Path(dump_dir).mkdir(parents=True, exist_ok=True)
-            (Path(dump_dir) / f"{index:02d}_{phase}.py").write_text(gm.code)
+        _dump(dump_dir, index, phase, gm)
         if phase == stop_after:
-            break
-    return gm, ctx
+            return PipelineResult(gm, gm, ctx)
+    ctx.source_model = None  # the compiled model must not keep the FP model alive
+    executed = run_target_phases(gm, ctx, target, target_passes, dump_dir=dump_dir)
+    return PipelineResult(gm, executed, ctx)
 
 
-def optimize_for_cuda(gm: GraphModule, ctx: CompileContext) -> GraphModule:
-    """The graph the cuda backend executes: a copy of ``gm`` (sharing its tensors) after ``CUDA_PHASES``.
-
-    The weights, scales and biases that a fused GEMM concatenated are put back into ``gm`` as views of the
-    concatenation, so the model holds each tensor once.
-    """
+def run_target_phases(compiled: GraphModule, ctx: CompileContext, target: str,
+                      target_passes: Collection[str] | None = None,
+                      dump_dir: str | os.PathLike | None = None) -> GraphModule:
+    """The graph ``target`` executes: ``compiled`` itself when the target has no phases, else a copy of it (sharing
+    its tensors) after the target's phases. Also used on a loaded compiled graph."""
+    if target not in TARGET_PHASES:
+        raise ZQError(f"unknown target {target!r}; targets are {sorted(TARGET_PHASES)}")
+    available = {fn.__name__ for _, passes in TARGET_PHASES[target] for fn in passes}
+    unknown = sorted(set(target_passes or ()) - available)
+    if unknown:
+        raise ZQError(f"unknown pass(es) {unknown} for target {target!r}; its passes are {sorted(available)}")
+    if not TARGET_PHASES[target]:
+        return compiled
+    phases = [(name, tuple(fn for fn in passes if target_passes is None or fn.__name__ in target_passes
+                           or fn in ALWAYS_RUN)) for name, passes in TARGET_PHASES[target]]
     graph = Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    graph._codegen = gm.graph._codegen  # export's pytree calling convention
-    executed = GraphModule(gm, graph)
-    for _, passes in CUDA_PHASES:
+    graph.output(graph.graph_copy(compiled.graph, {}))
+    graph._codegen = compiled.graph._codegen  # export's pytree calling convention
+    executed = GraphModule(compiled, graph)
+    for index, (phase, passes) in enumerate(phases, start=len(PHASES)):
         executed = run_passes(executed, ctx, passes)
-    for node in executed.graph.nodes:
-        for kind, parts in node.meta.get(META_FUSED_FROM, {}).items():
-            fused = get_attr_tensor(executed, node.args[FUSED_ARG_POSITION[kind]])
-            for target, start, end in parts:
-                replace_attr_tensor(gm, target, fused[start:end])
+        _dump(dump_dir, index, f"{target}_{phase}", executed)
     return executed
+
+
+def _dump(dump_dir: str | os.PathLike | None, index: int, phase: str, gm: GraphModule) -> None:
+    if dump_dir:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        (Path(dump_dir) / f"{index:02d}_{phase}.py").write_text(gm.code)

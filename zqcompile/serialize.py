@@ -182,7 +182,7 @@ def save(qmodel, directory: str | os.PathLike, *, source_model: str | None = Non
 
 
 def _zqcompile_version() -> str:
-    from zqcompile import __version__
+    from zqcompile.version import __version__
     return __version__
 
 
@@ -232,6 +232,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
 
     from zqcompile.backends import build_runner, resolve_backend
     from zqcompile.model import QuantizedModel
+    from zqcompile.pipeline import run_target_phases
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -282,6 +283,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
                         examples, getattr(torch, manifest["dtype"]), device)
     backend = resolve_backend("auto" if device.type != torch.device(manifest["device"]).type else manifest["backend"],
                               device)
-    qmodel = QuantizedModel(gm, captured, recipe, ctx, backend, runner=build_runner(gm, backend, None, ctx))
+    qmodel = QuantizedModel(gm, captured, recipe, ctx, backend,
+                            runner=build_runner(run_target_phases(gm, ctx, backend), backend, None))
     qmodel.source_model = manifest.get("source_model")
     return qmodel

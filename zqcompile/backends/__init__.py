@@ -1,4 +1,5 @@
-"""Backends: which kernels run the zq ops. The graph is the same for every backend.
+"""Backends: which kernels run the zq ops, and how the executed graph is called. Backends never rewrite a graph:
+the pipeline makes the graph each target executes (pipeline.TARGET_PHASES).
 
 - ``cpu``: the reference implementations in zqcompile/ops.py (any device, plain torch).
 - ``cuda``: Numba-CUDA fused elementwise+quant kernels and Triton INT8 GEMMs registered as the ops' CUDA
@@ -9,14 +10,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from zqcompile.errors import ZQError
-
-if TYPE_CHECKING:
-    from zqcompile.passes import CompileContext
 
 BACKENDS = ("auto", "cpu", "cuda")
 
@@ -69,21 +67,16 @@ def reference_kernels() -> Iterator[None]:
         yield
 
 
-def build_runner(graph_module: torch.fx.GraphModule, backend: str, cuda_graphs: bool | None,
-                 ctx: "CompileContext") -> Callable[..., Any] | None:
-    """What runs the compiled graph: None (the graph itself) or, for the cuda backend, its CUDA rewrite
-    (pipeline.optimize_for_cuda; the rewrites' counters go into ``ctx``), in a CUDA-graph runner.
-
-    For ``backend='cuda'`` this registers the GPU kernels; ``cuda_graphs`` defaults to on there.
-    """
+def build_runner(executed: torch.fx.GraphModule, backend: str, cuda_graphs: bool | None) -> Callable[..., Any]:
+    """What calls the executed graph (the pipeline's graph for this backend's target): the graph itself or, for the
+    cuda backend, a CUDA-graph runner replaying it. For ``backend='cuda'`` this registers the GPU kernels;
+    ``cuda_graphs`` defaults to on there."""
     if backend != "cuda":
         if cuda_graphs:
             raise ZQError(f"cuda_graphs=True needs backend='cuda' (a CUDA model), the backend is {backend!r}; "
                           "leave cuda_graphs unset")
-        return None
+        return executed
     register_cuda_kernels()
     from zqcompile.backends.cuda_graphs import CUDAGraphRunner
-    from zqcompile.pipeline import optimize_for_cuda
 
-    executed = optimize_for_cuda(graph_module, ctx)
     return executed if cuda_graphs is False else CUDAGraphRunner(executed)

@@ -5,6 +5,7 @@ from zqcompile.passes.annotate_roles import annotate_roles
 from zqcompile.passes.calibrate_activations import calibrate_activations
 from zqcompile.passes.canonicalize_conv1d import canonicalize_conv1d
 from zqcompile.passes.cleanup import cleanup
+from zqcompile.passes.distill_blocks import distill_blocks
 from zqcompile.passes.fuse_quant_into_elementwise import fuse_quant_into_elementwise
 from zqcompile.passes.fuse_sibling_linears import fuse_sibling_linears
 from zqcompile.passes.infra import CompileContext, PassResult, run_passes
@@ -18,7 +19,7 @@ from zqcompile.passes.smooth_activations import smooth_activations
 
 __all__ = [
     "CompileContext", "PassResult", "run_passes", "remove_dropout", "remove_tensor_asserts", "canonicalize_conv1d",
-    "annotate_roles", "plan_linears", "calibrate_activations", "smooth_activations", "quantize_weights",
+    "annotate_roles", "plan_linears", "distill_blocks", "calibrate_activations", "smooth_activations", "quantize_weights",
     "insert_activation_quant", "fuse_quant_into_elementwise", "lower_linear_to_int8_gemm", "cleanup",
     "fuse_sibling_linears", "additive_attention_mask",
 ]

@@ -6,8 +6,9 @@ groups, dtypes) and bias presence, and whose outputs are only reshaped (``view``
 query / key / value projections. Emits one GEMM over the row-wise concatenated weights, scales and biases and
 ``split_with_sizes`` of its output. Each slice equals the original output exactly (a column's epilogue reads
 only its own scale and bias), and one wide GEMM fills the GPU where three narrow ones leave SMs idle and pay
-three launches. The fused node records where its tensors came from (``meta[META_FUSED_FROM]``) so a backend
-can make the originals views of the concatenation instead of a second copy.
+three launches. The original tensors become views of the concatenation (nothing is stored twice, also in the
+compiled graph this executed copy shares its tensors with); the fused node records where its tensors came from
+(``meta[META_FUSED_FROM]``).
 
 Refuses (leaves out of a group) a GEMM whose layout differs from its siblings', whose weight/scale/bias is not
 a graph constant, or whose output feeds anything but a reshape: a slice of the fused output is not contiguous,
@@ -49,14 +50,24 @@ def _layout(gm: GraphModule, node: Node) -> tuple | None:
 
 
 def _concat(gm: GraphModule, parts: list[Node]) -> tuple[Node, list[tuple[str, int, int]]]:
-    """A get_attr of the row-wise concatenation of ``parts``' tensors, and each part's row range in it."""
+    """A get_attr of the row-wise concatenation of ``parts``' tensors, and each part's row range in it.
+
+    Each part's tensor object is then re-pointed (``Tensor.set_``) at its rows of the concatenation: any other
+    graph holding it (the compiled graph this one was copied from) reads the same values from the same memory,
+    so nothing is stored twice.
+    """
     tensors = [get_attr_tensor(gm, p) for p in parts]
     target = f"{parts[0].target}_siblings"
-    set_attr_tensor(gm, target, torch.cat(tensors))
+    fused = torch.cat(tensors)
+    set_attr_tensor(gm, target, fused)
     rows, start = [], 0
     for part, tensor in zip(parts, tensors):
-        rows.append((part.target, start, start + tensor.shape[0]))
-        start += tensor.shape[0]
+        end = start + tensor.shape[0]
+        rows_view = fused[start:end]
+        with torch.no_grad():
+            tensor.set_(rows_view.untyped_storage(), rows_view.storage_offset(), rows_view.size(), rows_view.stride())
+        rows.append((part.target, start, end))
+        start = end
     return gm.graph.get_attr(target), rows
 
 

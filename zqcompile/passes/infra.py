@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.fx import GraphModule, Node
@@ -51,6 +51,9 @@ class CompileContext:
     activation_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     # why an activation was not smoothed, keyed by the node's name
     smooth_skipped: dict[str, str] = field(default_factory=dict)
+    # the FP model the graph was captured from (LKD distils its blocks; None when compiling a loaded graph)
+    source_model: torch.nn.Module | None = None
+    lkd_result: Any = None  # zqcompile.lkd.LKDResult of the distill phase
 
 
 PassFn = Callable[[GraphModule, CompileContext], PassResult]
