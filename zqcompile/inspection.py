@@ -96,6 +96,8 @@ def inspect(qmodel: "QuantizedModel", code: bool = True) -> str:
     ]
     if ctx.smooth_skipped:  # only when the recipe smooths: which activations kept their outliers, and why
         parts.append("not smoothed:\n" + "\n".join(f"  {name}: {why}" for name, why in ctx.smooth_skipped.items()))
+    if ctx.rotate_skipped:  # only when the recipe rotates: what kept its outlier channels, and why
+        parts.append("not rotated:\n" + "\n".join(f"  {name}: {why}" for name, why in ctx.rotate_skipped.items()))
     if code:
         parts += ["graph:", qmodel.graph_module.code]
     return "\n\n".join(parts)

@@ -13,6 +13,7 @@ YAML example::
         weight_bits: 4
         input_group_size: 64   # INT4 groups along the input dim
     smooth_alpha: 0.5          # optional: SmoothQuant-style outlier migration for norm outputs (null = off)
+    rotate: false              # optional: QuaRot-style Hadamard rotation of the residual stream and projections
     lkd:                       # optional: layer-by-layer distillation (LKDConfig fields, below)
       steps: 40
       data: self
@@ -151,6 +152,8 @@ class Recipe:
     # SmoothQuant-style migration of activation outliers into the weights (passes/smooth_activations.py);
     # None = off, as in ZeroQuant. Needs calibration inputs (random token ids unless calibration_data is given).
     smooth_alpha: float | None = None
+    # QuaRot-style rotation (passes/rotate_hadamard.py): exact in floating point, no calibration, no constant
+    rotate: bool = False
     lkd: Any = None  # an LKDConfig, from a mapping of its fields or `true`; None = plain PTQ
 
     def __post_init__(self) -> None:
@@ -160,6 +163,8 @@ class Recipe:
                                               or not 0 < self.smooth_alpha < 1):
             raise ZQError(f"{self.name}: smooth_alpha must be a number in (0, 1) (0.5 is typical) or null, "
                           f"got {self.smooth_alpha!r}")
+        if not isinstance(self.rotate, bool):
+            raise ZQError(f"{self.name}: rotate must be true or false, got {self.rotate!r}")
         self.lkd = LKDConfig.from_value(self.lkd)
         # Recipe(overrides=[{"role": "mlp_*", ...}]) in Python reads like the YAML form, so accept mappings too
         self.overrides = [o if isinstance(o, Override) else _parse_override(o, i) for i, o in enumerate(self.overrides)]
@@ -271,6 +276,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "w8a8-smooth": {"smooth_alpha": 0.7},
     # ZeroQuant W4/8-A8: INT4 MLP weights (groups of 64 along the input dim), INT8 attention weights.
     "w4a8": {"overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 64}]},
+    # W8A8 / W4A8 after a Hadamard rotation of the residual stream and of the output projections' inputs (QuaRot);
+    # beyond the paper; no constant to choose (the rotation's seed is fixed, never tuned).
+    "w8a8-rot": {"rotate": True},
+    "w4a8-rot": {"rotate": True, "overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 64}]},
     # Weight-only: activations stay in floating point.
     "w8a16": {"act_bits": None},
     "w4a16": {"act_bits": None, "weight_bits": 4, "input_group_size": 64},
