@@ -2,9 +2,10 @@
 
 - SmolLM2-135M-Instruct (a 30-layer Llama decoder): perplexity on the first ``--tokens`` (16,384) tokens of
   every text in ``--texts`` of ``../shared/data`` (default: Jane Austen's *Persuasion* and the WSJ sample;
-  ``lee_background.txt`` fits too), non-overlapping windows of ``--window`` (512) tokens; per text the change against FP32
-  with a 95% paired bootstrap interval over the windows, and the mean change over the texts (stratified
-  bootstrap). No recipe constant is chosen on these texts: each row names the data its constants came from;
+  ``lee_background.txt`` fits too), non-overlapping windows of ``--window`` (512) tokens; per text the change
+  against FP32 with a 95% paired bootstrap interval over the windows, and the mean change over the texts
+  (stratified bootstrap). No recipe constant is chosen on these texts: each row names the data its constants
+  came from;
 - all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder): mean cosine of the sentence embeddings against
   FP32 (on the Lee-50 documents and the probe sentences), Spearman correlation of embedding cosines with
   the Lee et al. human similarity judgments (50 documents, 1,225 pairs), and the test accuracy of a
@@ -12,15 +13,16 @@
 - for FP32 and each configuration: weight memory of the quantized linear layers in MB and as a fraction of the
   same weights in FP16.
 
-Every perplexity is cached as JSON under ``--cache`` (default ``.cache/accuracy``, git-ignored), keyed by model,
-configuration, text, tokens and window, so configurations can run in separate processes (the FP32 reference
-is computed once) and the table is assembled from the cache. LKD runs with its defaults (self-generated text
-for the decoder, random token ids for the encoder) unless ``--lkd-steps`` / ``--lkd-samples`` say otherwise.
-Usage::
+Every perplexity is cached as JSON under ``--out``/perplexity_cache, keyed by configuration, text, tokens and
+window, so configurations can run in separate processes (the FP32 reference is computed once). LKD runs with
+its defaults (self-generated text for the decoder, random token ids for the encoder) unless ``--lkd-steps`` /
+``--lkd-samples`` say otherwise. Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py [--tokens 16384] [--window 512] [--probe-sentences 2000]
-        [--models smollm2,minilm] [--configs W8A8,W8A8-smooth,...] [--texts austen_persuasion.txt,...]
-        [--data ../shared/data] [--json FILE] [--markdown FILE]
+        [--models smollm2,minilm] [--configs W8A8,W8A8-rot,...] [--texts austen_persuasion.txt,...] [--out DIR]
+
+Results go to ``--out`` (default ``$OUT``, else the git-ignored benchmarks/results/) as ``accuracy.json`` and
+``accuracy.md``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -42,11 +43,11 @@ from zqcompile.evaluate import (
     EVAL_TOKENS, EVAL_WINDOW, Perplexity, bootstrap_change, load_lee50, logistic_probe_accuracy, mean_cosine,
     sentence_embeddings, similarity_spearman, text_perplexity,
 )
-from zqcompile.models import MINILM, SMOLLM2, load_pretrained
+from common import Results, default_out_dir, table
+from zqcompile.pretrained import MINILM, SMOLLM2, data_dir, load_pretrained
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TEXTS = ("austen_persuasion.txt", "wsj_ptb_1000.txt")  # lee_background.txt (75k tokens) fits too: --texts
 MB = 2 ** 20
+TEXTS = ("austen_persuasion.txt", "wsj_ptb_1000.txt")  # lee_background.txt (75k tokens) fits too: --texts
 
 
 @dataclass
@@ -72,7 +73,9 @@ CONFIG_TABLE = (
     Config("W8A8", "w8a8", False, "none (weight scales: absmax; activation scales: per token at run time)"),
     Config("W8A8-smooth", "w8a8-smooth", False,
            "alpha 0.7: chosen on Austen + WSJ perplexity (evaluation texts; see the note)"),
+    Config("W8A8-rot", "w8a8-rot", False, "none (rotation: fixed seed, never tuned)"),
     Config("W4A8-PTQ", "w4a8", False, "INT4 MLP groups of 64: ZeroQuant's setting, not tuned"),
+    Config("W4A8-rot", "w4a8-rot", False, "as W4A8-PTQ; rotation: fixed seed, never tuned"),
     Config("W4A8-LKD", "w4a8", True, "LKD on the model's own samples (4,096 tokens); lr/steps: LKD defaults"),
     Config("W8A16", "w8a16", False, "none"),
     Config("W4A16", "w4a16", False, "groups of 64, not tuned"),
@@ -149,8 +152,8 @@ class PerplexityCache:
 
 def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
     model, tokenizer = load_pretrained(SMOLLM2)
-    texts = {name: (args.data / name).read_text() for name in args.texts.split(",")}
-    cache = PerplexityCache(args.cache, args.tokens, args.window)
+    texts = {name: (data_dir() / name).read_text() for name in args.texts.split(",")}
+    cache = PerplexityCache(args.out / "perplexity_cache", args.tokens, args.window)
 
     def scores(label: str, m) -> dict[str, Perplexity]:
         results = {}
@@ -183,8 +186,8 @@ def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[li
                   f"bootstrap intervals over windows (2,000 resamples)")
 
 
-def probe_sentences(data: Path, count: int) -> tuple[list[str], torch.Tensor]:
-    items = json.loads((data / "rt_polarity_4000.json").read_text())
+def probe_sentences(count: int) -> tuple[list[str], torch.Tensor]:
+    items = json.loads((data_dir() / "rt_polarity_4000.json").read_text())
     random.Random(0).shuffle(items)
     items = items[:count]
     return [item["text"] for item in items], torch.tensor([item["label"] for item in items])
@@ -192,8 +195,8 @@ def probe_sentences(data: Path, count: int) -> tuple[list[str], torch.Tensor]:
 
 def encoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
     model, tokenizer = load_pretrained(MINILM)
-    documents, human = load_lee50(str(args.data / "lee50.txt"), str(args.data / "lee50_similarities.tsv"))
-    sentences, labels = probe_sentences(args.data, args.probe_sentences)
+    documents, human = load_lee50(str(data_dir() / "lee50.txt"), str(data_dir() / "lee50_similarities.tsv"))
+    sentences, labels = probe_sentences(args.probe_sentences)
     half = len(sentences) // 2
 
     def scores(m) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
@@ -217,66 +220,57 @@ def encoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[li
     return rows, setting
 
 
-def markdown(decoder: list[Row], encoder: list[Row]) -> str:
-    lines = []
-    if decoder:
-        texts = [key.split(":", 1)[1] for key in decoder[0].metrics if key.startswith("ppl:")]
-        short = [Path(name).stem.split("_")[0] for name in texts]
-        lines += [f"| {SMOLLM2} | " + " | ".join(f"{t} ppl | {t} vs FP32 [95% CI]" for t in short)
-                  + " | mean vs FP32 [95% CI] | weights MB | x FP16 | compile s | constants chosen on |",
-                  "|---|" + "---:|---:|" * len(texts) + "---:|---:|---:|---:|---|"]
-        for r in decoder:
-            m = r.metrics
-            cells = [f"{m[f'ppl:{t}']:.3f} | {_change(m, t)}" for t in texts]
-            lines.append(f"| {r.config} | " + " | ".join(cells) + f" | {_change(m, 'mean')} | {r.weight_mb:.1f} | "
-                         f"{r.ratio_fp16:.3f} | {r.seconds:.0f} | {r.notes.get('constants', '-')} |")
-        lines.append("")
-    if encoder:
-        lines += [f"| {MINILM} | cosine vs FP32 | Spearman (Lee-50) | probe accuracy | quantized-linear weights MB "
-                  f"| x FP16 | compile s |", "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r.config} | {r.metrics['cosine_vs_fp32']:.4f} | {r.metrics['spearman_lee50']:.4f} | "
-                  f"{r.metrics['probe_accuracy']:.4f} | {r.weight_mb:.1f} | {r.ratio_fp16:.3f} | {r.seconds:.0f} |"
-                  for r in encoder]
-    return "\n".join(lines)
-
-
 def _change(metrics: dict[str, float], key: str) -> str:
     return (f"{100 * metrics[f'change:{key}']:+.2f}% [{100 * metrics[f'low:{key}']:+.2f}, "
             f"{100 * metrics[f'high:{key}']:+.2f}]")
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = [f"torch threads: {data['threads']}; SmolLM2 perplexity: {data['decoder_setting']}",
+             f"MiniLM: {data['encoder_setting']}", f"LKD: {data['lkd']}", ""]
+    decoder = [r for r in data["rows"] if r["model"] == SMOLLM2]
+    encoder = [r for r in data["rows"] if r["model"] == MINILM]
+    texts = [key.split(":", 1)[1] for key in decoder[0]["metrics"] if key.startswith("ppl:")] if decoder else []
+    short = [Path(name).stem.split("_")[0] for name in texts]
+    lines += table([SMOLLM2, *[f"{t} {what}" for t in short for what in ("ppl", "vs FP32 [95% CI]")],
+                    "mean vs FP32 [95% CI]", "quantized-linear weights MB", "x FP16", "compile s",
+                    "constants chosen on"],
+                   [[r["config"], *[cell for t in texts for cell in (f"{r['metrics'][f'ppl:{t}']:.3f}",
+                                                                     _change(r["metrics"], t))],
+                     _change(r["metrics"], "mean"), f"{r['weight_mb']:.1f}", f"{r['ratio_fp16']:.3f}",
+                     f"{r['seconds']:.0f}", r["notes"].get("constants", "-")] for r in decoder])
+    lines += table([MINILM, "cosine vs FP32", "Spearman (Lee-50)", "probe accuracy", "quantized-linear weights MB",
+                    "x FP16", "compile s"],
+                   [[r["config"], f"{r['metrics']['cosine_vs_fp32']:.4f}", f"{r['metrics']['spearman_lee50']:.4f}",
+                     f"{r['metrics']['probe_accuracy']:.4f}", f"{r['weight_mb']:.1f}", f"{r['ratio_fp16']:.3f}",
+                     f"{r['seconds']:.0f}"] for r in encoder])
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="smollm2,minilm")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated rows (FP32 is always run)")
-    parser.add_argument("--texts", default=",".join(TEXTS), help="comma-separated files in --data for perplexity")
-    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
+    parser.add_argument("--texts", default=",".join(TEXTS), help="comma-separated files in ../shared/data")
     parser.add_argument("--tokens", type=int, default=EVAL_TOKENS, help="perplexity tokens per text (SmolLM2)")
     parser.add_argument("--window", type=int, default=EVAL_WINDOW)
-    parser.add_argument("--cache", type=Path, default=Path(".cache") / "accuracy", help="perplexity cache folder")
     parser.add_argument("--probe-sentences", type=int, default=2000)
     parser.add_argument("--lkd-steps", type=int, default=zqcompile.LKDConfig.steps)
     parser.add_argument("--lkd-samples", type=int, default=zqcompile.LKDConfig.num_samples)
     parser.add_argument("--lkd-lr", type=float, default=zqcompile.LKDConfig.lr)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--out", type=Path, default=default_out_dir(), help="accuracy.json and .md go here")
     args = parser.parse_args()
     lkd = zqcompile.LKDConfig(steps=args.lkd_steps, num_samples=args.lkd_samples, lr=args.lkd_lr)
     models = set(args.models.split(","))
     started = time.perf_counter()
     decoder, decoder_setting = decoder_rows(args, lkd) if "smollm2" in models else ([], "")
     encoder, encoder_setting = encoder_rows(args, lkd) if "minilm" in models else ([], "")
-    table = markdown(decoder, encoder)
-    header = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} CPU x{torch.get_num_threads()} threads, torch "
-              f"{torch.__version__}, {time.perf_counter() - started:.0f} s in all\n"
-              f"SmolLM2 perplexity: {decoder_setting}\nMiniLM: {encoder_setting}\n"
-              f"LKD: {lkd}")
-    print(header + "\n\n" + table)
-    if args.markdown:
-        args.markdown.write_text(header + "\n\n" + table + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": [r.__dict__ for r in decoder + encoder]},
-                                        indent=1, default=str))
+    res = Results(args.out, "accuracy", args, {
+        "threads": torch.get_num_threads(), "decoder_setting": decoder_setting, "encoder_setting": encoder_setting,
+        "lkd": str(lkd), "rows": [r.__dict__ for r in decoder + encoder]}, render)
+    res.data["notes"].append(f"{time.perf_counter() - started:.0f} s in all")
+    res.save()
+    print(res.markdown())
 
 
 if __name__ == "__main__":

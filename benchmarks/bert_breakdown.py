@@ -1,6 +1,7 @@
 """Where zqcompile's BERT-base W8A8 forward spends its GPU time at B=32 S=128, and what the alternatives cost.
 
-Needs a CUDA GPU. In one run (results in ``--out``/bert_breakdown.json and .md):
+Needs a CUDA GPU. In one run (results in ``--out``, by default ``$OUT`` or the git-ignored benchmarks/results/,
+as bert_breakdown.json and .md):
 
 * ``graph``: the kernels of one CUDA-graph replay of zqcompile W8A8 and of FP16, from the profiler (the
   kernels as the runner replays them, not launched eagerly); the INT8 GEMMs listed by position in the layer.
@@ -19,7 +20,6 @@ slower than the GEMM + the Numba GELU+quant kernel at every measured shape, see 
 from __future__ import annotations
 
 import argparse
-import os
 import traceback
 from collections import defaultdict
 from pathlib import Path
@@ -29,11 +29,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import zqcompile
-from zqcompile.backends.cuda_graphs import CUDAGraphRunner
-from gpu_latency import (
-    Results, bert_base, cuda_rewrites, profile_kernels, summarise_kernels, time_in_graph_ms, time_ms,
-    token_inputs,
+from common import (
+    Results, bert_base, cuda_rewrites, default_out_dir, profile_kernels, profile_tables, summarise_kernels, table,
+    time_in_graph_ms, time_ms, token_inputs,
 )
+from zqcompile.backends.cuda_graphs import CUDAGraphRunner
 
 BATCH, SEQ, HEADS, HEAD_DIM = 32, 128, 12, 64
 GEMM_OPS = ("int8_linear",)
@@ -157,17 +157,30 @@ def bench_rewrites(res: Results, batches: list[int]) -> None:
                                "trace": traceback.format_exc()[-2000:]})
 
 
+def render(data: dict[str, Any]) -> str:
+    """The kernel profiles, the in-model GEMMs, the SDPA mask forms and the rewrite A/B of one run."""
+    lines = profile_tables(data["profile"])
+    lines += table(["GEMM MxNxK", "op", "in graph us", "isolated us"],
+                   [[g["shape"], g["op"], f"{g['in_graph_us']:.1f}", f"{g['isolated_us']:.1f}"]
+                    for g in data["gemm_in_model"]])
+    lines += table(["SDPA (B=32 H=12 S=128 D=64) mask / backend", "us", "rel err vs FP32"],
+                   [[r["kernel"], f"{r['us']:.1f}", f"{r['rel_err_vs_fp32_masked']:.1e}"] for r in data["sdpa"]])
+    lines += table(["model", "B", "variant", "median ms"],
+                   [[r["model"], r["batch"], r["variant"], f"{r['ms']:.3f}"] for r in data["models"]])
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=default_out_dir())
     parser.add_argument("--parts", default="graph,gemm,sdpa,rewrites")
     parser.add_argument("--rewrite-batches", default="1,32")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/bert_breakdown.py needs a CUDA GPU")
     parts = set(args.parts.split(","))
-    res = Results(Path(args.out), args, name="bert_breakdown")
-    res.data.update(sdpa=[], gemm_in_model=[])
+    res = Results(args.out, "bert_breakdown", args, {"profile": {}, "models": [], "sdpa": [], "gemm_in_model": []},
+                  render)
     zqcompile.backends.register_cuda_kernels()
     if parts & {"graph", "gemm"}:
         bench_graph_and_gemm(res, parts)

@@ -5,11 +5,10 @@ bias and output) it times cuBLAS FP16 ``F.linear`` with bias, then every config 
 offers for the shape (both kernels where ``tma_kernel_applies``), each forced with ``config=``, and the
 autotuned default. Each config's output is first checked against ``ops._int_linear_reference`` (relative
 error <= ``--max-rel-err``); a config that fails to compile, to run or the check is reported, not timed.
-Times are CUDA-graph replays (``time_in_graph_ms`` of benchmarks/gpu_latency.py: 10 calls per graph,
-median of 30 replays).
+Times are CUDA-graph replays (``common.time_in_graph_ms``: 10 calls per graph, median of 30 replays).
 
-Results go to ``$OUT`` (default ./out) as ``gemm_sweep.md`` and ``gemm_sweep.json``, rewritten after every
-shape.
+Results go to ``--out`` (default ``$OUT``, else the git-ignored benchmarks/results/) as ``gemm_sweep.md`` and
+``gemm_sweep.json``, rewritten after every shape.
 
     PYTHONPATH=. python benchmarks/gemm_sweep.py [--shapes 4096x768x3072,...]
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import traceback
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from gpu_latency import environment, rel_err, time_in_graph_ms
+from common import Results, default_out_dir, rel_err, table, time_in_graph_ms
 from zqcompile import ops
 from zqcompile.backends import triton_gemm
 from zqcompile.backends.triton_gemm import GemmConfig
@@ -96,13 +94,9 @@ def sweep_shape(m: int, n: int, k: int, max_err: float) -> dict[str, Any]:
     return {"shape": f"{m}x{n}x{k}", "tma_applies": tma, "rows": rows}
 
 
-def markdown(data: dict[str, Any]) -> str:
-    env = data["env"]
-    lines = [f"GPU: {env['gpu']} ({env['sm_count']} SMs), {env['date_utc']}; torch {env['torch']} "
-             f"(CUDA {env['cuda']}), triton {env['triton']}", "",
-             "Best of each kernel per shape (speedup vs cuBLAS FP16 F.linear with bias, CUDA-graph timed):", "",
-             "| MxNxK | cuBLAS FP16 us | best tiled | us | x | best tma_persistent | us | x | autotuned x |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def render(data: dict[str, Any]) -> str:
+    """The best config of each kernel per shape, then every config timed."""
+    best_rows = []
     for shape in data["shapes"]:
         rows = shape["rows"]
         fp16 = rows[0].get("us")
@@ -114,41 +108,37 @@ def markdown(data: dict[str, Any]) -> str:
                       if best and fp16 else ["-", "-", "-"])
         tuned = next((r for r in rows if r["kernel"] == "autotuned"), {})
         cells.append(f"{tuned['speedup_vs_fp16']:.2f}" if tuned.get("us") and fp16 else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| MxNxK | variant | status | us | TOPS | vs cuBLAS FP16 | rel err |",
-              "|---|---|---|---|---|---|---|"]
-    for shape in data["shapes"]:
-        for r in shape["rows"]:
-            us = f"{r['us']:.1f}" if "us" in r else "-"
-            tops = f"{r['tops']:.0f}" if "tops" in r else "-"
-            speed = f"{r['speedup_vs_fp16']:.2f}x" if r.get("speedup_vs_fp16") else "-"
-            err = f"{r['rel_err']:.1e}" if "rel_err" in r else r.get("error", "-")[:80].replace("|", "/")
-            lines.append(f"| {shape['shape']} | {r['variant']} | {r['status']} | {us} | {tops} | {speed} | {err} |")
-    return "\n".join(lines + [""] + [f"- {note}" for note in data["notes"]]) + "\n"
+        best_rows.append(cells)
+    every_row = [[shape["shape"], r["variant"], r["status"], f"{r['us']:.1f}" if "us" in r else "-",
+                  f"{r['tops']:.0f}" if "tops" in r else "-",
+                  f"{r['speedup_vs_fp16']:.2f}x" if r.get("speedup_vs_fp16") else "-",
+                  f"{r['rel_err']:.1e}" if "rel_err" in r else r.get("error", "-")[:80].replace("|", "/")]
+                 for shape in data["shapes"] for r in shape["rows"]]
+    lines = ["Best of each kernel per shape (speedup vs cuBLAS FP16 F.linear with bias, CUDA-graph timed):", ""]
+    lines += table(["MxNxK", "cuBLAS FP16 us", "best tiled", "us", "x", "best tma_persistent", "us", "x",
+                    "autotuned x"], best_rows)
+    lines += table(["MxNxK", "variant", "status", "us", "TOPS", "vs cuBLAS FP16", "rel err"], every_row)
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--out", type=Path, default=default_out_dir())
     parser.add_argument("--shapes", default=SHAPES)
     parser.add_argument("--max-rel-err", type=float, default=1e-2)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gemm_sweep.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference's float32 GEMMs must stay exact
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"env": environment(), "args": vars(args), "shapes": [], "notes": []}
+    res = Results(args.out, "gemm_sweep", args, {"shapes": []}, render)
     t0 = time.perf_counter()
     for spec in args.shapes.split(","):
         m, n, k = (int(v) for v in spec.split("x"))
-        data["shapes"].append(sweep_shape(m, n, k, args.max_rel_err))
-        (out_dir / "gemm_sweep.json").write_text(json.dumps(data, indent=1, default=str))
-        (out_dir / "gemm_sweep.md").write_text(markdown(data))
-    data["notes"].append(f"sweep wall time {time.perf_counter() - t0:.0f} s")
-    (out_dir / "gemm_sweep.json").write_text(json.dumps(data, indent=1, default=str))
-    (out_dir / "gemm_sweep.md").write_text(markdown(data))
-    print(markdown(data))
+        res.data["shapes"].append(sweep_shape(m, n, k, args.max_rel_err))
+        res.save()
+    res.data["notes"].append(f"sweep wall time {time.perf_counter() - t0:.0f} s")
+    res.save()
+    print(res.markdown())
 
 
 if __name__ == "__main__":

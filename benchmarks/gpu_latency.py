@@ -15,8 +15,8 @@ One run builds and times, with CUDA events (warm-up, then the median of many syn
 * ``gemm``: the Triton INT8 (and W4A8) GEMM against cuBLAS FP16 and ``torch._int_mm`` at M x N x K shapes.
 * ``profile``: the CUDA kernels that dominate zqcompile W8A8 and FP16 eager BERT-base at B=32.
 
-Results go to ``--out`` (default ``$OUT`` or benchmarks/results) as ``gpu_latency.json`` and
-``gpu_latency.md``; the JSON is rewritten after every measurement, so a run cut short keeps what it measured.
+Results go to ``--out`` (default ``$OUT``, else the git-ignored benchmarks/results/) as ``gpu_latency.json``
+and ``gpu_latency.md``, rewritten after every measurement, so a run cut short keeps what it measured.
 
     PYTHONPATH=. python benchmarks/gpu_latency.py --parts bert,gpt,kernels,gemm,profile
 """
@@ -24,180 +24,62 @@ Results go to ``--out`` (default ``$OUT`` or benchmarks/results) as ``gpu_latenc
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
 import time
 import traceback
-from collections import defaultdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 import zqcompile
+from common import (
+    SEQ, Results, bert_base, copy_bandwidth_gbps, cuda_rewrites, default_out_dir, gpt_decoder, profile_kernels, profile_tables, rel_err,
+    summarise_kernels, table, time_in_graph_ms, time_ms, token_inputs,
+)
 from zqcompile import ops
 from zqcompile.backends import reference_kernels, register_cuda_kernels
 from zqcompile.backends.cuda_graphs import CUDAGraphRunner
-
-SEQ = 128
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------------------
-
-def time_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
-    """Median latency of ``fn()`` in ms: CUDA events around each call, synchronised after each."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def time_in_graph_ms(fn: Callable[[], Any], calls: int = 20, reps: int = 30) -> float:
-    """Median device time of one ``fn()`` call: ``calls`` calls captured in one CUDA graph, replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return time_ms(graph.replay, warmup=3, reps=reps) / calls
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------------------
 
-class Results:
-    """The measurements of one run, rewritten to ``out_dir/<name>.json`` and ``.md`` after each one."""
-
-    def __init__(self, out_dir: Path, args: argparse.Namespace, name: str = "gpu_latency"):
-        self.out_dir = out_dir
-        self.name = name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.data: dict[str, Any] = {"env": environment(), "args": vars(args), "models": [], "checks": [],
-                                     "kernels": [], "gemm": [], "profile": {}, "errors": [], "notes": [],
-                                     "kernel_resources": []}
-
-    def add(self, section: str, row: Any) -> None:
-        self.data[section].append(row)
-        print(f"[{section}] {json.dumps(row)}", flush=True)
-        self.save()
-
-    def save(self) -> None:
-        (self.out_dir / f"{self.name}.json").write_text(json.dumps(self.data, indent=1, default=str))
-        (self.out_dir / f"{self.name}.md").write_text(markdown(self.data))
+SECTIONS = ("models", "checks", "kernels", "gemm", "kernel_resources")
+"""The lists of rows a run fills (``profile`` is a mapping: variant -> kernels)."""
 
 
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+def render(data: dict[str, Any]) -> str:
+    """The tables of one run (``Results`` adds the environment line, notes and errors)."""
 
+    def vs_fastest_fp16(row: dict[str, Any]) -> str:
+        best = min((r["ms"] for r in data["models"] if r["model"] == row["model"] and r["batch"] == row["batch"]
+                    and r["variant"].startswith("fp16") and r.get("ms")), default=None)
+        return f"{best / row['ms']:.2f}x" if best and row.get("ms") else ""
 
-def environment() -> dict[str, Any]:
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": props.name, "sm_count": props.multi_processor_count,
-        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        **{pkg: _version(pkg) for pkg in ("triton", "numba", "numba-cuda", "numpy", "transformers")},
-    }
-
-
-def markdown(data: dict[str, Any]) -> str:
-    env = data["env"]
-    lines = [f"GPU: {env['gpu']} ({env['sm_count']} SMs), {env['date_utc']}; torch {env['torch']} "
-             f"(CUDA {env['cuda']}), "
-             f"triton {env['triton']}, numba {env['numba']}, numba-cuda {env['numba-cuda']}, numpy {env['numpy']}, "
-             f"transformers {env['transformers']}", ""]
-    if data["models"]:
-        lines += ["| model | B | variant | median ms | vs fastest FP16 |", "|---|---|---|---|---|"]
-        for row in data["models"]:
-            best = min((r["ms"] for r in data["models"] if r["model"] == row["model"] and r["batch"] == row["batch"]
-                        and r["variant"].startswith("fp16") and r.get("ms")), default=None)
-            speed = f"{best / row['ms']:.2f}x" if best and row.get("ms") else ""
-            ms = f"{row['ms']:.3f}" if row.get("ms") else "n/a"
-            lines.append(f"| {row['model']} | {row['batch']} | {row['variant']} | {ms} | {speed} |")
-        lines.append("")
-    if data["checks"]:
-        lines += ["| check | worst op rel err (same inputs) | max int8 diff | model: cuda vs reference ops | "
-                  "cuda vs FP16 | reference ops vs FP16 |", "|---|---|---|---|---|---|"]
-        lines += [f"| {c['name']} | {max(c['op_float_rel_err'].values()):.1e} | "
-                  f"{max(c['op_int8_max_diff'].values(), default=0)} | {c['rel_err']:.2e} | {c['cuda_vs_fp16']:.2e} | "
-                  f"{c['reference_vs_fp16']:.2e} |" for c in data["checks"]] + [""]
-    if data["kernels"]:
-        lines += ["| kernel (B=32 S=128) | us | GB/s | % of copy | unfused torch us |", "|---|---|---|---|---|"]
-        lines += [f"| {k['kernel']} | {k['us']:.1f} | {k['gbps']:.0f} | {k['pct_of_copy']:.0f}% | "
-                  f"{k.get('reference_us', float('nan')):.1f} |" for k in data["kernels"]] + [""]
-    if data["gemm"]:
-        lines += ["| GEMM MxNxK | variant | us | TOPS | vs cuBLAS FP16 |", "|---|---|---|---|---|"]
-        lines += [f"| {g['shape']} | {g['variant']} | {g['us']:.1f} | {g['tops']:.0f} | {g['speedup_vs_fp16']:.2f}x |"
-                  for g in data["gemm"]] + [""]
-    for name, rows in data["profile"].items():
-        lines += [f"Top CUDA kernels, {name}:", "", "| kernel | total us | calls |", "|---|---|---|"]
-        lines += [f"| {r['name'][:90]} | {r['us']:.0f} | {r['calls']} |" for r in rows] + [""]
-    if data.get("kernel_resources"):
-        lines += ["| Numba kernel (build parameters) | registers | local memory bytes |", "|---|---|---|"]
-        lines += [f"| {r['kernel']} | {r['regs_per_thread']} | {r['local_mem_per_thread']} |"
-                  for r in data["kernel_resources"]] + [""]
-    for note in data["notes"]:
-        lines.append(f"- {note}")
-    for err in data["errors"]:
-        lines.append(f"- ERROR {err['where']}: {err['error']}")
-    return "\n".join(lines) + "\n"
+    lines = table(["model", "B", "variant", "median ms", "vs fastest FP16"],
+                  [[r["model"], r["batch"], r["variant"], f"{r['ms']:.3f}" if r.get("ms") else "n/a",
+                    vs_fastest_fp16(r)] for r in data["models"]])
+    lines += table(["check", "worst op rel err (same inputs)", "max int8 diff", "model: cuda vs reference ops",
+                    "cuda vs FP16", "reference ops vs FP16"],
+                   [[c["name"], f"{max(c['op_float_rel_err'].values()):.1e}",
+                     max(c["op_int8_max_diff"].values(), default=0), f"{c['rel_err']:.2e}", f"{c['cuda_vs_fp16']:.2e}",
+                     f"{c['reference_vs_fp16']:.2e}"] for c in data["checks"]])
+    lines += table(["kernel (B=32 S=128)", "us", "GB/s", "% of copy", "unfused torch us"],
+                   [[k["kernel"], f"{k['us']:.1f}", f"{k['gbps']:.0f}", f"{k['pct_of_copy']:.0f}%",
+                     f"{k.get('reference_us', float('nan')):.1f}"] for k in data["kernels"]])
+    lines += table(["GEMM MxNxK", "variant", "us", "TOPS", "vs cuBLAS FP16"],
+                   [[g["shape"], g["variant"], f"{g['us']:.1f}", f"{g['tops']:.0f}", f"{g['speedup_vs_fp16']:.2f}x"]
+                    for g in data["gemm"]])
+    lines += profile_tables(data["profile"])
+    lines += table(["Numba kernel (build parameters)", "registers", "local memory bytes"],
+                   [[r["kernel"], r["regs_per_thread"], r["local_mem_per_thread"]] for r in data["kernel_resources"]])
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------
-
-def bert_base() -> torch.nn.Module:
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    return BertModel(BertConfig()).eval().half().cuda()
-
-
-def gpt_decoder(size: str) -> torch.nn.Module:
-    """GPT-2 architecture at GPT-2-medium (350M) or GPT-3-XL-like (1.3B) width; hidden states out."""
-    from transformers import GPT2Config, GPT2Model
-    width = {"350m": 1024, "1.3b": 2048}[size]
-    torch.manual_seed(0)
-    return GPT2Model(GPT2Config(n_embd=width, n_layer=24, n_head=16)).eval().half().cuda()
-
-
-def token_inputs(vocab: int, batch: int, with_types: bool) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(batch)
-    ids = torch.randint(0, vocab, (batch, SEQ), generator=g).cuda()
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if with_types:
-        inputs["token_type_ids"] = torch.zeros_like(ids)
-    return inputs
-
 
 class OpByOpCheck(torch.fx.Interpreter):
     """Runs the graph on the reference ops and, at every zq op, also runs the CUDA kernel on the same inputs:
@@ -317,13 +199,6 @@ def bench_model(res: Results, model_name: str, model: torch.nn.Module, batches: 
 # Kernels and GEMMs
 # ---------------------------------------------------------------------------------------------------------
 
-def copy_bandwidth_gbps() -> float:
-    src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), warmup=5, reps=20)
-    return 2 * src.numel() * 4 / ms / 1e6
-
-
 SWEPT_KERNELS = ("quantize_per_token K=768", "add_layernorm_quant K=768", "gelu_quant erf K=3072")
 """The kernels whose block shapes and word widths the ``sweep`` part compares (each variant is a Numba build)."""
 
@@ -425,30 +300,6 @@ def bench_gemm(res: Results, shapes: list[tuple[int, int, int]]) -> None:
                              "speedup_vs_fp16": fp16_us / us})
 
 
-def profile_kernels(fn: Callable[[], Any]) -> list[tuple[str, float]]:
-    """(kernel name, device us) of every kernel that one ``fn()`` call runs (after 3 warm-up calls), in launch order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return [(e.name, e.device_time) for e in sorted(events, key=lambda e: e.time_range.start)]
-
-
-def summarise_kernels(kernels: list[tuple[str, float]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The total over all kernels, and per kernel name its total us and calls, largest first."""
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for name, us in kernels:
-        totals[name][0] += us
-        totals[name][1] += 1
-    rows = [{"name": k, "us": v[0], "calls": v[1]} for k, v in sorted(totals.items(), key=lambda kv: -kv[1][0])]
-    return {"name": "all kernels", "us": sum(us for _, us in kernels), "calls": len(kernels)}, rows
-
-
 def bench_profile(res: Results, batch: int = 32) -> None:
     model = bert_base()
     qmodel = zqcompile.compile(model, "w8a8", backend="cuda", cuda_graphs=False)
@@ -461,16 +312,9 @@ def bench_profile(res: Results, batch: int = 32) -> None:
         res.save()
 
 
-# ---------------------------------------------------------------------------------------------------------
-
-def cuda_rewrites(names: str | None) -> list[str] | None:
-    """``--cuda-rewrites`` as zqcompile.compile's ``target_passes`` (None: all of the cuda target's passes)."""
-    return None if names is None else [n for n in names.split(",") if n]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=default_out_dir())
     parser.add_argument("--parts", default="kernels,gemm,bert,gpt,profile")
     parser.add_argument("--bert-batches", default="1,8,32,128")
     parser.add_argument("--gpt-sizes", default="350m,1.3b")
@@ -482,8 +326,8 @@ def main() -> None:
     parser.add_argument("--fp16-only", action="store_true", help="time the FP16 variants only")
     parser.add_argument("--recipes", default="w8a8,w4a8", help="zqcompile recipes to time")
     parser.add_argument("--cuda-rewrites", default=None,
-                        help="comma-separated passes of the cuda target (pipeline.TARGET_PHASES) to keep (default: all; '' "
-                             "for none; cleanup always runs), "
+                        help="comma-separated passes of the cuda target (pipeline.TARGET_PHASES) to keep "
+                             "(default: all; '' for none; cleanup always runs), "
                              "to measure what each rewrite of the executed graph buys")
     parser.add_argument("--gemm-shapes", default="4096x768x3072,16384x4096x1024")
     parser.add_argument("--warmup", type=int, default=10)
@@ -495,7 +339,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_latency.py needs a CUDA GPU")
     parts = set(args.parts.split(","))
-    res = Results(Path(args.out), args)
+    res = Results(args.out, "gpu_latency", args, {**{name: [] for name in SECTIONS}, "profile": {}}, render)
     if args.cuda_rewrites is not None:
         res.data["notes"].append(f"cuda rewrites: {cuda_rewrites(args.cuda_rewrites)} (+ cleanup)")
     res.data["env"]["gemm_backend"] = register_cuda_kernels()["gemm"]
@@ -524,7 +368,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     res.data["notes"].append(f"benchmark wall time {time.perf_counter() - t0:.0f} s")
     res.save()
-    print(markdown(res.data))
+    print(res.markdown())
 
 
 if __name__ == "__main__":

@@ -11,21 +11,19 @@ In one run on this machine:
   for ORT FP32, quantize_dynamic, zqcompile W8A8 ONNX, zqcompile W8A8 on its CPU backend.
 
 Latency is the median of interleaved rounds (each round runs every engine once), so a slow patch caused
-by other processes on the shared CPU hits all engines alike. Usage::
+by other processes on the shared CPU hits all engines alike. Results go to ``--out`` (default ``$OUT``, else
+the git-ignored benchmarks/results/) as ``onnx_ort.json`` and ``onnx_ort.md``. Usage::
 
-    python benchmarks/onnx_ort.py [--threads 2] [--rounds 15] [--out DIR] [--markdown FILE]
+    python benchmarks/onnx_ort.py [--threads 2] [--rounds 15] [--out DIR] [--keep-onnx DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -36,10 +34,10 @@ from torch.export import Dim
 from transformers import BertConfig, BertModel
 
 import zqcompile
+from common import Results, default_out_dir, interleaved_median_ms, table
 from zqcompile.evaluate import sentence_embeddings
-from zqcompile.models import MINILM, load_pretrained
+from zqcompile.pretrained import MINILM, data_dir, load_pretrained
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEQ = 128
 BATCHES = (1, 8)
 
@@ -123,16 +121,8 @@ def bench_speed(workdir: Path, threads: int, rounds: int) -> tuple[dict, dict]:
             with torch.no_grad():
                 return w8a8(**feeds)
         runners["zqcompile CPU backend (torch)"] = run_torch
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for name, fn in runners.items():  # warm-up
-            fn(), fn()
-        for _ in range(rounds):
-            for name, fn in runners.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        for name, samples in times.items():
-            results[name][batch] = statistics.median(samples) * 1000
+        for name, ms in interleaved_median_ms(runners, rounds).items():
+            results[name][batch] = ms
     sizes = {name: file_mb(p) for name, p in paths.items()}
     return results, sizes
 
@@ -141,7 +131,7 @@ def bench_speed(workdir: Path, threads: int, rounds: int) -> tuple[dict, dict]:
 
 def bench_accuracy(workdir: Path, threads: int, n_sentences: int) -> dict[str, dict[str, float]]:
     model, tokenizer = load_pretrained(MINILM)
-    sentences = [line.strip() for line in (DATA / "lee50.txt").read_text().splitlines() if line.strip()]
+    sentences = [line.strip() for line in (data_dir() / "lee50.txt").read_text().splitlines() if line.strip()]
     sentences = sentences[:n_sentences]
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=SEQ, return_tensors="pt")
     with torch.no_grad():
@@ -178,42 +168,28 @@ def bench_accuracy(workdir: Path, threads: int, n_sentences: int) -> dict[str, d
 
 # ---- report -----------------------------------------------------------------------------------------
 
-def markdown(speed: dict, sizes: dict, accuracy: dict, args: argparse.Namespace, elapsed: float) -> str:
-    fp32 = speed["ORT FP32"]
-    qdyn = speed["ORT quantize_dynamic (per-tensor)"]
-    lines = [
-        "## ONNX Runtime: zqcompile export vs ORT FP32 and ORT quantize_dynamic",
-        "",
-        f"- device: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other "
-        f"processes (other sessions were running: treat absolute numbers as noisy, ratios within one run as the "
-        f"result); onnxruntime {ort.__version__} ({', '.join(_providers())}), torch {torch.__version__}, "
-        f"intra_op_num_threads={args.threads}; date 2026-11-23",
-        f"- command: `python benchmarks/onnx_ort.py --threads {args.threads} --rounds {args.rounds}` "
-        f"({elapsed:.0f} s)",
-        f"- speed: BERT-base (random weights), S={SEQ}, median of {args.rounds} interleaved rounds",
-        "",
-        "| engine | B=1 ms | B=8 ms | speed-up vs ORT FP32 B=1 / B=8 | vs quantize_dynamic B=8 | file MB |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, by_batch in speed.items():
-        ratio = f"{fp32[1] / by_batch[1]:.2f}x / {fp32[8] / by_batch[8]:.2f}x"
-        size = f"{sizes[name]:.1f}" if name in sizes else "-"
-        lines.append(f"| {name} | {by_batch[1]:.1f} | {by_batch[8]:.1f} | {ratio} | "
-                     f"{by_batch[8] / qdyn[8]:.2f}x the latency | {size} |")
-    meta = accuracy.pop("_meta")
-    lines += [
-        "",
-        f"- accuracy: all-MiniLM-L6-v2 on the first {meta['sentences']} Lee et al. news documents "
-        f"(truncated to {SEQ} tokens, padded to {meta['padded length']}), against the FP32 torch model",
-        "",
-        "| engine | token cosine | sentence emb. cosine mean | min | cosine vs zqcompile CPU |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, s in accuracy.items():
-        vs_cpu = f"{s['cosine vs zqcompile CPU']:.6f}" if "cosine vs zqcompile CPU" in s else "-"
-        lines.append(f"| {name} | {s['token cosine']:.5f} | {s['sentence emb. cosine (mean)']:.5f} | "
-                     f"{s['sentence emb. cosine (min)']:.5f} | {vs_cpu} |")
-    return "\n".join(lines) + "\n"
+def render(data: dict[str, Any]) -> str:
+    speed, sizes, accuracy, args = data["speed_ms"], data["file_mb"], data["accuracy"], data["args"]
+    lines = [f"- command: `python benchmarks/onnx_ort.py --threads {args['threads']} --rounds {args['rounds']}`",
+             f"- speed: BERT-base (random weights), S={SEQ}, median of {args['rounds']} interleaved rounds, "
+             f"onnxruntime providers {', '.join(_providers())}, intra_op_num_threads={args['threads']}", ""]
+    if speed:
+        fp32, qdyn = speed["ORT FP32"], speed["ORT quantize_dynamic (per-tensor)"]
+        lines += table(["engine", "B=1 ms", "B=8 ms", "speed-up vs ORT FP32 B=1 / B=8", "vs quantize_dynamic B=8",
+                        "file MB"],
+                       [[name, f"{ms[1]:.1f}", f"{ms[8]:.1f}", f"{fp32[1] / ms[1]:.2f}x / {fp32[8] / ms[8]:.2f}x",
+                         f"{ms[8] / qdyn[8]:.2f}x the latency", f"{sizes[name]:.1f}" if name in sizes else "-"]
+                        for name, ms in speed.items()])
+    if accuracy:
+        meta = accuracy["_meta"]
+        lines += [f"- accuracy: all-MiniLM-L6-v2 on the first {meta['sentences']} Lee et al. news documents "
+                  f"(truncated to {SEQ} tokens, padded to {meta['padded length']}), against the FP32 torch model", ""]
+        lines += table(["engine", "token cosine", "sentence emb. cosine mean", "min", "cosine vs zqcompile CPU"],
+                       [[name, f"{s['token cosine']:.5f}", f"{s['sentence emb. cosine (mean)']:.5f}",
+                         f"{s['sentence emb. cosine (min)']:.5f}",
+                         f"{s['cosine vs zqcompile CPU']:.6f}" if "cosine vs zqcompile CPU" in s else "-"]
+                        for name, s in accuracy.items() if name != "_meta"])
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -221,20 +197,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sentences", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=None, help="keep the .onnx files here")
-    parser.add_argument("--markdown", type=Path, default=None, help="write the results section here")
+    parser.add_argument("--out", type=Path, default=default_out_dir(), help="onnx_ort.json and .md go here")
+    parser.add_argument("--keep-onnx", type=Path, default=None, help="keep the .onnx files here")
     args = parser.parse_args()
+    res = Results(args.out, "onnx_ort", args, {"speed_ms": {}, "file_mb": {}, "accuracy": {}}, render)
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.out or Path(tmp)
+        workdir = args.keep_onnx or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        speed, sizes = bench_speed(workdir, args.threads, args.rounds)
-        accuracy = bench_accuracy(workdir, args.threads, args.sentences)
-    print(json.dumps({"speed_ms": speed, "file_mb": sizes, "accuracy": accuracy}, indent=1))
-    text = markdown(speed, sizes, accuracy, args, time.time() - start)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
+        res.data["speed_ms"], res.data["file_mb"] = bench_speed(workdir, args.threads, args.rounds)
+        res.save()
+        res.data["accuracy"] = bench_accuracy(workdir, args.threads, args.sentences)
+    res.data["notes"].append(f"wall time {time.time() - start:.0f} s")
+    res.save()
+    print(res.markdown())
 
 
 if __name__ == "__main__":

@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
 import zqcompile
 from zqcompile.evaluate import sentence_embeddings, text_perplexity
-from zqcompile.models import MINILM, SHIPPED_MODELS, load_pretrained
-
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+from zqcompile.pretrained import MINILM, SHIPPED_MODELS, data_dir, load_pretrained
 
 
 def encoder_accuracy(model, qmodel, tokenizer, sentences: int) -> str:
-    texts = [row["text"] for row in json.loads((DATA_DIR / "rt_polarity_4000.json").read_text())[:sentences]]
+    texts = [row["text"] for row in json.loads((data_dir() / "rt_polarity_4000.json").read_text())[:sentences]]
     reference = sentence_embeddings(model, tokenizer, texts)
     quantized = sentence_embeddings(qmodel, tokenizer, texts)
     cosine = (reference * quantized).sum(-1)
@@ -34,7 +31,7 @@ def encoder_accuracy(model, qmodel, tokenizer, sentences: int) -> str:
 
 
 def decoder_accuracy(model, qmodel, tokenizer, tokens: int) -> str:
-    text = (DATA_DIR / "austen_persuasion.txt").read_text()
+    text = (data_dir() / "austen_persuasion.txt").read_text()
     fp = text_perplexity(model, tokenizer, text, max_tokens=tokens)
     q = text_perplexity(qmodel, tokenizer, text, max_tokens=tokens)
     return (f"perplexity on austen_persuasion.txt: FP32 {fp.value:.3f}, quantized {q.value:.3f} "

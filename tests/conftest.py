@@ -1,9 +1,6 @@
-"""Shared fixtures: the real-data directory and tiny random-weight models of each supported family.
+"""Shared fixtures: the real-data directory, tiny models compiled once per session, a fixed RNG state.
 
-The tiny models are real transformers architectures built from small configs (hidden 64, 2 layers, vocab
-128) with fixed seeds, so they compile in about a second and their numbers are reproducible. Decoders have
-``use_cache=False``, as zqcompile captures them, so the FP model returns the same output fields. Hidden 64 and
-MLP width 128 are the smallest sizes the ``w4a8`` preset's input-dim groups of 64 divide.
+Test modules import their helpers (tiny-model builders, graph utilities) from helpers.py, not from here.
 """
 
 from __future__ import annotations
@@ -14,92 +11,8 @@ import pytest
 import torch
 
 import zqcompile
-
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-TINY_VOCAB = 128
-TINY_HIDDEN = 64
-TINY_MLP = 128
-TINY_MAX_POSITIONS = 32
-
-
-def _seeded(build, seed: int = 0):
-    torch.manual_seed(seed)
-    return build().eval()
-
-
-def tiny_bert_config():
-    from transformers import BertConfig
-    return BertConfig(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=TINY_MLP, max_position_embeddings=TINY_MAX_POSITIONS, num_labels=3)
-
-
-def make_tiny_bert():
-    from transformers import BertModel
-    return _seeded(lambda: BertModel(tiny_bert_config()))
-
-
-def make_tiny_bert_classifier():
-    from transformers import BertForSequenceClassification
-    return _seeded(lambda: BertForSequenceClassification(tiny_bert_config()), seed=1)
-
-
-def make_tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    config = GPT2Config(vocab_size=TINY_VOCAB, n_embd=TINY_HIDDEN, n_layer=2, n_head=4, n_inner=TINY_MLP,
-                        n_positions=TINY_MAX_POSITIONS, bos_token_id=0, eos_token_id=0, use_cache=False)
-    return _seeded(lambda: GPT2LMHeadModel(config), seed=2)
-
-
-def make_tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_MLP,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=TINY_MAX_POSITIONS, use_cache=False)
-    return _seeded(lambda: LlamaForCausalLM(config), seed=3)
-
-
-def make_tiny_qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_MLP,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=TINY_MAX_POSITIONS, use_cache=False)
-    return _seeded(lambda: Qwen2ForCausalLM(config), seed=4)
-
-
-class TinyMLP(torch.nn.Module):
-    """A plain module: Linear -> GELU -> Linear -> LayerNorm -> Linear."""
-
-    def __init__(self, width: int = TINY_HIDDEN):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(width, 2 * width)
-        self.fc2 = torch.nn.Linear(2 * width, width)
-        self.norm = torch.nn.LayerNorm(width)
-        self.head = torch.nn.Linear(width, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
-
-
-def make_tiny_mlp():
-    return _seeded(TinyMLP, seed=5)
-
-
-TINY_MODELS = {
-    "bert": make_tiny_bert,
-    "bert_classifier": make_tiny_bert_classifier,
-    "gpt2": make_tiny_gpt2,
-    "llama": make_tiny_llama,
-    "qwen2": make_tiny_qwen2,
-}
-
-
-def token_batch(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, TINY_VOCAB, (batch, seq), generator=generator)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+from helpers import TINY_MODELS
+from zqcompile.pretrained import data_dir as resolve_data_dir
 
 
 @pytest.fixture(autouse=True)
@@ -110,9 +23,8 @@ def _deterministic_rng():
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"real data not found at {DATA_DIR} (expected ../shared/data beside the checkout)")
-    return DATA_DIR
+    """The real data (``../shared/data`` or ``$ZQ_DATA_DIR``); a missing directory fails with the fix named."""
+    return resolve_data_dir()
 
 
 @pytest.fixture(scope="session")
@@ -126,43 +38,3 @@ def compiled_tiny():
             cache[family, recipe] = (model, zqcompile.compile(model, recipe))
         return cache[family, recipe]
     return get
-
-
-# ---- hand-built graphs for the pass tests -------------------------------------------------------------------
-
-def export_graph(module: torch.nn.Module, *example_inputs: torch.Tensor) -> torch.fx.GraphModule:
-    """The captured (torch.export) graph of a small module, as the pipeline's first pass receives it."""
-    from zqcompile.capture import capture
-    return capture(module.eval(), example_inputs).graph_module
-
-
-def pipeline_passes() -> list:
-    from zqcompile.pipeline import PHASES
-    return [fn for _, passes in PHASES for fn in passes]
-
-
-def prepare_for(pass_fn, gm: torch.fx.GraphModule, recipe="w8a8"):
-    """Run every pipeline pass that comes before ``pass_fn`` on ``gm``; returns (gm, context)."""
-    from zqcompile.passes import CompileContext, run_passes
-    from zqcompile.recipe import load_recipe
-    passes = pipeline_passes()
-    ctx = CompileContext(load_recipe(recipe))
-    gm = run_passes(gm, ctx, passes[:passes.index(pass_fn)])
-    return gm, ctx
-
-
-def apply_pass(pass_fn, gm: torch.fx.GraphModule, ctx):
-    """Run one pass the way the pass manager does (lint + recompile after it); returns its PassResult."""
-    result = pass_fn(gm, ctx)
-    result.graph_module.graph.lint()
-    result.graph_module.recompile()
-    return result
-
-
-def count_ops(gm: torch.fx.GraphModule, *targets) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in targets)
-
-
-def op_targets(gm: torch.fx.GraphModule) -> list[str]:
-    """The graph's call_function targets in order: equal lists mean an unchanged computation."""
-    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]

@@ -13,7 +13,7 @@ from torch import nn
 from torch.fx import Interpreter
 
 import zqcompile
-from conftest import (
+from helpers import (
     TINY_MAX_POSITIONS, TINY_MODELS, cosine, make_tiny_bert, make_tiny_llama, make_tiny_mlp, token_batch,
 )
 from zqcompile import ZQError

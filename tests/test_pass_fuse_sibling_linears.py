@@ -8,7 +8,7 @@ from torch import nn
 
 import zqcompile
 
-from conftest import TINY_MODELS, apply_pass, count_ops, export_graph, op_targets
+from helpers import TINY_MODELS, apply_pass, count_ops, export_graph, op_targets
 from zqcompile.passes import fuse_sibling_linears
 from zqcompile.passes.fuse_sibling_linears import META_FUSED_FROM
 from zqcompile.passes.infra import attr_tensor, get_attr_tensor

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch import nn
 
-from conftest import count_ops, export_graph
+from helpers import count_ops, export_graph
 from zqcompile import ZQError
 from zqcompile.passes import CompileContext, PassResult, remove_dropout, remove_tensor_asserts, run_passes
 from zqcompile.pipeline import PHASE_NAMES, run_pipeline
@@ -75,10 +77,9 @@ def test_recompiles_after_each_pass_and_merges_counters():
     gm = _graph()
     x = torch.randn(3, 16)
     model = ReluNet()
-    seen = []
     ctx = _context()
-    gm = run_passes(gm, ctx, [remove_dropout, relu_to_neg], on_pass_done=lambda name, g: seen.append(name))
-    assert seen == ctx.passes_run == ["remove_dropout", "relu_to_neg"]
+    gm = run_passes(gm, ctx, [remove_dropout, relu_to_neg])
+    assert ctx.passes_run == ["remove_dropout", "relu_to_neg"]
     assert ctx.counters == {"remove_dropout": 1, "relu_to_neg": 1}
     assert "aten.neg.default" in gm.code
     gm_params = dict(gm.named_parameters())
@@ -86,6 +87,24 @@ def test_recompiles_after_each_pass_and_merges_counters():
     with torch.no_grad():
         expected = model.fc2(-model.fc1(x))
         torch.testing.assert_close(gm(x), expected)
+
+
+def test_only_a_modified_graph_is_linted_and_recompiled(monkeypatch):
+    """A pass reports ``modified``; the manager recompiles after the passes that changed the graph, only."""
+    gm = _graph()
+    passes_done_at_recompile = []
+    original = gm.recompile
+    monkeypatch.setattr(gm, "recompile", lambda: passes_done_at_recompile.append(len(ctx.passes_run)) or original())
+    ctx = _context()
+    run_passes(gm, ctx, [remove_tensor_asserts, remove_dropout, remove_tensor_asserts])
+    assert ctx.passes_run == ["remove_tensor_asserts", "remove_dropout", "remove_tensor_asserts"]
+    assert passes_done_at_recompile == [1]  # once, right after the second pass (remove_dropout)
+    assert ctx.counters == {"remove_dropout": 1}  # nothing to remove: no zero counter for the other pass
+
+
+def test_pass_result_keeps_only_positive_counts():
+    result = PassResult(_graph(), False, Counter({"a.hits": 2, "a.none": 0}))
+    assert result.counters == {"a.hits": 2} and "a.none" not in result.counters
 
 
 def test_pipeline_stops_after_a_phase_and_dumps_code(tmp_path):

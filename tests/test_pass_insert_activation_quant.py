@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from conftest import apply_pass, count_ops, export_graph, op_targets, prepare_for
+from helpers import apply_pass, count_ops, export_graph, op_targets, prepare_for
 from test_quant import reference_quantize_rows, reference_quantize_weight
 from zqcompile.passes import insert_activation_quant
 from zqcompile.passes.infra import linear_nodes

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.fx import Interpreter
 
-from conftest import apply_pass, count_ops, export_graph, op_targets, prepare_for
+from helpers import apply_pass, count_ops, export_graph, op_targets, prepare_for
 from zqcompile.passes import lower_linear_to_int8_gemm
 from zqcompile.passes.infra import LINEAR
 

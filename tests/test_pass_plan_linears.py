@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import apply_pass, export_graph, prepare_for
+from helpers import apply_pass, export_graph, prepare_for
 from zqcompile import ZQError
 from zqcompile.passes import plan_linears
 from zqcompile.passes.infra import META_PLAN, linear_nodes

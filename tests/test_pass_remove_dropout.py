@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
 
-from conftest import apply_pass, count_ops, export_graph, op_targets, prepare_for
+from helpers import apply_pass, count_ops, export_graph, op_targets, prepare_for
 from zqcompile.passes import remove_dropout
 
 DROPOUT = torch.ops.aten.dropout.default

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from conftest import apply_pass, count_ops, export_graph, op_targets
+from helpers import apply_pass, count_ops, export_graph, op_targets
 from zqcompile.passes import remove_tensor_asserts
 
 ASSERT = torch.ops.aten._assert_tensor_metadata.default

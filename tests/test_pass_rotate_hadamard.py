@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import zqcompile
-from conftest import TINY_MODELS, cosine, token_batch
+from helpers import TINY_MODELS, cosine, token_batch
 from zqcompile.capture import capture
 from zqcompile.ops import hadamard_matrix
 from zqcompile.passes.rotate_hadamard import power_of_two_block, rotation_matrix

@@ -182,7 +182,7 @@ def _tiny_hf_smoothed(make_model):
 
 
 def test_attention_fold_with_grouped_query_heads_keeps_the_function():
-    from tests.conftest import make_tiny_llama  # 4 query heads sharing 2 KV heads
+    from helpers import make_tiny_llama  # 4 query heads sharing 2 KV heads
 
     model, gm, ctx, ids = _tiny_hf_smoothed(make_tiny_llama)
     assert ctx.counters["smooth.attention"] == 2  # one o_proj input per block
@@ -198,7 +198,7 @@ def test_attention_fold_with_grouped_query_heads_keeps_the_function():
 
 
 def test_fused_qkv_attention_is_refused_with_a_reason():
-    from tests.conftest import make_tiny_gpt2  # GPT-2 splits one c_attn output into q, k and v
+    from helpers import make_tiny_gpt2  # GPT-2 splits one c_attn output into q, k and v
 
     _, _, ctx, _ = _tiny_hf_smoothed(make_tiny_gpt2)
     assert "smooth.attention" not in ctx.counters
@@ -206,7 +206,7 @@ def test_fused_qkv_attention_is_refused_with_a_reason():
 
 
 def test_a_fold_that_changes_the_function_is_caught(monkeypatch):
-    from tests.conftest import make_tiny_llama
+    from helpers import make_tiny_llama
     smoothing = importlib.import_module("zqcompile.passes.smooth_activations")  # the module, not the pass
 
     # a wrong channel mapping for grouped heads (tile instead of repeat) must not pass silently
@@ -214,3 +214,35 @@ def test_a_fold_that_changes_the_function_is_caught(monkeypatch):
                         lambda self, f: f.view(-1, self.head_dim).repeat(self.shared_by, 1).reshape(-1))
     with pytest.raises(zqcompile.ZQError, match="smoothing changed the model's outputs"):
         _tiny_hf_smoothed(make_tiny_llama)
+
+
+class PlainLayerNormLinear(nn.Module):
+    """A LayerNorm without affine parameters: nothing stored to divide."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(K, elementwise_affine=False), nn.Linear(K, K)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+class SwiGLUReadTwice(RMSNormSwiGLU):
+    """silu(gate) * up also feeds the output: dividing up_proj would change that reader."""
+
+    def forward(self, x):
+        mixed = nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(mixed) + mixed.sum(-1, keepdim=True)
+
+
+def test_rule_misses_leave_the_graph_unchanged_with_their_reasons():
+    for module, reason in (
+            (PlainLayerNormLinear(), "layernorm: the LayerNorm has no stored affine weight to fold the smoothing into"),
+            (SwiGLUReadTwice(), "swiglu: its output is also read by ['sum_1']")):
+        calibration = torch.randn(2, 4, K)
+        captured = capture(module.eval(), (calibration,))
+        before = captured.graph_module.code
+        gm, ctx = _smoothed_graph(module, SMOOTH, calibration)
+        assert reason in ctx.smooth_skipped.values(), ctx.smooth_skipped
+        assert not any(key.startswith("smooth.") for key in ctx.counters)
+        assert gm.code == before

@@ -19,7 +19,7 @@ import torch
 
 import zqcompile
 from zqcompile.evaluate import sentence_embeddings, text_perplexity
-from zqcompile.models import load_pretrained
+from zqcompile.pretrained import load_pretrained
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zqcompile
-from conftest import token_batch
+from helpers import token_batch
 from zqcompile.serialize import GRAPH, MANIFEST, WEIGHTS
 
 

@@ -10,18 +10,22 @@ import torch
 from torch import nn
 
 from zqcompile.backends import build_runner, resolve_backend
+from zqcompile.buckets import Buckets, resolve_buckets
 from zqcompile.capture import Captured, capture
 from zqcompile.errors import ZQError
 from zqcompile.model import QuantizedModel
 from zqcompile.pipeline import run_pipeline
 from zqcompile.recipe import LKDConfig, Recipe, load_recipe
+from zqcompile.sentence_transformer import compile_sentence_transformer, is_sentence_transformer
 
 
+@torch.inference_mode(False)  # tensors made inside inference mode could not be used outside it
 def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, Any] = "w8a8", *,
             example_inputs: tuple | None = None, backend: str = "auto", cuda_graphs: bool | None = None,
             dump_dir: str | os.PathLike | None = None,
             lkd: LKDConfig | Mapping[str, Any] | bool | None = None,
             calibration_data: torch.Tensor | tuple | None = None,
+            buckets: Buckets | Mapping[str, Any] | bool | None = None,
             target_passes: Collection[str] | None = None) -> QuantizedModel:
     """Compile ``model`` with ZeroQuant quantization and return a model with the same call signature.
 
@@ -42,7 +46,19 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
             plain module (default: ``example_inputs``).
         target_passes: keep only these passes of the backend's target phases (``pipeline.TARGET_PHASES``;
             default: all), e.g. to measure what each CUDA graph rewrite buys.
+        buckets: shape buckets (zqcompile/buckets.py): requests are padded up to them so that a stream of
+            shapes reuses a few CUDA graphs; ``None`` = on with the model's defaults for the cuda backend, off
+            for cpu; ``True`` (defaults), ``False``, a :class:`Buckets` or a dict with ``batch_sizes`` / ``seq_lens``.
+
+    A ``sentence_transformers.SentenceTransformer`` compiles to a copy whose ``encode()`` runs the quantized
+    transformer (zqcompile/sentence_transformer.py). Compiling works inside ``torch.inference_mode()`` and
+    ``torch.no_grad()``: the compiler makes normal tensors, and LKD turns gradients on for itself.
     """
+    if is_sentence_transformer(model):
+        return compile_sentence_transformer(model, compile, recipe, example_inputs=example_inputs, backend=backend,
+                                            cuda_graphs=cuda_graphs, dump_dir=dump_dir, lkd=lkd,
+                                            calibration_data=calibration_data, buckets=buckets,
+                                            target_passes=target_passes)
     recipe = load_recipe(recipe)
     if lkd is not None:
         recipe = dataclasses.replace(recipe, lkd=LKDConfig.from_value(lkd))
@@ -59,8 +75,10 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
+    shape_buckets = resolve_buckets(buckets, backend=backend, input_names=captured.input_names,
+                                    max_seq_len=captured.max_seq_len, graph_module=result.compiled)
     quantized = QuantizedModel(result.compiled, captured, recipe, result.context, backend,
-                               runner=build_runner(result.executed, backend, cuda_graphs))
+                               runner=build_runner(result.executed, backend, cuda_graphs), buckets=shape_buckets)
     quantized.lkd_result = result.context.lkd_result
     return quantized
 

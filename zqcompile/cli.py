@@ -26,9 +26,9 @@ EXIT_USER_ERROR = 2
 
 
 def _load_fp_model(name_or_path: str):
-    """(model, tokenizer) through zqcompile.models, with transformers' load failures as ZQError."""
+    """(model, tokenizer) through zqcompile.pretrained, with transformers' load failures as ZQError."""
     from zqcompile.errors import ZQError
-    from zqcompile.models import load_pretrained
+    from zqcompile.pretrained import load_pretrained
 
     try:
         return load_pretrained(name_or_path)

@@ -47,7 +47,7 @@ def _load_tokenizer(tokenizer: Any):
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        from zqcompile.models import SHIPPED_MODELS, shipped_model_dir
+        from zqcompile.pretrained import SHIPPED_MODELS, shipped_model_dir
         path = shipped_model_dir(str(tokenizer)) if str(tokenizer) in SHIPPED_MODELS else tokenizer
         return AutoTokenizer.from_pretrained(path)
     return tokenizer

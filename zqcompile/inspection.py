@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from zqcompile.ops import ACTIVATION_QUANT_OPS, QUANTIZED_LINEAR_OPS
+from zqcompile.ops import ACTIVATION_QUANT_OPS, QUANTIZED_LINEAR_OPS, WEIGHT_ARGS
 from zqcompile.passes.infra import (
-    LINEAR, META_FUSED_INTO, META_MODULE, META_PLAN, META_ROLE, META_WEIGHT_BYTES, attr_tensor, get_attr_tensor,
+    LINEAR, META_FUSED_INTO, META_MODULE, META_PLAN, META_ROLE, META_WEIGHT_BYTES, get_attr_tensor, is_stored,
 )
 
 if TYPE_CHECKING:
@@ -55,13 +55,12 @@ def linear_rows(gm: GraphModule, unfused: Mapping[str, str] | None = None) -> li
         plan = node.meta[META_PLAN]
         if node.target is LINEAR:
             weight = node.args[1]
-            size = _tensor_bytes(get_attr_tensor(gm, weight)) if weight.op == "get_attr" else 0
+            size = _tensor_bytes(get_attr_tensor(gm, weight)) if is_stored(weight) else 0
             rows.append(LinearRow(node.meta[META_MODULE], node.meta[META_ROLE], "FP", "FP", "FP", "-", size, size,
                                   plan.reason))
             continue
-        w_q, w_s = (node.args[2], node.args[3]) if node.target is not torch.ops.zq.weight_only_linear.default \
-            else (node.args[1], node.args[2])
-        q, scale = attr_tensor(gm, w_q.target), attr_tensor(gm, w_s.target)
+        positions = WEIGHT_ARGS[node.target]
+        q, scale = get_attr_tensor(gm, node.args[positions.weight]), get_attr_tensor(gm, node.args[positions.scale])
         n = q.shape[0]
         groups = "per-channel" if scale.shape[0] == n else f"{n // scale.shape[0]} rows/group"
         if scale.shape[1] > 1:

@@ -310,6 +310,7 @@ def _mse(student: nn.Module, calls: Sequence[tuple[tuple, dict]], targets: Seque
     return total / count, outputs
 
 
+@torch.enable_grad()  # LKD trains; the caller may be inside no_grad()
 def distill(model: nn.Module, plans: Mapping[str, LinearPlan], config: LKDConfig, recipe_name: str = "") -> LKDResult:
     """Distil every block of ``model`` towards its quantized form; the model itself is left unchanged.
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from zqcompile.backends.cuda_graphs import GraphMemory
+from zqcompile.buckets import ShapeBuckets, warmup_inputs, warmup_shapes
 from zqcompile.capture import Captured
 from zqcompile.errors import ZQError
 from zqcompile.passes.infra import CompileContext
@@ -42,7 +44,7 @@ class QuantizedModel(nn.Module):
     """A compiled model: call it like the original (same inputs, same HF output type)."""
 
     def __init__(self, graph_module: GraphModule, captured: Captured, recipe: Recipe, ctx: CompileContext,
-                 backend: str, runner: Callable[..., Any] | None = None):
+                 backend: str, runner: Callable[..., Any] | None = None, buckets: ShapeBuckets | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.model_class = captured.model_class
@@ -56,6 +58,7 @@ class QuantizedModel(nn.Module):
         self.recipe = recipe
         self.context = ctx
         self.backend = backend
+        self.buckets = buckets  # shape buckets (zqcompile/buckets.py): requests padded to them; None = exact shapes
         # what calls the executed graph (backends.build_runner): the compiled graph itself, the cuda target's rewrite
         # of it, or a CUDA-graph runner replaying that. Kept out of the submodules: its tensors are graph_module's (or
         # views of them), which .to() / state_dict cover already
@@ -112,10 +115,38 @@ class QuantizedModel(nn.Module):
         return tuple(tensors)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = self.runner(*self.graph_inputs(*args, **kwargs))
+        run, inputs = self.runner, self.graph_inputs(*args, **kwargs)
+        outputs = run(*inputs) if self.buckets is None else self.buckets(run, inputs)
         if self.output_type is None:
             return outputs
         return self.output_type(**dict(zip(self.output_keys, outputs)))
+
+    def train(self, mode: bool = True) -> QuantizedModel:
+        """``eval()`` is a no-op (the compiled graph is inference-only: dropout was removed, and torch.export's
+        graph module refuses mode changes); ``train()`` is refused."""
+        if mode:
+            raise ZQError("a compiled model runs inference only; train the FP model and compile it again")
+        return self
+
+    def warmup(self, batch_sizes: Sequence[int] | None = None, seq_lens: Sequence[int] | None = None, *,
+               progress: bool = True) -> int:
+        """Run every shape that requests of these sizes will run at (default: every bucket) once, before traffic:
+        the cuda backend captures their CUDA graphs (and tunes their GEMMs) now, with a progress bar. Returns the
+        number of graphs captured (0 without CUDA graphs)."""
+        shapes = warmup_shapes(self.buckets, batch_sizes, seq_lens, text_model=self.input_names is not None)
+        inputs = [warmup_inputs(b, s, self.input_names, self.example_inputs, self.device) for b, s in shapes]
+        if hasattr(self.runner, "warmup"):
+            return self.runner.warmup(inputs, progress=progress)
+        from tqdm.auto import tqdm
+        with torch.no_grad():
+            for example in tqdm(inputs, desc="warm-up", unit="shape", disable=not progress):
+                (self.runner or self.graph_module)(*example)
+        return 0
+
+    def memory_report(self) -> GraphMemory:
+        """GPU memory held by the CUDA graphs (their shared pool and input buffers); zeros without graphs."""
+        report = getattr(self.runner, "memory_report", None)
+        return report() if report is not None else GraphMemory(0, 0, 0, 0)
 
     # ---- saving -------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, source_model: str | None = None) -> Path:

@@ -43,7 +43,7 @@ import torch
 from torch.fx import GraphModule
 
 from zqcompile.errors import ZQError
-from zqcompile.ops import hadamard_matrix
+from zqcompile.ops import WEIGHT_ARGS, hadamard_matrix
 from zqcompile.passes.infra import attr_tensor, set_attr_tensor
 from zqcompile.quant import ACT_QMAX, unpack_int4
 
@@ -270,9 +270,8 @@ def _prepare_graph(gm: GraphModule, int4_mode: str) -> GraphModule:
         if node.op != "call_function" or node.target not in (
                 zq.int4_linear.default, zq.weight_only_linear.default, zq.dequantize_weight.default):
             continue
-        weight_index = 2 if node.target is zq.int4_linear.default else (1 if node.target is
-                                                                         zq.weight_only_linear.default else 0)
-        weight, w_scale = node.args[weight_index], node.args[weight_index + 1]
+        positions = WEIGHT_ARGS[node.target]
+        weight, w_scale = node.args[positions.weight], node.args[positions.scale]
         w = attr_tensor(gm, weight.target)
         if w.dtype != torch.uint8:
             continue

@@ -13,6 +13,8 @@ norm ops also return their floating-point output, which a residual connection ma
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -240,4 +242,20 @@ ACTIVATION_QUANT_OPS = {
 }
 QUANTIZED_LINEAR_OPS = {
     torch.ops.zq.int8_linear.default, torch.ops.zq.int4_linear.default, torch.ops.zq.weight_only_linear.default,
+}
+
+
+class WeightArgs(NamedTuple):
+    """Where an op takes its stored quantized weight, the weight's scales and (for a linear) its bias."""
+
+    weight: int
+    scale: int
+    bias: int | None = None
+
+
+WEIGHT_ARGS: dict[torch._ops.OpOverload, WeightArgs] = {
+    torch.ops.zq.int8_linear.default: WeightArgs(weight=2, scale=3, bias=4),
+    torch.ops.zq.int4_linear.default: WeightArgs(weight=2, scale=3, bias=4),
+    torch.ops.zq.weight_only_linear.default: WeightArgs(weight=1, scale=2, bias=3),
+    torch.ops.zq.dequantize_weight.default: WeightArgs(weight=0, scale=1),
 }

@@ -21,7 +21,8 @@ host-side TMA descriptors load the operand tiles (zero-filled past M, N, K) and 
 (clipped at M, N). Its configs join the tiled kernel's candidates where ``tma_kernel_applies``.
 
 Block shapes and the kernel are autotuned per (M bucket, N, K, variant) on first use (a small in-module
-tuner, so the tests can also run every candidate config and the CUDA-graph capture never triggers tuning).
+tuner, so the tests can also run every candidate config and the CUDA-graph capture never triggers tuning);
+the choices persist on disk per GPU and library versions (tuning_cache.py), so a new process does not re-tune.
 ``torch._int_mm`` + a separate dequant is kept as the fallback for machines without a working Triton
 (and as the baseline in ``benchmarks/gemm.py``).
 
@@ -33,13 +34,14 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from zqcompile import ops
+from zqcompile.backends import tuning_cache
 from zqcompile.errors import ZQError
 from zqcompile.quant import expand_weight_scale, unpack_int4
 
@@ -418,13 +420,16 @@ def tuning_key(m: int, n: int, k: int, group_width: int | None, int4: bool, tma:
     return (m_bucket(m), n, k, group_width, int4, tma, has_bias, out_dtype, device_index)
 
 
-def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmConfig], None]) -> GemmConfig:
+def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmConfig], None],
+                 device_index: int | None = None) -> GemmConfig:
     """The fastest candidate for ``key``, timed once and cached; the first candidate when tuning is off.
 
     Never tunes during CUDA-graph capture (timing synchronizes the device): a shape first seen inside a
     capture gets the default config, uncached, so a later eager call can still tune it. Candidates are timed
     as CUDA-graph replays, the way zqcompile runs them: timed eagerly, the host cost of each launch (about
     0.1 ms more for the TMA kernel's descriptors) hides the device time of all but the largest GEMMs.
+    Results persist in the on-disk tuning cache of ``device_index``'s GPU (tuning_cache.py): a key found
+    there, chosen from the same candidates, is not timed again.
     """
     if key in _TUNED:
         return _TUNED[key]
@@ -433,17 +438,48 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
     if not AUTOTUNE or len(candidates) == 1:
         _TUNED[key] = candidates[0]
         return candidates[0]
+    disk = tuning_cache.for_device(device_index) if device_index is not None else None
+    stored = _stored_config(disk, key, candidates) if disk is not None else None
+    if stored is not None:
+        tuning_cache.STATS.loaded += 1
+        _TUNED[key] = stored
+        return stored
+    timings = _time_candidates(candidates, run)
+    if not timings:
+        raise ZQError(f"no Triton GEMM config fits this GPU for shape key {key}; set ZQ_TRITON_AUTOTUNE=0 "
+                      "or use the torch._int_mm fallback (int_mm_linear)")
+    best = _TUNED[key] = min(timings, key=timings.get)
+    tuning_cache.STATS.tuned += 1
+    if disk is not None:
+        disk.put(repr(key), tuning_cache.fingerprint(candidates), asdict(best))
+    return best
+
+
+def _time_candidates(candidates: list[GemmConfig], run: Callable[[GemmConfig], None]) -> dict[GemmConfig, float]:
     timings: dict[GemmConfig, float] = {}
     for cfg in candidates:
         try:
             timings[cfg] = do_bench_cudagraph(lambda: run(cfg), rep=10, return_mode="median")
         except OutOfResources:  # e.g. too much shared memory on a smaller GPU
             continue
-    if not timings:
-        raise ZQError(f"no Triton GEMM config fits this GPU for shape key {key}; set ZQ_TRITON_AUTOTUNE=0 "
-                      "or use the torch._int_mm fallback (int_mm_linear)")
-    _TUNED[key] = min(timings, key=timings.get)
-    return _TUNED[key]
+    return timings
+
+
+def _stored_config(disk: tuning_cache.TuningCache, key: tuple, candidates: list[GemmConfig]) -> GemmConfig | None:
+    """The disk cache's config for ``key`` if it is one of ``candidates``; a malformed entry is ignored, with a
+    warning, and re-tuned."""
+    fields = disk.get(repr(key), tuning_cache.fingerprint(candidates))
+    if fields is None:
+        return None
+    try:
+        config = GemmConfig(**fields)
+    except TypeError:
+        config = None
+    if config not in candidates:
+        warnings.warn(f"ignoring the tuning cache entry {fields} for {key} in {disk.path}: not one of this shape's "
+                      "candidate configs; re-tuning it", stacklevel=4)
+        return None
+    return config
 
 
 def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -482,7 +518,7 @@ def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
 
     # A forced config bypasses the tuner's cache, so it does not become the shape's tuned choice.
     key = tuning_key(p.m, p.n, p.k, group_width, int4, tma, bias is not None, out_dtype, x_q.device.index)
-    run(config if config is not None else _pick_config(key, candidates, run))
+    run(config if config is not None else _pick_config(key, candidates, run, x_q.device.index))
     return out
 
 
@@ -551,6 +587,7 @@ def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
 def register_cuda_kernels() -> str:
     """Make ``zq::int8_linear`` / ``int4_linear`` run these kernels on CUDA tensors; idempotent.
 
+    (``triton_small_m.register_cuda_kernels`` then puts its decode-size kernels in front of these.)
     Returns the backend in use: ``"triton"``, or ``"int_mm"`` (with a warning) when Triton is missing
     or the GPU predates INT8 ``tl.dot`` (sm_80). Raises ZQError when there is no CUDA GPU.
     """

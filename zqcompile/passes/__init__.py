@@ -1,4 +1,5 @@
-"""Graph passes, one per file; each is ``fn(gm, ctx) -> PassResult`` (see infra.py)."""
+"""Graph passes, one per file; each is ``fn(gm, ctx) -> PassResult`` (see infra.py). The rule layer and the
+patterns that several passes match are in patterns.py."""
 
 from zqcompile.passes.additive_attention_mask import additive_attention_mask
 from zqcompile.passes.annotate_roles import annotate_roles

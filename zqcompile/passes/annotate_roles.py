@@ -10,6 +10,7 @@ can still target by module glob.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from torch.fx import GraphModule
 
@@ -37,4 +38,4 @@ def annotate_roles(gm: GraphModule, ctx: CompileContext) -> PassResult:
         module = module_name_of(node) or f"linear_{index}"
         node.meta[META_MODULE] = module
         node.meta[META_ROLE] = role_of(module)
-    return PassResult(gm, False, {"annotate_roles": len(nodes)})
+    return PassResult(gm, False, Counter({"annotate_roles": len(nodes)}))

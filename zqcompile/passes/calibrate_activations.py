@@ -11,6 +11,7 @@ there are no calibration inputs.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -47,4 +48,4 @@ def calibrate_activations(gm: GraphModule, ctx: CompileContext) -> PassResult:
     interpreter = _ChannelAbsmax(gm, watched, ctx.activation_absmax)
     with torch.no_grad():
         ctx.calibration_outputs = [interpreter.run(*inputs) for inputs in ctx.calibration_inputs]
-    return PassResult(gm, False, {"calibrate_activations": len(ctx.activation_absmax)})
+    return PassResult(gm, False, Counter({"calibrate_activations": len(ctx.activation_absmax)}))

@@ -9,11 +9,13 @@ restore ``x``'s leading dims, or the addmm result has other users.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.passes.infra import (
-    LINEAR, CompileContext, PassResult, drop_if_unused, get_attr_tensor, is_op, set_attr_tensor,
+    LINEAR, CompileContext, PassResult, drop_if_unused, get_attr_tensor, is_op, is_stored, set_attr_tensor,
 )
 
 ADDMM = torch.ops.aten.addmm.default
@@ -27,7 +29,7 @@ def _shape_key(node: Node) -> list[str]:
 def _match(addmm: Node) -> tuple[Node, Node, Node, Node] | None:
     """(x, weight get_attr, bias, outer view) or None."""
     bias, flat, weight = addmm.args[:3]
-    if addmm.kwargs or not (isinstance(weight, Node) and weight.op == "get_attr"):
+    if addmm.kwargs or not is_stored(weight):
         return None
     if not is_op(flat, *VIEWS) or len(addmm.users) != 1:
         return None
@@ -59,4 +61,4 @@ def canonicalize_conv1d(gm: GraphModule, ctx: CompileContext) -> PassResult:
         drop_if_unused(gm, weight)
         rewritten += 1
     gm.graph.eliminate_dead_code()  # the flattening views, which would count as extra readers in fusion
-    return PassResult(gm, rewritten > 0, {"canonicalize_conv1d": rewritten} if rewritten else {})
+    return PassResult(gm, rewritten > 0, Counter({"canonicalize_conv1d": rewritten}))

@@ -6,13 +6,15 @@ names any more; emits nothing. Never refuses. Run last so the final graph holds 
 
 from __future__ import annotations
 
+from collections import Counter
+
 from torch.fx import GraphModule
 
-from zqcompile.passes.infra import CompileContext, PassResult, delete_attr
+from zqcompile.passes.infra import CompileContext, PassResult, delete_attr, is_stored
 
 
 def _attr_targets(gm: GraphModule) -> set[str]:
-    return {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    return {n.target for n in gm.graph.nodes if is_stored(n)}
 
 
 def cleanup(gm: GraphModule, ctx: CompileContext) -> PassResult:
@@ -22,4 +24,4 @@ def cleanup(gm: GraphModule, ctx: CompileContext) -> PassResult:
     for target in referenced - _attr_targets(gm):
         delete_attr(gm, target)
     removed = before - len(gm.graph.nodes)
-    return PassResult(gm, removed > 0, {"cleanup.removed_nodes": removed} if removed else {})
+    return PassResult(gm, removed > 0, Counter({"cleanup.removed_nodes": removed}))

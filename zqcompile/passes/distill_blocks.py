@@ -17,7 +17,9 @@ from torch.fx import GraphModule, Node
 from zqcompile.capture import WRAPPER_PREFIX
 from zqcompile.errors import ZQError
 from zqcompile.lkd import distill, is_conv1d
-from zqcompile.passes.infra import META_MODULE, CompileContext, PassResult, attr_tensor, linear_nodes, replace_attr_tensor
+from zqcompile.passes.infra import (
+    META_MODULE, CompileContext, PassResult, attr_tensor, is_stored, linear_nodes, replace_attr_tensor,
+)
 
 LINEAR_PARAMS = {"weight": 1, "bias": 2}  # aten.linear(x, weight, bias)
 
@@ -28,7 +30,7 @@ def _graph_target(linears: dict[str, Node], name: str) -> str:
     linear = linears.get(module)
     if linear is not None and param in LINEAR_PARAMS:
         stored = linear.args[LINEAR_PARAMS[param]] if len(linear.args) > LINEAR_PARAMS[param] else None
-        if isinstance(stored, Node) and stored.op == "get_attr":
+        if is_stored(stored):
             return stored.target
     return WRAPPER_PREFIX + name
 

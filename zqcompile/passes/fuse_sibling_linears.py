@@ -23,28 +23,26 @@ from collections import Counter
 import torch
 from torch.fx import GraphModule, Node
 
-from zqcompile.passes.infra import CompileContext, PassResult, get_attr_tensor, is_op, set_attr_tensor
+from zqcompile.ops import WEIGHT_ARGS
+from zqcompile.passes.infra import CompileContext, PassResult, get_attr_tensor, is_op, is_stored, set_attr_tensor
 
 zq = torch.ops.zq
 _GEMMS = (zq.int8_linear.default, zq.int4_linear.default)
 _RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 META_FUSED_FROM = "zq_fused_from"
 """On a fused GEMM: {"weight" | "scale" | "bias": [(original attribute, first row, end row), ...]}."""
-FUSED_ARG_POSITION = {"weight": 2, "scale": 3, "bias": 4}
-"""Where each concatenated tensor is in the fused GEMM's arguments."""
-
-
-def _constants(node: Node) -> list[Node] | None:
-    tensors = [a for a in (node.args[i] for i in FUSED_ARG_POSITION.values()) if a is not None]
-    return tensors if all(isinstance(a, Node) and a.op == "get_attr" for a in tensors) else None
+FUSED_ARG_POSITION = WEIGHT_ARGS[zq.int8_linear.default]._asdict()
+"""Where each concatenated tensor is in the fused GEMM's arguments (the same for ``int4_linear``)."""
 
 
 def _layout(gm: GraphModule, node: Node) -> tuple | None:
     """What must agree between siblings: K, rows per scale group, input groups, dtypes; None if not fusible."""
-    if _constants(node) is None or any(not is_op(user, *_RESHAPES) for user in node.users):
+    weight, scale, bias = (node.args[position] for position in FUSED_ARG_POSITION.values())
+    if not all(is_stored(a) for a in (weight, scale, bias) if a is not None):
         return None
-    w, w_s = get_attr_tensor(gm, node.args[2]), get_attr_tensor(gm, node.args[3])
-    bias = node.args[4]
+    if any(not is_op(user, *_RESHAPES) for user in node.users):
+        return None
+    w, w_s = get_attr_tensor(gm, weight), get_attr_tensor(gm, scale)
     bias_dtype = None if bias is None else get_attr_tensor(gm, bias).dtype
     return w.shape[1], w.dtype, w.shape[0] // w_s.shape[0], w_s.shape[1], w_s.dtype, bias_dtype
 

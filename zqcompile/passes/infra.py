@@ -1,8 +1,9 @@
 """The pass contract and the pass manager (after torch.fx.passes.infra).
 
 A pass is ``fn(gm, ctx) -> PassResult``. The manager runs passes in order, lints and recompiles the graph
-after each, merges hit counters into the context, and re-raises a failure as "an error occurred when
-running the 'X' pass after the following passes: [...]" so the error says where it happened.
+after each pass that reports it modified it, merges hit counters into the context, and re-raises a failure
+as "an error occurred when running the 'X' pass after the following passes: [...]" so the error says where
+it happened.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeGuard
 
 import torch
 from torch.fx import GraphModule, Node
@@ -30,9 +31,16 @@ LINEAR = torch.ops.aten.linear.default
 
 @dataclass
 class PassResult:
+    """What a pass did: ``modified`` says whether the graph changed (the manager lints and recompiles only
+    then); ``counters`` counts its rewrites by name (``fuse.layernorm``), and keeps only positive counts so
+    a pass can count into a ``Counter`` without recording the rewrites it did not make."""
+
     graph_module: GraphModule
     modified: bool
     counters: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.counters = +Counter(self.counters)
 
 
 @dataclass
@@ -61,16 +69,17 @@ class CompileContext:
 PassFn = Callable[[GraphModule, CompileContext], PassResult]
 
 
-def run_passes(gm: GraphModule, ctx: CompileContext, passes: Iterable[PassFn],
-               on_pass_done: Callable[[str, GraphModule], None] | None = None) -> GraphModule:
-    """Run ``passes`` in order; lint + recompile after each; name the failing pass and what ran before it."""
+def run_passes(gm: GraphModule, ctx: CompileContext, passes: Iterable[PassFn]) -> GraphModule:
+    """Run ``passes`` in order; lint + recompile after each that modified the graph; name the failing pass
+    and what ran before it."""
     for fn in passes:
         name = fn.__name__
         try:
             result = fn(gm, ctx)
             gm = result.graph_module
-            gm.graph.lint()
-            gm.recompile()
+            if result.modified:
+                gm.graph.lint()
+                gm.recompile()
         except ZQError:
             raise
         except Exception as err:
@@ -78,8 +87,6 @@ def run_passes(gm: GraphModule, ctx: CompileContext, passes: Iterable[PassFn],
                           f"{ctx.passes_run}: {type(err).__name__}: {err}") from err
         ctx.counters.update(result.counters)
         ctx.passes_run.append(name)
-        if on_pass_done is not None:
-            on_pass_done(name, gm)
     return gm
 
 
@@ -93,6 +100,12 @@ def attr_owner(gm: GraphModule, target: str) -> tuple[torch.nn.Module, str]:
 
 def attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
     return getattr(*attr_owner(gm, target))
+
+
+def is_stored(arg: object) -> TypeGuard[Node]:
+    """Whether a node argument is a stored constant of the graph (a ``get_attr`` of a parameter or buffer),
+    which a pass may rewrite ahead of time, as opposed to a value computed at run time."""
+    return isinstance(arg, Node) and arg.op == "get_attr"
 
 
 def get_attr_tensor(gm: GraphModule, node: Node) -> torch.Tensor:
@@ -118,7 +131,7 @@ def drop_if_unused(gm: GraphModule, get_attr: Node) -> None:
     if get_attr.users:
         return
     gm.graph.erase_node(get_attr)
-    if not any(n.op == "get_attr" and n.target == get_attr.target for n in gm.graph.nodes):
+    if not any(is_stored(n) and n.target == get_attr.target for n in gm.graph.nodes):
         delete_attr(gm, get_attr.target)
 
 

@@ -8,7 +8,7 @@ lowering later turns the pair into an INT8 GEMM). Refuses nothing; weight-only a
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 from torch.fx import GraphModule, Node
@@ -32,4 +32,4 @@ def insert_activation_quant(gm: GraphModule, ctx: CompileContext) -> PassResult:
             dequant = gm.graph.call_function(torch.ops.zq.dequantize_per_token.default, (q, s, val_dtype(x)))
         for linear in linears:
             linear.replace_input_with(x, dequant)
-    return PassResult(gm, bool(readers), {"insert_activation_quant": len(readers)} if readers else {})
+    return PassResult(gm, bool(readers), Counter({"insert_activation_quant": len(readers)}))

@@ -10,6 +10,8 @@ Refuses (leaves the linear as it is) anything else, e.g. FP linears the recipe k
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.fx import GraphModule
 
@@ -19,7 +21,7 @@ zq = torch.ops.zq
 
 
 def lower_linear_to_int8_gemm(gm: GraphModule, ctx: CompileContext) -> PassResult:
-    counts: dict[str, int] = {}
+    counts: Counter = Counter()
     for linear in linear_nodes(gm):
         x, weight, bias = (list(linear.args) + [None])[:3]
         if not is_op(weight, zq.dequantize_weight.default):
@@ -35,7 +37,6 @@ def lower_linear_to_int8_gemm(gm: GraphModule, ctx: CompileContext) -> PassResul
         lowered.meta = dict(linear.meta)
         linear.replace_all_uses_with(lowered)
         gm.graph.erase_node(linear)
-        name = f"lower.{target.__name__.split('.')[0]}"
-        counts[name] = counts.get(name, 0) + 1
+        counts[f"lower.{target.__name__.split('.')[0]}"] += 1
     gm.graph.eliminate_dead_code()
     return PassResult(gm, bool(counts), counts)

@@ -9,6 +9,8 @@ Refuses nothing: planning already rejected what cannot be quantized.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.fx import GraphModule
 
@@ -45,4 +47,4 @@ def quantize_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
         node.replace_input_with(weight_node, dequant)
         drop_if_unused(gm, weight_node)
         count += 1
-    return PassResult(gm, count > 0, {"quantize_weights": count} if count else {})
+    return PassResult(gm, count > 0, Counter({"quantize_weights": count}))

@@ -7,6 +7,8 @@ Refuses (leaves the node) when ``train=True``: that dropout is random, not an id
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.fx import GraphModule
 
@@ -20,4 +22,4 @@ def remove_dropout(gm: GraphModule, ctx: CompileContext) -> PassResult:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             removed += 1
-    return PassResult(gm, removed > 0, {"remove_dropout": removed} if removed else {})
+    return PassResult(gm, removed > 0, Counter({"remove_dropout": removed}))

@@ -7,6 +7,8 @@ runs on the dtype and device it was captured with, which these assertions only r
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.fx import GraphModule
 
@@ -19,4 +21,4 @@ def remove_tensor_asserts(gm: GraphModule, ctx: CompileContext) -> PassResult:
         if is_op(node, torch.ops.aten._assert_tensor_metadata.default):
             gm.graph.erase_node(node)
             removed += 1
-    return PassResult(gm, removed > 0, {"remove_tensor_asserts": removed} if removed else {})
+    return PassResult(gm, removed > 0, Counter({"remove_tensor_asserts": removed}))

@@ -23,7 +23,8 @@ else reads it (a tied embedding). Other readers of a smoothed norm (post-LN BERT
 the calibration inputs and must give the outputs it gave before (a ZQError otherwise: that would be a bug
 in a rule). Refuses, recording why in ``ctx.smooth_skipped``, when the producer matches no rule, or when a
 SwiGLU or attention output has other readers. Does nothing when ``smooth_alpha`` is None (the default,
-plain ZeroQuant).
+plain ZeroQuant). Each rule (``layernorm``, ``rmsnorm``, ``swiglu``, ``attention``) counts ``smooth.<rule>``;
+the norm and SwiGLU patterns are shared with ``fuse_quant_into_elementwise`` (``patterns.py``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.errors import ZQError
-from zqcompile.passes.fuse_quant_into_elementwise import Fusion, _layer_norm_parts, rmsnorm, silu_mul
 from zqcompile.passes.infra import (
-    META_PLAN, CompileContext, PassResult, drop_if_unused, get_attr_tensor, is_op, set_attr_tensor,
+    META_PLAN, CompileContext, PassResult, drop_if_unused, get_attr_tensor, is_op, is_stored, set_attr_tensor,
+)
+from zqcompile.passes.patterns import (
+    LayerNorm, Miss, RMSNorm, Rule, SiluMul, apply_rules, match_layer_norm, match_rms_norm, match_silu_mul,
 )
 
 aten = torch.ops.aten
@@ -47,17 +50,19 @@ MOVEMENT = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, 
             aten.permute.default, aten.clone.default, aten.contiguous.default, aten.unsqueeze.default,
             aten.expand.default, aten.slice.Tensor)
 FULL_SLICE_END = 2 ** 62
-NORMS = ("layernorm", "rmsnorm")  # producers whose other readers can get the unsmoothed value back
 
 
 @dataclass(frozen=True)
 class Source:
-    """How ``x`` is produced: dividing the output channels (first dim) of each ``(reader, stored tensor)`` in
-    ``folds`` divides x's channels. x's channels are ``[groups, shared_by, head_dim]`` where the folds' are
-    ``[groups, head_dim]`` (``shared_by`` > 1: query heads sharing a KV head)."""
+    """How ``x`` is produced and read: dividing the output channels (first dim) of each ``(reader, stored
+    tensor)`` in ``folds`` divides x's channels; ``readers`` (act-quantized linears) take the factors into
+    their weight columns; ``others`` read x too and get its unsmoothed value back. x's channels are
+    ``[groups, shared_by, head_dim]`` where the folds' are ``[groups, head_dim]`` (``shared_by`` > 1: query
+    heads sharing a KV head)."""
 
-    kind: str
     folds: list[tuple[Node, Node]]
+    readers: list[Node]
+    others: list[Node]
     shared_by: int = 1
     head_dim: int = 1
 
@@ -71,8 +76,16 @@ class Source:
         return grouped.expand(-1, self.shared_by, self.head_dim).reshape(-1)
 
 
-def _stored(node: object) -> Node | None:
-    return node if isinstance(node, Node) and node.op == "get_attr" else None
+def _source(x: Node, folds: list[tuple[Node, Node]], restores_others: bool, shared_by: int = 1,
+            head_dim: int = 1) -> Source | Miss:
+    """x's Source; other readers than act-quantized linears are allowed only where x can be restored for
+    them (a norm's output, post-LN BERT's residual)."""
+    readers = [r for r in x.users if is_op(r, LINEAR) and r.args[0] is x and r.meta[META_PLAN].act_bits == 8
+               and is_stored(r.args[1])]
+    others = [r for r in x.users if r not in readers]
+    if others and not restores_others:
+        return Miss(f"its output is also read by {[r.name for r in others]}")
+    return Source(folds, readers, others, shared_by, head_dim)
 
 
 def _is_movement(node: object) -> bool:
@@ -94,45 +107,49 @@ def _through_movement(node: object) -> object:
     return node
 
 
-def _layernorm_or_rmsnorm(x: Node) -> Source | str | None:
-    parts = _layer_norm_parts(x)
-    if isinstance(parts, tuple):
-        _, (weight, bias, _) = parts
-        if _stored(weight) is None or (bias is not None and _stored(bias) is None):
-            return "the LayerNorm has no stored affine weight to fold the smoothing into"
-        return Source("layernorm", [(x, weight)] + ([(x, bias)] if bias is not None else []))
-    if isinstance(parts, str):
-        return parts
-    fusion = rmsnorm(x)
-    return Source("rmsnorm", [(x, fusion.args[1])]) if isinstance(fusion, Fusion) else fusion  # x = w * normed
+def layernorm(x: Node) -> Source | Miss | None:
+    """``layer_norm(h, w, b)``: divide the stored ``w`` (and ``b``)."""
+    norm = match_layer_norm(x)
+    if not isinstance(norm, LayerNorm):
+        return norm
+    if not is_stored(norm.weight) or (norm.bias is not None and not is_stored(norm.bias)):
+        return Miss("the LayerNorm has no stored affine weight to fold the smoothing into")
+    folds = [(x, norm.weight)] + ([(x, norm.bias)] if norm.bias is not None else [])
+    return _source(x, folds, restores_others=True)
 
 
-def _linear_rows(linear: object, what: str) -> list[tuple[Node, Node]] | str:
+def rmsnorm(x: Node) -> Source | Miss | None:
+    """Llama's RMSNorm ``w * normed``: divide the stored ``w``."""
+    norm = match_rms_norm(x)
+    return _source(x, [(x, norm.weight)], restores_others=True) if isinstance(norm, RMSNorm) else norm
+
+
+def _linear_rows(linear: object, what: str) -> list[tuple[Node, Node]] | Miss:
     """The (reader, stored tensor) folds that divide a linear's output channels."""
-    if not is_op(linear, LINEAR) or _stored(linear.args[1]) is None or len(linear.users) != 1:
-        return f"the {what} is not a linear with a stored weight read only there"
+    if not is_op(linear, LINEAR) or not is_stored(linear.args[1]) or len(linear.users) != 1:
+        return Miss(f"the {what} is not a linear with a stored weight read only there")
     bias = linear.args[2] if len(linear.args) > 2 else None
-    if bias is not None and _stored(bias) is None:
-        return f"the {what}'s bias is computed at run time"
+    if bias is not None and not is_stored(bias):
+        return Miss(f"the {what}'s bias is computed at run time")
     return [(linear, linear.args[1])] + ([(linear, bias)] if bias is not None else [])
 
 
-def _swiglu(x: Node) -> Source | str | None:
+def swiglu(x: Node) -> Source | Miss | None:
     """``silu(gate) * up``: dividing up_proj's output rows divides x exactly (silu is not touched)."""
-    fusion = silu_mul(x)
-    if not isinstance(fusion, Fusion):
-        return fusion
-    folds = _linear_rows(fusion.args[1], "SwiGLU's up projection")
-    return Source("swiglu", folds) if isinstance(folds, list) else folds
+    gated = match_silu_mul(x)
+    if not isinstance(gated, SiluMul):
+        return gated
+    folds = _linear_rows(gated.up, "SwiGLU's up projection")
+    return _source(x, folds, restores_others=False) if isinstance(folds, list) else folds
 
 
-def _attention(x: Node) -> Source | str | None:
+def attention(x: Node) -> Source | Miss | None:
     """The attention output: its channels are V's channels (head-major), each head a mix of V's rows."""
     sdpa = _through_movement(x)
     if not is_op(sdpa, SDPA):
         return None
     if len(sdpa.users) != 1 or x.meta.get("val") is None or sdpa.args[2].meta.get("val") is None:
-        return "the attention output is read elsewhere or has no shape"
+        return Miss("the attention output is read elsewhere or has no shape")
     value = _through_movement(sdpa.args[2])
     folds = _linear_rows(value, "attention's value projection")
     if not isinstance(folds, list):
@@ -140,22 +157,9 @@ def _attention(x: Node) -> Source | str | None:
     head_dim = sdpa.args[2].meta["val"].shape[-1]
     channels, v_channels = x.meta["val"].shape[-1], value.meta["val"].shape[-1]
     if channels % head_dim or v_channels % head_dim or channels % v_channels:
-        return f"attention channels {channels} / value channels {v_channels} do not split into heads of {head_dim}"
-    return Source("attention", folds, shared_by=channels // v_channels, head_dim=int(head_dim))
-
-
-RULES = (_layernorm_or_rmsnorm, _swiglu, _attention)
-
-
-def _source(x: Node) -> Source | str:
-    reasons = []
-    for rule in RULES:
-        outcome = rule(x)
-        if isinstance(outcome, Source):
-            return outcome
-        if outcome:
-            reasons.append(outcome)
-    return "; ".join(reasons) or f"it comes from {x.target}, which no smoothing rule covers"
+        return Miss(f"attention channels {channels} / value channels {v_channels} do not split into heads of "
+                    f"{head_dim}")
+    return _source(x, folds, restores_others=False, shared_by=channels // v_channels, head_dim=int(head_dim))
 
 
 def _replace_stored(gm: GraphModule, reader: Node, old: Node, tensor: torch.Tensor) -> None:
@@ -175,10 +179,10 @@ def smoothing_factors(absmax: torch.Tensor, w_max: torch.Tensor, alpha: float) -
     return torch.where((absmax > 0) & (w_max > 0), factors, torch.ones_like(factors))
 
 
-def _fold(gm: GraphModule, x: Node, readers: list[Node], source: Source, alpha: float,
-          absmax: torch.Tensor) -> torch.Tensor:
+def _fold(gm: GraphModule, source: Source, alpha: float, absmax: torch.Tensor) -> torch.Tensor:
     """Divide x's producer by the factors and multiply the readers' weight columns by them; returns the
     factors per channel of x."""
+    readers = source.readers
     w_max = torch.stack([get_attr_tensor(gm, r.args[1]).detach().abs().amax(0).float() for r in readers]).amax(0)
     factors = smoothing_factors(source.reduce(absmax), source.reduce(w_max), alpha)
     for reader, param in source.folds:
@@ -220,28 +224,25 @@ def _check_same_function(gm: GraphModule, ctx: CompileContext) -> None:
                                   f"this is a zqcompile bug, please report it; set smooth_alpha: null meanwhile")
 
 
+def _smooth(gm: GraphModule, ctx: CompileContext, x: Node, source: Source) -> None:
+    factors = _fold(gm, source, ctx.recipe.smooth_alpha, ctx.activation_absmax[x.name])
+    if source.others:
+        _restore_for(gm, x, source.others, factors)
+
+
+RULES: tuple[Rule[Source], ...] = tuple(Rule(match.__name__, match, _smooth)
+                                        for match in (layernorm, rmsnorm, swiglu, attention))
+
+
 def smooth_activations(gm: GraphModule, ctx: CompileContext) -> PassResult:
-    alpha = ctx.recipe.smooth_alpha
-    if alpha is None:
+    if ctx.recipe.smooth_alpha is None:
         return PassResult(gm, False)
-    counts: dict[str, int] = {}
-    for x in [n for n in gm.graph.nodes if n.name in ctx.activation_absmax]:
-        readers = [r for r in x.users if is_op(r, LINEAR) and r.args[0] is x and r.meta[META_PLAN].act_bits == 8
-                   and _stored(r.args[1]) is not None]
-        others = [r for r in x.users if r not in readers]
-        source = _source(x)
-        if isinstance(source, str):
-            ctx.smooth_skipped[x.name] = source
-            continue
-        if others and source.kind not in NORMS:
-            ctx.smooth_skipped[x.name] = f"its output is also read by {[r.name for r in others]}"
-            continue
-        factors = _fold(gm, x, readers, source, alpha, ctx.activation_absmax[x.name])
-        if others:
-            _restore_for(gm, x, others, factors)
-            counts["smooth.residual_restored"] = counts.get("smooth.residual_restored", 0) + 1
-        counts[f"smooth.{source.kind}"] = counts.get(f"smooth.{source.kind}", 0) + 1
-    if counts:
+    applied = apply_rules(gm, ctx, [n for n in gm.graph.nodes if n.name in ctx.activation_absmax], RULES,
+                          "smooth", lambda x: f"it comes from {x.target}, which no smoothing rule covers")
+    ctx.smooth_skipped.update(applied.misses)
+    counters = applied.counters
+    counters.update("smooth.residual_restored" for source in applied.matches if source.others)
+    if counters:
         gm.recompile()
         _check_same_function(gm, ctx)
-    return PassResult(gm, bool(counts), counts)
+    return PassResult(gm, bool(counters), counters)

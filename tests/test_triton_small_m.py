@@ -1,0 +1,234 @@
+"""The weight-streaming small-M GEMM (zqcompile/backends/triton_small_m.py).
+
+CPU: config and split-K selection, and the kernel itself under Triton's interpreter (``TRITON_INTERPRET=1``
+runs the kernel's Python on CPU tensors, program after program) at tiny shapes, for W8A8, W4A8, W8A16 and
+W4A16, with and without split-K, groups, bias and a ragged K, against a float64 reference. GPU (skipped without
+one): every candidate config of every variant at decode shapes, and the ops' CUDA kernels (dispatch by M).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_triton_gemm import float64_reference, make_operands, needs_gpu, rel_err
+from zqcompile.backends import triton_gemm, triton_small_m
+from zqcompile.backends.triton_small_m import StreamConfig, block_m_for, candidate_configs, split_k_for
+from zqcompile.errors import ZQError
+from zqcompile.quant import dequantize_weight_values, unpack_weight
+
+
+def weight_only_float64(x, w, w_scale, bias) -> torch.Tensor:
+    y = x.double() @ dequantize_weight_values(unpack_weight(w.cpu()), w_scale.cpu()).double().T
+    return y + bias.double().cpu() if bias is not None else y
+
+
+def weight_only_operands(m, n, k, *, int4, g_in, bias, seed, dtype=torch.float16, device="cpu"):
+    (_, _, w, w_scale, b), _ = make_operands(m, n, k, int4=int4, g_out=n, g_in=g_in, bias=bias, seed=seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return tuple(None if t is None else t.to(device) for t in (x, w, w_scale, b if b is None else b.to(dtype)))
+
+
+# ---- CPU: selection ------------------------------------------------------------------------------------
+
+def test_block_m_holds_all_tokens():
+    assert [block_m_for(m) for m in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
+
+
+def test_split_k_fills_the_gpu_but_keeps_two_k_tiles_per_split():
+    assert split_k_for(4096, 4096, 64, 256, 4, 132) == 8  # 64 column tiles -> 528 programs wanted, 8 = 16 / 2
+    assert split_k_for(11008, 4096, 64, 256, 2, 132) == 2  # 172 column tiles x 2
+    assert split_k_for(4096, 11008, 128, 256, 2, 132) == 9
+    assert split_k_for(64, 256, 32, 256, 4, 132) == 1  # one K tile: no split
+
+
+def test_candidate_configs_hold_whole_groups():
+    p = triton_gemm._Problem(8, 4096, 4096, 4096, 4096 // 64)
+    assert all(cfg.block_k % 64 == 0 for cfg in candidate_configs(p))
+    p = triton_gemm._Problem(8, 4096, 4096, 4096, 4096 // 512)
+    assert all(cfg.block_k == 512 for cfg in candidate_configs(p))
+    small_k = triton_gemm._Problem(8, 96, 80, 96, 1)
+    assert {cfg.block_k for cfg in candidate_configs(small_k)} == {128}
+
+
+def test_applies_only_where_the_kernel_is_exact():
+    def applies(m, g_in, k=4096, int8_acts=True, dtype=None):
+        return triton_small_m.stream_kernel_applies(triton_gemm._Problem(m, 64, k, 64, g_in), int8_acts, dtype)
+    assert applies(1, 1) and applies(64, 64) and not applies(65, 1) and not applies(0, 1)
+    assert not applies(8, 4096 // 32)  # groups of 32: an INT4 half-group is narrower than the INT8 MMA
+    assert not applies(8, 3, k=96 * 3)  # groups of 96: no power of two
+    assert applies(8, 1, int8_acts=False, dtype=torch.bfloat16)
+    assert not applies(8, 1, int8_acts=False, dtype=torch.float32)
+
+
+def test_weight_only_args_are_checked():
+    x, w, w_scale, bias = weight_only_operands(2, 64, 128, int4=True, g_in=2, bias=True, seed=0)
+    assert triton_small_m.check_weight_only_args(x, w, w_scale, bias).k == 128
+    with pytest.raises(ZQError, match="floating point"):
+        triton_small_m.check_weight_only_args(x.to(torch.int8), w, w_scale, bias)
+    with pytest.raises(ZQError, match="bias dtype"):
+        triton_small_m.check_weight_only_args(x, w, w_scale, bias.float())
+    with pytest.raises(ZQError, match="in_features"):
+        triton_small_m.check_weight_only_args(x[:, :64], w, w_scale, bias)
+
+
+# ---- CPU: the kernel under Triton's interpreter -----------------------------------------------------------
+
+# (M, N, K, int4, G_in, bias, config): split-K with and without groups, ragged N and K, several sub-tiles per K step
+INTERPRETER_CASES = [
+    (1, 48, 256, False, 1, True, StreamConfig(32, 64, 4, 2, 8)),  # 4 K tiles, split 2; N tile past N
+    (3, 32, 200, False, 1, False, StreamConfig(32, 64, 4, 2, 1)),  # K = 200: masked last tile
+    (5, 64, 256, True, 4, True, StreamConfig(32, 128, 4, 2, 8)),  # INT4, groups of 64, 2 per K step, split 2
+    (17, 32, 256, True, 1, True, StreamConfig(32, 64, 4, 2, 1)),  # INT4 per channel, BLOCK_M 32
+]
+WIDEN_CONFIG = StreamConfig(32, 256, 4, 2, 1)
+
+
+def widen_operands():
+    """Every int8 weight value (one row, K = 256) and every nibble (twice each, packed), picked out one per
+    output row by identity activations."""
+    q = torch.arange(-127, 129, dtype=torch.int16).clamp(max=127).to(torch.int8).view(1, 256)
+    nibbles = torch.tensor([(v & 0xF) | ((v & 0xF) << 4) for v in range(16)] * 8, dtype=torch.uint8).view(1, 128)
+    return [(torch.eye(256, dtype=torch.float16)[:16], w) for w in (q, nibbles)]
+
+
+def run_interpreted_cases() -> dict:
+    """Every interpreter case's output; runs in the child process that ``interpreted`` starts."""
+    out = {}
+    for i, (m, n, k, int4, g_in, bias, cfg) in enumerate(INTERPRETER_CASES):
+        (x_q, x_scale, w, w_scale, b), _ = make_operands(m, n, k, int4=int4, g_out=n, g_in=g_in, bias=bias,
+                                                         seed=m + k)
+        out["int", i] = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, b, torch.float32, int4=int4,
+                                                         config=cfg)
+        x, w, w_scale, b = weight_only_operands(m, n, k, int4=int4, g_in=g_in, bias=bias, seed=m + k)
+        out["weight_only", i] = triton_small_m.stream_weight_only_linear(x, w, w_scale, b, config=cfg)
+        out["tickets_left", i] = triton_small_m._workspace(torch.device("cpu"))[1].any().item()
+    for i, (x, w) in enumerate(widen_operands()):
+        out["widen", i] = triton_small_m.stream_weight_only_linear(x, w, torch.ones(1, 1), None, config=WIDEN_CONFIG)
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    """The interpreter cases' outputs, computed in a child process: TRITON_INTERPRET=1 must be set before Triton
+    is first imported (its own library functions are decorated then), so it cannot be switched on here."""
+    pytest.importorskip("triton", minversion="3.7")  # 3.6's interpreter fails on numpy >= 2.4 scalars
+    result = tmp_path_factory.mktemp("interpreter") / "outputs.pt"
+    code = ("import sys, torch, test_triton_small_m as t; "
+            f"torch.save(t.run_interpreted_cases(), {str(result)!r})")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(result)
+
+
+@pytest.mark.parametrize("case", range(len(INTERPRETER_CASES)))
+def test_interpreted_int_kernel_matches_float64(interpreted, case):
+    m, n, k, int4, g_in, bias, _ = INTERPRETER_CASES[case]
+    (x_q, x_scale, w, w_scale, b), w_q = make_operands(m, n, k, int4=int4, g_out=n, g_in=g_in, bias=bias, seed=m + k)
+    y = interpreted["int", case]
+    assert y.shape == (m, n) and rel_err(y, float64_reference(x_q, x_scale, w_q, w_scale, b)) <= 1e-6
+    assert not interpreted["tickets_left", case]  # the last split reset the tile's ticket for the next call
+
+
+@pytest.mark.parametrize("case", range(len(INTERPRETER_CASES)))
+def test_interpreted_weight_only_kernel_matches_float64(interpreted, case):
+    m, n, k, int4, g_in, bias, _ = INTERPRETER_CASES[case]
+    x, w, w_scale, b = weight_only_operands(m, n, k, int4=int4, g_in=g_in, bias=bias, seed=m + k)
+    y = interpreted["weight_only", case]
+    assert y.dtype == torch.float16 and y.shape == (m, n)
+    assert rel_err(y, weight_only_float64(x, w, w_scale, b)) <= 1e-3  # fp16 output rounding
+
+
+def test_interpreted_kernel_widens_every_weight_value(interpreted):
+    """The fp16 exponent trick on every int8 value, the nibble unpacking on every nibble."""
+    for i, (_, w) in enumerate(widen_operands()):
+        assert torch.equal(interpreted["widen", i][:, 0].float(), unpack_weight(w)[0, :16].float())
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------
+
+GPU_CASES = [  # (M, N, K, int4, G_in, every config or the default only): every config on the W8A8 decode layout
+    (1, 4096, 4096, False, 1, True), (7, 1000, 4096, True, 64, False), (33, 4096, 1024, False, 1, False),
+    (64, 1024, 2048, True, 32, False), (16, 512, 704, False, 1, False),  # K = 704: masked tail
+]
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,int4,g_in,every", GPU_CASES)
+def test_configs_match_float64_on_gpu(m, n, k, int4, g_in, every):
+    (x_q, x_scale, w, w_scale, bias), w_q = make_operands(m, n, k, int4=int4, g_out=n, g_in=g_in, bias=True,
+                                                          seed=m + n + k, device="cuda")
+    ref = float64_reference(x_q.cpu(), x_scale.cpu(), w_q, w_scale.cpu(), bias.cpu())
+    x, w16, s16, b16 = weight_only_operands(m, n, k, int4=int4, g_in=g_in, bias=True, seed=m + k, device="cuda")
+    ref16 = weight_only_float64(x.cpu(), w16, s16, b16)
+    configs = candidate_configs(triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, bias, int4))
+    for cfg in configs if every else configs[:1]:
+        for _ in range(2):  # the second call finds the tickets the first one reset
+            y = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, bias, torch.float32, int4=int4, config=cfg)
+            assert rel_err(y, ref) <= 1e-6, cfg
+            y16 = triton_small_m.stream_weight_only_linear(x, w16, s16, b16, config=cfg)
+            assert rel_err(y16, ref16) <= 1e-3, cfg
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64, 65, 300])
+def test_registered_kernels_dispatch_by_m_and_match_the_reference(m):
+    from zqcompile.backends import reference_kernels, register_cuda_kernels
+
+    register_cuda_kernels()
+    (x_q, x_scale, w, w_scale, bias), _ = make_operands(m, 256, 512, int4=True, g_out=256, g_in=8, bias=True,
+                                                        seed=m, device="cuda")
+    x, w16, s16, b16 = weight_only_operands(m, 256, 512, int4=False, g_in=1, bias=True, seed=m, device="cuda")
+    calls = [lambda: torch.ops.zq.int4_linear(x_q, x_scale, w, w_scale, bias, torch.float16),
+             lambda: torch.ops.zq.weight_only_linear(x, w16, s16, b16)]
+    for call in calls:
+        y = call()
+        with reference_kernels():
+            ref = call()
+        assert rel_err(y, ref.double().cpu()) <= 2e-3
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_split_k_kernel_inside_cuda_graph_replays():
+    (x_q, x_scale, w, w_scale, bias), w_q = make_operands(4, 4096, 4096, int4=False, g_out=4096, g_in=1, bias=True,
+                                                          seed=2, device="cuda")
+    cfg = candidate_configs(triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, bias, False))[0]
+    run = lambda: triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, bias, torch.float32, int4=False,
+                                                   config=cfg)
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    ref = float64_reference(x_q.cpu(), x_scale.cpu(), w_q, w_scale.cpu(), bias.cpu())
+    for _ in range(3):
+        y.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, ref) <= 1e-6
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("family,recipe", [("llama", "w8a16"), ("llama", "w4a16"), ("gpt2", "w4a8")])
+def test_compiled_model_matches_reference_kernels(family, recipe):
+    """Whole tiny models at 48 tokens (the weight-streaming kernels) against the reference kernels."""
+    import zqcompile
+    from helpers import TINY_MODELS, token_batch
+    from zqcompile.backends import reference_kernels
+
+    qmodel = zqcompile.compile(TINY_MODELS[family]().half().cuda(), recipe, backend="cuda")
+    ids = token_batch(3, 16, seed=1).cuda()
+    out = qmodel(input_ids=ids)["logits"]
+    with reference_kernels():
+        ref = qmodel.graph_module(*qmodel.graph_inputs(input_ids=ids))[0]
+    assert rel_err(out, ref.double().cpu()) <= 1e-2

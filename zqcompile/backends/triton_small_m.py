@@ -1,0 +1,395 @@
+"""Weight-streaming Triton GEMMs for few tokens (M <= 64): ``zq::int8_linear``, ``int4_linear`` (W8A8, W4A8) and
+``zq::weight_only_linear`` (W8A16, W4A16), and the CUDA kernels of these ops, which dispatch by M.
+
+At decode sizes a GEMM costs the time it takes to read its weight once: ``N*K`` bytes (INT8) or ``N*K/2`` bytes
+plus the group scales (INT4) against at most ``64*K`` of activations. ``_stream_kernel`` is built for that:
+
+* One program per ``BLOCK_N`` weight rows and one K range (split-K): ``N / BLOCK_N`` column tiles alone do not
+  fill 132 SMs with enough bytes in flight, so K is split until the grid is a few waves. Each split stores its
+  partial tile in a workspace; the last split to arrive (a per-tile ticket counter) sums the partials in split
+  order, resets its counter for the next call (no memset, CUDA-graph replays stay valid) and runs the
+  epilogue. Plain stores, not atomic adds: at M = 16 the atomics cost more than the weight reads. W8A8 without
+  input-dim groups sums INT32 partials, so the sum is exact; float partials are summed in a fixed order.
+* All M rows sit in one ``BLOCK_M`` (16, 32 or 64) tile, multiplied on the tensor cores: at M = 1 the 16-row
+  MMA wastes arithmetic, which is free here, and it keeps the weight tile's load layout the same at every M.
+* INT4 weights (``uint8 [N, K/2]``, low nibble = even k) are widened to INT8 in registers without
+  interleaving: the low nibbles multiply the even activation columns and the high nibbles the odd ones (two
+  MMAs over K/2, the activation tile split in registers), so the weight tile is never shuffled between
+  layouts, and the main loop stays on INT8 MMAs.
+* Input-dim groups (``G_in > 1``, the w4a8 / w4a16 presets' groups of 64): each K tile holds ``SUBS`` whole
+  groups; each group's exact INT32 (W?A8) or float32 (W?A16) partial product is scaled by its group scale and
+  added to a float32 accumulator: the reference's arithmetic, ``sum_g (x @ w_g.T) * s_w[:, g]``.
+* Weight-only: fp16 activations times weights widened to fp16 in registers (exact for |q| <= 127, by the
+  ``0x6400`` exponent trick: one OR and one subtract instead of a quarter-rate integer-to-float convert), fp32
+  accumulation, the weight scale applied to the accumulator. The reference rounds ``q * s`` to fp16 before its
+  GEMM; scaling after the sum is the same product without that rounding, so the two agree to fp16 rounding.
+
+Larger M keeps the prefill kernels: the tiled / TMA kernels of ``triton_gemm`` for W8A8/W4A8, and for
+weight-only the reference (dequantize, then cuBLAS) - prefill is bound by the tensor cores, not the weight.
+Configs are autotuned per (M bucket, N, K, variant) with ``triton_gemm``'s tuner.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zqcompile import ops
+from zqcompile.backends import triton_gemm
+from zqcompile.backends.triton_gemm import _Problem, _pick_config, _require_cuda, _require_triton, check_linear_args
+from zqcompile.errors import ZQError
+
+triton = triton_gemm.triton
+if triton is not None:
+    import triton.language as tl
+
+MAX_M = 64
+"""The largest token count that the weight-streaming kernel serves; larger M goes to the prefill kernels."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Tile shape and launch parameters of ``_stream_kernel``.
+
+    ``block_k`` is the K width of one main-loop step (in weight values, not bytes); with input-dim groups it
+    is a whole number of groups. ``waves`` sets split-K: K is split until ``N / block_n`` column tiles times
+    the splits reach ``waves`` programs per SM (never below two K tiles per split).
+    """
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    waves: int
+
+
+# The first is the untuned default. 128-256 B of weight per row per K step are 16-byte loads for every
+# thread; narrow column tiles and more waves keep more bytes in flight per SM at small M; wide tiles reread
+# the activations less at M = 64.
+_CONFIGS = (
+    StreamConfig(64, 256, 4, 4, 2), StreamConfig(64, 256, 4, 4, 4), StreamConfig(128, 256, 4, 3, 1),
+    StreamConfig(32, 512, 4, 3, 2), StreamConfig(64, 512, 4, 3, 1), StreamConfig(128, 128, 4, 4, 2),
+    StreamConfig(256, 256, 8, 3, 1),
+)
+
+
+def block_m_for(m: int) -> int:
+    """The row tile holding all M (<= 64) tokens: 16, 32 or 64 (the INT8/FP16 MMAs need at least 16 rows)."""
+    return max(16, 1 << max(m - 1, 0).bit_length())
+
+
+def split_k_for(n: int, k: int, block_n: int, block_k: int, waves: int, num_sms: int) -> int:
+    """K splits so the grid has about ``waves * num_sms`` programs, each with at least two K tiles."""
+    tiles = -(-n // block_n)
+    k_tiles = -(-k // block_k)
+    return max(1, min(-(-waves * num_sms // tiles), k_tiles // 2))
+
+
+def group_width_for(p: _Problem) -> int | None:
+    """K per input-dim group (None without input-dim groups)."""
+    return p.k // p.g_in if p.g_in > 1 else None
+
+
+def stream_kernel_applies(p: _Problem, int8_acts: bool, act_dtype: torch.dtype | None = None) -> bool:
+    """Whether ``_stream_kernel`` covers this problem: M <= 64, an even K (for INT4 weights, checked by the
+    caller's argument checks), groups of a power-of-two width the MMAs can take (>= 32 values per half for
+    INT4 x INT8, >= 32 otherwise), fp16 / bf16 activations for weight-only."""
+    if not 0 < p.m <= MAX_M or p.n == 0:
+        return False
+    if not int8_acts and act_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    width = group_width_for(p)
+    return width is None or (width & (width - 1) == 0 and width >= 64)
+
+
+def candidate_configs(p: _Problem) -> list[StreamConfig]:
+    """The configs for this problem, with ``block_k`` fitted to the group width (a whole number of groups)
+    and, without groups, to K (no longer than K's next power of two)."""
+    width = group_width_for(p)
+    fitted: list[StreamConfig] = []
+    for cfg in _CONFIGS:
+        block_k = min(cfg.block_k, max(64, 1 << (p.k - 1).bit_length()))
+        if width is not None:
+            block_k = max(block_k, width) if width >= block_k else block_k - block_k % width
+        cfg = StreamConfig(cfg.block_n, block_k, cfg.num_warps, cfg.num_stages, cfg.waves)
+        if cfg not in fitted:
+            fitted.append(cfg)
+    return fitted
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _fp16_from_int8(q):
+        """int8 -> float16, exactly: 0x6400 | (q + 128) is the half 1024 + q + 128."""
+        u = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
+        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+
+    @triton.jit
+    def _widen(q, a):
+        """Weight values (int8) in the MMA input type of the activations ``a``."""
+        if a.dtype == tl.int8:
+            return q
+        elif a.dtype == tl.float16:
+            return _fp16_from_int8(q)
+        else:
+            return q.to(a.dtype)
+
+    @triton.jit
+    def _sub_tile_product(acc, a_row_ptrs, a_rows_ok, w_ptrs, k, K, offs_k, offs_wk, INT4: tl.constexpr,
+                          EVEN_K: tl.constexpr):
+        """acc + a[:, k:k+SK] @ w[:, k:k+SK].T for one sub-tile of SK = len(offs_k) values.
+
+        INT4 (``w_ptrs`` on packed bytes): the low nibbles multiply the even activation columns and the high
+        nibbles the odd ones (the activation tile split in registers), so the weight tile is never interleaved.
+        """
+        if EVEN_K:
+            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok, other=0)
+            w = tl.load(w_ptrs + k // 2 if INT4 else w_ptrs + k)
+        else:
+            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok & ((k + offs_k)[None, :] < K), other=0)
+            if INT4:
+                w = tl.load(w_ptrs + k // 2, mask=(k + 2 * offs_wk)[None, :] < K, other=0)
+            else:
+                w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
+        if INT4:
+            b = w.to(tl.int8, bitcast=True)
+            low = ((b << 4).to(tl.int8) >> 4).to(tl.int8)  # arithmetic shifts sign-extend each nibble
+            high = (b >> 4).to(tl.int8)
+            a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
+            acc = tl.dot(a_even, tl.trans(_widen(low, a)), acc, out_dtype=acc.dtype)
+            return tl.dot(a_odd, tl.trans(_widen(high, a)), acc, out_dtype=acc.dtype)
+        else:
+            return tl.dot(a, tl.trans(_widen(w, a)), acc, out_dtype=acc.dtype)
+
+    @triton.jit
+    def _stream_kernel(
+        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
+        M, N, K, rows_per_scale, g_in, stride_am, stride_wn, stride_cm, k_per_split,
+        INT4: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr, GROUPED: tl.constexpr,
+        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        k_start = tl.program_id(1) * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_m % M  # rows / cols past M / N wrap onto valid ones for the epilogue's loads
+        cols = offs_n % N
+        a_rows_ok = offs_m[:, None] < M  # activation rows past M load no bytes
+        offs_k = tl.arange(0, SUB_K)
+        offs_wk = tl.arange(0, SUB_K // 2 if INT4 else SUB_K)  # weight bytes per row of a sub-tile
+        a_row_ptrs = a_ptr + offs_m[:, None] * stride_am
+        w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_wk[None, :]
+        s_ptrs = w_scale_ptr + (cols // rows_per_scale) * g_in
+        INT_ACC: tl.constexpr = a_ptr.dtype.element_ty == tl.int8
+        ACC_DTYPE: tl.constexpr = tl.int32 if INT_ACC else tl.float32
+        # Without groups the accumulator is the MMA's own (exact INT32 for W8A8); with groups it is float32.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if GROUPED else ACC_DTYPE)
+        for k0 in range(k_start, k_end, SUB_K * SUBS):
+            for s in tl.static_range(SUBS):
+                k = k0 + s * SUB_K
+                if GROUPED:
+                    part = _sub_tile_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), a_row_ptrs, a_rows_ok,
+                                             w_ptrs, k, K, offs_k, offs_wk, INT4, EVEN_K)
+                    # SUB_K is the group width; a group past K (ragged last tile) has a zero product
+                    s_w = tl.load(s_ptrs + tl.minimum(k // SUB_K, g_in - 1))
+                    acc += part.to(tl.float32) * s_w[None, :]
+                else:
+                    acc = _sub_tile_product(acc, a_row_ptrs, a_rows_ok, w_ptrs, k, K, offs_k, offs_wk, INT4, EVEN_K)
+
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if SPLIT:
+            # Each split stores its partial tile in its own workspace slice; the last split of the tile to
+            # arrive (ticket == splits - 1) sums the slices in split order (a deterministic float sum), resets
+            # the ticket for the next launch and runs the epilogue. The barrier puts every thread's stores
+            # before the release of the ticket.
+            splits = tl.num_programs(1)
+            ws_tile = ws_ptr.to(tl.pointer_type(acc.dtype)) + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(ws_tile + tl.program_id(1) * M * N, acc, mask=out_mask)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
+            if ticket == splits - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+                for j in range(0, splits):
+                    total += tl.load(ws_tile + j * M * N, mask=out_mask, other=0, cache_modifier=".cg")
+                tl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed")
+                _epilogue(total, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr,
+                          stride_cm, INT_ACC, GROUPED, HAS_BIAS)
+        else:
+            _epilogue(acc, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, stride_cm,
+                      INT_ACC, GROUPED, HAS_BIAS)
+
+    @triton.jit
+    def _epilogue(acc, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, stride_cm,
+                  INT_ACTS: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """y = acc (* s_w[col] without groups) (* s_x[row] for INT8 activations) (+ bias[col]), in float32."""
+        y = acc.to(tl.float32)
+        if not GROUPED:
+            y = y * tl.load(s_ptrs)[None, :]
+        if INT_ACTS:
+            y = y * tl.load(a_scale_ptr + rows)[:, None]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------------
+
+WORKSPACE_VALUES = 8 * 2**20
+"""32-bit partial sums in the split-K workspace (32 MB per device): splits x M x N never exceed it."""
+_WORKSPACES: dict[str, tuple[Tensor, Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The split-K workspace of a device: ``WORKSPACE_VALUES`` partial sums (int32, also written as float32)
+    and 65536 ticket counters (one per column tile; zero between launches: each launch's last split resets
+    its own). Kept for the process's lifetime: a CUDA graph that captured a launch holds its address."""
+    key = str(device)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.empty(WORKSPACE_VALUES, dtype=torch.int32, device=device),
+                            torch.zeros(65536, dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
+
+
+@functools.cache
+def _num_sms(device: str) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.startswith("cuda") else 132
+
+
+def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
+           p: _Problem, int4: bool, cfg: StreamConfig) -> None:
+    """Run ``_stream_kernel`` for ``out [M, N] = a [M, K] @ w.T`` (contiguous 2-D operands) with ``cfg``."""
+    width = group_width_for(p)
+    sub_k = width if width is not None else cfg.block_k
+    split = min(split_k_for(p.n, p.k, cfg.block_n, cfg.block_k, cfg.waves, _num_sms(str(a.device))),
+                WORKSPACE_VALUES // (p.m * p.n))
+    k_per_split = -(-p.k // (split * cfg.block_k)) * cfg.block_k
+    split = -(-p.k // k_per_split)  # rounding k_per_split up to whole K tiles may leave fewer splits
+    ws, tickets = _workspace(a.device)
+    grid = (triton.cdiv(p.n, cfg.block_n), split)
+    _stream_kernel[grid](
+        a, s_x if s_x is not None else w_scale, w, w_scale, bias if bias is not None else out, out, ws, tickets,
+        p.m, p.n, p.k, p.n // p.g_out, p.g_in, a.stride(0), w.stride(0), out.stride(0), k_per_split,
+        INT4=int4, SUB_K=sub_k, SUBS=cfg.block_k // sub_k, GROUPED=width is not None, HAS_BIAS=bias is not None,
+        EVEN_K=p.k % cfg.block_k == 0, SPLIT=split > 1, BLOCK_M=block_m_for(p.m), BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+         p: _Problem, int4: bool, config: StreamConfig | None) -> Tensor:
+    out = torch.empty((*x.shape[:-1], p.n), dtype=out_dtype, device=x.device)
+    a = x.reshape(p.m, p.k)
+    a = a if a.stride(1) == 1 else a.contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
+    w_scale = w_scale.float().contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    out2d = out.view(p.m, p.n)
+
+    def run(cfg: StreamConfig) -> None:
+        launch(a, s_x, w, w_scale, bias, out2d, p, int4, cfg)
+
+    if config is not None:  # forced (tests, sweeps): bypasses the tuner's cache
+        run(config)
+    else:
+        key = ("stream", block_m_for(p.m), p.n, p.k, group_width_for(p), int4, x.dtype, bias is not None,
+               out_dtype, x.device.index)
+        run(_pick_config(key, candidate_configs(p), run))
+    return out
+
+
+def stream_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                      out_dtype: torch.dtype, *, int4: bool, config: StreamConfig | None = None) -> Tensor:
+    """int8_linear / int4_linear (M <= 64) through ``_stream_kernel``; ZQError where it does not apply."""
+    p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
+    _require_triton()
+    if not stream_kernel_applies(p, int8_acts=True):
+        raise ZQError(f"the weight-streaming GEMM takes M <= {MAX_M} and input-dim groups of a power-of-two width "
+                      f">= 64, got M={p.m}, group width {group_width_for(p)}; use triton_gemm.triton_int_linear")
+    s_x = x_scale.reshape(p.m).float().contiguous()
+    return _run(x_q, s_x, w, w_scale, bias, out_dtype, p, int4, config)
+
+
+def check_weight_only_args(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> _Problem:
+    """Validate weight_only_linear's operands (floating-point activations, INT8 or packed INT4 weights)."""
+    if not x.is_floating_point():
+        raise ZQError(f"weight_only_linear: activations must be floating point, got {x.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise ZQError(f"weight_only_linear: bias dtype {bias.dtype} differs from the activations' {x.dtype}; "
+                      "cast the model to one dtype (model.half())")
+    # The INT8 operand checks on shape-only stand-ins: the same shape and group rules.
+    p = check_linear_args(torch.empty(x.shape, dtype=torch.int8, device="meta"),
+                          torch.empty((*x.shape[:-1], 1), device="meta"), w.to("meta"), w_scale.to("meta"),
+                          None if bias is None else bias.to("meta"), int4=w.dtype == torch.uint8)
+    if any(t.device != x.device for t in (w, w_scale, *([bias] if bias is not None else []))):
+        raise ZQError("weight_only_linear: operands are on different devices; move the model and its inputs to "
+                      "one device")
+    return p
+
+
+def stream_weight_only_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, *,
+                              config: StreamConfig | None = None) -> Tensor:
+    """weight_only_linear (M <= 64, fp16 / bf16 activations) through ``_stream_kernel``."""
+    p = check_weight_only_args(x, w, w_scale, bias)
+    _require_triton()
+    if not stream_kernel_applies(p, int8_acts=False, act_dtype=x.dtype):
+        raise ZQError(f"the weight-streaming GEMM takes M <= {MAX_M}, fp16/bf16 activations and input-dim groups "
+                      f"of a power-of-two width >= 64, got M={p.m}, {x.dtype}, group width {group_width_for(p)}")
+    return _run(x, None, w, w_scale, bias, x.dtype, p, w.dtype == torch.uint8, config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ops' CUDA kernels: dispatch by M
+# ----------------------------------------------------------------------------------------------------
+
+def _int_linear_cuda(int4: bool) -> Callable[..., Tensor]:
+    def kernel(x_q, x_scale, w, w_scale, bias, out_dtype):
+        p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
+        _require_cuda("the Triton INT8 GEMM", x_q, x_scale, w, w_scale, *([bias] if bias is not None else []))
+        if stream_kernel_applies(p, int8_acts=True):
+            return stream_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
+        return triton_gemm.triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
+    return kernel
+
+
+int8_linear_cuda = _int_linear_cuda(int4=False)
+int4_linear_cuda = _int_linear_cuda(int4=True)
+
+
+def weight_only_linear_cuda(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """M <= 64: the weight-streaming kernel; otherwise (and for float32 activations) the reference, whose
+    cuBLAS GEMM is what prefill is bound by."""
+    p = check_weight_only_args(x, w, w_scale, bias)
+    _require_cuda("the Triton weight-only GEMM", x, w, w_scale)
+    if stream_kernel_applies(p, int8_acts=False, act_dtype=x.dtype):
+        return stream_weight_only_linear(x, w, w_scale, bias)
+    return F.linear(x, ops.dequantize_weight(w, w_scale, x.dtype), bias)
+
+
+__all__ = [
+    "MAX_M", "StreamConfig", "block_m_for", "candidate_configs", "check_weight_only_args", "int4_linear_cuda",
+    "int8_linear_cuda", "launch", "split_k_for", "stream_int_linear", "stream_kernel_applies",
+    "stream_weight_only_linear", "weight_only_linear_cuda",
+]
+
+
+def register_cuda_kernels() -> None:
+    """Put the weight-streaming kernels in front of triton_gemm's (registered first): ``zq::int8_linear`` /
+    ``int4_linear`` dispatch by M (these kernels for M <= 64, triton_gemm's above), and ``zq::weight_only_linear``
+    gets a CUDA kernel. Idempotent (a later registration replaces the earlier one)."""
+    ops.int8_linear.register_kernel("cuda")(int8_linear_cuda)
+    ops.int4_linear.register_kernel("cuda")(int4_linear_cuda)
+    ops.weight_only_linear.register_kernel("cuda")(weight_only_linear_cuda)
+

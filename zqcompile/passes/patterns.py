@@ -1,0 +1,184 @@
+"""The rule layer of the rewrite passes, and the graph patterns that more than one pass matches.
+
+After onnxscript's rewriter (a rule's check returns ``MatchResult.fail(reason)``) and Inductor's pattern
+matcher (``extra_check``, a counter per replacement). A :class:`Rule` is a name, ``match(node)`` and
+``emit(gm, ctx, node, match)``; ``match`` returns
+
+- the match: whatever ``emit`` needs to rewrite the node;
+- ``Miss(reason)`` when it recognises the node but must not rewrite it ("silu(gate) is read elsewhere");
+- ``None`` when the node is not its kind.
+
+:func:`apply_rules` tries a pass's rules on each node in order; the first match is emitted and counted as
+``<pass>.<rule>``; a node that no rule rewrote gets the reasons of the rules that recognised it, which the
+pass records for ``inspect``.
+
+The patterns below (LayerNorm, Llama's RMSNorm decomposition, SwiGLU's ``silu(gate) * up``) are matched by
+``fuse_quant_into_elementwise`` (to fold the quantization into them) and by ``smooth_activations`` (to fold
+the smoothing factors into their weights); each returns its parts, a ``Miss`` or ``None`` the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Generic, Iterable, Sequence, TypeVar
+
+import torch
+from torch.fx import GraphModule, Node
+
+from zqcompile.passes.infra import CompileContext, is_op, is_stored, single_user
+
+aten = torch.ops.aten
+M = TypeVar("M")
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A rule recognised the node but cannot rewrite it; ``reason`` says why, for ``inspect``."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rule(Generic[M]):
+    """``match(node)`` -> match | Miss | None; ``emit(gm, ctx, node, match)`` rewrites the graph."""
+
+    name: str
+    match: Callable[[Node], M | Miss | None]
+    emit: Callable[[GraphModule, CompileContext, Node, M], None]
+
+
+@dataclass
+class Applied(Generic[M]):
+    """What :func:`apply_rules` did."""
+
+    counters: Counter = field(default_factory=Counter)  # "<pass>.<rule>": rewrites
+    matches: list[M] = field(default_factory=list)  # the matches it emitted, in order
+    misses: dict[str, str] = field(default_factory=dict)  # node name: why no rule rewrote it
+
+
+def apply_rules(gm: GraphModule, ctx: CompileContext, nodes: Iterable[Node], rules: Sequence[Rule[M]],
+                prefix: str, uncovered: Callable[[Node], str]) -> Applied[M]:
+    """Emit the first rule that matches each of ``nodes``, in order; the reason for a node no rule rewrote is
+    its rules' misses (``"rule: reason; ..."``), or ``uncovered(node)`` when no rule recognised it."""
+    applied: Applied[M] = Applied()
+    for node in list(nodes):  # emitting rewrites the graph: take the nodes first
+        reasons = []
+        for rule in rules:
+            match = rule.match(node)
+            if isinstance(match, Miss):
+                reasons.append(f"{rule.name}: {match.reason}")
+            elif match is not None:
+                rule.emit(gm, ctx, node, match)
+                applied.counters[f"{prefix}.{rule.name}"] += 1
+                applied.matches.append(match)
+                break
+        else:
+            applied.misses[node.name] = "; ".join(reasons) or uncovered(node)
+    return applied
+
+
+# ---- small matchers ---------------------------------------------------------------------------------
+
+def operand(node: object, target: object, predicate: Callable[[object], bool]) -> tuple[object, object] | None:
+    """(matching arg, other arg) of a binary op ``target`` where one arg satisfies ``predicate``."""
+    if not is_op(node, target) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    return (a, b) if predicate(a) else (b, a) if predicate(b) else None
+
+
+def equals_scalar(value: float) -> Callable[[object], bool]:
+    return lambda arg: isinstance(arg, (int, float)) and math.isclose(arg, value, rel_tol=1e-6)
+
+
+def same_shape(a: object, b: object) -> bool:
+    """Both are nodes whose recorded shapes are equal (no broadcasting between them)."""
+    return (isinstance(a, Node) and isinstance(b, Node) and "val" in a.meta and "val" in b.meta
+            and [str(d) for d in a.meta["val"].shape] == [str(d) for d in b.meta["val"].shape])
+
+
+def _strip_to_float32(node: object) -> object:
+    if is_op(node, aten.to.dtype) and node.args[1] == torch.float32:
+        return node.args[0]
+    return node
+
+
+# ---- patterns shared by fusion and smoothing ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerNorm:
+    """``layer_norm(input, [C], weight, bias, eps)`` over the last dim; weight and bias may be None."""
+
+    input: Node
+    weight: object
+    bias: object
+    eps: float
+
+
+def match_layer_norm(x: Node) -> LayerNorm | Miss | None:
+    if not is_op(x, aten.layer_norm.default):
+        return None
+    inp, shape, weight, bias, eps = [*x.args, *(None, None, 1e-5)[len(x.args) - 2:]][:5]
+    if len(shape) != 1:
+        return Miss(f"LayerNorm over {len(shape)} dims (only the last dim is supported)")
+    return LayerNorm(inp, weight, bias, eps)
+
+
+@dataclass(frozen=True)
+class RMSNorm:
+    """Llama's RMSNorm: ``weight * (x * rsqrt(mean(x**2, -1) + eps)).to(x.dtype)``, statistics in float32;
+    ``input`` is x before its cast to float32, ``weight`` a stored tensor."""
+
+    input: Node
+    weight: Node
+    eps: float
+
+
+def match_rms_norm(x: Node) -> RMSNorm | Miss | None:
+    weighted = operand(x, aten.mul.Tensor, is_stored)
+    if weighted is None:
+        return None
+    weight, normed = weighted
+    cast_back = normed.args[1] if is_op(normed, aten.to.dtype) else None
+    scaled = normed.args[0] if cast_back is not None else normed
+    by_rsqrt = operand(scaled, aten.mul.Tensor, lambda a: is_op(a, aten.rsqrt.default))
+    if by_rsqrt is None:
+        return None
+    rsqrt, x_float = by_rsqrt
+    var_eps = rsqrt.args[0]
+    mean_eps = operand(var_eps, aten.add.Tensor, lambda a: is_op(a, aten.mean.dim))
+    if mean_eps is None or not isinstance(mean_eps[1], float):
+        return None
+    mean, eps = mean_eps
+    power = mean.args[0]
+    if (list(mean.args[1:]) != [[-1], True] or not is_op(power, aten.pow.Tensor_Scalar)
+            or power.args != (x_float, 2)):
+        return None
+    chain = [n for n in (normed, scaled, rsqrt, var_eps, mean, power) if n is not x_float]
+    if not all(single_user(n) for n in chain):
+        return Miss("an intermediate of the RMSNorm is read elsewhere")
+    source = _strip_to_float32(x_float)
+    source_dtype = source.meta["val"].dtype if isinstance(source, Node) and "val" in source.meta else None
+    if cast_back is not None and cast_back != source_dtype:
+        return Miss(f"RMSNorm casts its result to {cast_back}, not its input dtype {source_dtype}")
+    return RMSNorm(source, weight, eps)
+
+
+@dataclass(frozen=True)
+class SiluMul:
+    """SwiGLU's ``silu(gate) * up`` (Llama's MLP), same shapes."""
+
+    gate: Node
+    up: Node
+
+
+def match_silu_mul(x: Node) -> SiluMul | Miss | None:
+    gated = operand(x, aten.mul.Tensor, lambda a: is_op(a, aten.silu.default))
+    if gated is None:
+        return None
+    silu, up = gated
+    if not single_user(silu) or not same_shape(silu, up):
+        return Miss("silu(gate) is read elsewhere or broadcasts against up")
+    return SiluMul(silu.args[0], up)
