@@ -67,6 +67,7 @@ class Config:
     recipe: str
     lkd: bool
     constants: str  # which constants the recipe uses and the data they were chosen on (never an evaluation text)
+    budget: float | None = None  # recipe "auto" only
 
 
 CONFIG_TABLE = (
@@ -77,6 +78,7 @@ CONFIG_TABLE = (
     Config("W4A8-PTQ", "w4a8", False, "INT4 MLP groups of 64: ZeroQuant's setting, not tuned"),
     Config("W4A8-rot", "w4a8-rot", False, "as W4A8-PTQ; rotation: fixed seed, never tuned"),
     Config("W4A8-LKD", "w4a8", True, "LKD on the model's own samples (4,096 tokens); lr/steps: LKD defaults"),
+    Config("AUTO-1%", "auto", False, "per-linear kinds: chosen on 1,024 self-generated tokens (budget 1%)", 0.01),
     Config("W8A16", "w8a16", False, "none"),
     Config("W4A16", "w4a16", False, "groups of 64, not tuned"),
 )
@@ -92,9 +94,9 @@ def configurations(wanted: str) -> list[Config]:
     return [c for c in CONFIG_TABLE if c.label in names]
 
 
-def compile_row(model: torch.nn.Module, recipe: str, lkd: zqcompile.LKDConfig | None):
+def compile_row(model: torch.nn.Module, config: Config, lkd: zqcompile.LKDConfig):
     started = time.perf_counter()
-    compiled = zqcompile.compile(model, recipe, lkd=lkd)
+    compiled = zqcompile.compile(model, config.recipe, lkd=lkd if config.lkd else None, budget=config.budget)
     return compiled, time.perf_counter() - started
 
 
@@ -116,7 +118,7 @@ def recipe_rows(name: str, model: torch.nn.Module, reference: dict[str, float],
     print(f"{name} FP32: {reference}", flush=True)
     rows, fp32_mb = [], float("nan")
     for config in configurations(args.configs):
-        compiled, seconds = compile_row(model, config.recipe, lkd if config.lkd else None)
+        compiled, seconds = compile_row(model, config, lkd)
         if config.lkd:
             print(compiled.lkd_result, flush=True)
         metrics = metrics_of(compiled, config.label)
@@ -124,6 +126,8 @@ def recipe_rows(name: str, model: torch.nn.Module, reference: dict[str, float],
         rows.append(Row(name, config.label, metrics, memory.quantized_after / MB, memory.ratio_vs_fp16, seconds,
                         {"constants": config.constants, **lkd_notes(compiled)}))
         print(f"{name} {config.label}: {metrics}, {memory} ({seconds:.0f} s)", flush=True)
+        if compiled.recipe.auto:
+            print(zqcompile.inspect(compiled, code=False), flush=True)
         fp32_mb = memory.quantized_before / MB
         del compiled
     return [Row(name, "FP32", reference, fp32_mb, 2.0, 0.0)] + rows

@@ -155,6 +155,8 @@ class Recipe:
     # QuaRot-style rotation (passes/rotate_hadamard.py): exact in floating point, no calibration, no constant
     rotate: bool = False
     lkd: Any = None  # an LKDConfig, from a mapping of its fields or `true`; None = plain PTQ
+    # recipe="auto": the budget, calibration and per-linear errors the plan was chosen with (auto_recipe.py)
+    auto: dict | None = None
 
     def __post_init__(self) -> None:
         _check_settings(self.name, {k: getattr(self, k) for k in QUANT_SETTINGS})
