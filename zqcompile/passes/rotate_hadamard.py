@@ -221,15 +221,15 @@ def _rotate_stream(gm: GraphModule, stream: Stream, rotator: _Rotator) -> None:
             rotated = rotator.online(embedding, q, list(embedding.users), "entry")
             stream.substitute(embedding, rotated)
         else:
-            rotator.replace(embedding, table, get_attr_tensor(gm, table).double() @ q)
+            rotator.replace(embedding, table, get_attr_tensor(gm, table).float() @ q)
             rotator.counters["rotate.embedding"] += 1
     for writer in stream.writers:
         bias = writer.args[2] if is_op(writer, LINEAR) and len(writer.args) > 2 else None
         if (is_op(writer, LINEAR) and len(writer.users) == 1 and is_stored(writer.args[1])
                 and not _shared(gm, writer.args[1]) and (bias is None or is_stored(bias))):
-            rotator.replace(writer, writer.args[1], q.T @ get_attr_tensor(gm, writer.args[1]).double())
+            rotator.replace(writer, writer.args[1], q.T @ get_attr_tensor(gm, writer.args[1]).float())
             if bias is not None:
-                rotator.replace(writer, bias, get_attr_tensor(gm, bias).double() @ q)
+                rotator.replace(writer, bias, get_attr_tensor(gm, bias).float() @ q)
             rotator.counters["rotate.writer"] += 1
         else:
             rotator.online(writer, q, [u for u in writer.users if u in stream.members], "entry")
@@ -239,9 +239,9 @@ def _rotate_stream(gm: GraphModule, stream: Stream, rotator: _Rotator) -> None:
         if not isinstance(norm, RMSNorm) or readers is None or any(_shared(gm, r.args[1]) for r in readers):
             stream.exits += inputs  # the norm reads the stream un-rotated, its weight stays
             continue
-        scale = get_attr_tensor(gm, norm.weight).double()
+        scale = get_attr_tensor(gm, norm.weight).float()
         for reader in readers:
-            weight = get_attr_tensor(gm, reader.args[1]).double()
+            weight = get_attr_tensor(gm, reader.args[1]).float()
             rotator.replace(reader, reader.args[1], (weight * scale) @ q)
         rotator.replace(x, norm.weight, torch.ones_like(scale))
         rotator.counters["rotate.norm_folded"] += 1
@@ -270,7 +270,7 @@ def match_projection(linear: Node) -> int | Miss | None:
 
 def emit_online_hadamard(gm: GraphModule, ctx: CompileContext, linear: Node, block: int) -> None:
     x, weight = linear.args[0], linear.args[1]
-    rotated = torch.ops.zq.hadamard(get_attr_tensor(gm, weight).double(), block)
+    rotated = torch.ops.zq.hadamard(get_attr_tensor(gm, weight).float(), block)
     _Rotator(gm, torch.empty(0)).replace(linear, weight, rotated)  # W H: each row through the same transform
     with gm.graph.inserting_before(linear):
         node = gm.graph.call_function(torch.ops.zq.hadamard.default, (x, block))
@@ -290,7 +290,7 @@ def rotate_hadamard(gm: GraphModule, ctx: CompileContext) -> PassResult:
         ctx.rotate_skipped["residual stream"] = stream.reason
     else:
         hidden = stream.embeddings[0].meta["val"].shape[-1]
-        rotator = _Rotator(gm, rotation_matrix(int(hidden)))
+        rotator = _Rotator(gm, rotation_matrix(int(hidden)).float())  # float32: exact to ~1e-7, 4x faster
         _rotate_stream(gm, stream, rotator)
         counters.update(rotator.counters)
     linears = [n for n in gm.graph.nodes if is_op(n, LINEAR)]
