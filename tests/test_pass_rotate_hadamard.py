@@ -161,3 +161,10 @@ def test_onnx_export_of_a_rotated_llama(tmp_path):
     session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})[0]
     assert cosine(torch.from_numpy(got), qmodel(input_ids=ids).logits) > 0.9999
+
+
+def test_rotation_keeps_no_unrotated_copy_of_the_weights():
+    model = TINY_MODELS["llama"]()
+    plain, rotated = zqcompile.compile(model, "w8a8"), zqcompile.compile(model, "w8a8-rot")
+    # the same tensors: the norms' weights (now ones) and the rotated integer weights, nothing unrotated
+    assert rotated.weight_memory().total == plain.weight_memory().total

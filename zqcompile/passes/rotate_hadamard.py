@@ -37,7 +37,8 @@ from torch.fx import GraphModule, Node
 
 from zqcompile.ops import hadamard_matrix
 from zqcompile.passes.infra import (
-    META_PLAN, META_ROLE, CompileContext, PassResult, get_attr_tensor, is_op, is_stored, set_attr_tensor,
+    META_PLAN, META_ROLE, CompileContext, PassResult, drop_if_unused, get_attr_tensor, is_op, is_stored,
+    set_attr_tensor,
 )
 from zqcompile.passes.patterns import Miss, Rule, RMSNorm, apply_rules, match_rms_norm
 
@@ -198,8 +199,7 @@ class _Rotator:
         new = self._stored(f"{stored.target}_rotated", tensor.to(get_attr_tensor(self.gm, stored).dtype), stored)
         new.meta = {k: v for k, v in stored.meta.items() if k == "val"}
         reader.replace_input_with(stored, new)
-        if not stored.users:
-            self.gm.graph.erase_node(stored)
+        drop_if_unused(self.gm, stored)  # frees the unrotated tensor once nothing reads it
 
     def online(self, value: Node, matrix: torch.Tensor, readers: list[Node], kind: str) -> Node:
         """``readers`` read ``value @ matrix`` instead of ``value``; returns the product's node."""
