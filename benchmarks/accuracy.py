@@ -78,7 +78,7 @@ CONFIG_TABLE = (
     Config("W4A8-PTQ", "w4a8", False, "INT4 MLP groups of 64: ZeroQuant's setting, not tuned"),
     Config("W4A8-rot", "w4a8-rot", False, "as W4A8-PTQ; rotation: fixed seed, never tuned"),
     Config("W4A8-LKD", "w4a8", True, "LKD on the model's own samples (4,096 tokens); lr/steps: LKD defaults"),
-    Config("AUTO-1%", "auto", False, "per-linear kinds: chosen on 1,024 self-generated tokens (budget 1%)", 0.01),
+    Config("AUTO-1%", "auto", False, "per-linear kinds: chosen on 512 self-generated tokens (budget 1%)", 0.01),
     Config("W8A16", "w8a16", False, "none"),
     Config("W4A16", "w4a16", False, "groups of 64, not tuned"),
 )
