@@ -262,7 +262,7 @@ class Recipe:
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
         """Build from a mapping; ``base`` names a preset to start from. Unknown keys raise ZQError."""
         data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)} | {"base"}
+        known = ({f.name for f in dataclasses.fields(cls)} - {"auto"}) | {"base"}  # auto: a record, set by "auto"
         unknown = sorted(set(data) - known)
         if unknown:
             raise ZQError(f"unknown recipe key(s) {unknown}; valid keys are {sorted(known)}")
@@ -317,13 +317,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "w8a8-smooth": {"smooth_alpha": 0.7},
     # ZeroQuant W4/8-A8: INT4 MLP weights (groups of 64 along the input dim), INT8 attention weights.
     "w4a8": {"overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 64}]},
+    # Weight-only: activations stay in floating point.
+    "w8a16": {"act_bits": None},
+    "w4a16": {"act_bits": None, "weight_bits": 4, "input_group_size": 64},
     # W8A8 / W4A8 after a Hadamard rotation of the residual stream and of the output projections' inputs (QuaRot);
     # beyond the paper; no constant to choose (the rotation's seed is fixed, never tuned).
     "w8a8-rot": {"rotate": True},
     "w4a8-rot": {"rotate": True, "overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 64}]},
-    # Weight-only: activations stay in floating point.
-    "w8a16": {"act_bits": None},
-    "w4a16": {"act_bits": None, "weight_bits": 4, "input_group_size": 64},
 }
 PRESETS = tuple(_PRESETS)
 
