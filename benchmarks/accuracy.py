@@ -1,21 +1,25 @@
 """Accuracy of zqcompile's recipes on real models and real text (the issue's table; results in ACCURACY.md).
 
-- SmolLM2-135M-Instruct (a 30-layer Llama decoder): perplexity on the first ``--tokens`` tokens of Jane
-  Austen's *Persuasion* (``../shared/data/austen_persuasion.txt``), sliding windows of ``--window`` tokens
-  every ``--stride`` tokens (both printed with the table);
+- SmolLM2-135M-Instruct (a 30-layer Llama decoder): perplexity on the first ``--tokens`` (16,384) tokens of
+  every text in ``--texts`` of ``../shared/data`` (default: Jane Austen's *Persuasion* and the WSJ sample;
+  ``lee_background.txt`` fits too), non-overlapping windows of ``--window`` (512) tokens; per text the change
+  against FP32 with a 95% paired bootstrap interval over the windows, and the mean change over the texts
+  (stratified bootstrap). No recipe constant is chosen on these texts: each row names the data its constants
+  came from;
 - all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder): mean cosine of the sentence embeddings against
   FP32 (on the Lee-50 documents and the probe sentences), Spearman correlation of embedding cosines with
   the Lee et al. human similarity judgments (50 documents, 1,225 pairs), and the test accuracy of a
   logistic-regression probe on frozen embeddings of movie-review sentences (``rt_polarity_4000.json``);
-- for FP32, W8A8, W4A8 (PTQ), W4A8 + LKD, W8A16, W4A16 (and W8A8-smooth where that preset exists): weight
-  memory of the quantized linear layers in MB and as a fraction of the same weights in FP16.
+- for FP32 and each configuration: weight memory of the quantized linear layers in MB and as a fraction of the
+  same weights in FP16.
 
-LKD runs with its defaults (self-generated text for the decoder, random token ids for the encoder) unless
-``--lkd-steps`` / ``--lkd-samples`` say otherwise. Usage::
+Every perplexity is cached as JSON under ``--out``/perplexity_cache, keyed by configuration, text, tokens and
+window, so configurations can run in separate processes (the FP32 reference is computed once). LKD runs with
+its defaults (self-generated text for the decoder, random token ids for the encoder) unless ``--lkd-steps`` /
+``--lkd-samples`` say otherwise. Usage::
 
-    python benchmarks/accuracy.py [--tokens 1024] [--window 256] [--stride 256] [--probe-sentences 2000]
-                                  [--models smollm2,minilm] [--configs W8A8,W8A8-smooth,...]
-                                  [--text austen_persuasion.txt] [--out DIR]
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py [--tokens 16384] [--window 512] [--probe-sentences 2000]
+        [--models smollm2,minilm] [--configs W8A8,W8A8-rot,...] [--texts austen_persuasion.txt,...] [--out DIR]
 
 Results go to ``--out`` (default ``$OUT``, else the git-ignored benchmarks/results/) as ``accuracy.json`` and
 ``accuracy.md``.
@@ -24,6 +28,7 @@ Results go to ``--out`` (default ``$OUT``, else the git-ignored benchmarks/resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -35,12 +40,14 @@ import torch
 
 import zqcompile
 from zqcompile.evaluate import (
-    load_lee50, logistic_probe_accuracy, mean_cosine, sentence_embeddings, similarity_spearman, text_perplexity,
+    EVAL_TOKENS, EVAL_WINDOW, Perplexity, bootstrap_change, load_lee50, logistic_probe_accuracy, mean_cosine,
+    sentence_embeddings, similarity_spearman, text_perplexity,
 )
 from common import Results, default_out_dir, table
 from zqcompile.pretrained import MINILM, SMOLLM2, data_dir, load_pretrained
 
 MB = 2 ** 20
+TEXTS = ("austen_persuasion.txt", "wsj_ptb_1000.txt")  # lee_background.txt (75k tokens) fits too: --texts
 
 
 @dataclass
@@ -54,23 +61,42 @@ class Row:
     notes: dict = field(default_factory=dict)
 
 
-CONFIGS = ("W8A8", "W8A8-smooth", "W4A8-PTQ", "W4A8-LKD", "W8A16", "W4A16")
+@dataclass(frozen=True)
+class Config:
+    label: str
+    recipe: str
+    lkd: bool
+    constants: str  # which constants the recipe uses and the data they were chosen on (never an evaluation text)
+    budget: float | None = None  # recipe "auto" only
 
 
-def configurations(lkd: zqcompile.LKDConfig, wanted: str) -> list[tuple[str, str, zqcompile.LKDConfig | None]]:
-    """The (label, preset, LKD config) rows named in the comma-separated ``wanted``."""
-    every = [("W8A8", "w8a8", None), ("W8A8-smooth", "w8a8-smooth", None), ("W4A8-PTQ", "w4a8", None),
-             ("W4A8-LKD", "w4a8", lkd), ("W8A16", "w8a16", None), ("W4A16", "w4a16", None)]
+CONFIG_TABLE = (
+    Config("W8A8", "w8a8", False, "none (weight scales: absmax; activation scales: per token at run time)"),
+    Config("W8A8-smooth", "w8a8-smooth", False,
+           "alpha 0.7: chosen on Austen + WSJ perplexity (evaluation texts; see the note)"),
+    Config("W8A8-rot", "w8a8-rot", False, "none (rotation: fixed seed, never tuned)"),
+    Config("W4A8-PTQ", "w4a8", False, "INT4 MLP groups of 64: ZeroQuant's setting, not tuned"),
+    Config("W4A8-rot", "w4a8-rot", False, "as W4A8-PTQ; rotation: fixed seed, never tuned"),
+    Config("W4A8-LKD", "w4a8", True, "LKD on the model's own samples (4,096 tokens); lr/steps: LKD defaults"),
+    Config("AUTO-1%", "auto", False, "per-linear kinds: chosen on 512 self-generated tokens (budget 1%)", 0.01),
+    Config("W8A16", "w8a16", False, "none"),
+    Config("W4A16", "w4a16", False, "groups of 64, not tuned"),
+)
+CONFIGS = tuple(c.label for c in CONFIG_TABLE)
+
+
+def configurations(wanted: str) -> list[Config]:
+    """The configurations named in the comma-separated ``wanted``."""
     names = wanted.split(",")
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
         raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
-    return [row for row in every if row[0] in names]
+    return [c for c in CONFIG_TABLE if c.label in names]
 
 
-def compile_row(model: torch.nn.Module, recipe: str, lkd: zqcompile.LKDConfig | None):
+def compile_row(model: torch.nn.Module, config: Config, lkd: zqcompile.LKDConfig):
     started = time.perf_counter()
-    compiled = zqcompile.compile(model, recipe, lkd=lkd)
+    compiled = zqcompile.compile(model, config.recipe, lkd=lkd if config.lkd else None, budget=config.budget)
     return compiled, time.perf_counter() - started
 
 
@@ -86,37 +112,82 @@ def lkd_notes(compiled) -> dict:
 
 
 def recipe_rows(name: str, model: torch.nn.Module, reference: dict[str, float],
-                metrics_of: Callable[[Any], dict[str, float]], args: argparse.Namespace,
+                metrics_of: Callable[[Any, str], dict[str, float]], args: argparse.Namespace,
                 lkd: zqcompile.LKDConfig) -> list[Row]:
-    """The FP32 row (``reference``) and one row per configuration, scored by ``metrics_of(compiled)``."""
+    """The FP32 row (``reference``) and one row per configuration, scored by ``metrics_of(compiled, label)``."""
     print(f"{name} FP32: {reference}", flush=True)
     rows, fp32_mb = [], float("nan")
-    for label, recipe, lkd_config in configurations(lkd, args.configs):
-        compiled, seconds = compile_row(model, recipe, lkd_config)
-        if lkd_config is not None:
+    for config in configurations(args.configs):
+        compiled, seconds = compile_row(model, config, lkd)
+        if config.lkd:
             print(compiled.lkd_result, flush=True)
-        metrics = metrics_of(compiled)
+        metrics = metrics_of(compiled, config.label)
         memory = compiled.weight_memory()
-        rows.append(Row(name, label, metrics, memory.quantized_after / MB, memory.ratio_vs_fp16, seconds,
-                        lkd_notes(compiled)))
-        print(f"{name} {label}: {metrics}, {memory} ({seconds:.0f} s)", flush=True)
+        rows.append(Row(name, config.label, metrics, memory.quantized_after / MB, memory.ratio_vs_fp16, seconds,
+                        {"constants": config.constants, **lkd_notes(compiled)}))
+        print(f"{name} {config.label}: {metrics}, {memory} ({seconds:.0f} s)", flush=True)
+        if compiled.recipe.auto:
+            print(zqcompile.inspect(compiled, code=False), flush=True)
         fp32_mb = memory.quantized_before / MB
         del compiled
     return [Row(name, "FP32", reference, fp32_mb, 2.0, 0.0)] + rows
 
 
+class PerplexityCache:
+    """Perplexities (with their per-window scores) as JSON files, one per (configuration, text, tokens, window)."""
+
+    def __init__(self, folder: Path, tokens: int, window: int):
+        self.folder, self.tokens, self.window = folder, tokens, window
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, config: str, text: str) -> Path:
+        return self.folder / f"{SMOLLM2}.{config}.{Path(text).stem}.{self.tokens}.{self.window}.json"
+
+    def get(self, config: str, text: str) -> Perplexity | None:
+        path = self.path(config, text)
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return Perplexity(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def put(self, config: str, text: str, result: Perplexity) -> None:
+        self.path(config, text).write_text(json.dumps(dataclasses.asdict(result)))
+
+
 def decoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[list[Row], str]:
     model, tokenizer = load_pretrained(SMOLLM2)
-    text = (data_dir() / args.text).read_text()
-    evaluate = lambda m: text_perplexity(m, tokenizer, text, args.tokens, args.window, args.stride)  # noqa: E731
-    fp = evaluate(model)
+    texts = {name: (data_dir() / name).read_text() for name in args.texts.split(",")}
+    cache = PerplexityCache(args.out / "perplexity_cache", args.tokens, args.window)
 
-    def metrics_of(compiled) -> dict[str, float]:
-        ppl = evaluate(compiled).value
-        return {"ppl": ppl, "ppl_vs_fp32": ppl / fp.value - 1}
+    def scores(label: str, m) -> dict[str, Perplexity]:
+        results = {}
+        for name, text in texts.items():
+            results[name] = cache.get(label, name)
+            if results[name] is None:
+                results[name] = text_perplexity(m, tokenizer, text, args.tokens, args.window)
+                cache.put(label, name, results[name])
+            print(f"  {label} {name}: {results[name]}", flush=True)
+        return results
 
-    rows = recipe_rows(SMOLLM2, model, {"ppl": fp.value, "ppl_vs_fp32": 0.0}, metrics_of, args, lkd)
-    return rows, f"{args.text}, {fp.tokens_scored} tokens scored, window {fp.window}, stride {fp.stride}"
+    fp = scores("FP32", model)
+
+    def metrics_of(compiled, label: str) -> dict[str, float]:
+        quantized = scores(label, compiled)
+        metrics = {}
+        for name in texts:
+            change = bootstrap_change([(quantized[name], fp[name])])
+            metrics.update({f"ppl:{name}": quantized[name].value, f"change:{name}": change.value,
+                            f"low:{name}": change.low, f"high:{name}": change.high})
+        mean = bootstrap_change([(quantized[name], fp[name]) for name in texts])
+        metrics.update({"change:mean": mean.value, "low:mean": mean.low, "high:mean": mean.high})
+        return metrics
+
+    reference = {f"ppl:{name}": fp[name].value for name in texts}
+    reference.update({f"{key}:{name}": 0.0 for name in [*texts, "mean"] for key in ("change", "low", "high")})
+    rows = recipe_rows(SMOLLM2, model, reference, metrics_of, args, lkd)
+    tokens = ", ".join(f"{name} {fp[name].tokens_scored}" for name in texts)
+    return rows, (f"tokens scored per text: {tokens}; windows of {args.window} tokens, non-overlapping; 95% paired "
+                  f"bootstrap intervals over windows (2,000 resamples)")
 
 
 def probe_sentences(count: int) -> tuple[list[str], torch.Tensor]:
@@ -141,7 +212,7 @@ def encoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[li
     reference, ref_docs, ref_sents = scores(model)
     reference["cosine_vs_fp32"] = 1.0
 
-    def metrics_of(compiled) -> dict[str, float]:
+    def metrics_of(compiled, label: str) -> dict[str, float]:
         metrics, docs, sents = scores(compiled)
         metrics["cosine_vs_fp32"] = mean_cosine(torch.cat([docs, sents]), torch.cat([ref_docs, ref_sents]))
         return metrics
@@ -153,14 +224,25 @@ def encoder_rows(args: argparse.Namespace, lkd: zqcompile.LKDConfig) -> tuple[li
     return rows, setting
 
 
+def _change(metrics: dict[str, float], key: str) -> str:
+    return (f"{100 * metrics[f'change:{key}']:+.2f}% [{100 * metrics[f'low:{key}']:+.2f}, "
+            f"{100 * metrics[f'high:{key}']:+.2f}]")
+
+
 def render(data: dict[str, Any]) -> str:
     lines = [f"torch threads: {data['threads']}; SmolLM2 perplexity: {data['decoder_setting']}",
              f"MiniLM: {data['encoder_setting']}", f"LKD: {data['lkd']}", ""]
     decoder = [r for r in data["rows"] if r["model"] == SMOLLM2]
     encoder = [r for r in data["rows"] if r["model"] == MINILM]
-    lines += table([SMOLLM2, "perplexity", "vs FP32", "quantized-linear weights MB", "x FP16", "compile s"],
-                   [[r["config"], f"{r['metrics']['ppl']:.3f}", f"{100 * r['metrics']['ppl_vs_fp32']:+.2f}%",
-                     f"{r['weight_mb']:.1f}", f"{r['ratio_fp16']:.3f}", f"{r['seconds']:.0f}"] for r in decoder])
+    texts = [key.split(":", 1)[1] for key in decoder[0]["metrics"] if key.startswith("ppl:")] if decoder else []
+    short = [Path(name).stem.split("_")[0] for name in texts]
+    lines += table([SMOLLM2, *[f"{t} {what}" for t in short for what in ("ppl", "vs FP32 [95% CI]")],
+                    "mean vs FP32 [95% CI]", "quantized-linear weights MB", "x FP16", "compile s",
+                    "constants chosen on"],
+                   [[r["config"], *[cell for t in texts for cell in (f"{r['metrics'][f'ppl:{t}']:.3f}",
+                                                                     _change(r["metrics"], t))],
+                     _change(r["metrics"], "mean"), f"{r['weight_mb']:.1f}", f"{r['ratio_fp16']:.3f}",
+                     f"{r['seconds']:.0f}", r["notes"].get("constants", "-")] for r in decoder])
     lines += table([MINILM, "cosine vs FP32", "Spearman (Lee-50)", "probe accuracy", "quantized-linear weights MB",
                     "x FP16", "compile s"],
                    [[r["config"], f"{r['metrics']['cosine_vs_fp32']:.4f}", f"{r['metrics']['spearman_lee50']:.4f}",
@@ -173,10 +255,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="smollm2,minilm")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated rows (FP32 is always run)")
-    parser.add_argument("--text", default="austen_persuasion.txt", help="file in ../shared/data for perplexity")
-    parser.add_argument("--tokens", type=int, default=1024, help="perplexity token budget (SmolLM2)")
-    parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--texts", default=",".join(TEXTS), help="comma-separated files in ../shared/data")
+    parser.add_argument("--tokens", type=int, default=EVAL_TOKENS, help="perplexity tokens per text (SmolLM2)")
+    parser.add_argument("--window", type=int, default=EVAL_WINDOW)
     parser.add_argument("--probe-sentences", type=int, default=2000)
     parser.add_argument("--lkd-steps", type=int, default=zqcompile.LKDConfig.steps)
     parser.add_argument("--lkd-samples", type=int, default=zqcompile.LKDConfig.num_samples)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -10,7 +11,8 @@ import torch
 
 from zqcompile import ZQError
 from zqcompile.evaluate import (
-    load_lee50, logistic_probe_accuracy, mean_cosine, perplexity_of_ids, similarity_spearman, spearman,
+    bootstrap_change, bootstrap_perplexity, load_lee50, logistic_probe_accuracy, mean_cosine, perplexity_of_ids,
+    similarity_spearman, spearman,
 )
 
 VOCAB = 7
@@ -30,19 +32,29 @@ class PositionAwareBigram(torch.nn.Module):
         return SimpleNamespace(logits=self.table[input_ids] + self.position_bias[:seq])
 
 
-def hand_perplexity(model: PositionAwareBigram, ids: list[int], window: int, stride: int) -> tuple[float, int]:
-    """Token j is scored by the first window [s, s + window) that contains it after a token already scored."""
-    nll, scored, prev_end, start = 0.0, 0, 0, 0
+def hand_window_nlls(model: PositionAwareBigram, ids: list[int], window: int, stride: int) -> list[tuple[float, int]]:
+    """(NLL sum, tokens) per window; token j is scored by the first window [s, s + window) that contains it
+    after a token already scored."""
+    windows, prev_end, start = [], 0, 0
     while True:
         end = min(start + window, len(ids))
+        nll, scored = 0.0, 0
         for j in range(max(prev_end, start + 1), end):
             logits = model.table[ids[j - 1]] + model.position_bias[j - 1 - start]
             nll -= logits[ids[j]].item() - math.log(sum(math.exp(v) for v in logits.tolist()))
             scored += 1
+        if scored:  # a last window of one token is context only
+            windows.append((nll, scored))
         prev_end = end
         if end == len(ids):
-            return math.exp(nll / scored), scored
+            return windows
         start += stride
+
+
+def hand_perplexity(model: PositionAwareBigram, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    windows = hand_window_nlls(model, ids, window, stride)
+    scored = sum(count for _, count in windows)
+    return math.exp(sum(nll for nll, _ in windows) / scored), scored
 
 
 @pytest.mark.parametrize("window,stride", [(8, 8), (8, 3), (5, 5), (16, 16)])
@@ -56,6 +68,59 @@ def test_perplexity_matches_hand_computed_value(window, stride):
         assert scored == ids.numel() - 1
     assert result.value == pytest.approx(expected, rel=1e-5)
     assert (result.window, result.stride) == (window, stride)
+
+
+def exact_bootstrap_quantiles(per_text: list[list[float]], tail: float) -> tuple[float, float]:
+    """Quantiles of the exact bootstrap distribution, every one of the n^n resamples of each text enumerated.
+
+    ``per_text[t]`` lists the windows' values of text t, here (model NLL - reference NLL, tokens) pairs.
+    """
+    distributions = []
+    for windows in per_text:
+        outcomes = [math.exp(sum(windows[i][0] for i in draw) / sum(windows[i][1] for i in draw)) - 1
+                    for draw in itertools.product(range(len(windows)), repeat=len(windows))]
+        distributions.append(outcomes)
+    means = sorted(sum(combo) / len(combo) for combo in itertools.product(*distributions))
+    return means[int(tail * len(means))], means[int((1 - tail) * len(means)) - 1]
+
+
+def test_bootstrap_interval_matches_exhaustive_enumeration():
+    """Two texts of 3 windows each: the Monte Carlo interval against all 27 x 27 resamples, by hand."""
+    reference = PositionAwareBigram()
+    model = PositionAwareBigram()
+    with torch.no_grad():  # a "quantized" model: the reference plus noise
+        model.table += 0.3 * torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pairs, per_text, changes = [], [], []
+    for seed, length in ((6, 24), (7, 22)):
+        ids = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
+        result, ref = perplexity_of_ids(model, ids, window=8), perplexity_of_ids(reference, ids, window=8)
+        pairs.append((result, ref))
+        mine, theirs = hand_window_nlls(model, ids.tolist(), 8, 8), hand_window_nlls(reference, ids.tolist(), 8, 8)
+        assert len(mine) == 3
+        assert result.window_nll == pytest.approx([nll for nll, _ in mine], rel=1e-6)  # logits scored in float32
+        per_text.append([(a - b, count) for (a, count), (b, _) in zip(mine, theirs)])
+        changes.append(math.exp(sum(diff for diff, _ in per_text[-1]) / sum(c for _, c in mine)) - 1)
+    interval = bootstrap_change(pairs, samples=20000, level=0.9)
+    assert interval.value == pytest.approx(sum(changes) / 2, rel=1e-4)
+    low, high = exact_bootstrap_quantiles(per_text, 0.05)
+    spread = high - low
+    assert interval.low == pytest.approx(low, abs=0.05 * spread)
+    assert interval.high == pytest.approx(high, abs=0.05 * spread)
+    assert interval.low < interval.value < interval.high
+
+
+def test_bootstrap_of_a_model_against_itself_is_zero_and_perplexity_interval_brackets_it():
+    model = PositionAwareBigram()
+    ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(8))
+    result = perplexity_of_ids(model, ids, window=8)
+    same = bootstrap_change([(result, result)])
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    interval = bootstrap_perplexity(result)
+    per_window = [math.exp(nll / count) for nll, count in zip(result.window_nll, result.window_tokens)]
+    assert min(per_window) <= interval.low < result.value < interval.high <= max(per_window)
+    other = perplexity_of_ids(model, ids[:20], window=8)
+    with pytest.raises(ZQError, match="same windows"):
+        bootstrap_change([(result, other)])
 
 
 def test_perplexity_of_uniform_model_is_vocab_size():

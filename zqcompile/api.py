@@ -9,6 +9,7 @@ from typing import Any, Collection, Mapping
 import torch
 from torch import nn
 
+from zqcompile.auto_recipe import auto_recipe
 from zqcompile.backends import build_runner, resolve_backend
 from zqcompile.buckets import Buckets, resolve_buckets
 from zqcompile.capture import Captured, capture
@@ -32,14 +33,15 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
             calibration_data: torch.Tensor | tuple | None = None,
             buckets: Buckets | Mapping[str, Any] | bool | None = None,
             target_passes: Collection[str] | None = None, generation: bool | None = None,
-            max_cache_len: int | None = None) -> QuantizedModel:
+            max_cache_len: int | None = None, budget: float | None = None) -> QuantizedModel:
     """Compile ``model`` with ZeroQuant quantization and return a model with the same call signature.
 
     Args:
         model: a Hugging Face text model (BERT, GPT-2, Llama, Qwen2, ...) or a plain ``nn.Module``; it is
             compiled on its own device and dtype (use an fp16 CUDA model for ``backend='cuda'``).
-        recipe: a preset name (``w8a8``, ``w4a8``, ``w8a16``, ``w4a16``), a :class:`Recipe`, a dict, or a
-            path to a YAML/JSON recipe.
+        recipe: a preset name (``w8a8``, ``w4a8``, ``w8a16``, ``w4a16``, ...), a :class:`Recipe`, a dict, a
+            path to a YAML/JSON recipe, or ``"auto"`` with ``budget=`` (zqcompile/auto_recipe.py: the cheapest
+            per-linear plan whose loss on the model's own samples rises by at most ``budget``, e.g. 0.01).
         example_inputs: positional example inputs; needed for plain modules whose first layer is not a Linear.
         backend: ``auto``, ``cpu`` (reference kernels) or ``cuda`` (fused GPU kernels).
         cuda_graphs: run the forward under CUDA graphs (default: on for the cuda backend).
@@ -72,7 +74,12 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
                                             cuda_graphs=cuda_graphs, dump_dir=dump_dir, lkd=lkd,
                                             calibration_data=calibration_data, buckets=buckets,
                                             target_passes=target_passes)
-    recipe = load_recipe(recipe)
+    auto = isinstance(recipe, str) and recipe == AUTO
+    if budget is not None and not auto:
+        raise ZQError(f"budget= is for recipe='auto' only (got recipe {recipe!r}); drop budget or use 'auto'")
+    if auto and budget is None:
+        raise ZQError("recipe 'auto' needs budget=, the allowed relative loss increase (0.01 = 1%)")
+    recipe = Recipe(name=AUTO) if auto else load_recipe(recipe)  # the auto plan needs the captured graph
     if lkd is not None:
         recipe = dataclasses.replace(recipe, lkd=LKDConfig.from_value(lkd))
     if recipe.lkd is not None and recipe.smooth_alpha is not None:
@@ -85,6 +92,8 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     try:  # capture and LKD run the model in eval mode; the user's model gets its own mode back
         cached = capture_static_cache(model, max_cache_len) if generation is not False and is_causal_lm(model) else None
         captured = capture(model, example_inputs)
+        if auto:
+            recipe = _auto(model, captured, recipe, budget)
         backend = resolve_backend(backend, captured.device)
         calibration = _calibration_inputs(model, captured, calibration_data, recipe) if _calibrates(recipe) else ()
         result = run_pipeline(captured.graph_module, recipe, target=backend, target_passes=target_passes,
@@ -106,6 +115,17 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
         quantized.no_generation_reason = (f"{captured.model_class} is not a decoder language model; generate needs "
                                           f"a Hugging Face causal LM (...ForCausalLM, GPT2LMHeadModel)")
     return quantized
+
+
+AUTO = "auto"
+
+
+def _auto(model: nn.Module, captured: Captured, base: Recipe, budget: float) -> Recipe:
+    """The auto plan for the linears that ``base`` quantizes (its roles and keep_fp), with ``base``'s LKD."""
+    if captured.input_names is None or "input_ids" not in captured.input_names:
+        raise ZQError("recipe 'auto' calibrates on token ids: it needs a Hugging Face text model")
+    probe = run_pipeline(captured.graph_module, dataclasses.replace(base, lkd=None), stop_after="plan")
+    return dataclasses.replace(auto_recipe(model, probe.context.plans, budget), lkd=base.lkd)
 
 
 def load(directory: str | os.PathLike, *, device: str | torch.device | None = None) -> QuantizedModel:

@@ -4,7 +4,7 @@
     zqcompile inspect DIR [--code]
     zqcompile export-onnx DIR OUT.onnx [--int4 matmulnbits|exact]
     zqcompile bench DIR [--batch 1] [--seq 128] [--repeats 10]
-    zqcompile eval DIR --text FILE
+    zqcompile eval DIR --text FILE [FILE ...] [--max-tokens 16384] [--window 512]
     zqcompile generate DIR|MODEL --prompt TEXT [--max-new-tokens 64] [--sample [--temperature T] [--top-k K]
                        [--top-p P] [--seed S]] [--recipe w8a8]
 
@@ -184,23 +184,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     import zqcompile
     from zqcompile.errors import ZQError
-    from zqcompile.evaluate import sentence_embeddings, text_perplexity
+    from zqcompile.evaluate import EVAL_MIN_SCORED, bootstrap_change, sentence_embeddings, text_perplexity
     from zqcompile.serialize import read_manifest
 
-    text_path = Path(args.text)
-    if not text_path.is_file():
-        raise ZQError(f"text file {args.text!r} does not exist")
-    text = text_path.read_text(encoding="utf-8", errors="replace")
+    texts = {}
+    for name in args.text:
+        if not Path(name).is_file():
+            raise ZQError(f"text file {name!r} does not exist")
+        texts[name] = Path(name).read_text(encoding="utf-8", errors="replace")
     qmodel = zqcompile.load(args.dir)
     fp_model, tokenizer = _fp_model_for(args, read_manifest(args.dir))
     if "logits" in qmodel.output_keys:
-        fp = text_perplexity(fp_model, tokenizer, text, max_tokens=args.max_tokens, window=args.window)
-        quantized = text_perplexity(qmodel, tokenizer, text, max_tokens=args.max_tokens, window=args.window)
-        print(f"FP:        {fp}\nquantized: {quantized}\nratio {quantized.value / fp.value:.4f}")
+        pairs = []
+        for name, text in texts.items():
+            fp = text_perplexity(fp_model, tokenizer, text, max_tokens=args.max_tokens, window=args.window)
+            quantized = text_perplexity(qmodel, tokenizer, text, max_tokens=args.max_tokens, window=args.window)
+            pairs.append((quantized, fp))
+            short = ""
+            if fp.tokens_scored < EVAL_MIN_SCORED:
+                short = f"  (only {fp.tokens_scored} tokens: fewer than {EVAL_MIN_SCORED} is noisy)"
+            print(f"{name}:\n  FP:        {fp}\n  quantized: {quantized}\n"
+                  f"  change {bootstrap_change([(quantized, fp)]).percent()} (95% bootstrap interval over "
+                  f"{len(fp.window_tokens)} windows){short}")
+        if len(pairs) > 1:
+            print(f"mean change over {len(pairs)} texts: {bootstrap_change(pairs).percent()}")
         return
+    text = "\n".join(texts.values())
     sentences = [line.strip() for line in text.splitlines() if line.strip()][:args.max_sentences]
     if not sentences:
-        raise ZQError(f"{args.text} has no non-empty lines (eval embeds one sentence per line)")
+        raise ZQError(f"{', '.join(args.text)} has no non-empty lines (eval embeds one sentence per line)")
     reference = sentence_embeddings(fp_model, tokenizer, sentences)
     embedded = sentence_embeddings(qmodel, tokenizer, sentences)
     cosine = (reference.double() * embedded.double()).sum(-1)
@@ -295,10 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity (decoders) or embedding agreement (encoders) vs the FP model")
     p.add_argument("dir")
-    p.add_argument("--text", required=True, help="a text file (encoders: one sentence per line)")
+    p.add_argument("--text", required=True, nargs="+",
+                   help="text file(s); decoders: perplexity of each and their mean; encoders: one sentence per line")
     p.add_argument("--model", default=None, help="the FP model (default: the one recorded at compile time)")
-    p.add_argument("--max-tokens", type=_positive_int, default=1024, help="decoders: tokens scored")
-    p.add_argument("--window", type=_positive_int, default=256, help="decoders: sliding window length")
+    p.add_argument("--max-tokens", type=_positive_int, default=16384, help="decoders: tokens scored per text")
+    p.add_argument("--window", type=_positive_int, default=512, help="decoders: window length (non-overlapping)")
     p.add_argument("--max-sentences", type=_positive_int, default=200, help="encoders: lines embedded")
     p.set_defaults(func=cmd_eval)
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from zqcompile.auto_recipe import describe
 from zqcompile.ops import ACTIVATION_QUANT_OPS, QUANTIZED_LINEAR_OPS, WEIGHT_ARGS
 from zqcompile.passes.infra import (
     LINEAR, META_FUSED_INTO, META_MODULE, META_PLAN, META_ROLE, META_ROUNDING, META_WEIGHT_BYTES, get_attr_tensor,
@@ -105,6 +106,10 @@ def inspect(qmodel: "QuantizedModel", code: bool = True) -> str:
     ]
     if ctx.smooth_skipped:  # only when the recipe smooths: which activations kept their outliers, and why
         parts.append("not smoothed:\n" + "\n".join(f"  {name}: {why}" for name, why in ctx.smooth_skipped.items()))
+    if qmodel.recipe.auto:  # recipe="auto": the budget, what was measured, every linear's errors
+        parts.append(describe(qmodel.recipe.auto))
+    if ctx.rotate_skipped:  # only when the recipe rotates: what kept its outlier channels, and why
+        parts.append("not rotated:\n" + "\n".join(f"  {name}: {why}" for name, why in ctx.rotate_skipped.items()))
     if code:
         parts += ["graph:", qmodel.graph_module.code]
     return "\n\n".join(parts)

@@ -43,7 +43,7 @@ import torch
 from torch.fx import GraphModule
 
 from zqcompile.errors import ZQError
-from zqcompile.ops import WEIGHT_ARGS
+from zqcompile.ops import WEIGHT_ARGS, hadamard_matrix
 from zqcompile.passes.infra import attr_tensor, set_attr_tensor
 from zqcompile.quant import ACT_QMAX, unpack_int4
 
@@ -232,6 +232,12 @@ def _translation_table() -> dict[Any, Any]:
     def silu_mul_quant(gate, up):
         return quantize_rows(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up))
 
+    def hadamard(x, block):
+        """One MatMul by the block x block Hadamard matrix over the [.., K / block, block] view."""
+        matrix = hadamard_matrix(block, torch.float32).numpy()
+        blocks = op.Reshape(x, op.Concat(op.Shape(x, end=-1), ints(-1, block), axis=0))
+        return op.Reshape(op.MatMul(blocks, op.Constant(value=ir.tensor(matrix))), op.Shape(x))
+
     def low_rank_correction(y, x, a, b):
         factor = lambda f: op.Transpose(op.Cast(f, to=float32), perm=[1, 0])  # noqa: E731  (FP16 stored)
         return op.Add(y, op.MatMul(op.MatMul(x, factor(b)), factor(a)))
@@ -244,7 +250,7 @@ def _translation_table() -> dict[Any, Any]:
         zq.int4_linear.default: int4_linear, zq.weight_only_linear.default: weight_only_linear,
         zq.layernorm_quant.default: layernorm_quant, zq.add_layernorm_quant.default: add_layernorm_quant,
         zq.rmsnorm_quant.default: rmsnorm_quant, zq.gelu_quant.default: gelu_quant,
-        zq.silu_mul_quant.default: silu_mul_quant,
+        zq.silu_mul_quant.default: silu_mul_quant, zq.hadamard.default: hadamard,
     }
 
 

@@ -209,6 +209,33 @@ def _(gate, up):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Online Hadamard transform (rotation, passes/rotate_hadamard.py)
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::hadamard", mutates_args=())
+def hadamard(x: Tensor, block: int) -> Tensor:
+    """x's last dim in blocks of ``block`` (a power of two), each times the orthonormal Sylvester Hadamard matrix
+    H / sqrt(block): a fast Walsh-Hadamard transform (log2(block) butterfly stages), in float32 at least."""
+    y = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous().view(-1, block)
+    half = 1
+    while half < block:  # stage: pairs (i, i + half) inside every run of 2 * half -> (a + b, a - b)
+        pairs = y.view(y.shape[0], block // (2 * half), 2, half)
+        y = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), 2).view(-1, block)
+        half *= 2
+    return (y.reshape(x.shape) * block ** -0.5).to(x.dtype)
+
+
+@hadamard.register_fake
+def _(x: Tensor, block: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def hadamard_matrix(block: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The matrix ``zq.hadamard`` multiplies each block by: H / sqrt(block), symmetric and orthogonal."""
+    return hadamard(torch.eye(block, dtype=dtype), block)
+
+
+# ----------------------------------------------------------------------------------------------------
 # LoRC (ZeroQuant-V2): a low-rank floating-point correction of a quantized weight's rounding error
 # ----------------------------------------------------------------------------------------------------
 

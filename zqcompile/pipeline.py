@@ -1,7 +1,7 @@
 """The compiler, top-down: ZeroQuant's components as phases of graph passes.
 
-capture -> canonicalize -> plan -> distill (LKD, optional) -> smooth (optional) -> round weights (GPTQ / AWQ,
-optional) -> low-rank correction (LoRC, optional) -> quantize weights -> insert
+capture -> canonicalize -> plan -> distill (LKD, optional) -> rotate (optional) -> smooth (optional) -> round
+weights (GPTQ / AWQ, optional) -> low-rank correction (LoRC, optional) -> quantize weights -> insert
 activation quant -> fuse -> lower -> cleanup: the compiled graph (inspect, export, save). Then the phases of the
 target (``TARGET_PHASES``), on a copy of the compiled graph that shares its tensors: the graph the backend
 executes. For ``target="cpu"`` there are none and the executed graph is the compiled one.
@@ -27,7 +27,8 @@ from zqcompile.passes import (
     CompileContext, additive_attention_mask, annotate_roles, awq_scale_weights, calibrate_activations,
     canonicalize_conv1d, cleanup, decompose_outliers, distill_blocks, fuse_quant_into_elementwise,
     fuse_sibling_linears, gptq_round_weights, insert_activation_quant, low_rank_correction, lower_linear_to_int8_gemm,
-    plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes, smooth_activations,
+    plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, rotate_hadamard, run_passes,
+    smooth_activations,
 )
 from zqcompile.passes.infra import PassFn, delete_attr, replace_attr_tensor
 from zqcompile.recipe import Recipe
@@ -39,6 +40,8 @@ PHASES = (
     ("plan", (annotate_roles, plan_linears)),
     # optional (recipe lkd): layer-by-layer knowledge distillation of the source model's blocks, for those plans
     ("distill", (distill_blocks,)),
+    # optional (recipe rotate): Hadamard rotation of the residual stream and the output projections' inputs (QuaRot)
+    ("rotate", (rotate_hadamard,)),
     # optional (recipe smooth_alpha): fold per-channel activation outliers of norm outputs into the weights
     ("smooth", (calibrate_activations, smooth_activations)),
     # optional (recipe outlier_threshold): LLM.int8(), calibrated outlier input columns stay FP16, the rest INT8

@@ -13,6 +13,7 @@ YAML example::
         weight_bits: 4
         input_group_size: 64   # INT4 groups along the input dim
     smooth_alpha: 0.5          # optional: SmoothQuant-style outlier migration for norm outputs (null = off)
+    rotate: false              # optional: QuaRot-style Hadamard rotation of the residual stream and projections
     weight_rounding: gptq      # rtn (round to nearest, default) | gptq | awq: how the integers are chosen
     lorc_rank: 8               # optional: FP16 rank-8 correction of each quantized weight's error (LoRC)
     outlier_threshold: 6.0     # optional: LLM.int8() input columns above 6.0 stay in floating point
@@ -155,7 +156,11 @@ class Recipe:
     # SmoothQuant-style migration of activation outliers into the weights (passes/smooth_activations.py);
     # None = off, as in ZeroQuant. Needs calibration inputs (random token ids unless calibration_data is given).
     smooth_alpha: float | None = None
+    # QuaRot-style rotation (passes/rotate_hadamard.py): exact in floating point, no calibration, no constant
+    rotate: bool = False
     lkd: Any = None  # an LKDConfig, from a mapping of its fields or `true`; None = plain PTQ
+    # recipe="auto": the budget, calibration and per-linear errors the plan was chosen with (auto_recipe.py)
+    auto: dict | None = None
     # how the stored integers are chosen (passes/gptq_round_weights.py, passes/awq_scale_weights.py): "rtn"
     # round to nearest (ZeroQuant), "gptq" second-order error feedback, "awq" activation-aware channel scales;
     # both calibrate on data the compiler makes itself (as LKD's data="auto") unless calibration_data is given
@@ -170,6 +175,8 @@ class Recipe:
                                               or not 0 < self.smooth_alpha < 1):
             raise ZQError(f"{self.name}: smooth_alpha must be a number in (0, 1) (0.5 is typical) or null, "
                           f"got {self.smooth_alpha!r}")
+        if not isinstance(self.rotate, bool):
+            raise ZQError(f"{self.name}: rotate must be true or false, got {self.rotate!r}")
         self.lkd = LKDConfig.from_value(self.lkd)
         # Recipe(overrides=[{"role": "mlp_*", ...}]) in Python reads like the YAML form, so accept mappings too
         self.overrides = [o if isinstance(o, Override) else _parse_override(o, i) for i, o in enumerate(self.overrides)]
@@ -255,7 +262,7 @@ class Recipe:
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
         """Build from a mapping; ``base`` names a preset to start from. Unknown keys raise ZQError."""
         data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)} | {"base"}
+        known = ({f.name for f in dataclasses.fields(cls)} - {"auto"}) | {"base"}  # auto: a record, set by "auto"
         unknown = sorted(set(data) - known)
         if unknown:
             raise ZQError(f"unknown recipe key(s) {unknown}; valid keys are {sorted(known)}")
@@ -313,6 +320,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # Weight-only: activations stay in floating point.
     "w8a16": {"act_bits": None},
     "w4a16": {"act_bits": None, "weight_bits": 4, "input_group_size": 64},
+    # W8A8 / W4A8 after a Hadamard rotation of the residual stream and of the output projections' inputs (QuaRot);
+    # beyond the paper; no constant to choose (the rotation's seed is fixed, never tuned).
+    "w8a8-rot": {"rotate": True},
+    "w4a8-rot": {"rotate": True, "overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 64}]},
 }
 PRESETS = tuple(_PRESETS)
 

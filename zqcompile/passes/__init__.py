@@ -20,12 +20,14 @@ from zqcompile.passes.plan_linears import plan_linears
 from zqcompile.passes.quantize_weights import quantize_weights
 from zqcompile.passes.remove_dropout import remove_dropout
 from zqcompile.passes.remove_tensor_asserts import remove_tensor_asserts
+from zqcompile.passes.rotate_hadamard import rotate_hadamard
 from zqcompile.passes.smooth_activations import smooth_activations
 
 __all__ = [
     "CompileContext", "PassResult", "run_passes", "remove_dropout", "remove_tensor_asserts", "canonicalize_conv1d",
-    "annotate_roles", "plan_linears", "distill_blocks", "calibrate_activations", "smooth_activations", "decompose_outliers", "awq_scale_weights", "gptq_round_weights",
-    "low_rank_correction", "quantize_weights",
+    "annotate_roles", "plan_linears", "distill_blocks", "rotate_hadamard", "calibrate_activations",
+    "smooth_activations", "decompose_outliers", "awq_scale_weights", "gptq_round_weights", "low_rank_correction",
+    "quantize_weights",
     "insert_activation_quant", "fuse_quant_into_elementwise", "lower_linear_to_int8_gemm", "cleanup",
     "fuse_sibling_linears", "additive_attention_mask",
 ]

@@ -60,6 +60,8 @@ class CompileContext:
     activation_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     # why an activation was not smoothed, keyed by the node's name
     smooth_skipped: dict[str, str] = field(default_factory=dict)
+    # why a part of the graph was not rotated (the residual stream, or a projection by node name)
+    rotate_skipped: dict[str, str] = field(default_factory=dict)
     # the FP model the graph was captured from (LKD distils its blocks; None when compiling a loaded graph)
     source_model: torch.nn.Module | None = None
     lkd_result: Any = None  # zqcompile.lkd.LKDResult of the distill phase
