@@ -60,5 +60,7 @@ def canonicalize_conv1d(gm: GraphModule, ctx: CompileContext) -> PassResult:
             gm.graph.erase_node(node)
         drop_if_unused(gm, weight)
         rewritten += 1
-    gm.graph.eliminate_dead_code()  # the flattening views, which would count as extra readers in fusion
-    return PassResult(gm, rewritten > 0, Counter({"canonicalize_conv1d": rewritten}))
+    # the flattening views, which would count as extra readers in fusion (and any other dead node: a graph whose
+    # nodes changed must say so, or its code is not regenerated)
+    dead_removed = gm.graph.eliminate_dead_code()
+    return PassResult(gm, rewritten > 0 or dead_removed, Counter({"canonicalize_conv1d": rewritten}))

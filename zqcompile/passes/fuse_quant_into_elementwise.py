@@ -173,5 +173,5 @@ def fuse_quant_into_elementwise(gm: GraphModule, ctx: CompileContext) -> PassRes
         gm, ctx, [n for n in gm.graph.nodes if is_op(n, QUANTIZE)], RULES, "fuse",
         lambda quant: f"input comes from {_describe(quant.args[0])}, which no fusion rule covers")
     ctx.unfused_reasons.update(applied.misses)
-    gm.graph.eliminate_dead_code()
-    return PassResult(gm, bool(applied.counters), applied.counters)
+    dead_removed = gm.graph.eliminate_dead_code()
+    return PassResult(gm, bool(applied.counters) or dead_removed, applied.counters)

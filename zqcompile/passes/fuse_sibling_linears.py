@@ -102,5 +102,5 @@ def fuse_sibling_linears(gm: GraphModule, ctx: CompileContext | None) -> PassRes
         _fuse(gm, siblings)
         counts["fuse_sibling_linears.fused_gemms"] += 1
         counts["fuse_sibling_linears.linears"] += len(siblings)
-    gm.graph.eliminate_dead_code()
-    return PassResult(gm, counts["fuse_sibling_linears.fused_gemms"] > 0, counts)
+    dead_removed = gm.graph.eliminate_dead_code()
+    return PassResult(gm, counts["fuse_sibling_linears.fused_gemms"] > 0 or dead_removed, counts)

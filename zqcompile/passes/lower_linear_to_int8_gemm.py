@@ -38,5 +38,5 @@ def lower_linear_to_int8_gemm(gm: GraphModule, ctx: CompileContext) -> PassResul
         linear.replace_all_uses_with(lowered)
         gm.graph.erase_node(linear)
         counts[f"lower.{target.__name__.split('.')[0]}"] += 1
-    gm.graph.eliminate_dead_code()
-    return PassResult(gm, bool(counts), counts)
+    dead_removed = gm.graph.eliminate_dead_code()
+    return PassResult(gm, bool(counts) or dead_removed, counts)
