@@ -22,7 +22,9 @@ from zqcompile.errors import ZQError
 WRAPPER_PREFIX = "model."
 HF_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_FAMILIES = "BERT / MiniLM encoders, GPT-2, Llama (SmolLM2), Qwen2 and plain nn.Modules"
+SUPPORTED_FAMILIES = ("encoder-only and decoder-only text models (the README's model matrix: BERT, RoBERTa, DistilBERT, "
+                      "MPNet, DeBERTa-v2, GPT-2, GPT-J, GPT-NeoX, OPT, Llama, Mistral, Qwen2/3, Gemma-2/3, Phi-3) and "
+                      "plain nn.Modules")
 
 
 @dataclass
@@ -124,6 +126,9 @@ def capture_hf(model: nn.Module, batch: int = 2, seq: int = 8) -> Captured:
     model_class = type(model).__name__
     dtype, device = model_dtype_and_device(model)
     accepted = inspect.signature(model.forward).parameters
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ZQError(f"{model_class} is an encoder-decoder model, which zqcompile does not capture (its decoder needs "
+                      f"decoder_input_ids and cross-attention inputs); zqcompile supports {SUPPORTED_FAMILIES}")
     if "input_ids" not in accepted:
         raise ZQError(f"{model_class} does not take input_ids; zqcompile captures text models "
                       f"({SUPPORTED_FAMILIES})")
