@@ -13,16 +13,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the matrix's families and measurements live with the tests
 
-from model_matrix import README_END, README_START, all_families, measure, readme_section, render  # noqa: E402
+from model_matrix import README_END, README_START, all_families, measure, render  # noqa: E402
 
 
 def main() -> None:
     readme_path = REPO / "README.md"
     readme = readme_path.read_text()
     table = render([measure(family) for family in all_families()])
-    old = readme_section(readme)
-    readme = readme.replace(f"{README_START}\n{old}\n{README_END}", f"{README_START}\n{table}\n{README_END}")
-    readme_path.write_text(readme)
+    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+    readme_path.write_text(f"{readme[:start]}\n{table}\n{readme[end:]}")
     print(table)
 
 
