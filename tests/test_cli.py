@@ -131,3 +131,68 @@ def test_compile_with_lkd(tiny_model_dir, tmp_path, capsys):
     assert "LKD over 2 blocks" in capsys.readouterr().out
     assert "LKD over 2 blocks" in json.loads((out / "manifest.json").read_text())["lkd_log"]
     assert zqcompile.load(out).recipe.name == "w8a8"
+
+
+def _status_and_stderr(argv, capsys) -> tuple[int, str]:
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's usage errors
+        status = exit_.code
+    return status, capsys.readouterr().err
+
+
+def test_arguments_checked_before_long_work(tiny_model_dir, compiled_dir, tmp_path, capsys):
+    # each is one line on stderr and exit 2, without loading or compiling anything first
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (["compile", str(tiny_model_dir), "--out", str(a_file)], "is a file; pass a directory"),
+        (["compile", str(tiny_model_dir), "--out", str(a_file / "sub")], "is not a writable directory"),
+        (["export-onnx", str(compiled_dir), str(tmp_path)], "is a directory; pass the path of the .onnx file"),
+        (["export-onnx", str(compiled_dir), str(a_file / "m.onnx")], "is not a writable directory"),
+        (["bench", str(compiled_dir), "--batch", "0"], "--batch: must be a positive integer, got '0'"),
+        (["bench", str(compiled_dir), "--seq", "0"], "--seq: must be a positive integer, got '0'"),
+        (["bench", str(compiled_dir), "--repeats", "0"], "--repeats: must be a positive integer, got '0'"),
+    ]
+    for argv, message in cases:
+        status, err = _status_and_stderr(argv, capsys)
+        assert status == EXIT_USER_ERROR and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def _save_tiny(directory, model, tiny_model_dir):
+    from transformers import BertTokenizer
+
+    model.save_pretrained(directory)
+    BertTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
+def test_classifier_keeps_its_head(tiny_model_dir, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig.from_pretrained(tiny_model_dir, num_labels=3, architectures=["BertForSequenceClassification"])
+    torch.manual_seed(1)
+    model = _save_tiny(tmp_path / "clf", BertForSequenceClassification(config).eval(), tiny_model_dir)
+    assert main(["--quiet", "compile", str(model), "--out", str(tmp_path / "out")]) == 0
+    qmodel = zqcompile.load(tmp_path / "out")
+    fp = BertForSequenceClassification.from_pretrained(model).eval()
+    ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 9, 3, 0]])
+    with torch.no_grad():
+        expected = fp(input_ids=ids).logits
+    got = qmodel(input_ids=ids).logits
+    assert qmodel.model_class == "BertForSequenceClassification" and got.shape == (2, 3)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_unsupported_heads_and_encoder_decoders_are_refused(tiny_model_dir, tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
+
+    config = BertConfig.from_pretrained(tiny_model_dir, architectures=["BertForMaskedLM"])
+    masked = _save_tiny(tmp_path / "mlm", BertForMaskedLM(config), tiny_model_dir)
+    t5 = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                  architectures=["T5ForConditionalGeneration"])
+    encoder_decoder = _save_tiny(tmp_path / "t5", T5ForConditionalGeneration(t5), tiny_model_dir)
+    for directory, message in ((masked, "BertForMaskedLM, whose head zqcompile does not compile"),
+                               (encoder_decoder, "is an encoder-decoder model")):
+        assert main(["--quiet", "compile", str(directory), "--out", str(tmp_path / "out")]) == EXIT_USER_ERROR
+        assert message in capsys.readouterr().err

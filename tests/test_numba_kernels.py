@@ -290,6 +290,50 @@ else:
         check_float(y, ref[0])
         check_quant(q, scale, ref[1], ref[2])
 
+    # ---- NaN / Inf rows ----------------------------------------------------------------------------------
+    def planted(x: torch.Tensor) -> torch.Tensor:
+        """x with a NaN in row 1 and an Inf in row 2 (rows 0 and 3 stay finite)."""
+        x = x.clone()
+        x[1, 5] = float("nan")
+        x[2, 3] = float("inf")
+        return x
+
+    @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NumPy's, on the planted values
+    @pytest.mark.parametrize("op", ["quantize", "layernorm", "add_layernorm", "rmsnorm", "gelu", "silu_mul"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    def test_nan_and_inf_rows_give_nan_scales_other_rows_unchanged(op, dtype):
+        # a non-finite row must be NaN after dequantization (as the FP model's value there is not finite), so its
+        # scale is NaN: libdevice's fmax alone would drop the NaN and give the row scale 1 or a finite absmax
+        x, other = planted(randn(4, 40, dtype=dtype, seed=17)), randn(4, 40, dtype=dtype, seed=18)
+        weight, bias = randn(40, dtype=dtype, seed=19, scale=1.0), randn(40, dtype=dtype, seed=20, scale=0.3)
+        y, q, scale = outputs(4, 40, dtype)
+        if op == "quantize":
+            kernels.quantize_per_token(to_numba(x), q, scale, threads=THREADS)
+            ref = ops.quantize_per_token(x)
+        elif op in ("layernorm", "add_layernorm"):
+            residual = to_numba(other) if op == "add_layernorm" else None
+            kernels.layernorm_quant(to_numba(x), to_numba(weight), to_numba(bias), 1e-5, y, q, scale,
+                                    residual=residual, threads=THREADS)
+            ref = (ops.add_layernorm_quant(x, other, weight, bias, 1e-5) if residual is not None
+                   else ops.layernorm_quant(x, weight, bias, 1e-5))
+        elif op == "rmsnorm":
+            kernels.rmsnorm_quant(to_numba(x), to_numba(weight), 1e-6, y, q, scale, threads=THREADS)
+            ref = ops.rmsnorm_quant(x, weight, 1e-6)
+        elif op == "gelu":
+            kernels.gelu_quant(to_numba(x), to_numba(bias), "none", q, scale, threads=THREADS)
+            ref = ops.gelu_quant(x, bias, "none")
+        else:
+            kernels.silu_mul_quant(to_numba(x), to_numba(other), q, scale, threads=THREADS)
+            ref = ops.silu_mul_quant(x, other)
+        ref_q, ref_scale = ref[-2], ref[-1].reshape(4)
+        assert torch.isnan(ref_scale[1:3]).all() and torch.isfinite(ref_scale[[0, 3]]).all()
+        assert np.isnan(scale[1:3]).all()
+        finite = [0, 3]
+        check_quant(q[finite], scale[finite], ref_q[finite], ref_scale[finite])
+        if len(ref) == 3:
+            assert not torch.isfinite(from_numba(y, ref[0].dtype)[1:3].float()).all(dim=-1).any()
+            check_float(y[finite], ref[0][finite])
+
     # ---- errors -----------------------------------------------------------------------------------------
     def test_unsupported_dtype_raises():
         q, scale = outputs(2, 8)

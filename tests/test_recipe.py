@@ -95,6 +95,9 @@ def test_yaml_and_json_files(tmp_path):
     ({"weight_bit": 4}, r"unknown recipe key\(s\) \['weight_bit'\]; valid keys are \['act_bits', 'base', "),
     ({"weight_bits": 3}, r"custom: weight_bits must be 4 or 8, got 3 \(keep a layer in floating point with keep_fp"),
     ({"weight_bits": 16}, r"weight_bits must be 4 or 8, got 16"),
+    ({"weight_bits": 8.0}, r"weight_bits must be 4 or 8, got 8\.0"),  # a float, though 8.0 == 8
+    ({"weight_bits": True}, r"weight_bits must be 4 or 8, got True"),
+    ({"act_bits": 8.0}, r"act_bits must be 8 \(token-wise INT8\) or null \(weight-only\), got 8\.0"),
     ({"act_bits": 4}, r"custom: act_bits must be 8 \(token-wise INT8\) or null \(weight-only\), got 4"),
     ({"group_size": 0}, r"custom: group_size must be a positive integer or null, got 0"),
     ({"input_group_size": "64"}, r"input_group_size must be a positive integer or null, got '64'"),

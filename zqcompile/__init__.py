@@ -1,14 +1,13 @@
 """zqcompile: ZeroQuant post-training quantization as a compiler over torch.fx graphs."""
 
 from zqcompile import ops  # noqa: F401  (registers the torch.ops.zq custom ops)
-from zqcompile.api import compile
+from zqcompile.api import compile, load
 from zqcompile.errors import ZQError
 from zqcompile.inspection import format_error_report, inspect, report_error, to_networkx
 from zqcompile.lkd import LKDResult
 from zqcompile.model import QuantizedModel, WeightMemory
 from zqcompile.onnx_export import export_onnx
 from zqcompile.recipe import PRESETS, LinearPlan, LKDConfig, Recipe, load_recipe
-from zqcompile.serialize import load
 from zqcompile.version import __version__
 
 __all__ = [

@@ -12,10 +12,12 @@ from torch import nn
 from zqcompile.backends import build_runner, resolve_backend
 from zqcompile.buckets import Buckets, resolve_buckets
 from zqcompile.capture import Captured, capture
+from zqcompile.distillation_data import distillation_data
 from zqcompile.errors import ZQError
 from zqcompile.model import QuantizedModel
-from zqcompile.pipeline import run_pipeline
+from zqcompile.pipeline import run_pipeline, run_target_phases
 from zqcompile.recipe import LKDConfig, Recipe, load_recipe
+from zqcompile.serialize import read_saved
 from zqcompile.sentence_transformer import compile_sentence_transformer, is_sentence_transformer
 
 
@@ -41,9 +43,11 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
         lkd: run layer-by-layer knowledge distillation first (an :class:`LKDConfig`, a dict of its fields, or
             ``True`` for the defaults); overrides the recipe's ``lkd`` section. The distilled weights go into
             the captured graph (the model itself is not modified); the log is ``result.lkd_result``.
-        calibration_data: only for recipes with ``smooth_alpha``: token ids ``[batch, seq]`` of real text
-            for the activation statistics (default: random token ids), or a tuple of positional inputs for a
-            plain module (default: ``example_inputs``).
+        calibration_data: only for recipes with ``smooth_alpha``, ``weight_rounding`` gptq/awq or
+            ``outlier_threshold``: token ids ``[batch, seq]`` of real text for the activation statistics, or a
+            tuple of positional inputs for a plain module (default: ``example_inputs``). Default for token
+            models: what LKD's ``data="auto"`` makes (text sampled from a decoder itself, random token ids for an
+            encoder; the recipe's ``lkd`` data settings if it has them), or random token ids for smoothing alone.
         target_passes: keep only these passes of the backend's target phases (``pipeline.TARGET_PHASES``;
             default: all), e.g. to measure what each CUDA graph rewrite buys.
         buckets: shape buckets (zqcompile/buckets.py): requests are padded up to them so that a stream of
@@ -69,7 +73,7 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     try:  # capture and LKD run the model in eval mode; the user's model gets its own mode back
         captured = capture(model, example_inputs)
         backend = resolve_backend(backend, captured.device)
-        calibration = _calibration_inputs(model, captured, calibration_data) if recipe.smooth_alpha is not None else ()
+        calibration = _calibration_inputs(model, captured, calibration_data, recipe) if _calibrates(recipe) else ()
         result = run_pipeline(captured.graph_module, recipe, target=backend, target_passes=target_passes,
                               dump_dir=dump_dir, calibration_inputs=calibration, source_model=model)
     finally:
@@ -83,14 +87,42 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     return quantized
 
 
-CALIBRATION_SHAPE = (4, 128)  # random token ids: batch, sequence length
+def load(directory: str | os.PathLike, *, device: str | torch.device | None = None) -> QuantizedModel:
+    """Load a model written by ``qmodel.save(directory)``; it runs without the original FP model and without
+    running any code from the directory (zqcompile/serialize.py checks every file first).
+
+    ``device`` defaults to the device it was compiled on (a CUDA model needs a GPU to load); the graph the backend
+    executes is made again by the pipeline's target phases.
+    """
+    saved = read_saved(directory, device=device)
+    compiled = saved.captured.graph_module
+    executed = run_target_phases(compiled, saved.context, saved.backend)
+    qmodel = QuantizedModel(compiled, saved.captured, saved.recipe, saved.context, saved.backend,
+                            runner=build_runner(executed, saved.backend, None))
+    qmodel.source_model = saved.source_model
+    if saved.extra_graphs:
+        qmodel.extra_graphs = saved.extra_graphs
+    return qmodel
 
 
-def _calibration_inputs(model: nn.Module, captured: Captured, data: torch.Tensor | tuple | None
+CALIBRATION_SHAPE = (4, 128)  # random token ids for smoothing alone: batch, sequence length
+CALIBRATION_BATCH = 4  # sequences per calibration run of the graph
+# the rounding methods' default data: LKD's data="auto" (self-generated text for decoders, random ids for encoders)
+ROUNDING_DATA = LKDConfig(progress=False)
+
+
+def _calibrates(recipe: Recipe) -> bool:
+    return recipe.smooth_alpha is not None or recipe.weight_rounding != "rtn" or recipe.outlier_threshold is not None
+
+
+def _calibration_inputs(model: nn.Module, captured: Captured, data: torch.Tensor | tuple | None, recipe: Recipe
                         ) -> list[tuple[torch.Tensor, ...]]:
-    """Graph input tuples for activation statistics: the user's token ids (or inputs), else random tokens."""
+    """Graph input tuples for activation statistics: the user's token ids (or inputs), else the rounding
+    methods' self-made data, else (smoothing alone) random tokens."""
     if captured.input_names is None:  # a plain module: positional inputs
         return [tuple(data) if data is not None else captured.example_inputs]
+    if data is None and (recipe.weight_rounding != "rtn" or recipe.outlier_threshold is not None):
+        data, _ = distillation_data(model, recipe.lkd or ROUNDING_DATA)
     if data is None:
         generator = torch.Generator().manual_seed(0)
         batch, seq = CALIBRATION_SHAPE
@@ -99,6 +131,8 @@ def _calibration_inputs(model: nn.Module, captured: Captured, data: torch.Tensor
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.is_floating_point():
         raise ZQError("calibration_data must be an integer tensor of token ids [batch, seq], got "
                       f"{type(data).__name__} {getattr(data, 'shape', '')}")
-    data = data.to(captured.device)
-    defaults = {"input_ids": data, "attention_mask": torch.ones_like(data), "token_type_ids": torch.zeros_like(data)}
-    return [tuple(defaults[name] for name in captured.input_names)]
+    inputs = []
+    for ids in data.to(captured.device).split(CALIBRATION_BATCH):
+        defaults = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        inputs.append(tuple(defaults[name] for name in captured.input_names))
+    return inputs

@@ -18,6 +18,7 @@ from torch import nn
 from torch.export import Dim
 
 from zqcompile.errors import ZQError
+from zqcompile.guards import unlift_with_guards
 
 WRAPPER_PREFIX = "model."
 HF_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -75,6 +76,10 @@ def model_dtype_and_device(model: nn.Module) -> tuple[torch.dtype, torch.device]
         raise ZQError(f"{type(model).__name__} mixes dtypes {sorted(map(str, dtypes))} / devices "
                       f"{sorted(map(str, devices))}; move it to one with model.to(device, dtype) first")
     dtype, device = dtypes.pop(), devices.pop()
+    if device.type == "meta":
+        raise ZQError(f"{type(model).__name__} is on the meta device (its weights were never loaded); load it "
+                      f"with real weights (from_pretrained without device_map='meta', or model.to_empty() and "
+                      f"load_state_dict) before compiling")
     if dtype not in SUPPORTED_DTYPES:
         raise ZQError(f"{type(model).__name__} is in {dtype}; zqcompile compiles float32, float16 or bfloat16 "
                       f"models: call model.float() first")
@@ -119,7 +124,7 @@ def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: Any, model_class: s
         raise ZQError(f"torch.export could not capture {model_class}: {first_line}\n"
                       f"zqcompile supports {SUPPORTED_FAMILIES}; for a plain nn.Module pass example_inputs= "
                       f"that match its forward(), and make its control flow independent of tensor values") from err
-    return program.module()
+    return unlift_with_guards(program)
 
 
 def capture_hf(model: nn.Module, batch: int = 2, seq: int = 8) -> Captured:
@@ -127,8 +132,8 @@ def capture_hf(model: nn.Module, batch: int = 2, seq: int = 8) -> Captured:
     dtype, device = model_dtype_and_device(model)
     accepted = inspect.signature(model.forward).parameters
     if getattr(model.config, "is_encoder_decoder", False):
-        raise ZQError(f"{model_class} is an encoder-decoder model, which zqcompile does not capture (its decoder needs "
-                      f"decoder_input_ids and cross-attention inputs); zqcompile supports {SUPPORTED_FAMILIES}")
+        raise ZQError(f"{model_class} is an encoder-decoder model, which zqcompile does not capture; it "
+                      f"supports {SUPPORTED_FAMILIES}")
     if "input_ids" not in accepted:
         raise ZQError(f"{model_class} does not take input_ids; zqcompile captures text models "
                       f"({SUPPORTED_FAMILIES})")
@@ -150,8 +155,13 @@ def capture_hf(model: nn.Module, batch: int = 2, seq: int = 8) -> Captured:
     dynamic = ({0: batch_dim, 1: seq_dim},) * len(args)
     wrapper = _HFTextWrapper(model, input_names).eval()
     with _no_kv_cache(model):
-        with torch.no_grad():
-            reference = model(**dict(zip(input_names, args)))
+        try:
+            with torch.no_grad():
+                reference = model(**dict(zip(input_names, args)))
+        except Exception as err:  # any failure here means "not a model zqcompile can call like this"
+            raise ZQError(f"{model_class} failed when called with {list(input_names)} only: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}; zqcompile supports "
+                          f"{SUPPORTED_FAMILIES}") from err
         gm = _export(wrapper, args, {"inputs": dynamic}, model_class)
     if not hasattr(reference, "keys"):
         raise ZQError(f"{model_class} returned {type(reference).__name__}, not a transformers ModelOutput; "
@@ -196,3 +206,4 @@ def module_name_of(node: torch.fx.Node) -> str | None:
     if name == WRAPPER_PREFIX.rstrip("."):
         return None  # an op of the user's root module itself (a functional linear): it has no qualified name
     return name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name
+

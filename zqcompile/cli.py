@@ -16,6 +16,7 @@ exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -47,13 +48,47 @@ def _source_of(model: str) -> str:
 
 # ---- commands ---------------------------------------------------------------------------------------
 
+def _writable_directory(path: str) -> None:
+    """ZQError unless ``path`` is (or can become) a directory; checked before any long work."""
+    from zqcompile.errors import ZQError
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ZQError(f"--out {path!r} is a file; pass a directory to write the compiled model into")
+    parent = next((p for p in (target, *target.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ZQError(f"--out {path!r} cannot be created: {str(parent)!r} is not a writable directory")
+
+
+def _writable_file(path: str) -> None:
+    from zqcompile.errors import ZQError
+
+    target = Path(path)
+    if target.is_dir():
+        raise ZQError(f"{path!r} is a directory; pass the path of the .onnx file to write")
+    parent = next((p for p in target.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ZQError(f"{path!r} cannot be written: {str(parent)!r} is not a writable directory")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     import zqcompile
     from zqcompile.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)  # fail on a bad recipe before the (slow) model load
+    _writable_directory(args.out)  # fail on a bad --out or recipe before the (slow) model load
+    recipe = load_recipe(args.recipe)
     lkd = None
     if args.lkd:
         lkd = {"steps": args.lkd_steps, "data": args.lkd_data or "auto", "tokenizer": _source_of(args.model)}
@@ -88,6 +123,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     import zqcompile
 
+    _writable_file(args.out)
     info = zqcompile.export_onnx(zqcompile.load(args.dir), None, args.out, int4=args.int4, progress=not args.quiet)
     print(f"wrote {info}")
 
@@ -174,11 +210,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 # ---- parser -----------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line on stderr and exit status 2, like every other input error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zqcompile.onnx_export import INT4_MODES
     from zqcompile.recipe import PRESETS
 
-    parser = argparse.ArgumentParser(prog="zqcompile", description="ZeroQuant post-training quantization compiler")
+    parser = _Parser(prog="zqcompile", description="ZeroQuant post-training quantization compiler")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -187,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="w8a8", help=f"preset {list(PRESETS)} or a .yaml/.json recipe file")
     p.add_argument("--out", required=True, help="directory to write the compiled model to")
     p.add_argument("--lkd", action="store_true", help="layer-by-layer knowledge distillation before quantizing")
-    p.add_argument("--lkd-steps", type=int, default=40, help="LKD optimizer steps per block")
+    p.add_argument("--lkd-steps", type=_positive_int, default=40, help="LKD optimizer steps per block")
     p.add_argument("--lkd-data", default=None, help="LKD data: a .txt file, 'self' or 'random' (default: auto)")
     p.set_defaults(func=cmd_compile)
 
@@ -206,19 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--model", default=None, help="the FP model (default: the one recorded at compile time)")
     p.add_argument("--no-fp", action="store_true", help="time the compiled model only")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--seq", type=_positive_int, default=128)
+    p.add_argument("--repeats", type=_positive_int, default=10)
+    p.add_argument("--threads", type=_positive_int, default=None)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="perplexity (decoders) or embedding agreement (encoders) vs the FP model")
     p.add_argument("dir")
     p.add_argument("--text", required=True, help="a text file (encoders: one sentence per line)")
     p.add_argument("--model", default=None, help="the FP model (default: the one recorded at compile time)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="decoders: tokens scored")
-    p.add_argument("--window", type=int, default=256, help="decoders: sliding window length")
-    p.add_argument("--max-sentences", type=int, default=200, help="encoders: lines embedded")
+    p.add_argument("--max-tokens", type=_positive_int, default=1024, help="decoders: tokens scored")
+    p.add_argument("--window", type=_positive_int, default=256, help="decoders: sliding window length")
+    p.add_argument("--max-sentences", type=_positive_int, default=200, help="encoders: lines embedded")
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -11,7 +11,8 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from zqcompile.ops import ACTIVATION_QUANT_OPS, QUANTIZED_LINEAR_OPS, WEIGHT_ARGS
 from zqcompile.passes.infra import (
-    LINEAR, META_FUSED_INTO, META_MODULE, META_PLAN, META_ROLE, META_WEIGHT_BYTES, get_attr_tensor, is_stored,
+    LINEAR, META_FUSED_INTO, META_MODULE, META_PLAN, META_ROLE, META_ROUNDING, META_WEIGHT_BYTES, get_attr_tensor,
+    is_stored,
 )
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ class LinearRow:
     bytes_before: int
     bytes_after: int
     plan_reason: str
+    rounding: str = "-"  # how the weight's integers were chosen, with the error before/after (GPTQ, AWQ, LoRC)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -69,6 +71,8 @@ def stored_tensors(module: torch.nn.Module) -> StoredTensors:
 
 def _activation_source(gm: GraphModule, node: Node, unfused: Mapping[str, str]) -> tuple[str, str]:
     """(activation description, fused-into description) of a lowered linear."""
+    if node.target is torch.ops.zq.outlier_int8_linear.default:
+        return "INT8 per-token + FP16 outlier columns", "-"
     if node.target not in (torch.ops.zq.int8_linear.default, torch.ops.zq.int4_linear.default):
         return "FP (weight-only)" if node.target in QUANTIZED_LINEAR_OPS else "FP", "-"
     source = node.args[0].args[0]  # getitem(quant-producing op, i)
@@ -99,16 +103,22 @@ def linear_rows(gm: GraphModule, unfused: Mapping[str, str] | None = None) -> li
             groups += f", {q.shape[1] * (2 if q.dtype == torch.uint8 else 1) // scale.shape[1]} cols/group"
         activation, fused = _activation_source(gm, node, unfused or {})
         before = node.meta[META_WEIGHT_BYTES]
+        extra = sum(_tensor_bytes(get_attr_tensor(gm, f)) for u in node.users  # LoRC's factors
+                    if u.target is torch.ops.zq.low_rank_correction.default for f in u.args[2:])
+        if node.target is torch.ops.zq.outlier_int8_linear.default:  # LLM.int8()'s FP16 columns
+            extra += sum(_tensor_bytes(get_attr_tensor(gm, f)) for f in node.args[3:5])
         rows.append(LinearRow(node.meta[META_MODULE], node.meta[META_ROLE], plan.kind,
                               f"INT{plan.weight_bits} {groups}", activation, fused, before,
-                              _tensor_bytes(q) + _tensor_bytes(scale), plan.reason))
+                              _tensor_bytes(q) + _tensor_bytes(scale) + extra, plan.reason,
+                              node.meta.get(META_ROUNDING, "rtn")))
     return rows
 
 
 def _table(rows: list[LinearRow]) -> str:
-    header = ("module", "role", "kind", "weight", "activation", "fused into", "KB before", "KB after", "why")
+    header = ("module", "role", "kind", "weight", "activation", "fused into", "KB before", "KB after", "why",
+              "rounding")
     body = [(r.module, r.role, r.kind, r.weight, r.activation, r.fused_into, f"{r.bytes_before / 1024:.1f}",
-             f"{r.bytes_after / 1024:.1f}", r.plan_reason) for r in rows]
+             f"{r.bytes_after / 1024:.1f}", r.plan_reason, r.rounding) for r in rows]
     widths = [min(60, max(len(str(x)) for x in col)) for col in zip(header, *body)]
     line = lambda cells: "  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line("-" * w for w in widths), *map(line, body)])

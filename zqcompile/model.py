@@ -15,7 +15,8 @@ from zqcompile.backends.cuda_graphs import GraphMemory
 from zqcompile.buckets import ShapeBuckets, warmup_inputs, warmup_shapes
 from zqcompile.capture import Captured
 from zqcompile.errors import ZQError
-from zqcompile.passes.infra import CompileContext
+from zqcompile.guards import GUARDS_META, check_guards
+from zqcompile.passes.infra import CompileContext, embedding_rows
 from zqcompile.recipe import Recipe
 
 
@@ -67,6 +68,7 @@ class QuantizedModel(nn.Module):
         # of it, or a CUDA-graph runner replaying that. Kept out of the submodules: its tensors are graph_module's (or
         # views of them), which .to() / state_dict cover already
         object.__setattr__(self, "runner", runner if runner is not None else graph_module)
+        self._embedding_rows = embedding_rows(graph_module)
 
     @property
     def executed_graph(self) -> GraphModule:
@@ -79,16 +81,36 @@ class QuantizedModel(nn.Module):
 
     # ---- calling ------------------------------------------------------------------------------------
     def graph_inputs(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        """The flat tensors the graph takes, from the user's arguments (HF keyword/positional style)."""
-        if self.input_names is None:
-            if kwargs:
-                raise ZQError(f"compiled {self.model_class} takes positional inputs only, got {sorted(kwargs)}")
-            for index, (arg, example) in enumerate(zip(args, self.example_inputs)):
-                if isinstance(arg, torch.Tensor) and arg.shape[1:] != example.shape[1:]:
-                    raise ZQError(f"input {index} has shape {tuple(arg.shape)}, but {self.model_class} was captured "
-                                  f"with {tuple(example.shape)} and only dim 0 (batch) may change; compile it with "
-                                  f"example_inputs of the shape you need")
-            return args
+        """The flat tensors the graph takes, from the user's arguments (HF keyword/positional style), after
+        checking them: a call the graph cannot run correctly is a ZQError, never a wrong or raw failure."""
+        tensors = self._plain_inputs(args, kwargs) if self.input_names is None else self._hf_inputs(args, kwargs)
+        check_guards(self.graph_module.meta.get(GUARDS_META, ()), tensors, self.model_class)
+        return tensors
+
+    def _plain_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        if kwargs:
+            raise ZQError(f"compiled {self.model_class} takes positional inputs only, got {sorted(kwargs)}")
+        if len(args) != len(self.example_inputs):
+            raise ZQError(f"compiled {self.model_class} takes {len(self.example_inputs)} input(s), got {len(args)}")
+        for index, (arg, example) in enumerate(zip(args, self.example_inputs)):
+            if not isinstance(example, torch.Tensor):
+                continue
+            if not isinstance(arg, torch.Tensor):
+                raise ZQError(f"input {index} must be a tensor like the example it was captured with, got "
+                              f"{type(arg).__name__}")
+            if arg.dtype != example.dtype or arg.dim() != example.dim() or arg.shape[1:] != example.shape[1:]:
+                raise ZQError(f"input {index} is {arg.dtype} of shape {tuple(arg.shape)}, but {self.model_class} "
+                              f"was captured with {example.dtype} of shape {tuple(example.shape)} and only dim 0 "
+                              f"(batch) may change; compile it with example_inputs of the dtype and shape you need")
+            if arg.dim() and arg.shape[0] == 0:
+                raise ZQError(f"input {index} has an empty batch (shape {tuple(arg.shape)}); pass at least one row")
+            self._check_device(arg, f"input {index}")
+        return args
+
+    def _hf_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        if len(args) > len(self.input_names):
+            raise ZQError(f"compiled {self.model_class} takes at most {len(self.input_names)} positional inputs "
+                          f"{list(self.input_names)}, got {len(args)}")
         named = dict(zip(self.input_names, args))
         overlap = set(named) & set(kwargs)
         if overlap:
@@ -100,23 +122,41 @@ class QuantizedModel(nn.Module):
                           f"{unknown} (KV caches, labels and embeddings inputs are not supported)")
         input_ids = named.get("input_ids")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ZQError(f"input_ids must be a [batch, seq] tensor, got {type(input_ids).__name__}")
+            raise ZQError(f"input_ids must be a [batch, seq] tensor, got {type(input_ids).__name__} "
+                          f"{tuple(getattr(input_ids, 'shape', ()))}")
         batch, seq = input_ids.shape
+        if batch == 0 or seq == 0:
+            raise ZQError(f"input_ids has shape {tuple(input_ids.shape)}: batch and sequence length must be at "
+                          f"least 1")
         if self.max_seq_len is not None and seq > self.max_seq_len:
             raise ZQError(f"sequence length {seq} exceeds {self.model_class}'s maximum of {self.max_seq_len} "
                           f"positions; split the input into chunks of at most {self.max_seq_len} tokens")
-        if input_ids.device != self.device:
-            raise ZQError(f"inputs are on {input_ids.device} but the model was compiled for {self.device}; "
-                          f"move them with .to({str(self.device)!r})")
         defaults = {"attention_mask": torch.ones_like(input_ids), "token_type_ids": torch.zeros_like(input_ids)}
         tensors = []
-        for name in self.input_names:
+        for index, name in enumerate(self.input_names):
             value = named.get(name)
             value = defaults[name] if value is None else value
+            if not isinstance(value, torch.Tensor):
+                raise ZQError(f"{name} must be a tensor, got {type(value).__name__}")
             if value.shape != input_ids.shape:
                 raise ZQError(f"{name} has shape {tuple(value.shape)}, input_ids has {tuple(input_ids.shape)}")
-            tensors.append(value)
+            self._check_device(value, name)
+            boolean_ids = value.dtype == torch.bool and name != "attention_mask"
+            if value.is_floating_point() or value.is_complex() or boolean_ids:
+                raise ZQError(f"{name} must be an integer tensor, got {value.dtype}; token ids are indices "
+                              f"(tokenizer(..., return_tensors='pt') gives int64)")
+            rows = self._embedding_rows.get(index)
+            if rows is not None and bool(((value < 0) | (value >= rows)).any()):  # one sync; a CUDA index error
+                low, high = int(value.min()), int(value.max())  # would kill the process's CUDA context
+                raise ZQError(f"{name} holds values in [{low}, {high}], but {self.model_class}'s embedding "
+                              f"has {rows} rows (valid values 0..{rows - 1}); use the model's own tokenizer")
+            tensors.append(value.to(self.example_inputs[index].dtype))
         return tuple(tensors)
+
+    def _check_device(self, value: torch.Tensor, name: str) -> None:
+        if value.device != self.device:
+            raise ZQError(f"inputs are on {value.device} but the model was compiled for {self.device}; move them "
+                          f"with .to({str(self.device)!r}) ({name})")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         run, inputs = self.runner, self.graph_inputs(*args, **kwargs)
@@ -144,13 +184,52 @@ class QuantizedModel(nn.Module):
         from tqdm.auto import tqdm
         with torch.no_grad():
             for example in tqdm(inputs, desc="warm-up", unit="shape", disable=not progress):
-                (self.runner or self.graph_module)(*example)
+                self.runner(*example)
         return 0
 
     def memory_report(self) -> GraphMemory:
         """GPU memory held by the CUDA graphs (their shared pool and input buffers); zeros without graphs."""
         report = getattr(self.runner, "memory_report", None)
         return report() if report is not None else GraphMemory(0, 0, 0, 0)
+
+    # ---- dtype and device are fixed by compilation -----------------------------------------------------
+    def to(self, *args: Any, **kwargs: Any) -> "QuantizedModel":
+        """A no-op for this model's own device and dtype; anything else is a ZQError (recompile instead)."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        self._refuse_cast(dtype, device)
+        return self
+
+    def half(self) -> "QuantizedModel":
+        return self.to(torch.float16)
+
+    def float(self) -> "QuantizedModel":
+        return self.to(torch.float32)
+
+    def bfloat16(self) -> "QuantizedModel":
+        return self.to(torch.bfloat16)
+
+    def double(self) -> "QuantizedModel":
+        return self.to(torch.float64)
+
+    def cuda(self, device: Any = None) -> "QuantizedModel":
+        return self.to("cuda" if device is None else device)
+
+    def cpu(self) -> "QuantizedModel":
+        return self.to("cpu")
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "QuantizedModel":
+        self._refuse_cast(None, None, everything=True)
+        return self
+
+    def _refuse_cast(self, dtype: torch.dtype | None, device: Any, everything: bool = False) -> None:
+        device = torch.device(device) if device is not None else None
+        same_device = device is None or (device.type == self.device.type
+                                         and (device.index is None or device == self.device))
+        if everything or (dtype is not None and dtype != self.dtype) or not same_device:
+            raise ZQError(f"a compiled model keeps the dtype and device it was compiled for ({self.dtype} on "
+                          f"{self.device}): its integer weights, scales and graph were made for them. Compile "
+                          f"the FP model again after moving it (model.to(device, dtype)), or load a saved one "
+                          f"with zqcompile.load(dir, device=...)")
 
     # ---- saving -------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, source_model: str | None = None) -> Path:

@@ -240,8 +240,13 @@ def _translation_table() -> dict[Any, Any]:
     def gelu_mul_quant(gate, up, approximate):
         return quantize_rows(op.Mul(gelu(gate, approximate), up))
 
+    def low_rank_correction(y, x, a, b):
+        factor = lambda f: op.Transpose(op.Cast(f, to=float32), perm=[1, 0])  # noqa: E731  (FP16 stored)
+        return op.Add(y, op.MatMul(op.MatMul(x, factor(b)), factor(a)))
+
     zq = torch.ops.zq
     return {
+        zq.low_rank_correction.default: low_rank_correction,
         zq.quantize_per_token.default: quantize_per_token, zq.dequantize_per_token.default: dequantize_per_token,
         zq.dequantize_weight.default: dequantize_weight, zq.int8_linear.default: int8_linear,
         zq.int4_linear.default: int4_linear, zq.weight_only_linear.default: weight_only_linear,
@@ -365,6 +370,9 @@ def export_onnx(qmodel, example_inputs: Any = None, path: str | os.PathLike = "m
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     register_ms_schemas()
+    if any(n.target is torch.ops.zq.outlier_int8_linear.default for n in qmodel.graph_module.graph.nodes):
+        raise ZQError("ONNX export does not translate zq.outlier_int8_linear (the LLM.int8() decomposition of "
+                      "recipe outlier_threshold); compile without outlier_threshold to export")
     args = _as_graph_args(qmodel, example_inputs)
     steps = tqdm(total=3, desc="export onnx", disable=not progress, leave=False)
     try:

@@ -237,6 +237,43 @@ def _(x):
     return _quant_like(x)
 
 
+# ----------------------------------------------------------------------------------------------------
+# LoRC (ZeroQuant-V2): a low-rank floating-point correction of a quantized weight's rounding error
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::low_rank_correction", mutates_args=())
+def low_rank_correction(y: Tensor, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``y + (x @ b.T) @ a.T``: the output ``y`` of a quantized linear on input ``x`` (the value the linear reads,
+    its dequantized INT8 activation for W*A8) plus the rank-r correction ``x (A B)^T`` of its weight error;
+    ``a`` [N, r] and ``b`` [r, K] are stored in FP16 and computed with in x's dtype."""
+    return y + ((x @ b.to(x.dtype).T) @ a.to(x.dtype).T).to(y.dtype)
+
+
+@low_rank_correction.register_fake
+def _(y, x, a, b):
+    return torch.empty_like(y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLM.int8() decomposition: outlier input columns in floating point, the rest INT8
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::outlier_int8_linear", mutates_args=())
+def outlier_int8_linear(x: Tensor, w: Tensor, w_scale: Tensor, columns: Tensor, w_outlier: Tensor,
+                        bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """LLM.int8(): the input columns ``columns`` (int64 [C], calibrated offline) of ``x`` times their weight
+    columns ``w_outlier`` (FP16 [N, C], computed in x's dtype), plus per-token INT8 of the other columns (their
+    scale ignores the outliers) times the INT8 / packed INT4 weight ``w`` (zero in the outlier columns)."""
+    q, s = quantize_rows(x.index_fill(-1, columns, 0))
+    y = _int_linear_reference(q, s, unpack_weight(w), w_scale, bias, out_dtype)
+    return y + (x.index_select(-1, columns) @ w_outlier.to(x.dtype).T).to(out_dtype)
+
+
+@outlier_int8_linear.register_fake
+def _(x, w, w_scale, columns, w_outlier, bias, out_dtype):
+    return _linear_fake(x, w.shape[0], out_dtype)
+
+
 ACTIVATION_QUANT_OPS = {
     torch.ops.zq.quantize_per_token.default, torch.ops.zq.layernorm_quant.default,
     torch.ops.zq.add_layernorm_quant.default, torch.ops.zq.rmsnorm_quant.default,
@@ -245,6 +282,7 @@ ACTIVATION_QUANT_OPS = {
 }
 QUANTIZED_LINEAR_OPS = {
     torch.ops.zq.int8_linear.default, torch.ops.zq.int4_linear.default, torch.ops.zq.weight_only_linear.default,
+    torch.ops.zq.outlier_int8_linear.default,
 }
 
 
@@ -261,4 +299,5 @@ WEIGHT_ARGS: dict[torch._ops.OpOverload, WeightArgs] = {
     torch.ops.zq.int4_linear.default: WeightArgs(weight=2, scale=3, bias=4),
     torch.ops.zq.weight_only_linear.default: WeightArgs(weight=1, scale=2, bias=3),
     torch.ops.zq.dequantize_weight.default: WeightArgs(weight=0, scale=1),
+    torch.ops.zq.outlier_int8_linear.default: WeightArgs(weight=1, scale=2, bias=5),
 }

@@ -1,6 +1,7 @@
 """The compiler, top-down: ZeroQuant's components as phases of graph passes.
 
-capture -> canonicalize -> plan -> distill (LKD, optional) -> smooth (optional) -> quantize weights -> insert
+capture -> canonicalize -> plan -> distill (LKD, optional) -> smooth (optional) -> round weights (GPTQ / AWQ,
+optional) -> low-rank correction (LoRC, optional) -> quantize weights -> insert
 activation quant -> fuse -> lower -> cleanup: the compiled graph (inspect, export, save). Then the phases of the
 target (``TARGET_PHASES``), on a copy of the compiled graph that shares its tensors: the graph the backend
 executes. For ``target="cpu"`` there are none and the executed graph is the compiled one.
@@ -23,12 +24,12 @@ from torch.fx import Graph, GraphModule
 
 from zqcompile.errors import ZQError
 from zqcompile.passes import (
-    CompileContext, additive_attention_mask, annotate_roles, calibrate_activations, canonicalize_conv1d, cleanup,
-    distill_blocks, fuse_quant_into_elementwise, fuse_sibling_linears, insert_activation_quant,
-    lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes,
-    smooth_activations,
+    CompileContext, additive_attention_mask, annotate_roles, awq_scale_weights, calibrate_activations,
+    canonicalize_conv1d, cleanup, decompose_outliers, distill_blocks, fuse_quant_into_elementwise,
+    fuse_sibling_linears, gptq_round_weights, insert_activation_quant, low_rank_correction, lower_linear_to_int8_gemm,
+    plan_linears, quantize_weights, remove_dropout, remove_tensor_asserts, run_passes, smooth_activations,
 )
-from zqcompile.passes.infra import PassFn
+from zqcompile.passes.infra import PassFn, delete_attr, replace_attr_tensor
 from zqcompile.recipe import Recipe
 
 PHASES = (
@@ -40,6 +41,13 @@ PHASES = (
     ("distill", (distill_blocks,)),
     # optional (recipe smooth_alpha): fold per-channel activation outliers of norm outputs into the weights
     ("smooth", (calibrate_activations, smooth_activations)),
+    # optional (recipe outlier_threshold): LLM.int8(), calibrated outlier input columns stay FP16, the rest INT8
+    ("decompose_outliers", (decompose_outliers,)),
+    # optional (recipe weight_rounding): AWQ scales weight channels (folded like smoothing), or GPTQ chooses the
+    # integers quantize_weights stores
+    ("round_weights", (awq_scale_weights, gptq_round_weights)),
+    # optional (recipe lorc_rank): LoRC, a rank-r FP16 correction of each quantized weight's rounding error
+    ("low_rank_correction", (low_rank_correction,)),
     # offline: group-wise symmetric INT8/INT4 weights + scales, FP weights dropped
     ("quantize_weights", (quantize_weights,)),
     # run time: token-wise dynamic INT8 activations in front of W*A8 linears
@@ -92,6 +100,8 @@ def run_pipeline(gm: GraphModule, recipe: Recipe, *, target: str = "cpu", target
         _dump(dump_dir, index, phase, gm)
         if phase == stop_after:
             return PipelineResult(gm, gm, ctx)
+    if source_model is not None:  # bytes of FP tensors (embeddings, norms, FP layers) copied away from the model
+        ctx.counters["take_ownership.bytes_copied"] += take_ownership([gm], source_model)
     ctx.source_model = None  # the compiled model must not keep the FP model alive
     executed = run_target_phases(gm, ctx, target, target_passes, dump_dir=dump_dir)
     return PipelineResult(gm, executed, ctx)
@@ -120,6 +130,37 @@ def run_target_phases(compiled: GraphModule, ctx: CompileContext, target: str,
         executed = run_passes(executed, ctx, passes)
         _dump(dump_dir, index, f"{target}_{phase}", executed)
     return executed
+
+
+def take_ownership(graphs: Sequence[torch.fx.GraphModule], model: nn.Module) -> int:
+    """Give ``graphs`` their own copy of every tensor they still share with ``model``; returns the bytes copied.
+
+    Export's graph holds the user's Parameter objects. Run by the pipeline once it has replaced the quantized
+    weights (so only the floating-point tensors the recipe keeps are copied: embeddings, norms, FP layers), it
+    makes the compiled model independent of the user's: ``model.half()`` or an in-place edit of one no longer
+    changes the other. A tensor that several names or graphs read (tied embeddings) is copied once; tensors no
+    node reads (export registers every parameter, so GPT-2's tied ``wte.weight`` beside the ``lm_head.weight``
+    the graph reads) are dropped, not copied.
+    """
+    def key(t: torch.Tensor) -> tuple:
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype
+
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    copies: dict[tuple, torch.Tensor] = {}
+    copied = 0
+    for gm in graphs:
+        read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            if name not in read:
+                delete_attr(gm, name)
+                continue
+            if tensor.untyped_storage().data_ptr() not in owned:
+                continue
+            if key(tensor) not in copies:
+                copies[key(tensor)] = tensor.detach().clone()
+                copied += tensor.numel() * tensor.element_size()
+            replace_attr_tensor(gm, name, copies[key(tensor)])
+    return copied
 
 
 def _dump(dump_dir: str | os.PathLike | None, index: int, phase: str, gm: GraphModule) -> None:

@@ -93,7 +93,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def load_pretrained(name_or_path: str):
     """(model in eval mode, tokenizer) for a shipped model name or a local Hugging Face directory."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(name_or_path)
     if not path.is_dir():
@@ -101,6 +101,25 @@ def load_pretrained(name_or_path: str):
             raise ZQError(f"model directory {name_or_path!r} does not exist")
         path = shipped_model_dir(name_or_path)
     config = AutoConfig.from_pretrained(path)
-    is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
-    model_class = AutoModelForCausalLM if is_decoder else AutoModel
-    return model_class.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return _model_class(config, name_or_path).from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _model_class(config, name_or_path: str):
+    """The Auto class that loads the architecture with its head (never the base model without it)."""
+    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
+
+    heads = {"ForCausalLM": AutoModelForCausalLM, "LMHeadModel": AutoModelForCausalLM,
+             "ForSequenceClassification": AutoModelForSequenceClassification,
+             "ForTokenClassification": AutoModelForTokenClassification}
+    if getattr(config, "is_encoder_decoder", False):
+        raise ZQError(f"{name_or_path!r} is an encoder-decoder model ({config.model_type}); zqcompile compiles "
+                      f"encoders (BERT / MiniLM) and decoders (GPT-2, Llama, Qwen2)")
+    architecture = (config.architectures or [""])[0]
+    for suffix, auto_class in heads.items():
+        if architecture.endswith(suffix):
+            return auto_class
+    if architecture.endswith("Model") or not architecture:
+        return AutoModel
+    raise ZQError(f"{name_or_path!r} is a {architecture}, whose head zqcompile does not compile; it compiles base "
+                  f"models and the heads {sorted(heads)} (or pass the base model from Python)")

@@ -25,16 +25,21 @@ def qmax_for_bits(bits: int) -> int:
 
 
 def safe_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
-    """absmax / qmax, with 1.0 where absmax is 0 so that an all-zero group quantizes to zeros, not NaN."""
+    """absmax / qmax, with 1.0 where absmax is 0 so that an all-zero group quantizes to zeros, not NaN, and NaN
+    where the group holds a NaN or an Inf: integers cannot hold them, so the scale carries them and every
+    dequantized value of the group is NaN, as the floating-point model's output would be non-finite there."""
     scale = absmax.float() / qmax
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale + (scale - scale)  # + 0 for a finite scale, NaN for an infinite or NaN one
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-wise (last-dim) symmetric INT8: returns (int8 values, float32 scale of shape [..., 1])."""
+    """Token-wise (last-dim) symmetric INT8: returns (int8 values, float32 scale of shape [..., 1]).
+
+    A row holding a NaN or an Inf gets a NaN scale (see safe_scale) and int8 values 0."""
     xf = x.float()
     scale = safe_scale(xf.abs().amax(dim=-1, keepdim=True), ACT_QMAX)
-    q = torch.clamp(torch.round(xf / scale), -ACT_QMAX, ACT_QMAX).to(torch.int8)
+    q = torch.clamp(torch.round(xf / scale), -ACT_QMAX, ACT_QMAX).nan_to_num(0.0).to(torch.int8)
     return q, scale
 
 
@@ -67,7 +72,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = No
     w = weight.detach().float()
     blocks = w.reshape(g_out, n // g_out, g_in, k // g_in)
     scale = safe_scale(blocks.abs().amax(dim=(1, 3)), qmax)
-    q = torch.clamp(torch.round(w / expand_weight_scale(scale, n, k)), -qmax, qmax).to(torch.int8)
+    q = torch.clamp(torch.round(w / expand_weight_scale(scale, n, k)), -qmax, qmax).nan_to_num(0.0).to(torch.int8)
     return q, scale
 
 

@@ -13,6 +13,9 @@ YAML example::
         weight_bits: 4
         input_group_size: 64   # INT4 groups along the input dim
     smooth_alpha: 0.5          # optional: SmoothQuant-style outlier migration for norm outputs (null = off)
+    weight_rounding: gptq      # rtn (round to nearest, default) | gptq | awq: how the integers are chosen
+    lorc_rank: 8               # optional: FP16 rank-8 correction of each quantized weight's error (LoRC)
+    outlier_threshold: 6.0     # optional: LLM.int8() input columns above 6.0 stay in floating point
     lkd:                       # optional: layer-by-layer distillation (LKDConfig fields, below)
       steps: 40
       data: self
@@ -32,6 +35,7 @@ from zqcompile.quant import weight_groups
 
 DATA_SOURCES = ("auto", "self", "random")
 INPUT_SOURCES = ("student", "teacher")
+WEIGHT_ROUNDINGS = ("rtn", "gptq", "awq")
 
 
 @dataclass
@@ -152,6 +156,12 @@ class Recipe:
     # None = off, as in ZeroQuant. Needs calibration inputs (random token ids unless calibration_data is given).
     smooth_alpha: float | None = None
     lkd: Any = None  # an LKDConfig, from a mapping of its fields or `true`; None = plain PTQ
+    # how the stored integers are chosen (passes/gptq_round_weights.py, passes/awq_scale_weights.py): "rtn"
+    # round to nearest (ZeroQuant), "gptq" second-order error feedback, "awq" activation-aware channel scales;
+    # both calibrate on data the compiler makes itself (as LKD's data="auto") unless calibration_data is given
+    weight_rounding: str = "rtn"
+    lorc_rank: int | None = None  # LoRC: FP16 rank-r correction of each quantized weight's rounding error
+    outlier_threshold: float | None = None  # LLM.int8(): input columns whose calibrated absmax exceeds it stay FP
 
     def __post_init__(self) -> None:
         _check_settings(self.name, {k: getattr(self, k) for k in QUANT_SETTINGS})
@@ -166,6 +176,7 @@ class Recipe:
         if isinstance(self.keep_fp, str) or not all(isinstance(entry, str) for entry in self.keep_fp):
             raise ZQError(f"{self.name}: keep_fp must be a list of module globs or 'role:<glob>' entries, "
                           f"got {self.keep_fp!r}")
+        self._check_survey_methods()
         for override in self.overrides:
             _check_settings(f"override {override.describe()}", override.settings)
             if override.role is not None:
@@ -173,6 +184,33 @@ class Recipe:
         for entry in self.keep_fp:
             if entry.startswith(ROLE_PREFIX):
                 _check_role_glob(entry[len(ROLE_PREFIX):], f"keep_fp entry {entry!r}")
+
+    def _check_survey_methods(self) -> None:
+        """weight_rounding, lorc_rank, outlier_threshold: their values and the combinations whose maths fails."""
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ZQError(f"{self.name}: weight_rounding must be one of {list(WEIGHT_ROUNDINGS)}, got "
+                          f"{self.weight_rounding!r}")
+        if self.lorc_rank is not None and (not isinstance(self.lorc_rank, int) or isinstance(self.lorc_rank, bool)
+                                           or self.lorc_rank <= 0):
+            raise ZQError(f"{self.name}: lorc_rank must be a positive integer (8 is typical) or null, got "
+                          f"{self.lorc_rank!r}")
+        if self.outlier_threshold is not None and (isinstance(self.outlier_threshold, bool) or not isinstance(
+                self.outlier_threshold, (int, float)) or self.outlier_threshold <= 0):
+            raise ZQError(f"{self.name}: outlier_threshold must be a positive number (LLM.int8() uses 6.0) or null, "
+                          f"got {self.outlier_threshold!r}")
+        if self.weight_rounding == "awq" and self.smooth_alpha is not None:
+            raise ZQError(f"{self.name}: weight_rounding 'awq' and smooth_alpha both choose the per-channel scale of "
+                          f"the same activations (the last would undo the first); use one of them")
+        if self.weight_rounding == "awq" and self.lkd is not None:
+            raise ZQError(f"{self.name}: weight_rounding 'awq' rescales the weights and activations LKD distilled "
+                          f"unscaled, which voids the distillation; use weight_rounding 'gptq' or 'rtn' with LKD")
+        if self.outlier_threshold is not None and self.lorc_rank is not None:
+            raise ZQError(f"{self.name}: outlier_threshold and lorc_rank: the outlier-decomposed linear has no "
+                          f"low-rank correction input; use one of them")
+        if self.outlier_threshold is not None and self.act_bits is None and not any(
+                o.settings.get("act_bits") == 8 for o in self.overrides):
+            raise ZQError(f"{self.name}: outlier_threshold splits INT8 activations, but this recipe is weight-only "
+                          f"(act_bits null); set act_bits: 8 or drop outlier_threshold")
 
     # -- resolution ------------------------------------------------------------------------------
     def resolve(self, sites: Iterable[LinearSite]) -> dict[str, LinearPlan]:
@@ -232,10 +270,11 @@ class Recipe:
 
 def _check_settings(where: str, settings: Mapping[str, Any]) -> None:
     for key, value in settings.items():
-        if key == "weight_bits" and value not in (4, 8):
+        is_int = isinstance(value, int) and not isinstance(value, bool)  # 8.0 or True would pass `in (4, 8)`
+        if key == "weight_bits" and not (is_int and value in (4, 8)):
             raise ZQError(f"{where}: weight_bits must be 4 or 8, got {value!r} (keep a layer in floating point "
                           f"with keep_fp instead)")
-        if key == "act_bits" and value not in (8, None):
+        if key == "act_bits" and not (value is None or (is_int and value == 8)):
             raise ZQError(f"{where}: act_bits must be 8 (token-wise INT8) or null (weight-only), got {value!r}")
         if key in ("group_size", "input_group_size") and value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value <= 0):

@@ -25,6 +25,7 @@ META_ROLE = "zq_role"  # role of a linear (recipe.ROLES)
 META_PLAN = "zq_plan"  # LinearPlan of a linear
 META_FUSED_INTO = "zq_fused_into"  # fusion rule that produced an activation-quant node
 META_WEIGHT_BYTES = "zq_weight_bytes_before"  # bytes of a quantized linear's weight as captured
+META_ROUNDING = "zq_rounding"  # how a linear's weight was rounded and its error before/after (inspect)
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -62,6 +63,9 @@ class CompileContext:
     # the FP model the graph was captured from (LKD distils its blocks; None when compiling a loaded graph)
     source_model: torch.nn.Module | None = None
     lkd_result: Any = None  # zqcompile.lkd.LKDResult of the distill phase
+    # integers and scales chosen by GPTQ for a stored weight (by its get_attr target), which quantize_weights
+    # stores instead of rounding to nearest; the graph holds their dequantized values meanwhile
+    rounded_weights: dict[str, Any] = field(default_factory=dict)  # target -> zqcompile.rounding.RoundedWeight
 
 
 PassFn = Callable[[GraphModule, CompileContext], PassResult]
@@ -124,6 +128,19 @@ def replace_attr_tensor(gm: GraphModule, target: str, tensor: torch.Tensor) -> N
     setattr(module, leaf, tensor)
 
 
+def replace_stored(gm: GraphModule, reader: Node, old: Node, tensor: torch.Tensor, suffix: str) -> Node:
+    """Give ``reader`` a new buffer ``<old target>_<suffix>`` in place of the get_attr ``old`` (dropped once nothing
+    reads it; an original that something else reads, a tied embedding, stays); returns the new get_attr."""
+    target = f"{old.target}_{suffix}"
+    set_attr_tensor(gm, target, tensor.detach())  # a constant of the graph, like the weights it replaces
+    with gm.graph.inserting_before(reader):
+        new = gm.graph.get_attr(target)
+    new.meta = dict(old.meta)
+    reader.replace_input_with(old, new)
+    drop_if_unused(gm, old)
+    return new
+
+
 def drop_if_unused(gm: GraphModule, get_attr: Node) -> None:
     """Erase a get_attr node nobody reads, and its tensor once no other get_attr names it (frees FP weights)."""
     if get_attr.users:
@@ -159,3 +176,15 @@ def getitem(graph: torch.fx.Graph, node: Node, index: int) -> Node:
 
 def single_user(node: Node) -> bool:
     return len(node.users) == 1
+
+
+def embedding_rows(gm: GraphModule) -> dict[int, int]:
+    """Rows of the embedding table that each graph input indexes directly (input_ids, token_type_ids)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    rows = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+            weight, indices = node.args[:2]
+            if indices in placeholders and is_stored(weight):
+                rows[placeholders.index(indices)] = get_attr_tensor(gm, weight).shape[0]
+    return rows

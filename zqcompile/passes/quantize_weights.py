@@ -2,7 +2,8 @@
 
 Matches ``aten.linear(x, W, b)`` whose plan quantizes the weight; emits ``zq.dequantize_weight(W_q, W_s)``
 in place of ``W``, with ``W_q`` (int8, or INT4 packed two per uint8) and ``W_s`` (float32 [G_out, G_in])
-stored as buffers of the GraphModule. The FP weight is dropped once nothing reads it (a weight tied to an
+stored as buffers of the GraphModule. Where a rounding pass chose the integers (``ctx.rounded_weights``: GPTQ), for
+this layout, they are stored as they are; every other weight is rounded to nearest. The FP weight is dropped once nothing reads it (a weight tied to an
 embedding stays). The graph still computes in floating point (simulated quantization) until lowering.
 Refuses nothing: planning already rejected what cannot be quantized.
 """
@@ -19,6 +20,7 @@ from zqcompile.passes.infra import (
     set_attr_tensor,
 )
 from zqcompile.quant import pack_int4, quantize_weight
+from zqcompile.rounding import Layout
 
 
 def quantize_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
@@ -32,7 +34,11 @@ def quantize_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
         weight = get_attr_tensor(gm, weight_node)
         key = (weight_node.target, plan.weight_bits, plan.group_size, plan.input_group_size)
         if key not in stored:
-            q, scale = quantize_weight(weight, plan.weight_bits, plan.group_size, plan.input_group_size)
+            rounded = ctx.rounded_weights.pop(weight_node.target, None)  # consumed: frees its FP source
+            if rounded is not None and rounded.layout == Layout(*key[1:]):
+                q, scale = rounded.q, rounded.scale
+            else:
+                q, scale = quantize_weight(weight, plan.weight_bits, plan.group_size, plan.input_group_size)
             packed = pack_int4(q) if plan.weight_bits == 4 else q
             base = f"{weight_node.target}_int{plan.weight_bits}_{len(stored)}"
             stored[key] = (base, f"{base}_scale")

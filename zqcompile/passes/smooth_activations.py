@@ -30,13 +30,14 @@ the norm and SwiGLU patterns are shared with ``fuse_quant_into_elementwise`` (``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.errors import ZQError
 from zqcompile.passes.infra import (
-    META_PLAN, CompileContext, PassResult, drop_if_unused, get_attr_tensor, is_op, is_stored, set_attr_tensor,
+    META_PLAN, CompileContext, PassResult, get_attr_tensor, is_op, is_stored, replace_stored, set_attr_tensor,
 )
 from zqcompile.passes.patterns import (
     LayerNorm, Miss, RMSNorm, Rule, SiluMul, apply_rules, match_layer_norm, match_rms_norm, match_silu_mul,
@@ -76,12 +77,16 @@ class Source:
         return grouped.expand(-1, self.shared_by, self.head_dim).reshape(-1)
 
 
-def _source(x: Node, folds: list[tuple[Node, Node]], restores_others: bool, shared_by: int = 1,
-            head_dim: int = 1) -> Source | Miss:
-    """x's Source; other readers than act-quantized linears are allowed only where x can be restored for
-    them (a norm's output, post-LN BERT's residual)."""
-    readers = [r for r in x.users if is_op(r, LINEAR) and r.args[0] is x and r.meta[META_PLAN].act_bits == 8
-               and is_stored(r.args[1])]
+def act_quantized(linear: Node) -> bool:
+    """Smoothing's readers: the linears whose input is quantized to INT8 per token."""
+    return linear.meta[META_PLAN].act_bits == 8
+
+
+def _source(x: Node, folds: list[tuple[Node, Node]], restores_others: bool, takes_factors: Callable[[Node], bool],
+            shared_by: int = 1, head_dim: int = 1) -> Source | Miss:
+    """x's Source; the readers are the linears with a stored weight that ``takes_factors`` accepts; other readers
+    are allowed only where x can be restored for them (a norm's output, post-LN BERT's residual)."""
+    readers = [r for r in x.users if is_op(r, LINEAR) and r.args[0] is x and takes_factors(r) and is_stored(r.args[1])]
     others = [r for r in x.users if r not in readers]
     if others and not restores_others:
         return Miss(f"its output is also read by {[r.name for r in others]}")
@@ -107,7 +112,7 @@ def _through_movement(node: object) -> object:
     return node
 
 
-def layernorm(x: Node) -> Source | Miss | None:
+def layernorm(x: Node, takes_factors: Callable[[Node], bool] = act_quantized) -> Source | Miss | None:
     """``layer_norm(h, w, b)``: divide the stored ``w`` (and ``b``)."""
     norm = match_layer_norm(x)
     if not isinstance(norm, LayerNorm):
@@ -115,13 +120,13 @@ def layernorm(x: Node) -> Source | Miss | None:
     if not is_stored(norm.weight) or (norm.bias is not None and not is_stored(norm.bias)):
         return Miss("the LayerNorm has no stored affine weight to fold the smoothing into")
     folds = [(x, norm.weight)] + ([(x, norm.bias)] if norm.bias is not None else [])
-    return _source(x, folds, restores_others=True)
+    return _source(x, folds, True, takes_factors)
 
 
-def rmsnorm(x: Node) -> Source | Miss | None:
+def rmsnorm(x: Node, takes_factors: Callable[[Node], bool] = act_quantized) -> Source | Miss | None:
     """Llama's RMSNorm ``w * normed``: divide the stored ``w``."""
     norm = match_rms_norm(x)
-    return _source(x, [(x, norm.weight)], restores_others=True) if isinstance(norm, RMSNorm) else norm
+    return _source(x, [(x, norm.weight)], True, takes_factors) if isinstance(norm, RMSNorm) else norm
 
 
 def _linear_rows(linear: object, what: str) -> list[tuple[Node, Node]] | Miss:
@@ -134,16 +139,16 @@ def _linear_rows(linear: object, what: str) -> list[tuple[Node, Node]] | Miss:
     return [(linear, linear.args[1])] + ([(linear, bias)] if bias is not None else [])
 
 
-def swiglu(x: Node) -> Source | Miss | None:
+def swiglu(x: Node, takes_factors: Callable[[Node], bool] = act_quantized) -> Source | Miss | None:
     """``silu(gate) * up``: dividing up_proj's output rows divides x exactly (silu is not touched)."""
     gated = match_silu_mul(x)
     if not isinstance(gated, SiluMul):
         return gated
     folds = _linear_rows(gated.up, "SwiGLU's up projection")
-    return _source(x, folds, restores_others=False) if isinstance(folds, list) else folds
+    return _source(x, folds, False, takes_factors) if isinstance(folds, list) else folds
 
 
-def attention(x: Node) -> Source | Miss | None:
+def attention(x: Node, takes_factors: Callable[[Node], bool] = act_quantized) -> Source | Miss | None:
     """The attention output: its channels are V's channels (head-major), each head a mix of V's rows."""
     sdpa = _through_movement(x)
     if not is_op(sdpa, SDPA):
@@ -159,18 +164,7 @@ def attention(x: Node) -> Source | Miss | None:
     if channels % head_dim or v_channels % head_dim or channels % v_channels:
         return Miss(f"attention channels {channels} / value channels {v_channels} do not split into heads of "
                     f"{head_dim}")
-    return _source(x, folds, restores_others=False, shared_by=channels // v_channels, head_dim=int(head_dim))
-
-
-def _replace_stored(gm: GraphModule, reader: Node, old: Node, tensor: torch.Tensor) -> None:
-    """Give ``reader`` a new buffer in place of the get_attr ``old`` (dropped once nothing reads it)."""
-    target = f"{old.target}_smoothed"
-    set_attr_tensor(gm, target, tensor.detach())  # a constant of the graph, like the weights it replaces
-    with gm.graph.inserting_before(reader):
-        new = gm.graph.get_attr(target)
-    new.meta = dict(old.meta)
-    reader.replace_input_with(old, new)
-    drop_if_unused(gm, old)
+    return _source(x, folds, False, takes_factors, shared_by=channels // v_channels, head_dim=int(head_dim))
 
 
 def smoothing_factors(absmax: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -179,26 +173,25 @@ def smoothing_factors(absmax: torch.Tensor, w_max: torch.Tensor, alpha: float) -
     return torch.where((absmax > 0) & (w_max > 0), factors, torch.ones_like(factors))
 
 
-def _fold(gm: GraphModule, source: Source, alpha: float, absmax: torch.Tensor) -> torch.Tensor:
-    """Divide x's producer by the factors and multiply the readers' weight columns by them; returns the
-    factors per channel of x."""
-    readers = source.readers
-    w_max = torch.stack([get_attr_tensor(gm, r.args[1]).detach().abs().amax(0).float() for r in readers]).amax(0)
-    factors = smoothing_factors(source.reduce(absmax), source.reduce(w_max), alpha)
+def fold(gm: GraphModule, source: Source, factors: torch.Tensor, suffix: str) -> torch.Tensor:
+    """Divide x's producer by ``factors`` (one per channel of the folds) and multiply the readers' weight columns
+    by them: the same function in floating point. New tensors are named ``<old>_<suffix>``; returns the factors
+    per channel of x. Smoothing and AWQ (passes/awq_scale_weights.py) both fold through here."""
     for reader, param in source.folds:
         value = get_attr_tensor(gm, param)
         per_channel = factors.reshape(-1, *([1] * (value.dim() - 1)))  # output channels are the first dim
-        _replace_stored(gm, reader, param, (value.float() / per_channel).to(value.dtype))
-    for reader in readers:
+        replace_stored(gm, reader, param, (value.float() / per_channel).to(value.dtype), suffix)
+    for reader in source.readers:
         weight = get_attr_tensor(gm, reader.args[1])
-        _replace_stored(gm, reader, reader.args[1], (weight.float() * source.expand(factors)).to(weight.dtype))
+        replace_stored(gm, reader, reader.args[1], (weight.float() * source.expand(factors)).to(weight.dtype),
+                       suffix)
     return source.expand(factors)
 
 
-def _restore_for(gm: GraphModule, x: Node, others: list[Node], factors: torch.Tensor) -> None:
-    """Give the non-linear readers of a smoothed norm (post-LN BERT's residual) ``x * s``: the value they read
-    before. Costs one elementwise multiply, which only ``smooth_alpha`` recipes pay."""
-    target = f"{x.name}_smoothing_factors"
+def restore_for(gm: GraphModule, x: Node, others: list[Node], factors: torch.Tensor, suffix: str) -> None:
+    """Give the non-linear readers of a folded norm (post-LN BERT's residual) ``x * s``: the value they read
+    before. Costs one elementwise multiply, which only smoothing / AWQ recipes pay."""
+    target = f"{x.name}_{suffix}_factors"
     set_attr_tensor(gm, target, factors.to(x.meta["val"].dtype))
     with gm.graph.inserting_after(x):
         stored = gm.graph.get_attr(target)
@@ -209,29 +202,32 @@ def _restore_for(gm: GraphModule, x: Node, others: list[Node], factors: torch.Te
         reader.replace_input_with(x, restored)
 
 
-def _check_same_function(gm: GraphModule, ctx: CompileContext) -> None:
-    """Smoothing is exact in floating point: the graph must still give its calibration outputs."""
+def check_same_function(gm: GraphModule, inputs: list, expected: list, what: str, fallback: str) -> None:
+    """A fold is exact in floating point: the graph must still give ``expected`` on ``inputs``."""
     with torch.no_grad():
-        for inputs, expected in zip(ctx.calibration_inputs, ctx.calibration_outputs):
-            got = gm(*inputs)
-            for a, b in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+        for args, before in zip(inputs, expected):
+            got = gm(*args)
+            for a, b in zip(torch.utils._pytree.tree_leaves(before), torch.utils._pytree.tree_leaves(got)):
                 if not (isinstance(a, torch.Tensor) and a.is_floating_point()):
                     continue
                 tolerance = 1e-3 if a.dtype == torch.float32 else 3e-2
                 error = (a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-6)
                 if error > tolerance:
-                    raise ZQError(f"smoothing changed the model's outputs (max relative difference {error:.2e}); "
-                                  f"this is a zqcompile bug, please report it; set smooth_alpha: null meanwhile")
+                    raise ZQError(f"{what} changed the model's outputs (max relative difference {error:.2e}); "
+                                  f"this is a zqcompile bug, please report it; {fallback} meanwhile")
 
 
 def _smooth(gm: GraphModule, ctx: CompileContext, x: Node, source: Source) -> None:
-    factors = _fold(gm, source, ctx.recipe.smooth_alpha, ctx.activation_absmax[x.name])
+    absmax = source.reduce(ctx.activation_absmax[x.name])
+    w_max = torch.stack([get_attr_tensor(gm, r.args[1]).detach().abs().amax(0).float() for r in source.readers])
+    factors = fold(gm, source, smoothing_factors(absmax, source.reduce(w_max.amax(0)), ctx.recipe.smooth_alpha),
+                   "smoothed")
     if source.others:
-        _restore_for(gm, x, source.others, factors)
+        restore_for(gm, x, source.others, factors, "smoothing")
 
 
-RULES: tuple[Rule[Source], ...] = tuple(Rule(match.__name__, match, _smooth)
-                                        for match in (layernorm, rmsnorm, swiglu, attention))
+MATCHERS = (layernorm, rmsnorm, swiglu, attention)  # AWQ matches the same producers, with its own readers
+RULES: tuple[Rule[Source], ...] = tuple(Rule(match.__name__, match, _smooth) for match in MATCHERS)
 
 
 def smooth_activations(gm: GraphModule, ctx: CompileContext) -> PassResult:
@@ -244,5 +240,6 @@ def smooth_activations(gm: GraphModule, ctx: CompileContext) -> PassResult:
     counters.update("smooth.residual_restored" for source in applied.matches if source.others)
     if counters:
         gm.recompile()
-        _check_same_function(gm, ctx)
+        check_same_function(gm, ctx.calibration_inputs, ctx.calibration_outputs, "smoothing",
+                            "set smooth_alpha: null")
     return PassResult(gm, bool(counters), counters)

@@ -19,10 +19,10 @@ are formed once per word.
 Arithmetic follows zqcompile/ops.py: statistics in float32; every intermediate that the reference
 materialises in the tensor's dtype (``x + residual``, the norm output, ``gelu(x + bias)``, ``silu(gate)``,
 ``silu(gate) * up``) is rounded to that dtype here too before it is used; the scale is ``absmax / 127``
-(1.0 for an all-zero row), exactly as the reference. The reference quantizes with ``rint(v / scale)``;
-the kernels use ``rint(v * (1 / scale))``, which differs in the last ulp before rounding and so can move a
-value that lies within an ulp of a .5 tie by one (tests allow +-1 on at most 1% of the values; measured
-far fewer).
+(1.0 for an all-zero row, NaN for a row holding a NaN or an Inf, whose int8 values are then meaningless),
+exactly as the reference. The reference quantizes with ``rint(v / scale)``; the kernels use
+``rint(v * (1 / scale))``, which differs in the last ulp before rounding and so can move a value that lies
+within an ulp of a .5 tie by one (tests allow +-1 on at most 1% of the values; measured far fewer).
 
 Element storage ("codecs"): float32, float16 and **bfloat16 passed as its int16 bit pattern**
 (``tensor.view(torch.int16)``; NumPy has no bfloat16), all read and written through unsigned word views.
@@ -123,13 +123,13 @@ if SIMULATOR:
         return np.array(b, dtype=np.int32).view(np.float32)[()]
 
     def rint_i32(v):
-        return int(np.rint(np.float32(v)))
+        return 0 if v != v else int(np.rint(np.float32(v)))  # float2int_rn turns NaN into 0
 
     def fmax(a, b):
-        return np.float32(max(a, b))
+        return np.float32(np.fmax(a, b))  # like libdevice: a NaN operand gives the other one
 
     def fmin(a, b):
-        return np.float32(min(a, b))
+        return np.float32(np.fmin(a, b))
 
     def fabs(a):
         return np.float32(abs(a))
@@ -375,9 +375,17 @@ def _scratch_len(threads: int, rows: int, reduction: str) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 @cuda.jit(device=True)
+def _max_nan(a, b):
+    """max(a, b), NaN if either is NaN: libdevice's fmaxf returns the other operand, which would lose a row's NaN."""
+    return fmax(a, b) if a == a and b == b else a + b
+
+
+@cuda.jit(device=True)
 def _row_scale(absmax):
     s = absmax / _QMAX
-    return s if s > _ZERO else _ONE  # an all-zero row quantizes to zeros with scale 1
+    if s == _ZERO:
+        return _ONE  # an all-zero row quantizes to zeros with scale 1
+    return s + (s - s)  # + 0, or NaN for a row with a NaN or an Inf
 
 
 @cuda.jit(device=True)
@@ -478,7 +486,7 @@ def _row_kit(k: int, vec: int, threads: int, rows_per_block: int, reduction: str
     return _RowKit(words, per_thread, full, per_thread * vec, _scratch_len(threads, rows_per_block, reduction),
                    make_load, make_param, position, quantize_store,
                    _make_row_reduce(_add, threads, rows_per_block, reduction),
-                   _make_row_reduce(fmax, threads, rows_per_block, reduction))
+                   _make_row_reduce(_max_nan, threads, rows_per_block, reduction))
 
 
 @_built
@@ -497,7 +505,7 @@ def _quantize_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, re
         load_x(x, base, t, vals)
         absmax = _ZERO
         for e in range(slots):
-            absmax = fmax(absmax, fabs(vals[e]))  # slots past the row hold 0
+            absmax = _max_nan(absmax, fabs(vals[e]))  # slots past the row hold 0
         quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
@@ -550,7 +558,7 @@ def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bo
                     v = round_x(v)
                     word = insert_x(word, v, h)
                     vals[u * vec + h] = v
-                    absmax = fmax(absmax, fabs(v))
+                    absmax = _max_nan(absmax, fabs(v))
                 if store:
                     y[uint64(base + w)] = word
         quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
@@ -595,7 +603,7 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool
                         v = round_y(weight_at(weight, w, h) * normed)
                         word = insert_y(word, v, hh)
                         vals[u * vec + h] = v
-                        absmax = fmax(absmax, fabs(v))
+                        absmax = _max_nan(absmax, fabs(v))
                     if store:
                         y[uint64(base * y_ratio + w * y_ratio + part)] = word
         quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
@@ -680,7 +688,7 @@ def _activation_kernel(x_codec: str, has_bias: bool, activation: str, k: int, ve
                         v = round_x(v + bias_at(bias, w, h))
                     g = round_x(act(v))
                     vals[u * vec + h] = g
-                    absmax = fmax(absmax, fabs(g))
+                    absmax = _max_nan(absmax, fabs(g))
         quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
@@ -708,7 +716,7 @@ def _gated_kernel(x_codec: str, activation: str, k: int, vec: int, threads: int,
         for e in range(slots):  # slots past the row hold 0 and stay 0
             v = round_x(round_x(act(gates[e])) * ups[e])
             gates[e] = v
-            absmax = fmax(absmax, fabs(v))
+            absmax = _max_nan(absmax, fabs(v))
         quantize_store(gates, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 

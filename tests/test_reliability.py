@@ -1,0 +1,129 @@
+"""Every bad input is a ZQError naming the problem and the fix, and the compiled model owns its tensors (issue 12)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import zqcompile
+from helpers import TINY_HIDDEN, TINY_VOCAB, make_tiny_bert, make_tiny_mlp, token_batch
+from zqcompile.errors import ZQError
+
+
+@pytest.mark.parametrize("make_ids, message", [
+    (lambda ids: ids.float(), r"input_ids must be an integer tensor, got torch.float32"),
+    (lambda ids: ids + TINY_VOCAB, rf"embedding has {TINY_VOCAB} rows \(valid values 0..{TINY_VOCAB - 1}\)"),
+    (lambda ids: ids - TINY_VOCAB, r"holds values in \[-"),
+    (lambda ids: ids[:0], r"batch and sequence length must be at least 1"),
+    (lambda ids: ids[:, :0], r"batch and sequence length must be at least 1"),
+])
+def test_bad_token_ids(compiled_tiny, make_ids, message):
+    _, qmodel = compiled_tiny("bert", "w8a8")
+    with pytest.raises(ZQError, match=message):
+        qmodel(input_ids=make_ids(token_batch(2, 5)))
+
+
+def test_bad_token_type_ids_and_masks(compiled_tiny):
+    _, qmodel = compiled_tiny("bert", "w8a8")
+    ids = token_batch(2, 5)
+    with pytest.raises(ZQError, match=r"token_type_ids holds values in \[5, 5\], .* has 2 rows \(valid values 0..1\)"):
+        qmodel(input_ids=ids, token_type_ids=torch.full_like(ids, 5))
+    with pytest.raises(ZQError, match="attention_mask must be an integer tensor"):
+        qmodel(input_ids=ids, attention_mask=torch.ones(2, 5))
+    with torch.no_grad():  # a bool mask is an integer mask
+        assert torch.equal(qmodel(input_ids=ids, attention_mask=torch.ones(2, 5, dtype=torch.bool)).last_hidden_state,
+                           qmodel(input_ids=ids).last_hidden_state)
+
+
+def test_plain_module_inputs():
+    model = make_tiny_mlp()
+    qmodel = zqcompile.compile(model)
+    with pytest.raises(ZQError, match="input 0 is torch.int64 .* captured with torch.float32"):
+        qmodel(torch.ones(2, TINY_HIDDEN, dtype=torch.long))
+    with pytest.raises(ZQError, match="empty batch"):
+        qmodel(torch.randn(0, TINY_HIDDEN))
+    with pytest.raises(ZQError, match="takes 1 input"):
+        qmodel(torch.randn(2, TINY_HIDDEN), torch.randn(2, TINY_HIDDEN))
+
+
+class PairRows(nn.Module):
+    """reshape(2, -1, 8): export guards the batch to be even (and not 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x.reshape(2, -1, 8)).sum(0)
+
+
+def test_export_guard_is_a_zqerror_and_survives_saving(tmp_path):
+    model = PairRows().eval()
+    qmodel = zqcompile.compile(model, example_inputs=(torch.randn(4, 8),))
+    with pytest.raises(ZQError, match=r"inputs of shapes \[3, 8\] violate .*args\[0\]\.size\(\)\[0\]"):
+        qmodel(torch.randn(3, 8))
+    qmodel.save(tmp_path / "m")
+    loaded = zqcompile.load(tmp_path / "m")
+    with pytest.raises(ZQError, match=r"inputs of shapes \[3, 8\] violate"):
+        loaded(torch.randn(3, 8))
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+        assert torch.allclose(loaded(x), model(x), atol=0.05)
+
+
+def test_meta_device_model_is_refused():
+    with torch.device("meta"):
+        model = make_tiny_mlp()
+    with pytest.raises(ZQError, match="meta device"):
+        zqcompile.compile(model)
+
+
+def test_compiled_model_owns_its_tensors():
+    model = make_tiny_bert()
+    qmodel = zqcompile.compile(model)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not any(t.untyped_storage().data_ptr() in storages for t in qmodel.graph_module.state_dict().values())
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        before = qmodel(input_ids=ids).last_hidden_state
+        for p in model.parameters():
+            p.mul_(1.5)  # an in-place edit of the user's model, then a cast of it
+        model.half()
+        assert torch.equal(qmodel(input_ids=ids).last_hidden_state, before)
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.double(),
+                                  lambda m: m.to(torch.float16), lambda m: m.to("meta"),
+                                  lambda m: m.to_empty(device="cpu")])
+def test_casting_a_compiled_model_says_to_recompile(compiled_tiny, cast):
+    model, qmodel = compiled_tiny("bert", "w8a8")
+    ids = token_batch(2, 4)
+    with torch.no_grad():
+        before = qmodel(input_ids=ids).last_hidden_state
+    with pytest.raises(ZQError, match=r"keeps the dtype and device it was compiled for .* Compile the FP model again"):
+        cast(qmodel)
+    assert qmodel.float() is qmodel and qmodel.to("cpu", torch.float32) is qmodel
+    with torch.no_grad():
+        assert torch.equal(qmodel(input_ids=ids).last_hidden_state, before)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_guard_interpreter_reads_torch_printed_guards_and_nothing_else():
+    from zqcompile.guards import check_guards, parse_guard
+
+    x = torch.zeros(2, 8)
+    # the forms torch's Python printer writes (fp16 Llama on CUDA guards min(16*seq, 32*seq) == 16*seq)
+    check_guards(["min(16*args[0].size()[1], 32*args[0].size()[1]) == 16*args[0].size()[1]",
+                  "Max(1, args[0].size()[0]) >= 1 and not args[0].size()[0] == 3",
+                  "math.floor(args[0].size()[1] / 3) == 2", "(args[0].size()[1] % 8) == 0",
+                  "args[0].size()[1] ** 2 <= 1024"], [x], "M")
+    with pytest.raises(ZQError, match=r"violate 'args\[1\].size\(\)\[0\] == 2'"):
+        check_guards(["args[1].size()[0] == 2"], [x], "M")  # an input the call does not have
+    for hostile in ['__import__("os").system("true")', "args[0].__class__", "open('f')", "(lambda: 1)()",
+                    "args[0].size()[0] if True else 0", "[1][0]"]:
+        with pytest.raises(ZQError, match="not an expression zqcompile can check"):
+            parse_guard(hostile)
+    with pytest.raises(ZQError, match="cannot be evaluated"):
+        check_guards(["args[0].size()[0] ** 10000000 > 0"], [x], "M")

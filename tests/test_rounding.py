@@ -1,0 +1,123 @@
+"""The survey methods' arithmetic (zqcompile/rounding.py) on tiny layers, against independent references:
+GPTQ against the optimal-brain-quantization update written directly (explicit inverse Hessian, one column at a
+time), and against round-to-nearest; AWQ's search against its own grid evaluated by hand; LoRC against the
+truncated SVD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zqcompile.quant import dequantize_weight_values, qmax_for_bits, quantize_weight
+from zqcompile.rounding import Layout, awq_scales, gptq_quantize, low_rank_factors, output_error
+
+LAYOUTS = [Layout(8, None, None), Layout(4, None, None), Layout(4, None, 8), Layout(4, 2, 8), Layout(8, 4, None)]
+
+
+def correlated_inputs(tokens: int = 256, k: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(k, k, generator=generator) + 2 * torch.eye(k)
+    return torch.randn(tokens, k, generator=generator) @ mixing  # strongly correlated input channels
+
+
+def layer(n: int = 16, k: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def obq_reference(weight: torch.Tensor, hessian: torch.Tensor, layout: Layout, damping: float = 0.01):
+    """GPTQ's rounding written as the optimal-brain-quantization update, in float64: round column i, move the
+    not-yet-rounded columns by -err_i / Hinv_ii * Hinv[i, :], then eliminate i from the inverse Hessian."""
+    qmax = qmax_for_bits(layout.bits)
+    n, k = weight.shape
+    rows = layout.group_size or 1
+    width = layout.input_group_size or k
+    w = weight.double().clone()
+    h = hessian.double() + damping * torch.diagonal(hessian.double()).mean() * torch.eye(k, dtype=torch.float64)
+    h_inv = torch.linalg.inv(h)
+    q = torch.zeros(n, k, dtype=torch.int8)
+    scale = torch.zeros(n // rows, k // width)
+    for i in range(k):
+        if i % width == 0:
+            group = w[:, i:i + width].reshape(n // rows, rows * width)
+            absmax = group.abs().amax(1)
+            scale[:, i // width] = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax)).float()
+        s = scale[:, i // width].double().repeat_interleave(rows)
+        column = torch.clamp(torch.round(w[:, i] / s), -qmax, qmax)
+        q[:, i] = column.to(torch.int8)
+        w -= ((w[:, i] - column * s) / h_inv[i, i])[:, None] * h_inv[i][None, :]
+        h_inv -= h_inv[:, i:i + 1] @ h_inv[i:i + 1, :] / h_inv[i, i]
+    return q, scale
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_gptq_equals_the_obq_update_written_directly(layout):
+    x = correlated_inputs()
+    hessian = x.T.double() @ x.double()
+    q, scale = gptq_quantize(layer(), hessian, layout, block=8)  # lazy batches of 8 columns
+    q_ref, scale_ref = obq_reference(layer(), hessian, layout)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    assert (q.int() - q_ref.int()).abs().max() <= 1  # float64 summation order may flip an exact .5
+    assert (q != q_ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_gptq_error_is_strictly_below_round_to_nearest_on_correlated_inputs(layout):
+    weight, x = layer(), correlated_inputs()
+    hessian = x.T.double() @ x.double()
+    nearest = dequantize_weight_values(*quantize_weight(weight, layout.bits, layout.group_size,
+                                                        layout.input_group_size))
+    gptq = dequantize_weight_values(*gptq_quantize(weight, hessian, layout))
+    rtn_error = (x.double() @ (weight - nearest).double().T).pow(2).sum()
+    gptq_error = (x.double() @ (weight - gptq).double().T).pow(2).sum()
+    assert gptq_error < 0.9 * rtn_error
+    signal = (x.double() @ weight.double().T).pow(2).sum()
+    assert output_error(weight, gptq, hessian) == pytest.approx((gptq_error / signal).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_gptq_with_a_diagonal_hessian_is_round_to_nearest(layout):
+    weight = layer()
+    hessian = torch.diag(torch.rand(32, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.1)
+    q, scale = gptq_quantize(weight, hessian, layout)
+    q_rtn, scale_rtn = quantize_weight(weight, layout.bits, layout.group_size, layout.input_group_size)
+    assert torch.equal(q, q_rtn) and torch.equal(scale, scale_rtn)
+
+
+def test_gptq_ignores_inputs_it_never_saw():
+    weight, x = layer(), correlated_inputs()
+    x[:, 5] = 0  # a dead input channel: its column is zeroed, the rest still rounds
+    q, _ = gptq_quantize(weight, x.T.double() @ x.double(), Layout(8, None, None))
+    assert torch.all(q[:, 5] == 0) and q.abs().sum() > 0
+
+
+def test_awq_picks_the_grid_point_with_the_least_output_error():
+    x = torch.randn(128, 32) * torch.linspace(0.1, 8.0, 32)  # a few large channels, as in LLM activations
+    weights, layouts = [layer(16, 32, 3), layer(8, 32, 4)], [Layout(4, None, 8), Layout(4, None, 8)]
+    factors, plain, best = awq_scales(x, x.abs().mean(0), weights, layouts, grid=10)
+
+    def error(f: torch.Tensor) -> float:  # the objective evaluated independently
+        total = sum(((x.double() / f.double()) @ dequantize_weight_values(*quantize_weight(
+            w * f, 4, None, 8)).double().T - x.double() @ w.double().T).pow(2).sum() for w in weights)
+        return (total / sum((x.double() @ w.double().T).pow(2).sum() for w in weights)).item()
+
+    mean_abs = x.abs().mean(0).double()
+    candidates = [mean_abs ** (i / 10) / ((mean_abs ** (i / 10)).max() * (mean_abs ** (i / 10)).min()).sqrt()
+                  for i in range(10)]
+    errors = [error(c.float()) for c in candidates]
+    assert plain == pytest.approx(errors[0], rel=1e-6) and best == pytest.approx(min(errors), rel=1e-6)
+    assert best < plain  # activation-aware scaling helps on these channels
+    torch.testing.assert_close(factors.double(), candidates[errors.index(min(errors))], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_low_rank_factors_are_the_truncated_svd_of_the_error(rank):
+    weight = layer(24, 32)
+    error = weight - dequantize_weight_values(*quantize_weight(weight, 4))
+    a, b = low_rank_factors(error, rank)
+    assert a.shape == (24, rank) and b.shape == (rank, 32)
+    u, s, vh = torch.linalg.svd(error.double())
+    truncated = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+    torch.testing.assert_close((a.double() @ b.double()), truncated, rtol=0, atol=1e-5)
+    # Eckart-Young: what is left is exactly the discarded singular values
+    residual = torch.linalg.matrix_norm(error.double() - a.double() @ b.double())
+    assert residual.item() == pytest.approx(s[rank:].pow(2).sum().sqrt().item(), rel=1e-5)
