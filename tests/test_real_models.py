@@ -36,7 +36,7 @@ _load_once = functools.lru_cache(maxsize=None)(load_pretrained)  # each real mod
 def _compiled(name: str, recipe: str):
     """(FP32 model, compiled model, tokenizer, recipe name)."""
     model, tokenizer = _load_once(name)
-    return model, zqcompile.compile(model, recipe), tokenizer, recipe
+    return model, zqcompile.compile(model, recipe, generation=False), tokenizer, recipe  # perplexity: forward only
 
 
 @pytest.fixture(scope="session", params=RECIPES)

@@ -14,10 +14,13 @@ from zqcompile.buckets import Buckets, resolve_buckets
 from zqcompile.capture import Captured, capture
 from zqcompile.distillation_data import distillation_data
 from zqcompile.errors import ZQError
+from zqcompile.generation import compile_generation
+from zqcompile.generation import restore as restore_generation
+from zqcompile.kv_cache import capture_static_cache, is_causal_lm
 from zqcompile.model import QuantizedModel
 from zqcompile.pipeline import run_pipeline, run_target_phases
 from zqcompile.recipe import LKDConfig, Recipe, load_recipe
-from zqcompile.serialize import read_saved
+from zqcompile.serialize import GENERATION, read_saved
 from zqcompile.sentence_transformer import compile_sentence_transformer, is_sentence_transformer
 
 
@@ -28,7 +31,8 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
             lkd: LKDConfig | Mapping[str, Any] | bool | None = None,
             calibration_data: torch.Tensor | tuple | None = None,
             buckets: Buckets | Mapping[str, Any] | bool | None = None,
-            target_passes: Collection[str] | None = None) -> QuantizedModel:
+            target_passes: Collection[str] | None = None, generation: bool | None = None,
+            max_cache_len: int | None = None) -> QuantizedModel:
     """Compile ``model`` with ZeroQuant quantization and return a model with the same call signature.
 
     Args:
@@ -50,6 +54,11 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
             encoder; the recipe's ``lkd`` data settings if it has them), or random token ids for smoothing alone.
         target_passes: keep only these passes of the backend's target phases (``pipeline.TARGET_PHASES``;
             default: all), e.g. to measure what each CUDA graph rewrite buys.
+        generation: also compile the prefill / decode step over a static KV cache, for ``qmodel.generate``
+            (default: for Hugging Face causal LMs; ``False`` halves a decoder's compile time when only the
+            forward is needed).
+        max_cache_len: KV-cache slots per sequence for ``generate`` (prompt + new tokens); default the model's
+            maximum positions, at most 1024.
         buckets: shape buckets (zqcompile/buckets.py): requests are padded up to them so that a stream of
             shapes reuses a few CUDA graphs; ``None`` = on with the model's defaults for the cuda backend, off
             for cpu; ``True`` (defaults), ``False``, a :class:`Buckets` or a dict with ``batch_sizes`` / ``seq_lens``.
@@ -69,13 +78,20 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     if recipe.lkd is not None and recipe.smooth_alpha is not None:
         raise ZQError(f"recipe {recipe.name!r} sets both smooth_alpha and LKD; LKD distils the unsmoothed weights, "
                       f"so use one of them (smooth_alpha: null, or no lkd)")
+    if generation and not is_causal_lm(model):
+        raise ZQError(f"generation=True needs a Hugging Face causal language model (...ForCausalLM, GPT2LMHeadModel); "
+                      f"{type(model).__name__} is not one")
     was_training = model.training if isinstance(model, nn.Module) else False
     try:  # capture and LKD run the model in eval mode; the user's model gets its own mode back
+        cached = capture_static_cache(model, max_cache_len) if generation is not False and is_causal_lm(model) else None
         captured = capture(model, example_inputs)
         backend = resolve_backend(backend, captured.device)
         calibration = _calibration_inputs(model, captured, calibration_data, recipe) if _calibrates(recipe) else ()
         result = run_pipeline(captured.graph_module, recipe, target=backend, target_passes=target_passes,
                               dump_dir=dump_dir, calibration_inputs=calibration, source_model=model)
+        generator = None if cached is None else compile_generation(
+            cached, result.compiled, result.executed, recipe, backend=backend, cuda_graphs=cuda_graphs, model=model,
+            calibration_inputs=calibration, dump_dir=dump_dir)
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
@@ -84,6 +100,11 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     quantized = QuantizedModel(result.compiled, captured, recipe, result.context, backend,
                                runner=build_runner(result.executed, backend, cuda_graphs), buckets=shape_buckets)
     quantized.lkd_result = result.context.lkd_result
+    if generator is not None:
+        quantized.generation = generator
+    elif not is_causal_lm(model):
+        quantized.no_generation_reason = (f"{captured.model_class} is not a decoder language model; generate needs "
+                                          f"a Hugging Face causal LM (...ForCausalLM, GPT2LMHeadModel)")
     return quantized
 
 
@@ -100,8 +121,13 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
     qmodel = QuantizedModel(compiled, saved.captured, saved.recipe, saved.context, saved.backend,
                             runner=build_runner(executed, saved.backend, None))
     qmodel.source_model = saved.source_model
-    if saved.extra_graphs:
-        qmodel.extra_graphs = saved.extra_graphs
+    graphs = dict(saved.extra_graphs)
+    if saved.generation is not None:
+        qmodel.generation = restore_generation(
+            graphs.pop(GENERATION)[0], saved.generation, recipe=saved.recipe, dtype=saved.captured.dtype,
+            device=saved.captured.device, backend=saved.backend, forward_executed=executed)
+    if graphs:
+        qmodel.extra_graphs = graphs
     return qmodel
 
 

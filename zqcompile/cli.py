@@ -5,9 +5,12 @@
     zqcompile export-onnx DIR OUT.onnx [--int4 matmulnbits|exact]
     zqcompile bench DIR [--batch 1] [--seq 128] [--repeats 10]
     zqcompile eval DIR --text FILE
+    zqcompile generate DIR|MODEL --prompt TEXT [--max-new-tokens 64] [--sample [--temperature T] [--top-k K]
+                       [--top-p P] [--seed S]] [--recipe w8a8]
 
 MODEL is a local Hugging Face directory or a shipped model name (``all-MiniLM-L6-v2``,
-``SmolLM2-135M-Instruct``). ``bench`` and ``eval`` compare against the FP model the directory was compiled
+``SmolLM2-135M-Instruct``); ``generate`` takes a saved directory or compiles MODEL on the fly (``--recipe``).
+``bench`` and ``eval`` compare against the FP model the directory was compiled
 from (its path is recorded in the manifest; ``--model`` overrides it). Errors in the input (a missing
 directory, an unknown recipe, an architecture zqcompile cannot capture) print one message on stderr and
 exit with status 2.
@@ -208,6 +211,41 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"same nearest neighbour as FP for {100 * same_nearest:.1f}% of the lines")
 
 
+def _tokenizer_for(source: str):
+    from transformers import AutoTokenizer
+
+    from zqcompile.errors import ZQError
+    from zqcompile.models import SHIPPED_MODELS, shipped_model_dir
+
+    try:
+        return AutoTokenizer.from_pretrained(shipped_model_dir(source) if source in SHIPPED_MODELS else source)
+    except (OSError, ValueError) as err:
+        raise ZQError(f"cannot load the tokenizer of {source!r}: {str(err).strip().splitlines()[0]}") from err
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from transformers import TextStreamer
+
+    import zqcompile
+    from zqcompile.serialize import MANIFEST, read_manifest
+
+    if (Path(args.model) / MANIFEST).is_file():
+        qmodel = zqcompile.load(args.model)
+        source = args.tokenizer or read_manifest(args.model).get("source_model")
+        if source is None:
+            from zqcompile.errors import ZQError
+            raise ZQError(f"{args.model} does not record the model it was compiled from; pass --tokenizer MODEL")
+        tokenizer = _tokenizer_for(source)
+    else:
+        model, tokenizer = _load_fp_model(args.model)
+        qmodel = zqcompile.compile(model, args.recipe)
+    input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(qmodel.device)
+    # the streamer prints the prompt too: decoded with the new tokens, the text keeps the tokenizer's spacing
+    qmodel.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    streamer=TextStreamer(tokenizer, skip_special_tokens=True))
+
+
 # ---- parser -----------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -263,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_positive_int, default=256, help="decoders: sliding window length")
     p.add_argument("--max-sentences", type=_positive_int, default=200, help="encoders: lines embedded")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with a compiled decoder, streaming the text")
+    p.add_argument("model", help="a saved compiled model, or a decoder (local HF directory or shipped name) to "
+                                 "compile first")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--recipe", default="w8a8", help="recipe when compiling MODEL on the fly")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer (default: the model's, or the one recorded at compile time)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible output)")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

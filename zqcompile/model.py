@@ -18,6 +18,7 @@ from zqcompile.errors import ZQError
 from zqcompile.guards import GUARDS_META, check_guards
 from zqcompile.passes.infra import CompileContext, embedding_rows
 from zqcompile.recipe import Recipe
+from zqcompile.runtime import BATCH_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class WeightMemory:
     quantized_fp16: int  # the same weights stored in FP16 (the paper's baseline)
     quantized_after: int  # their integer values + scales
     kept_fp: int  # linear weights the recipe keeps in floating point
-    total: int  # every tensor of the compiled graph (embeddings, norms, FP layers, integer weights), stored once
+    total: int  # every tensor of the compiled graphs (embeddings, norms, FP layers, integer weights), stored once
     shared: tuple[tuple[str, ...], ...] = ()  # names of one stored tensor (a tied embedding and LM head)
 
     @property
@@ -69,6 +70,12 @@ class QuantizedModel(nn.Module):
         # views of them), which .to() / state_dict cover already
         object.__setattr__(self, "runner", runner if runner is not None else graph_module)
         self._embedding_rows = embedding_rows(graph_module)
+        # the prefill / decode step over a static KV cache (zqcompile.generation.Generator) of a decoder LM; its
+        # graph's tensors are graph_module's, so it is kept out of the submodules as well
+        object.__setattr__(self, "generation", None)
+        self.no_generation_reason = (f"this compiled {self.model_class} has no generation graph (compiled with "
+                                     f"generation=False, or saved by a zqcompile without it): compile it again with "
+                                     f"zqcompile.compile(model, recipe)")
 
     @property
     def executed_graph(self) -> GraphModule:
@@ -173,10 +180,16 @@ class QuantizedModel(nn.Module):
         return self
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, seq_lens: Sequence[int] | None = None, *,
-               progress: bool = True) -> int:
-        """Run every shape that requests of these sizes will run at (default: every bucket) once, before traffic:
-        the cuda backend captures their CUDA graphs (and tunes their GEMMs) now, with a progress bar. Returns the
-        number of graphs captured (0 without CUDA graphs)."""
+               prompt_lens: Sequence[int] | None = None, max_new_tokens: int = 1, progress: bool = True) -> int:
+        """Run every shape that requests of these sizes will run at once, before traffic: the cuda backend captures
+        their CUDA graphs (and tunes their GEMMs) now, with a progress bar. ``seq_lens`` warms the forward (default:
+        every bucket); ``prompt_lens`` warms ``generate``'s prefill and decode steps (a decoder compiled for
+        generation warms those, for prompts of 128 tokens, when neither is given). Returns the number of forward
+        graphs captured (0 without CUDA graphs)."""
+        if self.generation is not None and (prompt_lens is not None or seq_lens is None):
+            self.generation.warmup(batch_sizes or BATCH_BUCKETS, prompt_lens or (128,), max_new_tokens)
+            if seq_lens is None:
+                return 0
         shapes = warmup_shapes(self.buckets, batch_sizes, seq_lens, text_model=self.input_names is not None)
         inputs = [warmup_inputs(b, s, self.input_names, self.example_inputs, self.device) for b, s in shapes]
         if hasattr(self.runner, "warmup"):
@@ -231,6 +244,18 @@ class QuantizedModel(nn.Module):
                           f"the FP model again after moving it (model.to(device, dtype)), or load a saved one "
                           f"with zqcompile.load(dir, device=...)")
 
+    # ---- generation ---------------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
+                 **options: Any) -> torch.Tensor:
+        """Token ids [batch, prompt + new] like Hugging Face ``generate`` (zqcompile.generation.Generator.generate:
+        do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, streamer, seed)."""
+        return self._generator().generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)
+
+    def _generator(self):
+        if self.generation is None:
+            raise ZQError(self.no_generation_reason)
+        return self.generation
+
     # ---- saving -------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, source_model: str | None = None) -> Path:
         """Write the compiled model to ``directory``; ``zqcompile.load(directory)`` reads it back (see
@@ -243,7 +268,9 @@ class QuantizedModel(nn.Module):
         from zqcompile.inspection import linear_rows, stored_tensors
         rows = linear_rows(self.graph_module)
         before = sum(r.bytes_before for r in rows if r.kind != "FP")
-        stored = stored_tensors(self.graph_module)  # a tied embedding / LM head counts once
+        also = [self.generation.graph_module] if self.generation is not None else []
+        # tied weights, and the tensors the generation graph shares with the forward graph, count once
+        stored = stored_tensors(self.graph_module, *also)
         return WeightMemory(
             quantized_before=before,
             quantized_fp16=before * 2 // self.dtype.itemsize,

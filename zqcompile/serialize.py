@@ -50,6 +50,7 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 FORWARD = "forward"
+GENERATION = "generation"  # a decoder's prefill / decode step over its KV cache (zqcompile.generation)
 EXAMPLE_PREFIX = "__example_input__."
 OUTPUT_TYPES_MODULE = "transformers.modeling_outputs"
 
@@ -484,9 +485,13 @@ def resolve_output_type(name: Any) -> type | None:
 
 
 def named_graphs(qmodel) -> dict[str, tuple[GraphModule, tuple]]:
-    """The graphs a model saves, by name, with their example inputs: ``forward`` (the compiled graph) and any
-    in ``qmodel.extra_graphs`` (name -> (graph, example inputs)), which share its tensors."""
-    return {FORWARD: (qmodel.graph_module, tuple(qmodel.example_inputs)), **getattr(qmodel, "extra_graphs", {})}
+    """The graphs a model saves, by name, with their example inputs: ``forward`` (the compiled graph), the
+    generation step if the model has one, and any in ``qmodel.extra_graphs`` (name -> (graph, example inputs));
+    all of them share the forward graph's tensors."""
+    graphs = {FORWARD: (qmodel.graph_module, tuple(qmodel.example_inputs))}
+    if getattr(qmodel, "generation", None) is not None:
+        graphs[GENERATION] = (qmodel.generation.graph_module, qmodel.generation.example_inputs())
+    return {**graphs, **getattr(qmodel, "extra_graphs", {})}
 
 
 def save(qmodel, directory: str | os.PathLike, *, source_model: str | None = None) -> Path:
@@ -517,6 +522,8 @@ def save(qmodel, directory: str | os.PathLike, *, source_model: str | None = Non
         "max_seq_len": qmodel.max_seq_len, "dtype": DTYPE_NAMES[qmodel.dtype], "device": str(qmodel.device),
         "backend": qmodel.backend, "source_model": source_model,
         "recipe": _recipe_to_dict(qmodel.recipe),
+        # what zqcompile.generation.restore needs besides the generation graph (cache layout, special tokens)
+        "generation": qmodel.generation.manifest() if getattr(qmodel, "generation", None) is not None else None,
         # the distilled weights are the saved ones; its per-block log is kept for the record
         "lkd_log": str(qmodel.lkd_result) if getattr(qmodel, "lkd_result", None) is not None else None,
         "context": {
@@ -576,6 +583,7 @@ MANIFEST_FIELDS: dict[str, Callable[[Any], bool]] = {
     "source_model": lambda v: v is None or isinstance(v, str),
     "recipe": lambda v: isinstance(v, dict),
     "lkd_log": lambda v: v is None or isinstance(v, str),
+    "generation": lambda v: v is None or _valid_generation(v),
     "context": lambda v: isinstance(v, dict) and set(v) == {"plans", "counters", "passes_run", "unfused_reasons"},
     "files": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(h, str) and _SHA256.match(h)
                                                    for k, h in v.items()),
@@ -583,6 +591,19 @@ MANIFEST_FIELDS: dict[str, Callable[[Any], bool]] = {
         isinstance(k, str) and _IDENTIFIER.match(k) and f == graph_file(k) for k, f in v.items()),
     "manifest_sha256": lambda v: isinstance(v, str) and bool(_SHA256.match(v)),
 }
+
+
+def _valid_generation(v: Any) -> bool:
+    def optional_ids(x: Any) -> bool:
+        return x is None or type(x) is int or (isinstance(x, list) and all(type(i) is int for i in x))
+
+    return (isinstance(v, dict) and set(v) == {"layers", "max_cache_len", "max_positions", "eos_token_id",
+                                               "pad_token_id"}
+            and isinstance(v["layers"], list) and all(isinstance(layer, list) and all(
+                type(d) is int and d > 0 for d in layer) for layer in v["layers"])
+            and type(v["max_cache_len"]) is int and v["max_cache_len"] > 0
+            and (v["max_positions"] is None or type(v["max_positions"]) is int)
+            and optional_ids(v["eos_token_id"]) and (v["pad_token_id"] is None or type(v["pad_token_id"]) is int))
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
@@ -688,6 +709,7 @@ class SavedModel:
     backend: str
     source_model: str | None
     extra_graphs: dict[str, tuple[GraphModule, tuple]]
+    generation: dict[str, Any] | None  # the manifest's generation entry (zqcompile.generation.restore)
 
 
 def read_saved(directory: str | os.PathLike, *, device: str | torch.device | None = None) -> SavedModel:
@@ -752,4 +774,6 @@ def read_saved(directory: str | os.PathLike, *, device: str | torch.device | Non
                         output_type, tuple(manifest["output_keys"]), manifest["max_seq_len"], examples,
                         DTYPES[manifest["dtype"]], device)
     backend = resolve_backend("auto" if device.type != saved_device.type else manifest["backend"], device)
-    return SavedModel(captured, recipe, ctx, backend, manifest["source_model"], graphs)
+    if (GENERATION in graphs) != (manifest["generation"] is not None):
+        raise ZQError(f"{MANIFEST} and the saved graphs disagree on the generation graph; save the model again")
+    return SavedModel(captured, recipe, ctx, backend, manifest["source_model"], graphs, manifest["generation"])

@@ -13,9 +13,10 @@ Matches an activation ``x`` read by act-quantized linears (plan ``act_bits == 8`
 - ``layer_norm(h, w, b)`` with a stored ``w`` (``b`` divided too), or Llama's RMSNorm ``w * normed``;
 - SwiGLU's ``silu(gate) * up`` with ``up`` a linear read only there (its weight rows and bias divided);
 - attention: ``scaled_dot_product_attention(q, k, v)`` through movement ops (view, transpose, ...), with
-  ``v`` a linear read only there through movement ops (its rows divided: the output of attention is a
-  mix of V's rows, per head). With grouped-query attention several heads share a KV head, so their
-  channels share one factor (the max over the group).
+  ``v`` a linear read only there through movement ops and a KV-cache write (its rows divided: the output of
+  attention is a mix of V's rows, per head; every value in a cache came from that same projection). With
+  grouped-query attention several heads share a KV head, so their channels share one factor (the max over
+  the group).
 
 Emits new buffers for the divided tensors and for each reader's weight; an original stays while anything
 else reads it (a tied embedding). Other readers of a smoothed norm (post-LN BERT's residual) read
@@ -51,6 +52,7 @@ MOVEMENT = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, 
             aten.permute.default, aten.clone.default, aten.contiguous.default, aten.unsqueeze.default,
             aten.expand.default, aten.slice.Tensor)
 FULL_SLICE_END = 2 ** 62
+CACHE_WRITE = aten.index_copy_.default  # zqcompile.kv_cache: new keys/values written into a graph input
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,18 @@ def _is_movement(node: object) -> bool:
     return True
 
 
+def _is_cache_write(node: object) -> bool:
+    return is_op(node, CACHE_WRITE) and node.args[0].op == "placeholder"
+
+
 def _through_movement(node: object) -> object:
-    """The producer above a chain of movement ops, each the only reader of its input (else None: folding
-    into the producer would change its other readers)."""
-    while _is_movement(node):
-        if len(node.args[0].users) != 1:
+    """The producer above a chain of movement ops and cache writes (followed to the values written), each the
+    only reader of its input (else None: folding into the producer would change its other readers)."""
+    while _is_movement(node) or _is_cache_write(node):
+        source = node.args[3] if _is_cache_write(node) else node.args[0]
+        if len(source.users) != 1:
             return None
-        node = node.args[0]
+        node = source
     return node
 
 
