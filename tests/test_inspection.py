@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import zqcompile
-from helpers import make_tiny_bert, token_batch
+from helpers import make_tiny_bert, make_tiny_gpt2, token_batch
+from zqcompile.inspection import stored_tensors
 
 MIXED_RECIPE = {"base": "w4a8", "keep_fp": ["role:classifier", "encoder.layer.0.attention.self.*"]}
 
@@ -50,6 +51,35 @@ def test_inspect_table_rows(mixed_bert):
     assert f"weights: {qmodel.weight_memory()}" in text
     assert "graph:" in text and "torch.ops.zq.int4_linear.default(" in text
     assert "graph:" not in zqcompile.inspect(qmodel, code=False)
+
+
+def test_tied_embedding_and_lm_head_are_counted_once(compiled_tiny):
+    """GPT-2 ties wte and lm_head: the compiled model stores that tensor once, and the total counts it once."""
+    fp_model, qmodel = compiled_tiny("gpt2", "w8a8")
+    assert fp_model.lm_head.weight is fp_model.transformer.wte.weight
+    memory = qmodel.weight_memory()
+    by_name = qmodel.graph_module.state_dict(keep_vars=True)
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in by_name.values()}  # one entry per tensor
+    assert memory.total == sum(unique.values())
+    embedding = fp_model.lm_head.weight.numel() * 4
+    fp_tensors = {t.data_ptr(): t.numel() * 4 for t in fp_model.state_dict(keep_vars=True).values()}
+    # what the compiled model holds besides the embedding is what the FP model holds besides it, quantized
+    assert memory.total - embedding == (sum(fp_tensors.values()) - embedding - memory.quantized_before
+                                        + memory.quantized_after)
+    names = [n for n, t in by_name.items() if t.data_ptr() == fp_model.lm_head.weight.data_ptr()]
+    assert memory.shared == ((tuple(sorted(names)),) if len(names) > 1 else ())
+
+
+def test_stored_tensors_counts_views_of_one_storage_by_the_bytes_they_cover():
+    module = nn.Module()
+    base = torch.zeros(10, 4)
+    module.register_buffer("top", base[:6])  # rows 0-5
+    module.register_buffer("bottom", base[4:8])  # rows 4-7: overlaps the top by two rows
+    module.register_buffer("other", torch.zeros(3))
+    module.register_buffer("alias", module.other)  # the same tensor under a second name
+    stored = stored_tensors(module)
+    assert stored.bytes == 8 * 4 * 4 + 3 * 4  # rows 0-7 of base once, `other` once
+    assert stored.shared == (("alias", "other"),)
 
 
 def test_inspect_shows_group_sizes():

@@ -156,7 +156,24 @@ else:
         check_float(y, ref[0])
         check_quant(q, scale, ref[1], ref[2])
 
-    # ---- gelu_quant / silu_mul_quant -------------------------------------------------------------------
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_rmsnorm_quant_weight_first_matches_gemma(dtype):
+        """Gemma's (1 + w) RMSNorm: the float32 weight multiplies before the cast back to x's dtype."""
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+        x = randn(3, 40, dtype=dtype, seed=17)
+        norm = Gemma3RMSNorm(40, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(randn(40, dtype=dtype, seed=18, scale=0.5))
+            expected = norm(x)
+        weight = norm.weight.detach().float() + 1.0
+        ref = ops.rmsnorm_quant(x, weight, 1e-6, True)
+        assert torch.equal(ref[0], expected)  # the op is Gemma's norm
+        y, q, scale = outputs(3, 40, dtype)
+        kernels.rmsnorm_quant(to_numba(x), to_numba(weight), 1e-6, y, q, scale, weight_first=True, threads=THREADS)
+        check_float(y, expected)
+        check_quant(q, scale, ref[1], ref[2])
+
+    # ---- gelu_quant / relu_quant / silu_mul_quant / gelu_mul_quant --------------------------------------
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("approximate", ["none", "tanh"])
     @pytest.mark.parametrize("with_bias", [False, True])
@@ -176,6 +193,23 @@ else:
         q, scale = outputs(rows, k)
         kernels.silu_mul_quant(to_numba(gate), to_numba(up), q, scale, threads=THREADS, vec=vec)
         check_quant(q, scale, *ops.silu_mul_quant(gate, up))
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("rows,k", SHAPES)
+    def test_relu_quant_matches_float64_relu(dtype, rows, k):
+        x = randn(rows, k, dtype=dtype, seed=19)
+        q, scale = outputs(rows, k)
+        kernels.relu_quant(to_numba(x), q, scale, threads=THREADS)
+        check_quant(q, scale, *ops.quantize_per_token(x.double().relu()))
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("approximate", ["none", "tanh"])
+    @pytest.mark.parametrize("vec", [None, 1])
+    def test_gelu_mul_quant_matches_reference(dtype, approximate, vec):
+        gate, up = randn(3, 40, dtype=dtype, seed=20), randn(3, 40, dtype=dtype, seed=21)
+        q, scale = outputs(3, 40)
+        kernels.gelu_mul_quant(to_numba(gate), to_numba(up), approximate, q, scale, threads=THREADS, vec=vec)
+        check_quant(q, scale, *ops.gelu_mul_quant(gate, up, approximate))
 
     def test_bfloat16_codec_matches_torch_casts():
         # the in-kernel bfloat16 rounding and word packing (device functions called directly, as the simulator allows)

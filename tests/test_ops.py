@@ -240,6 +240,37 @@ def test_rmsnorm_quant_float32_weight_on_bf16_input_promotes_like_llama():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_quant_weight_first_is_gemmas_one_plus_w_norm(dtype):
+    """Gemma: float32 statistics times the float32 (1 + w), then one cast to the input dtype."""
+    torch.manual_seed(14)
+    x = (torch.randn(2, 5, 64) * 3).to(dtype)
+    w = torch.randn(64).to(dtype) * 0.3
+    y, q, scale = zq.rmsnorm_quant(x, w.float() + 1.0, 1e-6, True)
+    reference = ref_rms_norm(x, w.double() + 1.0, 1e-6)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), reference, rtol=0, atol=2 * REL_TOL[dtype] * reference.abs().max())
+    assert_token_quantized(q, scale, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_quant(dtype):
+    x = (torch.randn(3, 4, 64) * 2).to(dtype)
+    x[2, 1] = -1.0  # all negative: zeros with scale 1
+    q, scale = zq.relu_quant(x)
+    assert_token_quantized(q, scale, x.double().clamp_min(0), dtype)
+    assert q[2, 1].eq(0).all() and scale[2, 1].item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_mul_quant(dtype, approximate):
+    torch.manual_seed(15)
+    gate, up = (torch.randn(2, 7, 64) * 2).to(dtype), torch.randn(2, 7, 64).to(dtype)
+    q, scale = zq.gelu_mul_quant(gate, up, approximate)
+    assert_token_quantized(q, scale, ref_gelu(gate, approximate) * up.double(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gelu_quant(dtype, approximate, with_bias):
@@ -294,9 +325,12 @@ def _opcheck_cases():
         "rmsnorm_quant": (x, weight, 1e-6),
         "gelu_quant": (x, bias, "tanh"),
         "silu_mul_quant": (x, x + 1),
+        "rmsnorm_quant_weight_first": (x, weight, 1e-6, True),
+        "relu_quant": (x,),
+        "gelu_mul_quant": (x, x + 1, "tanh"),
     }
 
 
 @pytest.mark.parametrize("op_name", list(_opcheck_cases()))
 def test_fake_kernel_matches_reference_shapes(op_name):
-    opcheck(getattr(zq, op_name).default, _opcheck_cases()[op_name], test_utils=("test_schema", "test_faketensor"))
+    opcheck(getattr(zq, op_name.removesuffix("_weight_first")).default, _opcheck_cases()[op_name], test_utils=("test_schema", "test_faketensor"))

@@ -1,9 +1,11 @@
-"""annotate_roles: every aten.linear gets its module name and a role from the naming conventions."""
+"""annotate_roles: every aten.linear gets its module name and a role, from the graph's structure first and the
+naming conventions second."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule
 
@@ -45,7 +47,7 @@ def _roles(model) -> dict[str, str]:
     gm, ctx = prepare_for(annotate_roles, capture(model).graph_module)
     result = apply_pass(annotate_roles, gm, ctx)
     assert not result.modified  # metadata only
-    assert result.counters == {"annotate_roles": len(linear_nodes(gm))}
+    assert result.counters["annotate_roles"] == len(linear_nodes(gm))
     return {n.meta[META_MODULE]: n.meta[META_ROLE] for n in linear_nodes(gm)}
 
 
@@ -93,3 +95,55 @@ def test_plain_module_names_and_fallback_without_module_stack():
     apply_pass(annotate_roles, hand, None)
     assert [(n.meta[META_MODULE], n.meta[META_ROLE]) for n in linear_nodes(hand)] == [("linear_0", "other"),
                                                                                       ("linear_1", "other")]
+
+
+class UnseenNames(nn.Module):
+    """A pre-LN block whose linears follow no known naming scheme: attention through SDPA, a GeGLU MLP, a
+    softcapped head (its tanh is not an MLP)."""
+
+    def __init__(self, k: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(k), nn.LayerNorm(k)
+        self.a, self.b, self.c, self.d = (nn.Linear(k, k) for _ in range(4))
+        self.e, self.f, self.g = nn.Linear(k, 32), nn.Linear(k, 32), nn.Linear(32, k)
+        self.lm_head = nn.Linear(k, 8)
+
+    def split(self, t):
+        return t.view(*t.shape[:2], self.heads, -1).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        ctx = F.scaled_dot_product_attention(self.split(self.a(h)), self.split(self.b(h)) * 0.5, self.split(self.c(h)))
+        x = x + self.d(ctx.transpose(1, 2).reshape(x.shape))
+        h = self.norm2(x)
+        x = x + self.g(F.gelu(self.e(h), approximate="tanh") * self.f(h))
+        return torch.tanh(self.lm_head(x) / 30.0) * 30.0
+
+
+def test_roles_come_from_the_graph_structure_for_unseen_names():
+    gm, ctx = prepare_for(annotate_roles, export_graph(UnseenNames(), torch.randn(2, 5, 16)))
+    result = apply_pass(annotate_roles, gm, ctx)
+    roles = {n.meta[META_MODULE]: n.meta[META_ROLE] for n in linear_nodes(gm)}
+    assert roles == {"a": "attn_qkv", "b": "attn_qkv", "c": "attn_qkv", "d": "attn_out", "e": "mlp_in",
+                     "f": "mlp_in", "g": "mlp_out", "lm_head": "lm_head"}
+    assert role_of("e") == "other"  # the names alone say nothing
+    assert result.counters["annotate_roles.from_structure"] == 7  # all but the head
+
+
+def test_structure_outranks_a_misleading_name():
+    """A linear called ``fc1`` (an MLP input by name) that projects attention's output is attn_out."""
+    class Misnamed(UnseenNames):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = self.d
+
+        def forward(self, x):
+            h = self.norm1(x)
+            ctx = F.scaled_dot_product_attention(self.split(self.a(h)), self.split(self.b(h)), self.split(self.c(h)))
+            return self.fc1(ctx.transpose(1, 2).reshape(x.shape))
+
+    gm, ctx = prepare_for(annotate_roles, export_graph(Misnamed(), torch.randn(2, 5, 16)))
+    apply_pass(annotate_roles, gm, ctx)
+    roles = {n.meta[META_MODULE]: n.meta[META_ROLE] for n in linear_nodes(gm)}
+    assert roles["fc1"] == "attn_out" and role_of("fc1") == "mlp_in"

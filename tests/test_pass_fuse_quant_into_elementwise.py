@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import NewGELUActivation
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from helpers import apply_pass, count_ops, export_graph, op_targets, prepare_for
 from zqcompile.passes import fuse_quant_into_elementwise
-from zqcompile.passes.infra import META_FUSED_INTO
+from zqcompile.passes.infra import META_FUSED_INTO, get_attr_tensor
 
 zq = torch.ops.zq
 QUANT = zq.quantize_per_token.default
@@ -196,6 +197,125 @@ def test_silu_mul_rule():
     assert_same_outputs(unfused, gm, x)
 
 
+class GemmaNormBlock(nn.Module):
+    """Gemma's RMSNorm: float32 statistics, times (1 + w) in float32, cast back to the input's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.norm, self.fc = nn.Linear(K, K), Gemma3RMSNorm(K, eps=1e-6), nn.Linear(K, 16)
+        nn.init.uniform_(self.norm.weight, -0.5, 0.5)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.up(x)))
+
+
+def test_offset_rmsnorm_rule_stores_one_plus_w_and_drops_w():
+    model = GemmaNormBlock()
+    unfused, gm, result, ctx, x = _fuse(model)
+    assert result.counters == {"fuse.offset_rmsnorm": 1}
+    node = fused_node(gm, zq.rmsnorm_quant.default)
+    assert node.args[2:] == (1e-6, True) and node.args[1].target == "model.norm.weight_plus_offset"
+    torch.testing.assert_close(getattr(gm.model.norm, "weight_plus_offset"), 1.0 + model.norm.weight.detach(),
+                               rtol=0, atol=0)
+    assert count_ops(gm, torch.ops.aten.rsqrt.default, torch.ops.aten.type_as.default) == 0
+    assert not any(n.op == "get_attr" and n.target == "model.norm.weight" for n in gm.graph.nodes)
+    assert_same_outputs(unfused, gm, x)
+
+
+def test_offset_rmsnorm_rule_in_bfloat16_matches_gemma():
+    """The cast back comes after the (1 + w) product, in float32: the op's weight_first path."""
+    model = GemmaNormBlock().to(torch.bfloat16)
+    x = torch.randn(2, 5, K, dtype=torch.bfloat16)
+    unfused, gm, result, ctx, _ = _fuse(model, example=x)
+    assert result.counters == {"fuse.offset_rmsnorm": 1}
+    node = fused_node(gm, zq.rmsnorm_quant.default)
+    with torch.no_grad():
+        h = model.up(x)
+        y, q, scale = zq.rmsnorm_quant(h, get_attr_tensor(gm, node.args[1]), 1e-6, True)
+        expected = model.norm(h)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    torch.testing.assert_close((q.float() * scale).to(torch.bfloat16), expected, rtol=0, atol=float(scale.max()))
+
+
+class GemmaNormReadTwice(GemmaNormBlock):
+    def forward(self, x):
+        normed = self.norm._norm(self.up(x).float())  # the statistic also read by the output
+        return self.fc((normed * (1.0 + self.norm.weight.float())).type_as(x)) + normed.sum()
+
+
+def test_offset_rmsnorm_miss_when_an_intermediate_is_read_elsewhere():
+    reasons = _assert_unchanged(GemmaNormReadTwice(), {"keep_fp": ["up"]})
+    assert reasons == ["offset_rmsnorm: an intermediate of the (offset + w) RMSNorm is read elsewhere"]
+
+
+class ReluMLP(nn.Module):
+    """OPT's MLP: fc1 -> ReLU -> fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(K, K), nn.Linear(K, K)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_relu_rule():
+    unfused, gm, result, ctx, x = _fuse(ReluMLP())
+    assert result.counters == {"fuse.relu": 1}
+    node = fused_node(gm, zq.relu_quant.default)
+    assert node.args[0].target is torch.ops.aten.linear.default
+    assert count_ops(gm, torch.ops.aten.relu.default) == 0
+    assert_same_outputs(unfused, gm, x)
+
+
+class GeGLU(SwiGLU):
+    """Gemma's MLP: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def test_gelu_mul_rule():
+    unfused, gm, result, ctx, x = _fuse(GeGLU())
+    assert result.counters == {"fuse.gelu_mul": 1}
+    node = fused_node(gm, zq.gelu_mul_quant.default)
+    assert [a.meta["zq_module"] for a in node.args[:2]] == ["gate_proj", "up_proj"] and node.args[2] == "tanh"
+    assert count_ops(gm, torch.ops.aten.gelu.default, torch.ops.aten.mul.Tensor) == 0
+    assert_same_outputs(unfused, gm, x)
+
+
+class GeGLUReadTwice(GeGLU):
+    def forward(self, x):
+        act = F.gelu(self.gate_proj(x))
+        return self.down_proj(act * self.up_proj(x)) + act.mean()
+
+
+def test_gelu_mul_miss_when_gelu_is_read_elsewhere():
+    reasons = _assert_unchanged(GeGLUReadTwice(), {"keep_fp": ["gate_proj", "up_proj"]})
+    assert reasons == ["gelu_mul: gelu(gate) is read elsewhere or broadcasts against up"]
+
+
+class ParallelBlock(nn.Module):
+    """GPT-J's block: attention and MLP both read one LayerNorm output (here as two linears)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.q, self.fc_in = nn.LayerNorm(K), nn.Linear(K, K), nn.Linear(K, 64)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h).sum(-1) + self.fc_in(h).sum(-1) + x.sum(-1)
+
+
+def test_parallel_attention_and_mlp_share_one_fused_quantize():
+    unfused, gm, result, ctx, x = _fuse(ParallelBlock())
+    assert result.counters == {"fuse.layernorm": 1}
+    node = fused_node(gm, zq.layernorm_quant.default)
+    readers = {lin.meta["zq_module"] for g in node.users for d in g.users for lin in d.users}
+    assert readers == {"q", "fc_in"}
+    assert_same_outputs(unfused, gm, x)
+
+
 # ---- cases the pass must leave alone (and say why) ------------------------------------------------------
 
 def _assert_unchanged(model, recipe="w8a8"):
@@ -276,18 +396,19 @@ def test_layernorm_over_two_dims_is_not_fused():
     assert _assert_unchanged(LayerNorm2D()) == ["layernorm: LayerNorm over 2 dims (only the last dim is supported)"]
 
 
-class ReluMLP(nn.Module):
+class SigmoidMLP(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(K, K), nn.Linear(K, K)
 
     def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
+        return self.fc2(torch.sigmoid(self.fc1(x)).reshape(x.shape))
 
 
-def test_producer_no_rule_covers_is_recorded():
-    assert _assert_unchanged(ReluMLP()) == ["input comes from a placeholder node, which no fusion rule covers",
-                                            "input comes from aten.relu.default, which no fusion rule covers"]
+def test_producer_no_rule_covers_is_recorded_through_layout_ops():
+    assert _assert_unchanged(SigmoidMLP()) == [
+        "input comes from a placeholder node, which no fusion rule covers",
+        "input comes from aten.reshape.default of aten.sigmoid.default, which no fusion rule covers"]
 
 
 def test_weight_only_recipe_has_nothing_to_fuse():

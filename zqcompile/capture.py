@@ -23,7 +23,9 @@ from zqcompile.guards import unlift_with_guards
 WRAPPER_PREFIX = "model."
 HF_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_FAMILIES = "BERT / MiniLM encoders, GPT-2, Llama (SmolLM2), Qwen2 and plain nn.Modules"
+SUPPORTED_FAMILIES = ("encoder-only and decoder-only text models (the README's model matrix: BERT, RoBERTa, DistilBERT, "
+                      "MPNet, DeBERTa-v2, GPT-2, GPT-J, GPT-NeoX, OPT, Llama, Mistral, Qwen2/3, Gemma-2/3, Phi-3) and "
+                      "plain nn.Modules")
 
 
 @dataclass

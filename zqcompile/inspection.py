@@ -38,6 +38,45 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+@dataclass(frozen=True)
+class StoredTensors:
+    """The bytes a module's tensors occupy, each storage byte counted once, and the names that share one tensor."""
+
+    bytes: int
+    shared: tuple[tuple[str, ...], ...]  # names of one tensor (tied embedding / LM head), each group sorted
+
+
+def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
+def stored_tensors(module: torch.nn.Module, *also: torch.nn.Module) -> StoredTensors:
+    """Parameters and buffers of ``module`` (and of ``also``: graphs that share its tensors) by storage: a tensor
+    under several names (tied weights) and views into one storage (the cuda target's concatenated q/k/v weights)
+    count the bytes they cover once. ``shared`` names the tensors ``module`` itself holds under several names."""
+    spans: dict[tuple[torch.device, int], list[tuple[int, int]]] = {}
+    names: dict[tuple, list[str]] = {}
+    own = len(_named_tensors(module))
+    tensors = [*_named_tensors(module), *(named for other in also for named in _named_tensors(other))]
+    for index, (name, t) in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        storage = (t.device, t.untyped_storage().data_ptr())
+        start = t.storage_offset() * t.element_size()
+        extent = (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+        spans.setdefault(storage, []).append((start, start + extent))
+        if index < own:
+            names.setdefault((*storage, start, extent, t.dtype, tuple(t.shape)), []).append(name)
+    total = 0
+    for intervals in spans.values():
+        end = -1
+        for lo, hi in sorted(intervals):  # the union of the byte ranges of one storage
+            total += max(0, hi - max(lo, end))
+            end = max(end, hi)
+    shared = tuple(sorted(tuple(sorted(group)) for group in names.values() if len(group) > 1))
+    return StoredTensors(total, shared)
+
+
 def _activation_source(gm: GraphModule, node: Node, unfused: Mapping[str, str]) -> tuple[str, str]:
     """(activation description, fused-into description) of a lowered linear."""
     if node.target is torch.ops.zq.outlier_int8_linear.default:

@@ -29,7 +29,8 @@ class WeightMemory:
     quantized_fp16: int  # the same weights stored in FP16 (the paper's baseline)
     quantized_after: int  # their integer values + scales
     kept_fp: int  # linear weights the recipe keeps in floating point
-    total: int  # every tensor of the compiled graphs (embeddings, norms, FP layers, integer weights), once
+    total: int  # every tensor of the compiled graphs (embeddings, norms, FP layers, integer weights), stored once
+    shared: tuple[tuple[str, ...], ...] = ()  # names of one stored tensor (a tied embedding and LM head)
 
     @property
     def ratio_vs_fp16(self) -> float:
@@ -37,9 +38,12 @@ class WeightMemory:
 
     def __str__(self) -> str:
         mb = 1 / 2 ** 20
-        return (f"quantized linears {self.quantized_before * mb:.2f} MB -> {self.quantized_after * mb:.2f} MB "
+        text = (f"quantized linears {self.quantized_before * mb:.2f} MB -> {self.quantized_after * mb:.2f} MB "
                 f"({self.ratio_vs_fp16:.3f}x of FP16); FP linears {self.kept_fp * mb:.2f} MB; "
                 f"all tensors of the compiled model {self.total * mb:.2f} MB")
+        if self.shared:
+            text += "; stored once, shared by " + ", ".join(" = ".join(group) for group in self.shared)
+        return text
 
 
 class QuantizedModel(nn.Module):
@@ -261,18 +265,19 @@ class QuantizedModel(nn.Module):
 
     # ---- facts --------------------------------------------------------------------------------------
     def weight_memory(self) -> WeightMemory:
-        from zqcompile.inspection import linear_rows
+        from zqcompile.inspection import linear_rows, stored_tensors
         rows = linear_rows(self.graph_module)
         before = sum(r.bytes_before for r in rows if r.kind != "FP")
-        graphs = [self.graph_module] + ([self.generation.graph_module] if self.generation is not None else [])
+        also = [self.generation.graph_module] if self.generation is not None else []
         # tied weights, and the tensors the generation graph shares with the forward graph, count once
-        tensors = {t.data_ptr(): t for graph in graphs for t in graph.state_dict().values()}.values()
+        stored = stored_tensors(self.graph_module, *also)
         return WeightMemory(
             quantized_before=before,
             quantized_fp16=before * 2 // self.dtype.itemsize,
             quantized_after=sum(r.bytes_after for r in rows if r.kind != "FP"),
             kept_fp=sum(r.bytes_after for r in rows if r.kind == "FP"),
-            total=sum(t.numel() * t.element_size() for t in tensors),
+            total=stored.bytes,
+            shared=stored.shared,
         )
 
     def extra_repr(self) -> str:

@@ -216,18 +216,23 @@ def _translation_table() -> dict[Any, Any]:
         y = layer_norm(op.Add(x, residual), weight, bias, eps)
         return (y, *quantize_rows(y))
 
-    def rmsnorm_quant(x, weight, eps):
+    def rmsnorm_quant(x, weight, eps, weight_first=False):  # float32 only: both orders round the same
         mean_square = op.ReduceMean(op.Mul(x, x), ints(-1), keepdims=1)
         y = op.Mul(weight, op.Mul(x, op.Reciprocal(op.Sqrt(op.Add(mean_square, const(eps))))))
         return (y, *quantize_rows(y))
 
-    def gelu_quant(x, bias, approximate):
-        x = add_bias(x, bias)
+    def gelu(x, approximate):
         half_x = op.Mul(x, const(0.5))
         if approximate == "tanh":
             inner = op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), const(0.044715))), const(math.sqrt(2 / math.pi)))
-            return quantize_rows(op.Mul(half_x, op.Add(const(1.0), op.Tanh(inner))))
-        return quantize_rows(op.Mul(half_x, op.Add(const(1.0), op.Erf(op.Div(x, const(math.sqrt(2)))))))
+            return op.Mul(half_x, op.Add(const(1.0), op.Tanh(inner)))
+        return op.Mul(half_x, op.Add(const(1.0), op.Erf(op.Div(x, const(math.sqrt(2))))))
+
+    def gelu_quant(x, bias, approximate):
+        return quantize_rows(gelu(add_bias(x, bias), approximate))
+
+    def relu_quant(x):
+        return quantize_rows(op.Relu(x))
 
     def silu_mul_quant(gate, up):
         return quantize_rows(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up))
@@ -237,6 +242,9 @@ def _translation_table() -> dict[Any, Any]:
         matrix = hadamard_matrix(block, torch.float32).numpy()
         blocks = op.Reshape(x, op.Concat(op.Shape(x, end=-1), ints(-1, block), axis=0))
         return op.Reshape(op.MatMul(blocks, op.Constant(value=ir.tensor(matrix))), op.Shape(x))
+
+    def gelu_mul_quant(gate, up, approximate):
+        return quantize_rows(op.Mul(gelu(gate, approximate), up))
 
     def low_rank_correction(y, x, a, b):
         factor = lambda f: op.Transpose(op.Cast(f, to=float32), perm=[1, 0])  # noqa: E731  (FP16 stored)
@@ -250,7 +258,8 @@ def _translation_table() -> dict[Any, Any]:
         zq.int4_linear.default: int4_linear, zq.weight_only_linear.default: weight_only_linear,
         zq.layernorm_quant.default: layernorm_quant, zq.add_layernorm_quant.default: add_layernorm_quant,
         zq.rmsnorm_quant.default: rmsnorm_quant, zq.gelu_quant.default: gelu_quant,
-        zq.silu_mul_quant.default: silu_mul_quant, zq.hadamard.default: hadamard,
+        zq.silu_mul_quant.default: silu_mul_quant, zq.hadamard.default: hadamard, zq.relu_quant.default: relu_quant,
+        zq.gelu_mul_quant.default: gelu_mul_quant,
     }
 
 

@@ -173,17 +173,24 @@ def _(x, residual, weight, bias, eps):
 
 
 @torch.library.custom_op(f"{_LIB}::rmsnorm_quant", mutates_args=())
-def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Llama RMSNorm (float32 statistics, cast back, times weight), then per-token INT8: (y, y_q, y_scale)."""
+def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float, weight_first: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """RMSNorm (float32 statistics), then per-token INT8: (y, y_q, y_scale).
+
+    Llama (``weight_first=False``): the normalised value is cast to x's dtype, then times weight (y in the
+    promoted dtype). Gemma (``weight_first=True``, weight = the stored ``1 + w`` in float32): normalised value
+    times weight in float32, then cast to x's dtype.
+    """
     xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    y = weight * normed
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = (normed * weight.float()).to(x.dtype) if weight_first else weight * normed.to(x.dtype)
     return (y, *quantize_rows(y))
 
 
 @rmsnorm_quant.register_fake
-def _(x, weight, eps):
-    return (torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype)), *_quant_like(x))
+def _(x, weight, eps, weight_first=False):
+    dtype = x.dtype if weight_first else torch.promote_types(x.dtype, weight.dtype)
+    return (torch.empty_like(x, dtype=dtype), *_quant_like(x))
 
 
 @torch.library.custom_op(f"{_LIB}::gelu_quant", mutates_args=())
@@ -206,6 +213,28 @@ def silu_mul_quant(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 @silu_mul_quant.register_fake
 def _(gate, up):
     return _quant_like(gate)
+
+
+@torch.library.custom_op(f"{_LIB}::gelu_mul_quant", mutates_args=())
+def gelu_mul_quant(gate: Tensor, up: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
+    """GeGLU: gelu(gate) * up (Gemma's MLP; 'tanh' or 'none'), then per-token INT8: (q, scale)."""
+    return quantize_rows(F.gelu(gate, approximate=approximate) * up)
+
+
+@gelu_mul_quant.register_fake
+def _(gate, up, approximate):
+    return _quant_like(gate)
+
+
+@torch.library.custom_op(f"{_LIB}::relu_quant", mutates_args=())
+def relu_quant(x: Tensor) -> tuple[Tensor, Tensor]:
+    """ReLU (OPT's MLP), then per-token INT8: (q, scale)."""
+    return quantize_rows(torch.relu(x))
+
+
+@relu_quant.register_fake
+def _(x):
+    return _quant_like(x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,7 +304,8 @@ def _(x, w, w_scale, columns, w_outlier, bias, out_dtype):
 ACTIVATION_QUANT_OPS = {
     torch.ops.zq.quantize_per_token.default, torch.ops.zq.layernorm_quant.default,
     torch.ops.zq.add_layernorm_quant.default, torch.ops.zq.rmsnorm_quant.default,
-    torch.ops.zq.gelu_quant.default, torch.ops.zq.silu_mul_quant.default,
+    torch.ops.zq.gelu_quant.default, torch.ops.zq.silu_mul_quant.default, torch.ops.zq.gelu_mul_quant.default,
+    torch.ops.zq.relu_quant.default,
 }
 QUANTIZED_LINEAR_OPS = {
     torch.ops.zq.int8_linear.default, torch.ops.zq.int4_linear.default, torch.ops.zq.weight_only_linear.default,

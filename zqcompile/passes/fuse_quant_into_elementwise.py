@@ -8,10 +8,18 @@ rule               producer of x                                     emits
 add_layernorm      ``layer_norm(a + b)`` (post-LN residual block)    ``zq.add_layernorm_quant(a, b)``
 layernorm          ``layer_norm(h)``                                 ``zq.layernorm_quant(h)``
 rmsnorm            Llama's RMSNorm decomposition                     ``zq.rmsnorm_quant(h, w)``
+offset_rmsnorm     Gemma's ``(1 + w)`` RMSNorm, float32, cast back   ``zq.rmsnorm_quant(h, 1 + w, True)``
 gelu               ``gelu(h [+ bias])`` (erf or tanh)                ``zq.gelu_quant(h, bias)``
 gelu_tanh_decomp   GPT-2's ``gelu_new`` written out in aten ops      ``zq.gelu_quant(h, None, 'tanh')``
+relu               ``relu(h)`` (OPT)                                 ``zq.relu_quant(h)``
 silu_mul           ``silu(g) * u`` (SwiGLU)                          ``zq.silu_mul_quant(g, u)``
+gelu_mul           ``gelu(g) * u`` (GeGLU, Gemma)                    ``zq.gelu_mul_quant(g, u)``
 =================  ================================================  ================================
+
+``offset_rmsnorm`` stores ``offset + w`` (float32) once, ahead of time, in place of Gemma's weight (cleanup drops w
+when nothing else reads it). The quantization of a LayerNorm output read by several linears is one quantize
+(``insert_activation_quant`` makes one per input): GPT-J's and GPT-NeoX's parallel attention + MLP read one
+``layernorm_quant``.
 
 This is ZeroQuant's kernel fusion: the quantization costs no extra pass over memory. Norm rules also emit
 the FP result for the other readers (a residual); the activation rules require the quant to be the only
@@ -30,11 +38,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.passes.infra import (
-    META_FUSED_INTO, CompileContext, PassResult, getitem, is_op, is_stored, single_user,
+    META_FUSED_INTO, CompileContext, PassResult, get_attr_tensor, getitem, is_op, is_stored, set_attr_tensor,
+    single_user,
 )
 from zqcompile.passes.patterns import (
-    LayerNorm, Miss, RMSNorm, Rule, SiluMul, apply_rules, equals_scalar, match_layer_norm, match_rms_norm,
-    match_silu_mul, operand, same_shape,
+    LayerNorm, Miss, OffsetRMSNorm, RMSNorm, Rule, SiluMul, apply_rules, equals_scalar, match_layer_norm,
+    match_offset_rms_norm, match_rms_norm, match_silu_mul, operand, same_shape, through_layout,
 )
 
 aten = torch.ops.aten
@@ -42,10 +51,21 @@ zq = torch.ops.zq
 QUANTIZE = zq.quantize_per_token.default
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A tensor the rule computes ahead of time from a stored one: ``fn(tensor of source)``, stored at
+    ``source.target + suffix``; the fused op reads it as a get_attr."""
+
+    source: Node
+    suffix: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class Fusion:
-    """A matched rule: call ``op(*args)``; its outputs at ``quant_outputs`` are (q, scale); when
-    ``fp_output`` is set, that output replaces the producer for its other readers."""
+    """A matched rule: call ``op(*args)`` (a :class:`Stored` arg is computed and stored first); its outputs at
+    ``quant_outputs`` are (q, scale); when ``fp_output`` is set, that output replaces the producer for its other
+    readers."""
 
     op: Callable
     args: tuple
@@ -84,6 +104,15 @@ def rmsnorm(x: Node) -> Fusion | Miss | None:
     if not isinstance(norm, RMSNorm):
         return norm
     return Fusion(zq.rmsnorm_quant.default, (norm.input, norm.weight, norm.eps), **NORM_OUTPUTS)
+
+
+def offset_rmsnorm(x: Node) -> Fusion | Miss | None:
+    norm = match_offset_rms_norm(x)
+    if not isinstance(norm, OffsetRMSNorm):
+        return norm
+    offset = norm.offset
+    scale = Stored(norm.weight, "_plus_offset", lambda w: w.float() + offset)  # as Gemma: in float32
+    return Fusion(zq.rmsnorm_quant.default, (norm.input, scale, norm.eps, True), **NORM_OUTPUTS)
 
 
 def _only_read_by_quant(x: Node) -> Miss | None:
@@ -128,6 +157,12 @@ def gelu_tanh_decomp(x: Node) -> Fusion | Miss | None:
     return Fusion(zq.gelu_quant.default, (v, None, "tanh"), **ACT_OUTPUTS)
 
 
+def relu(x: Node) -> Fusion | Miss | None:
+    if not is_op(x, aten.relu.default):
+        return None
+    return _only_read_by_quant(x) or Fusion(zq.relu_quant.default, (x.args[0],), **ACT_OUTPUTS)
+
+
 def silu_mul(x: Node) -> Fusion | Miss | None:
     swiglu = match_silu_mul(x)
     if not isinstance(swiglu, SiluMul):
@@ -135,16 +170,46 @@ def silu_mul(x: Node) -> Fusion | Miss | None:
     return _only_read_by_quant(x) or Fusion(zq.silu_mul_quant.default, (swiglu.gate, swiglu.up), **ACT_OUTPUTS)
 
 
+def gelu_mul(x: Node) -> Fusion | Miss | None:
+    """GeGLU: ``gelu(gate) * up`` (Gemma's MLP, tanh or erf GELU)."""
+    gated = operand(x, aten.mul.Tensor, lambda a: is_op(a, aten.gelu.default))
+    if gated is None:
+        return None
+    act, up = gated
+    if not single_user(act) or not same_shape(act, up):
+        return Miss("gelu(gate) is read elsewhere or broadcasts against up")
+    approximate = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
+    return _only_read_by_quant(x) or Fusion(zq.gelu_mul_quant.default, (act.args[0], up, approximate),
+                                            **ACT_OUTPUTS)
+
+
 def _describe(x: object) -> str:
-    if isinstance(x, Node):
-        return str(x.target) if x.op == "call_function" else f"a {x.op} node"
-    return repr(x)
+    if not isinstance(x, Node):
+        return repr(x)
+    if x.op != "call_function":
+        return f"a {x.op} node"
+    source = through_layout(x)
+    return str(x.target) if source is x else f"{x.target} of {_describe(source)}"
+
+
+def _stored(gm: GraphModule, arg: object) -> object:
+    """A :class:`Stored` arg as a get_attr of its computed tensor (made once per source); others as they are."""
+    if not isinstance(arg, Stored):
+        return arg
+    target = arg.source.target + arg.suffix
+    existing = next((n for n in gm.graph.nodes if is_stored(n) and n.target == target), None)
+    if existing is not None:
+        return existing
+    set_attr_tensor(gm, target, arg.fn(get_attr_tensor(gm, arg.source)))
+    with gm.graph.inserting_after(arg.source):
+        return gm.graph.get_attr(target)
 
 
 def _apply(gm: GraphModule, quant: Node, fusion: Fusion, rule: str) -> None:
     producer = quant.args[0]
+    args = tuple(_stored(gm, arg) for arg in fusion.args)
     with gm.graph.inserting_before(producer):
-        fused = gm.graph.call_function(fusion.op, fusion.args)
+        fused = gm.graph.call_function(fusion.op, args)
     fused.meta[META_FUSED_INTO] = rule
     for reader in list(quant.users):  # getitem(quant, 0 | 1)
         reader.update_arg(0, fused)
@@ -165,7 +230,8 @@ def _on_producer(matcher: Callable[[Node], Fusion | Miss | None]) -> Rule[Fusion
 
 
 RULES: tuple[Rule[Fusion], ...] = tuple(
-    _on_producer(matcher) for matcher in (add_layernorm, layernorm, rmsnorm, gelu, gelu_tanh_decomp, silu_mul))
+    _on_producer(matcher) for matcher in (add_layernorm, layernorm, rmsnorm, offset_rmsnorm, gelu, gelu_tanh_decomp,
+                                          relu, silu_mul, gelu_mul))
 
 
 def fuse_quant_into_elementwise(gm: GraphModule, ctx: CompileContext) -> PassResult:

@@ -180,6 +180,9 @@ def single_user(node: Node) -> bool:
     return len(node.users) == 1
 
 
+_INDEX_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
 def embedding_rows(gm: GraphModule) -> dict[int, int]:
     """Rows of the embedding table that each graph input indexes directly (input_ids, token_type_ids)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -187,6 +190,8 @@ def embedding_rows(gm: GraphModule) -> dict[int, int]:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
             weight, indices = node.args[:2]
+            while is_op(indices, *_INDEX_VIEWS):  # GPT-2 / OPT index with input_ids.view(-1, seq)
+                indices = indices.args[0]
             if indices in placeholders and is_stored(weight):
                 rows[placeholders.index(indices)] = get_attr_tensor(gm, weight).shape[0]
     return rows

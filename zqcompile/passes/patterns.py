@@ -99,6 +99,22 @@ def same_shape(a: object, b: object) -> bool:
             and [str(d) for d in a.meta["val"].shape] == [str(d) for d in b.meta["val"].shape])
 
 
+# ops that only move or re-view their first argument's values
+LAYOUT_OPS = frozenset({
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+    aten.contiguous.default, aten.clone.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+    aten.flatten.using_ints, aten.t.default,
+})
+
+
+def through_layout(node: Node) -> Node:
+    """The node whose values ``node`` re-views: followed back through :data:`LAYOUT_OPS` to the first op that
+    computes something (or ``node`` itself)."""
+    while is_op(node, *LAYOUT_OPS) and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
 def _strip_to_float32(node: object) -> object:
     if is_op(node, aten.to.dtype) and node.args[1] == torch.float32:
         return node.args[0]
@@ -136,13 +152,16 @@ class RMSNorm:
     eps: float
 
 
-def match_rms_norm(x: Node) -> RMSNorm | Miss | None:
-    weighted = operand(x, aten.mul.Tensor, is_stored)
-    if weighted is None:
-        return None
-    weight, normed = weighted
-    cast_back = normed.args[1] if is_op(normed, aten.to.dtype) else None
-    scaled = normed.args[0] if cast_back is not None else normed
+@dataclass(frozen=True)
+class _RMSStatistic:
+    """``x_float * rsqrt(mean(x_float**2, -1) + eps)``: the part Llama's and Gemma's RMSNorm share."""
+
+    x_float: Node
+    chain: tuple[Node, ...]  # the nodes between x_float and the result, which must have no other reader
+    eps: float
+
+
+def _match_rms_statistic(scaled: object) -> _RMSStatistic | None:
     by_rsqrt = operand(scaled, aten.mul.Tensor, lambda a: is_op(a, aten.rsqrt.default))
     if by_rsqrt is None:
         return None
@@ -156,14 +175,72 @@ def match_rms_norm(x: Node) -> RMSNorm | Miss | None:
     if (list(mean.args[1:]) != [[-1], True] or not is_op(power, aten.pow.Tensor_Scalar)
             or power.args != (x_float, 2)):
         return None
-    chain = [n for n in (normed, scaled, rsqrt, var_eps, mean, power) if n is not x_float]
+    return _RMSStatistic(x_float, (scaled, rsqrt, var_eps, mean, power), eps)
+
+
+def _source_dtype(source: object) -> torch.dtype | None:
+    return source.meta["val"].dtype if isinstance(source, Node) and "val" in source.meta else None
+
+
+def match_rms_norm(x: Node) -> RMSNorm | Miss | None:
+    weighted = operand(x, aten.mul.Tensor, is_stored)
+    if weighted is None:
+        return None
+    weight, normed = weighted
+    cast_back = normed.args[1] if is_op(normed, aten.to.dtype) else None
+    statistic = _match_rms_statistic(normed.args[0] if cast_back is not None else normed)
+    if statistic is None:
+        return None
+    chain = [n for n in (normed, *statistic.chain) if n is not statistic.x_float]
     if not all(single_user(n) for n in chain):
         return Miss("an intermediate of the RMSNorm is read elsewhere")
-    source = _strip_to_float32(x_float)
-    source_dtype = source.meta["val"].dtype if isinstance(source, Node) and "val" in source.meta else None
-    if cast_back is not None and cast_back != source_dtype:
-        return Miss(f"RMSNorm casts its result to {cast_back}, not its input dtype {source_dtype}")
-    return RMSNorm(source, weight, eps)
+    source = _strip_to_float32(statistic.x_float)
+    if cast_back is not None and cast_back != _source_dtype(source):
+        return Miss(f"RMSNorm casts its result to {cast_back}, not its input dtype {_source_dtype(source)}")
+    return RMSNorm(source, weight, statistic.eps)
+
+
+@dataclass(frozen=True)
+class OffsetRMSNorm:
+    """Gemma's RMSNorm: ``(x * rsqrt(mean(x**2, -1) + eps) * (offset + weight.float())).type_as(x)``, all in
+    float32; ``input`` is x before its cast to float32, ``weight`` the stored tensor w (scale 1 + w)."""
+
+    input: Node
+    weight: Node
+    offset: float
+    eps: float
+
+
+def _stored_plus_offset(arg: object) -> tuple[Node, float] | None:
+    """(w, c) for ``w.float() + c`` (or ``w + c``) with w a stored tensor and c a number."""
+    plus = operand(arg, aten.add.Tensor, lambda a: isinstance(a, (int, float)))
+    if plus is None:
+        return None
+    offset, weight = plus
+    weight = _strip_to_float32(weight)
+    return (weight, float(offset)) if is_stored(weight) else None
+
+
+def match_offset_rms_norm(x: Node) -> OffsetRMSNorm | Miss | None:
+    cast_back = x.args[1] if is_op(x, aten.type_as.default) else x.args[1] if is_op(x, aten.to.dtype) else None
+    product = x.args[0] if cast_back is not None else x
+    weighted = operand(product, aten.mul.Tensor, lambda a: _stored_plus_offset(a) is not None)
+    if weighted is None:
+        return None
+    scale, scaled = weighted
+    statistic = _match_rms_statistic(scaled)
+    if statistic is None:
+        return None
+    (weight, offset), source = _stored_plus_offset(scale), _strip_to_float32(statistic.x_float)
+    chain = [n for n in (product, scale, *statistic.chain) if n is not statistic.x_float]
+    if not all(single_user(n) for n in chain):
+        return Miss("an intermediate of the (offset + w) RMSNorm is read elsewhere")
+    # no cast back only when everything is float32 already
+    target = _source_dtype(cast_back) if isinstance(cast_back, Node) else cast_back or torch.float32
+    if target != _source_dtype(source):
+        return Miss(f"the (offset + w) RMSNorm casts its result to {target}, not its input dtype "
+                    f"{_source_dtype(source)}")
+    return OffsetRMSNorm(source, weight, offset, statistic.eps)
 
 
 @dataclass(frozen=True)

@@ -566,8 +566,8 @@ def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bo
 
 
 @_built
-def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, k: int, vec: int, threads: int, rows: int,
-                    reduction: str):
+def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool, k: int, vec: int, threads: int,
+                    rows: int, reduction: str):
     kit = _row_kit(k, vec, threads, rows, reduction)
     load_x = kit.make_load(_CODECS[x_codec][0])
     round_x = _CODECS[x_codec][1]
@@ -597,7 +597,9 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, k: int, vec: int, 
                     word = zero_word(y)
                     for hh in range(y_vec):
                         h = part * y_vec + hh
-                        normed = round_x(vals[u * vec + h] * rstd)  # the reference casts to x's dtype first
+                        normed = vals[u * vec + h] * rstd
+                        if not weight_first:
+                            normed = round_x(normed)  # Llama casts to x's dtype before the weight, Gemma after
                         v = round_y(weight_at(weight, w, h) * normed)
                         word = insert_y(word, v, hh)
                         vals[u * vec + h] = v
@@ -644,10 +646,25 @@ def _gelu_tanh(v):
     return fast_div(v, _ONE + fast_exp(u * _MINUS_TWO))
 
 
+@cuda.jit(device=True)
+def _relu(v):
+    return fmax(v, _ZERO)
+
+
+@cuda.jit(device=True)
+def _silu(v):
+    return v / (_ONE + math.exp(-v))
+
+
+# the activations the elementwise kernels take as a build flag: GELU (erf), GELU (tanh), ReLU, SiLU
+_ACTIVATION_FNS = {"erf": _gelu_erf, "tanh": _gelu_tanh, "relu": _relu, "silu": _silu}
+
+
 @_built
-def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, k: int, vec: int, threads: int, rows: int,
-                 reduction: str):
+def _activation_kernel(x_codec: str, has_bias: bool, activation: str, k: int, vec: int, threads: int, rows: int,
+                       reduction: str):
     kit = _row_kit(k, vec, threads, rows, reduction)
+    act = _ACTIVATION_FNS[activation]
     decode_x, round_x, _ = _CODECS[x_codec]
     load_x = kit.make_load(decode_x)
     bias_at = kit.make_param(decode_x, vec)
@@ -669,7 +686,7 @@ def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, k: int, vec: int, thr
                     v = vals[u * vec + h]
                     if has_bias:
                         v = round_x(v + bias_at(bias, w, h))
-                    g = round_x(_gelu_tanh(v) if tanh else _gelu_erf(v))
+                    g = round_x(act(v))
                     vals[u * vec + h] = g
                     absmax = _max_nan(absmax, fabs(g))
         quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
@@ -677,8 +694,10 @@ def _gelu_kernel(x_codec: str, has_bias: bool, tanh: bool, k: int, vec: int, thr
 
 
 @_built
-def _silu_mul_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, reduction: str):
+def _gated_kernel(x_codec: str, activation: str, k: int, vec: int, threads: int, rows: int, reduction: str):
+    """act(gate) * up: SwiGLU (silu), GeGLU (erf / tanh)."""
     kit = _row_kit(k, vec, threads, rows, reduction)
+    act = _ACTIVATION_FNS[activation]
     load_x = kit.make_load(_CODECS[x_codec][0])
     round_x = _CODECS[x_codec][1]
     position, quantize_store, block_max = kit.position, kit.quantize_store, kit.row_max
@@ -695,9 +714,7 @@ def _silu_mul_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, re
         load_x(up, base, t, ups)
         absmax = _ZERO
         for e in range(slots):  # slots past the row hold 0 and stay 0
-            g = gates[e]
-            silu = round_x(g / (_ONE + math.exp(-g)))
-            v = round_x(silu * ups[e])
+            v = round_x(round_x(act(gates[e])) * ups[e])
             gates[e] = v
             absmax = _max_nan(absmax, fabs(v))
         quantize_store(gates, block_max(scratch, absmax), q, scale, base, t, store)
@@ -863,33 +880,57 @@ def layernorm_quant(x, weight, bias, eps: float, y, q, scale, *, residual=None, 
                launch.words(bias), np.float32(eps), launch.words(y), launch.words(q), scale)
 
 
-def rmsnorm_quant(x, weight, eps: float, y, q, scale, **options: Any) -> None:
-    """y = weight * RMSNorm(x) (normalised value cast to x's dtype first; y in y's dtype); q, scale of y."""
+def rmsnorm_quant(x, weight, eps: float, y, q, scale, *, weight_first: bool = False, **options: Any) -> None:
+    """y = weight * RMSNorm(x) in y's dtype; q, scale of y. The normalised value is cast to x's dtype before the
+    product (Llama), or with ``weight_first`` only the product is (Gemma's float32 ``1 + w``)."""
     k = x.shape[1]
     if tuple(y.shape) != tuple(x.shape):
         raise ZQError(f"y has shape {tuple(y.shape)}, expected {tuple(x.shape)}")
     weight = _vector(weight, k, "weight")
     launch = _Launch(x, q, scale, [weight, y], options)
-    kernel = _rmsnorm_kernel(codec_of(x, "x"), codec_of(weight, "weight"), codec_of(y, "y"), *launch.geometry())
+    kernel = _rmsnorm_kernel(codec_of(x, "x"), codec_of(weight, "weight"), codec_of(y, "y"), weight_first,
+                             *launch.geometry())
     launch.run(kernel, launch.words(x), launch.words(weight), np.float32(eps), launch.words(y), launch.words(q),
                scale)
 
 
 def gelu_quant(x, bias, approximate: str, q, scale, **options: Any) -> None:
     """q, scale = per-token INT8 of GELU(x [+ bias]); approximate is 'none' (erf) or 'tanh'."""
+    _activation_quant(x, bias, _gelu_activation(approximate), q, scale, options)
+
+
+def relu_quant(x, q, scale, **options: Any) -> None:
+    """q, scale = per-token INT8 of relu(x): the GELU kernel with the ReLU activation."""
+    _activation_quant(x, None, "relu", q, scale, options)
+
+
+def _gelu_activation(approximate: str) -> str:
     if approximate not in ("none", "tanh"):
         raise ZQError(f"GELU approximate must be 'none' or 'tanh', got {approximate!r}")
+    return "erf" if approximate == "none" else "tanh"
+
+
+def _activation_quant(x, bias, activation: str, q, scale, options: dict[str, Any]) -> None:
     k = x.shape[1]
     if bias is not None:
         _same_type(x, _vector(bias, k, "bias"), "bias", shape=False)
     launch = _Launch(x, q, scale, [] if bias is None else [bias], options)
-    kernel = _gelu_kernel(codec_of(x, "x"), bias is not None, approximate == "tanh", *launch.geometry())
+    kernel = _activation_kernel(codec_of(x, "x"), bias is not None, activation, *launch.geometry())
     launch.run(kernel, launch.words(x), launch.words(x if bias is None else bias), launch.words(q), scale)
 
 
 def silu_mul_quant(gate, up, q, scale, **options: Any) -> None:
     """q, scale = per-token INT8 of silu(gate) * up (gate and up of one dtype)."""
+    _gated_quant(gate, up, "silu", q, scale, options)
+
+
+def gelu_mul_quant(gate, up, approximate: str, q, scale, **options: Any) -> None:
+    """q, scale = per-token INT8 of gelu(gate) * up (GeGLU): the SwiGLU kernel with the GELU activation."""
+    _gated_quant(gate, up, _gelu_activation(approximate), q, scale, options)
+
+
+def _gated_quant(gate, up, activation: str, q, scale, options: dict[str, Any]) -> None:
     _same_type(gate, up, "up")
     launch = _Launch(gate, q, scale, [up], options)
-    kernel = _silu_mul_kernel(codec_of(gate, "gate"), *launch.geometry())
+    kernel = _gated_kernel(codec_of(gate, "gate"), activation, *launch.geometry())
     launch.run(kernel, launch.words(gate), launch.words(up), launch.words(q), scale)

@@ -110,14 +110,16 @@ def add_layernorm_quant(x: Tensor, residual: Tensor, weight: Tensor | None, bias
     return _norm_quant(x, residual, weight, bias, eps)
 
 
-def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float, weight_first: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     if not _kernel_ok(x, weight):
-        return _reference(ops.rmsnorm_quant, x, weight, eps)
+        return _reference(ops.rmsnorm_quant, x, weight, eps, weight_first)
     x2 = _rows(x)
-    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    y_dtype = x.dtype if weight_first else torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty(x2.shape, dtype=y_dtype, device=x.device)
     q, scale = _quant_outputs(x2)
-    kernels.rmsnorm_quant(_nb(x2), _nb(weight.contiguous()), eps, _nb(y), _nb(q), _nb(scale), stream=_stream(),
-                          **LAUNCH_OPTIONS)
+    kernels.rmsnorm_quant(_nb(x2), _nb(weight.contiguous()), eps, _nb(y), _nb(q), _nb(scale),
+                          weight_first=weight_first, stream=_stream(), **LAUNCH_OPTIONS)
     return (y.view(x.shape), *_shaped(x, q, scale))
 
 
@@ -131,10 +133,27 @@ def gelu_quant(x: Tensor, bias: Tensor | None, approximate: str) -> tuple[Tensor
     return _shaped(x, q, scale)
 
 
-def silu_mul_quant(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+def relu_quant(x: Tensor) -> tuple[Tensor, Tensor]:
+    if not _kernel_ok(x):
+        return _reference(ops.relu_quant, x)
+    x2 = _rows(x)
+    q, scale = _quant_outputs(x2)
+    kernels.relu_quant(_nb(x2), _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
+    return _shaped(x, q, scale)
+
+
+def _gated(op: Callable, launch: Callable, gate: Tensor, up: Tensor, *flags: Any) -> tuple[Tensor, Tensor]:
     if not _kernel_ok(gate, up) or up.dtype != gate.dtype or up.shape != gate.shape:
-        return _reference(ops.silu_mul_quant, gate, up)
+        return _reference(op, gate, up, *flags)
     g2 = _rows(gate)
     q, scale = _quant_outputs(g2)
-    kernels.silu_mul_quant(_nb(g2), _nb(_rows(up)), _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
+    launch(_nb(g2), _nb(_rows(up)), *flags, _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
     return _shaped(gate, q, scale)
+
+
+def silu_mul_quant(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    return _gated(ops.silu_mul_quant, kernels.silu_mul_quant, gate, up)
+
+
+def gelu_mul_quant(gate: Tensor, up: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
+    return _gated(ops.gelu_mul_quant, kernels.gelu_mul_quant, gate, up, approximate)

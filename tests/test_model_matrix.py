@@ -1,0 +1,51 @@
+"""The model-coverage matrix (tests/model_matrix.py): every family captures, every attention / MLP linear gets a
+role, every quantization an elementwise op computes is fused into it (or the matrix says why not), W8A8 agrees with
+FP, save -> load is bit-identical, an unsupported family raises a ZQError naming it, and the README's table is
+exactly what these rows render (regenerate it with ``python scripts/model_matrix.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model_matrix import (
+    EXPLAINED_UNFUSED, FAMILIES, LAYERS, MIN_COSINE, UNSUPPORTED, all_families, measure, readme_section, render,
+)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCK_ROLES = {"attn_qkv", "attn_out", "mlp_in", "mlp_out"}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {family.name: measure(family) for family in all_families()}
+
+
+@pytest.mark.parametrize("family", [f.name for f in FAMILIES])
+def test_family_compiles_with_roles_fusion_agreement_and_round_trip(rows, family):
+    row = rows[family]
+    assert row.error is None
+    assert row.other_roles == () and BLOCK_ROLES <= dict(row.roles).keys()
+    if family in EXPLAINED_UNFUSED:
+        assert row.unfused and row.fusion_share < 1
+    else:
+        assert row.unfused == () and row.fused > 0, row.unfused
+    assert row.attention_outputs == LAYERS  # the one quantization per block that has no elementwise producer
+    assert MIN_COSINE <= row.cosine < 1.0  # close to FP, and really quantized
+    assert row.round_trip
+
+
+def test_parallel_attention_and_mlp_share_one_quantize(rows):
+    """GPT-J's attention and MLP read one LayerNorm output: one fused quantize per block for both, plus GELU's."""
+    assert rows["GPT-J"].fused == 2 * LAYERS and dict(rows["GPT-J"].roles)["attn_qkv"] == 3 * LAYERS
+
+
+@pytest.mark.parametrize("family", [f.name for f in UNSUPPORTED])
+def test_unsupported_family_raises_a_zqerror_naming_it(rows, family):
+    assert "ForConditionalGeneration is an encoder-decoder model" in rows[family].error
+
+
+def test_readme_shows_this_matrix(rows):
+    assert readme_section(README.read_text()) == render([rows[f.name] for f in all_families()]), (
+        "README's model matrix is stale: run `python scripts/model_matrix.py`")
