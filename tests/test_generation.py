@@ -148,9 +148,13 @@ def test_generation_graph_shares_every_tensor_with_the_forward_graph(recipe):
     """The cached graph holds no tensor of its own (smoothing, quantization and the cached graph's own pipeline run
     included): the compiled model's bytes are those of the forward graph alone."""
     _, qmodel = compiled("llama", recipe)
-    forward = {t.data_ptr(): t for t in qmodel.graph_module.state_dict().values()}
+
+    def tensors(gm):  # parameters and every buffer (state_dict leaves out non-persistent ones: rotary inv_freq)
+        return [*gm.parameters(), *gm.buffers()]
+
+    forward = {t.data_ptr(): t for t in tensors(qmodel.graph_module)}
     assert qmodel.generation.own_tensors == []
-    assert {t.data_ptr() for t in qmodel.generation.graph_module.state_dict().values()} <= set(forward)
+    assert {t.data_ptr() for t in tensors(qmodel.generation.graph_module)} <= set(forward)
     assert qmodel.weight_memory().total == sum(t.numel() * t.element_size() for t in forward.values())
 
 
@@ -357,7 +361,7 @@ def test_cuda_graph_decode_steps_equal_the_whole_sequence_prefill():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from zqcompile.models import load_pretrained
+    from zqcompile.pretrained import load_pretrained
     model, tokenizer = load_pretrained("SmolLM2-135M-Instruct")
     tokenizer.padding_side = "left"
     return model, tokenizer

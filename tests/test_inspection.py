@@ -33,17 +33,17 @@ def test_inspect_table_rows(mixed_bert):
     assert text.startswith("zqcompile: BertModel, recipe w4a8+custom, backend cpu, torch.float32 on cpu")
     assert [c.strip() for c in _row(text, "encoder.layer.0.attention.self.query")] == [
         "encoder.layer.0.attention.self.query", "attn_qkv", "FP", "FP", "FP", "-", "16.0", "16.0",
-        "keep_fp encoder.layer.0.attention.self.*"]
+        "keep_fp encoder.layer.0.attention.self.*", "-"]  # rounding: none (FP)
     assert [c.strip() for c in _row(text, "encoder.layer.1.attention.self.key")] == [
         "encoder.layer.1.attention.self.key", "attn_qkv", "W8A8", "INT8 per-channel", "INT8 per-token",
-        "add_layernorm_quant (add_layernorm)", "16.0", "4.2", "recipe w4a8+custom"]  # 64*64 + 64*4 bytes
+        "add_layernorm_quant (add_layernorm)", "16.0", "4.2", "recipe w4a8+custom", "rtn"]  # 64*64 + 64*4 bytes
     assert [c.strip() for c in _row(text, "encoder.layer.1.output.dense")] == [
         "encoder.layer.1.output.dense", "mlp_out", "W4A8", "INT4 per-channel, 64 cols/group", "INT8 per-token",
-        "gelu_quant (gelu)", "32.0", "4.5", "override role:mlp_*"]  # 64*128/2 + 64*2*4 bytes
+        "gelu_quant (gelu)", "32.0", "4.5", "override role:mlp_*", "rtn"]  # 64*128/2 + 64*2*4 bytes
     assert "standalone quantize_per_token: input comes from aten.reshape" in " ".join(
         _row(text, "encoder.layer.1.attention.output.dense"))
     assert [c.strip() for c in _row(text, "pooler.dense")][2:] == ["FP", "FP", "FP", "-", "16.0", "16.0",
-                                                                   "keep_fp role:classifier"]
+                                                                   "keep_fp role:classifier", "-"]
     counters = next(line for line in text.splitlines() if line.startswith("pass counters: "))
     for counter in ("annotate_roles=13", "fuse.add_layernorm=3", "fuse.gelu=2", "insert_activation_quant=7",
                     "lower.int4_linear=4", "lower.int8_linear=5", "plan_linears.quantized=9"):

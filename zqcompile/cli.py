@@ -227,7 +227,7 @@ def _tokenizer_for(source: str):
     from transformers import AutoTokenizer
 
     from zqcompile.errors import ZQError
-    from zqcompile.models import SHIPPED_MODELS, shipped_model_dir
+    from zqcompile.pretrained import SHIPPED_MODELS, shipped_model_dir
 
     try:
         return AutoTokenizer.from_pretrained(shipped_model_dir(source) if source in SHIPPED_MODELS else source)
