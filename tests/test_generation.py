@@ -151,7 +151,9 @@ def test_generation_graph_shares_every_tensor_with_the_forward_graph(recipe):
     forward = {t.data_ptr(): t for t in qmodel.graph_module.state_dict().values()}
     assert qmodel.generation.own_tensors == []
     assert {t.data_ptr() for t in qmodel.generation.graph_module.state_dict().values()} <= set(forward)
-    assert qmodel.weight_memory().total == sum(t.numel() * t.element_size() for t in forward.values())
+    held = {t.data_ptr(): t for t in [*qmodel.graph_module.parameters(), *qmodel.graph_module.buffers()]}
+    assert held.keys() >= forward.keys()  # the state dict, and the non-persistent buffers (rotary inv_freq)
+    assert qmodel.weight_memory().total == sum(t.numel() * t.element_size() for t in held.values())
 
 
 # ---- sampling and the streamer ----------------------------------------------------------------------------

@@ -90,7 +90,14 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
                       f"{type(model).__name__} is not one")
     was_training = model.training if isinstance(model, nn.Module) else False
     try:  # capture and LKD run the model in eval mode; the user's model gets its own mode back
-        cached = capture_static_cache(model, max_cache_len) if generation is not False and is_causal_lm(model) else None
+        cached, no_generation = None, None
+        if generation is not False and is_causal_lm(model):
+            try:
+                cached = capture_static_cache(model, max_cache_len)
+            except ZQError as err:  # by default a decoder whose cache cannot be captured still compiles its forward
+                if generation:
+                    raise
+                no_generation = f"generate is not available: {err}"
         captured = capture(model, example_inputs)
         if auto:
             recipe = _auto(model, captured, recipe, budget)
@@ -111,6 +118,8 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     quantized.lkd_result = result.context.lkd_result
     if generator is not None:
         quantized.generation = generator
+    elif no_generation is not None:
+        quantized.no_generation_reason = no_generation
     elif not is_causal_lm(model):
         quantized.no_generation_reason = (f"{captured.model_class} is not a decoder language model; generate needs "
                                           f"a Hugging Face causal LM (...ForCausalLM, GPT2LMHeadModel)")
