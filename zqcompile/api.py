@@ -95,7 +95,7 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
             try:
                 cached = capture_static_cache(model, max_cache_len)
             except ZQError as err:  # by default a decoder whose cache cannot be captured still compiles its forward
-                if generation:
+                if generation or max_cache_len is not None:  # asked for generation (a cache length implies it)
                     raise
                 no_generation = f"generate is not available: {err}"
         captured = capture(model, example_inputs)
