@@ -40,7 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zqcompile  # noqa: E402
-from gpu_latency import copy_bandwidth_gbps, environment  # noqa: E402
+from common import (copy_bandwidth_gbps, environment, profile_kernels, profile_tables,  # noqa: E402
+                    summarise_kernels)
 
 PROMPT, NEW, EAGER_NEW, CACHE = 128, 128, 33, 256
 FP16_KEPT = {"base": "w8a8", "keep_fp": ["*"]}
@@ -64,13 +65,16 @@ class Rows(list):
     def __init__(self, out: Path, env: dict, copy_gbps: float, command: str):
         super().__init__()
         self.out, self.env, self.copy_gbps, self.command = out, env, copy_gbps, command
+        self.profiles: dict[str, list[dict[str, Any]]] = {}
 
     def append(self, row: dict) -> None:
         super().append(row)
         print(row, flush=True)
-        (self.out / "generation_bench.md").write_text(markdown(self.env, self, self.copy_gbps, self.command))
+        (self.out / "generation_bench.md").write_text(
+            markdown(self.env, self, self.copy_gbps, self.command) + "\n".join(profile_tables(self.profiles)))
         (self.out / "generation_bench.json").write_text(
-            json.dumps(dict(env=self.env, copy_gbps=self.copy_gbps, command=self.command, rows=self), indent=1))
+            json.dumps(dict(env=self.env, copy_gbps=self.copy_gbps, command=self.command, rows=self,
+                            profiles=self.profiles), indent=1))
 
 
 def build(name: str, weights: str | None) -> torch.nn.Module:
@@ -115,6 +119,19 @@ def decode_weight_bytes(qmodel, model: torch.nn.Module, batch: int) -> int:
     return qmodel.weight_memory().total - unread
 
 
+def decode_step_profile(qmodel, ids: torch.Tensor) -> tuple[float, dict[str, Any], list[dict[str, Any]]]:
+    """One decode step alone, after a prefill of ``ids``: its synchronised wall ms (the CUDA-graph replay, without
+    ``generate``'s sampling and Python loop), its kernels' total and the kernels per name."""
+    steps = qmodel.generation.steps
+    mask = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    steps.prefill(ids, mask, positions, NEW)
+    token, position = ids[:, -1], positions[:, -1] + 1
+    step_ms = seconds(lambda: steps.decode(token, position), reps=20) * 1e3
+    total, kernels = summarise_kernels(profile_kernels(lambda: steps.decode(token, position)))
+    return step_ms, total, kernels
+
+
 def measure_variant(model: torch.nn.Module, name: str, variant: str, recipe: Any, args: argparse.Namespace,
                     rows: Rows, copy_gbps: float) -> None:
     params = sum(p.numel() for p in model.parameters())
@@ -129,10 +146,14 @@ def measure_variant(model: torch.nn.Module, name: str, variant: str, recipe: Any
         prefill, decode = per_token(lambda n: qmodel.generate(ids, max_new_tokens=n, eos_token_id=[]), NEW,
                                     args.reps)
         weights = decode_weight_bytes(qmodel, model, batch)
-        rows.append(dict(model=name, params=params, variant=variant, batch=batch, prefill_ms=prefill,
-                         decode_ms=decode, tokens_per_s=batch / decode * 1e3, weight_bytes=weights,
-                         floor_ms=weights / copy_gbps / 1e6, compile_s=compiled - started,
-                         warmup_s=warmed - compiled))
+        row = dict(model=name, params=params, variant=variant, batch=batch, prefill_ms=prefill, decode_ms=decode,
+                   tokens_per_s=batch / decode * 1e3, weight_bytes=weights, floor_ms=weights / copy_gbps / 1e6,
+                   compile_s=compiled - started, warmup_s=warmed - compiled)
+        if args.profile:
+            row["step_ms"], total, kernels = decode_step_profile(qmodel, ids)
+            row["kernel_ms"] = total["us"] / 1e3
+            rows.profiles[f"{name} {variant} B={batch}, one decode step"] = kernels[:12]
+        rows.append(row)
     if qmodel.generation.captures != captures:
         rows.append(dict(model=name, variant=variant,
                          error=f"generate captured {qmodel.generation.captures - captures} graphs after warm-up"))
@@ -163,17 +184,19 @@ def markdown(env: dict, rows: list[dict], copy_gbps: float, command: str) -> str
              f"numba-cuda {env['numba-cuda']}, transformers {env['transformers']}; copy bandwidth "
              f"{copy_gbps:.0f} GB/s", f"`{command}`", "",
              "| model | B | variant | prefill 128 ms | decode ms/token | tokens/s | vs fastest FP16 | "
-             "weights floor ms |", "|---|---|---|---|---|---|---|---|"]
+             "weights floor ms | one step ms (replay) | its kernels ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "decode_ms" not in row:
-            lines.append(f"| {row['model']} | | {row['variant']} | {row.get('cut') or row.get('error')} | | | | |")
+            lines.append(f"| {row['model']} | | {row['variant']} | {row.get('cut') or row.get('error')} | | | | | | |")
             continue
         fp16 = [r["decode_ms"] for r in rows if r["model"] == row["model"] and r.get("batch") == row["batch"]
                 and r["variant"].startswith("fp16") and "decode_ms" in r]
         floor = f"{row['floor_ms']:.2f}" if "floor_ms" in row else ""
         speed = f"{min(fp16) / row['decode_ms']:.2f}x" if fp16 else ""
+        step = f"{row['step_ms']:.3f} | {row['kernel_ms']:.3f}" if "step_ms" in row else " |"
         lines.append(f"| {row['model']} | {row['batch']} | {row['variant']} | {row['prefill_ms']:.1f} | "
-                     f"{row['decode_ms']:.2f} | {row['tokens_per_s']:.0f} | {speed} | {floor} |")
+                     f"{row['decode_ms']:.2f} | {row['tokens_per_s']:.0f} | {speed} | {floor} | "
+                     f"{step} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +207,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="zqcompile variants, in order")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=3600.0, help="start no new zqcompile variant after this")
+    parser.add_argument("--profile", action="store_true", help="also time and profile one decode step alone")
     parser.add_argument("--smollm2-weights", default=None, help="a local HF directory with SmolLM2's weights")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()

@@ -317,11 +317,15 @@ def test_cuda_graph_generation_captures_nothing_after_warmup(family):
     qmodel.warmup(batch_sizes=[1, 3], prompt_lens=[9], max_new_tokens=20)
     captures, tuned = generation.captures, dict(triton_gemm._TUNED)
     assert captures == 2 * 2  # a decode and a prefill (prompt bucket 16) per batch bucket (1, 4)
+    # Memory freed since the captures is reused and overwritten: a graph that read a freed tensor (as one did,
+    # its cache positions) would now write the cache out of bounds.
+    junk = [torch.full((n,), 2**40, dtype=torch.long, device="cuda") for n in (16, 64, 256, 4096) for _ in range(8)]
     runs = []
     for lengths in ([9], [5, 9, 2]):
         ids, mask = left_padded(lengths, seed=len(lengths))
         ids, mask = ids.cuda(), mask.cuda()
         runs.append((ids, mask, qmodel.generate(ids, mask, max_new_tokens=20, eos_token_id=[])))
+    del junk
     assert generation.captures == captures
     assert triton_gemm._TUNED == tuned  # no GEMM tuned after warm-up either
     for ids, mask, out in runs:  # (the eager reference runs below tune their own shapes)
@@ -355,6 +359,20 @@ def test_cuda_graph_decode_steps_equal_the_whole_sequence_prefill():
     reference = whole[:, prompt - 1:].double()
     error = (stepped - reference).norm(dim=-1) / reference.norm(dim=-1)
     assert error.max() <= 2e-2  # fp16 attention over 16-slot vs 64-slot caches, in different kernels
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_model_saved_and_loaded_generates_the_same_tokens(tmp_path):
+    """A CUDA-compiled decoder saved and loaded again generates, from CUDA graphs, what it generated before."""
+    qmodel = zqcompile.compile(llama_model().half().cuda(), "w8a8")
+    ids, mask = left_padded([6, 11], seed=8)
+    ids, mask = ids.cuda(), mask.cuda()
+    before = qmodel.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    qmodel.save(tmp_path)
+    loaded = zqcompile.load(tmp_path, device="cuda")
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=12, eos_token_id=[]), before)
+    assert loaded.generation.captures > 0  # it ran from CUDA graphs, not the eager fallback
 
 
 # ---- real model: SmolLM2-135M ------------------------------------------------------------------------------

@@ -78,12 +78,14 @@ class EagerSteps:
 
 @dataclass
 class _Replay:
-    """One captured step: its graph, the static input buffers to fill before a replay, its static logits."""
+    """One captured step: its graph, the static input buffers to fill before a replay, its static logits, and
+    every other tensor the graph reads (a replay reads their addresses: freed, they would be reused)."""
 
     graph: torch.cuda.CUDAGraph
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     logits: torch.Tensor
+    static_inputs: tuple[torch.Tensor, ...]
 
 
 class CUDAGraphSteps:
@@ -128,7 +130,7 @@ class CUDAGraphSteps:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.graph(*args)[0]
         self.captures += 1
-        return _Replay(graph, input_ids, position_ids, logits)
+        return _Replay(graph, input_ids, position_ids, logits, args)
 
     def _decode_step(self, bucket: int) -> _Replay:
         if bucket not in self._decode:

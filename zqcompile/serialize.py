@@ -732,6 +732,8 @@ def read_saved(directory: str | os.PathLike, *, device: str | torch.device | Non
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ZQError(f"{directory} holds a model compiled for {manifest['device']}, and torch sees no GPU here; "
                       f"pass device='cpu' to load it on the CPU (with backend 'cpu')")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the device its tensors will report
     try:
         tensors = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
