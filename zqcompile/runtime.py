@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.fx import GraphModule
 
+from zqcompile.backends.cuda_graphs import capture_graph
 from zqcompile.errors import ZQError
 from zqcompile.kv_cache import CacheLayout
 
@@ -120,17 +121,9 @@ class CUDAGraphSteps:
     def _capture(self, bucket: int, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  cache_position: torch.Tensor) -> _Replay:
         args = (input_ids, self.mask[:bucket], position_ids, cache_position, *(t[:bucket] for t in self.cache))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self.graph(*args)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.graph(*args)[0]
+        graph, outputs = capture_graph(self.graph, args, pool=self.pool, warmup_runs=WARMUP_RUNS)
         self.captures += 1
-        return _Replay(graph, input_ids, position_ids, logits, args)
+        return _Replay(graph, input_ids, position_ids, outputs[0], args)
 
     def _decode_step(self, bucket: int) -> _Replay:
         if bucket not in self._decode:

@@ -167,19 +167,30 @@ class CUDAGraphRunner:
 
     def _capture(self, inputs: Sequence[Any]) -> _Captured:
         static_inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
-        side = self._side_stream = self._side_stream or torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_runs):
-                self.forward(*static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            static_outputs = self.forward(*static_inputs)
+        self._side_stream = self._side_stream or torch.cuda.Stream()
+        graph, static_outputs = capture_graph(self.forward, static_inputs, pool=self.pool,
+                                              warmup_runs=self.warmup_runs, side_stream=self._side_stream)
         self.captures += 1
         entry = _Captured(graph, static_inputs, static_outputs)
         self._graphs[_signature(inputs)] = entry
         return entry
+
+
+def capture_graph(fn: Callable[..., Any], args: Sequence[Any], *, pool: Any, warmup_runs: int,
+                  side_stream: torch.cuda.Stream | None = None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``fn(*args)`` ``warmup_runs`` times eagerly on a side stream (JIT compilation and autotuning happen
+    there, outside the graph), then capture one call into a CUDA graph in ``pool``; returns the graph and the
+    call's static outputs. The caller keeps ``args`` alive as long as the graph: a replay reads their memory."""
+    side = side_stream or torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_runs):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn(*args)
+    return graph, outputs
 
 
 def _check_cuda_inputs(inputs: Sequence[Any]) -> None:
