@@ -25,7 +25,7 @@ the calibration inputs and must give the outputs it gave before (a ZQError other
 in a rule). Refuses, recording why in ``ctx.smooth_skipped``, when the producer matches no rule, or when a
 SwiGLU or attention output has other readers. Does nothing when ``smooth_alpha`` is None (the default,
 plain ZeroQuant). Each rule (``layernorm``, ``rmsnorm``, ``swiglu``, ``attention``) counts ``smooth.<rule>``;
-the norm and SwiGLU patterns are shared with ``fuse_quant_into_elementwise`` (``patterns.py``).
+the norm and gated-activation patterns are shared with ``fuse_quant_into_elementwise`` (``patterns.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from zqcompile.passes.infra import (
     META_PLAN, CompileContext, PassResult, get_attr_tensor, is_op, is_stored, replace_stored, set_attr_tensor,
 )
 from zqcompile.passes.patterns import (
-    LayerNorm, Miss, RMSNorm, Rule, SiluMul, apply_rules, match_layer_norm, match_rms_norm, match_silu_mul,
+    GatedActivation, LayerNorm, Miss, RMSNorm, Rule, apply_rules, match_gated_activation, match_layer_norm,
+    match_rms_norm,
 )
 
 aten = torch.ops.aten
@@ -148,8 +149,8 @@ def _linear_rows(linear: object, what: str) -> list[tuple[Node, Node]] | Miss:
 
 def swiglu(x: Node, takes_factors: Callable[[Node], bool] = act_quantized) -> Source | Miss | None:
     """``silu(gate) * up``: dividing up_proj's output rows divides x exactly (silu is not touched)."""
-    gated = match_silu_mul(x)
-    if not isinstance(gated, SiluMul):
+    gated = match_gated_activation(x, "silu")
+    if not isinstance(gated, GatedActivation):
         return gated
     folds = _linear_rows(gated.up, "SwiGLU's up projection")
     return _source(x, folds, False, takes_factors) if isinstance(folds, list) else folds
