@@ -30,6 +30,7 @@ from torch.fx import Node
 import zqcompile
 from helpers import TINY_HIDDEN, TINY_MAX_POSITIONS, TINY_MLP, TINY_VOCAB, cosine, token_batch
 from test_generation import FP_KEPT, left_padded
+from zqcompile.inspection import linear_rows
 from zqcompile.ops import ACTIVATION_QUANT_OPS
 from zqcompile.passes.annotate_roles import ATTENTION_OPS
 from zqcompile.passes.infra import META_ROLE, is_op
@@ -128,6 +129,7 @@ class Row:
     round_trip: bool = False
     # decoders: greedy generate equals HF's ("✓"), or why not (a ZQError's message, or the first differing token)
     generate: str | None = None
+    fused_into: tuple[str, ...] = ()  # what `inspect` says each quantized linear's input quantization is fused into
 
     @property
     def fusion_share(self) -> float:
@@ -179,7 +181,8 @@ def measure(family: Family) -> Row:
     precomputed = qmodel.context.counters.get("fuse.stored", 0)  # a constant's quantization, now stored tensors
     return Row(family.name, family.kind, None, other, tuple(sorted(roles.items())),
                len(_quant_points(gm)) - len(standalone) + precomputed, unfused, len(attention), cosine(out, expected),
-               torch.equal(loaded, out), generate_like_hf(model) if family.kind == "decoder" else None)
+               torch.equal(loaded, out), generate_like_hf(model) if family.kind == "decoder" else None,
+               tuple(row.fused_into for row in linear_rows(gm, qmodel.context.unfused_reasons)))
 
 
 def _cells(row: Row) -> list[str]:

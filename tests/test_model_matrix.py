@@ -40,6 +40,15 @@ def test_family_compiles_with_roles_fusion_agreement_and_round_trip(rows, family
     assert MIN_COSINE <= row.cosine < 1.0  # close to FP, and really quantized
     assert row.round_trip
     assert row.generate == ("✓" if row.kind == "decoder" else None)
+    # inspect agrees: only the attention output projections read a standalone quantization
+    assert sum(fused.startswith("standalone") for fused in row.fused_into) == LAYERS
+
+
+def test_deberta_relative_positions_are_quantized_ahead_of_time(rows):
+    """Its relative-position embeddings (a stored table) are quantized once, shared by both layers' position
+    projections; inspect says so."""
+    fused_into = rows["DeBERTa-v2"].fused_into
+    assert sum(fused == "quantized ahead of time (stored)" for fused in fused_into) == 2 * LAYERS
 
 
 def test_parallel_attention_and_mlp_share_one_quantize(rows):
