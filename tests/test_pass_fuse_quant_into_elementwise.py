@@ -316,6 +316,64 @@ def test_parallel_attention_and_mlp_share_one_fused_quantize():
     assert_same_outputs(unfused, gm, x)
 
 
+class MaskedLayerNorm(nn.Module):
+    """DeBERTa's embeddings: LayerNorm(x + positions) (a broadcast add: add_layernorm misses, layernorm takes it)
+    times one factor per token (its padding mask; here zero, negative and positive), read by a linear and by the
+    residual."""
+
+    def __init__(self, per_token: bool = True):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(K), nn.Linear(K, K)
+        self.positions = nn.Parameter(torch.randn(5, K))
+        self.per_token = per_token
+
+    def forward(self, x):
+        factor = x[..., :1] * (x[..., 1:2] > 0) if self.per_token else x[0, 0]
+        y = self.norm(x + self.positions) * factor
+        return self.fc(y) + y
+
+
+def test_token_scaled_rule_fuses_into_the_norm_and_scales_the_scale():
+    unfused, gm, result, ctx, x = _fuse(MaskedLayerNorm())
+    assert result.counters == {"fuse.token_scaled": 1}
+    node = fused_node(gm, zq.layernorm_quant.default)
+    assert node.meta[META_FUSED_INTO] == "token_scaled"
+    assert count_ops(gm, QUANT) == 0 and count_ops(gm, torch.ops.aten.layer_norm.default) == 0
+    assert count_ops(gm, torch.ops.aten.mul.Tensor) == 3  # the factor's own, y * m for the residual, scale * m
+    assert_same_outputs(unfused, gm, x, exact=False)
+
+
+class StoredTable(nn.Module):
+    """DeBERTa's relative-position embeddings: a stored table, re-viewed, read by two linears (its layers)."""
+
+    def __init__(self, runtime_size: bool = False):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(8, K))
+        self.fc, self.first, self.second = nn.Linear(K, K), nn.Linear(K, K), nn.Linear(K, K)
+        self.runtime_size = runtime_size
+
+    def rows(self, x):
+        return self.table.expand(x.shape[0], 8, K) if self.runtime_size else self.table.unsqueeze(0)
+
+    def forward(self, x):  # each layer re-views the table itself
+        return self.fc(x) + (self.first(self.rows(x)) + self.second(self.rows(x))).mean(1, keepdim=True)
+
+
+def test_stored_rule_quantizes_a_constant_once_ahead_of_time():
+    model = StoredTable()
+    unfused, gm, result, ctx, x = _fuse(model, {"keep_fp": ["fc"]})
+    assert result.counters == {"fuse.stored": 2}
+    assert count_ops(gm, QUANT) == 0
+    stored = [n for n in gm.graph.nodes if n.meta.get(META_FUSED_INTO) == "stored"]
+    assert len(stored) == 2  # one (q, scale) pair for both readers
+    q, scale = sorted((get_attr_tensor(gm, n) for n in stored), key=lambda t: t.dtype != torch.int8)
+    table = model.table.detach().double()[None]  # per row: scale = absmax / 127, q = round(row / scale)
+    expected_scale = table.abs().amax(-1, keepdim=True) / 127
+    assert torch.equal(q.double(), torch.round(table / expected_scale))
+    torch.testing.assert_close(scale.double(), expected_scale, rtol=1e-6, atol=0)
+    assert_same_outputs(unfused, gm, x)
+
+
 # ---- cases the pass must leave alone (and say why) ------------------------------------------------------
 
 def _assert_unchanged(model, recipe="w8a8"):
@@ -409,6 +467,17 @@ def test_producer_no_rule_covers_is_recorded_through_layout_ops():
     assert _assert_unchanged(SigmoidMLP()) == [
         "input comes from a placeholder node, which no fusion rule covers",
         "input comes from aten.reshape.default of aten.sigmoid.default, which no fusion rule covers"]
+
+
+def test_a_per_channel_factor_is_not_token_scaled():
+    """``y * m`` with m one number per channel: the row absmax of y * m is not |m| times y's; nothing changes."""
+    assert _assert_unchanged(MaskedLayerNorm(per_token=False)) == [
+        "input comes from aten.mul.Tensor, which no fusion rule covers"]
+
+
+def test_a_constant_re_viewed_with_run_time_sizes_is_not_stored():
+    reasons = _assert_unchanged(StoredTable(runtime_size=True), {"keep_fp": ["fc"]})
+    assert set(reasons) == {"stored: the stored tensor is re-viewed with sizes known only at run time"}
 
 
 def test_weight_only_recipe_has_nothing_to_fuse():

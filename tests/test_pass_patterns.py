@@ -6,12 +6,13 @@ counted, a miss leaves the graph as it was and says why, a node no rule knows ge
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.fx import Graph, GraphModule, Node
 
 from zqcompile.passes.infra import CompileContext, is_stored
 from zqcompile.passes.patterns import (
-    LayerNorm, Miss, Rule, SiluMul, apply_rules, match_layer_norm, match_silu_mul,
+    GatedActivation, LayerNorm, Miss, Rule, apply_rules, match_gated_activation, match_layer_norm,
 )
 from zqcompile.recipe import load_recipe
 
@@ -114,18 +115,26 @@ def test_layer_norm_matcher_parts_defaults_and_refusal():
     assert match_layer_norm(relu) is None
 
 
-def test_silu_mul_matcher_refuses_a_broadcast():
-    def swiglu(up_shape):
+@pytest.mark.parametrize("activation, kwargs, approximate", [
+    ("silu", {}, None), ("gelu", {}, "none"), ("gelu", {"approximate": "tanh"}, "tanh")])
+def test_gated_activation_matcher_takes_its_kind_and_refuses_a_broadcast(activation, kwargs, approximate):
+    op = {"silu": aten.silu.default, "gelu": aten.gelu.default}[activation]
+
+    def gated(up_shape):
         def build(g: Graph, x: Node) -> Node:
             x.meta["val"] = torch.empty(2, 8)
             up = g.placeholder("up")
             up.meta["val"] = torch.empty(up_shape)
-            silu = g.call_function(aten.silu.default, (x,))
-            silu.meta["val"] = torch.empty(2, 8)
-            return g.call_function(aten.mul.Tensor, (silu, up))
+            act = g.call_function(op, (x,), kwargs)
+            act.meta["val"] = torch.empty(2, 8)
+            return g.call_function(aten.mul.Tensor, (act, up))
         gm = _graph(build)
         return next(n for n in gm.graph.nodes if n.target is aten.mul.Tensor)
 
-    same = swiglu((2, 8))
-    assert match_silu_mul(same) == SiluMul(same.args[0].args[0], same.args[1])
-    assert match_silu_mul(swiglu((8,))) == Miss("silu(gate) is read elsewhere or broadcasts against up")
+    same = gated((2, 8))
+    assert match_gated_activation(same, activation) == GatedActivation(same.args[0].args[0], same.args[1],
+                                                                       approximate)
+    other = "gelu" if activation == "silu" else "silu"
+    assert match_gated_activation(same, other) is None  # the other kind's rule leaves it alone
+    assert match_gated_activation(gated((8,)), activation) == Miss(
+        f"{activation}(gate) is read elsewhere or broadcasts against up")

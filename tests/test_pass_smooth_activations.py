@@ -55,10 +55,12 @@ class PostNormResidual(nn.Module):
 
 
 class RMSNormSwiGLU(nn.Module):
-    """Llama's MLP behind its RMSNorm: smoothing folds into the norm weight and into up_proj's rows."""
+    """Llama's MLP behind its RMSNorm (or Gemma's GeGLU, ``activation="gelu"``): smoothing folds into the norm weight
+    and into up_proj's rows."""
 
-    def __init__(self):
+    def __init__(self, activation: str = "silu"):
         super().__init__()
+        self.activation = getattr(nn.functional, activation)
         self.weight = nn.Parameter(torch.linspace(0.5, 2.0, K))
         self.gate_proj = nn.Linear(K, 32, bias=False)
         self.up_proj = nn.Linear(K, 32, bias=False)
@@ -69,7 +71,7 @@ class RMSNormSwiGLU(nn.Module):
     def forward(self, x):
         normed = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
         h = self.weight * normed
-        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x + self.down_proj(self.activation(self.gate_proj(h)) * self.up_proj(h))
 
 
 def _smoothed_graph(module: nn.Module, recipe: Recipe, calibration: torch.Tensor):
@@ -114,13 +116,17 @@ def test_smoothing_lowers_the_int8_error_on_an_outlier_channel():
     assert errors["smooth"] < 0.5 * errors["plain"], errors
 
 
-def test_rmsnorm_and_swiglu_folds_keep_the_function():
+@pytest.mark.parametrize("activation, rule", [("silu", "swiglu"), ("gelu", "geglu")])
+def test_rmsnorm_and_gated_activation_folds_keep_the_function(activation, rule):
     torch.manual_seed(0)
-    module = RMSNormSwiGLU().eval()
+    module = RMSNormSwiGLU(activation).eval()
     calibration = torch.randn(4, 6, K)
     gm, ctx = _smoothed_graph(module, SMOOTH, calibration)
     assert ctx.counters["smooth.rmsnorm"] == 1
-    assert ctx.counters["smooth.swiglu"] == 1
+    assert ctx.counters[f"smooth.{rule}"] == 1 and not ctx.smooth_skipped
+    smoothed_up = next(get_attr_tensor(gm, n) for n in gm.graph.nodes
+                       if n.op == "get_attr" and n.target.startswith("model.up_proj.weight_smoothed"))
+    assert not torch.equal(smoothed_up, module.up_proj.weight.detach())  # its rows divided
     test_input = torch.randn(2, 6, K)
     with torch.no_grad():
         torch.testing.assert_close(gm(test_input).double(), module(test_input).double(), rtol=1e-4, atol=1e-5)

@@ -83,6 +83,8 @@ def _activation_source(gm: GraphModule, node: Node, unfused: Mapping[str, str]) 
         return "INT8 per-token + FP16 outlier columns", "-"
     if node.target not in (torch.ops.zq.int8_linear.default, torch.ops.zq.int4_linear.default):
         return "FP (weight-only)" if node.target in QUANTIZED_LINEAR_OPS else "FP", "-"
+    if node.args[0].op == "get_attr":  # a stored tensor's quantization, computed ahead of time
+        return "INT8 per-token", f"quantized ahead of time ({node.args[0].meta.get(META_FUSED_INTO, 'constant')})"
     source = node.args[0].args[0]  # getitem(quant-producing op, i)
     if source.target in ACTIVATION_QUANT_OPS and META_FUSED_INTO in source.meta:
         return "INT8 per-token", f"{source.target.__name__.split('.')[0]} ({source.meta[META_FUSED_INTO]})"

@@ -152,8 +152,9 @@ class _CachedLMWrapper(nn.Module):
         return (out.logits,)
 
 
-def cache_layout(model: nn.Module, dtype: torch.dtype, device: torch.device) -> CacheLayout:
-    """The cache each layer keeps, read from one eager step of the model on one token."""
+def cache_layout(model: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[CacheLayout, int | None]:
+    """The cache each layer keeps, read from one eager step of the model on one token, and the shortest sliding
+    window of its layers (Gemma-2/3, Mistral; None when every layer attends to all tokens)."""
     from transformers.cache_utils import Cache
 
     with torch.no_grad():
@@ -163,14 +164,17 @@ def cache_layout(model: nn.Module, dtype: torch.dtype, device: torch.device) -> 
     if cache is None or not getattr(cache, "layers", None):
         raise ZQError(f"{model_class} returns no transformers Cache with use_cache=True; zqcompile generates with "
                       f"decoders that use one (GPT-2, Llama/SmolLM2, Qwen2): compile with generation=False")
-    layers = []
+    layers, windows = [], []
     for index, layer in enumerate(cache.layers):
-        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-            raise ZQError(f"{model_class} layer {index} keeps a {type(layer).__name__} cache (sliding window or "
-                          f"recurrent state); zqcompile's static cache covers full attention only: compile with "
-                          f"generation=False")
+        window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        if (getattr(layer, "is_sliding", False) and not isinstance(window, int)) or not hasattr(layer, "keys"):
+            raise ZQError(f"{model_class} layer {index} keeps a {type(layer).__name__} cache (recurrent state or a "
+                          f"window of unknown size); zqcompile's static cache covers full attention only: compile "
+                          f"with generation=False")
+        if window is not None:
+            windows.append(window)
         layers.append((layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]))
-    return CacheLayout(tuple(layers), dtype)
+    return CacheLayout(tuple(layers), dtype), min(windows, default=None)
 
 
 def example_inputs(layout: CacheLayout, device: torch.device | str, batch: int = 2, seq: int = 4,
@@ -196,16 +200,16 @@ def capture_static_cache(model: nn.Module, max_cache_len: int | None = None) -> 
     """Export ``model`` (an HF causal LM, in eval mode) as the cached step graph described in the module doc.
 
     ``max_cache_len``: the cache slots per sequence that generation will use; default the model's maximum positions,
-    at most DEFAULT_MAX_CACHE_LEN.
+    at most DEFAULT_MAX_CACHE_LEN and at most the shortest sliding window (Gemma-2/3: a cache within the window makes
+    the sliding-window layers full-attention layers).
     """
     model_class = type(model).__name__
     if not is_causal_lm(model):
         raise ZQError(f"{model_class} is not a Hugging Face causal language model; generation needs a decoder with "
                       f"a language-model head (...ForCausalLM, GPT2LMHeadModel)")
     max_pos = max_positions(model.config)
-    if max_cache_len is None:
-        max_cache_len = min(max_pos or DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_CACHE_LEN)
-    if not isinstance(max_cache_len, int) or max_cache_len < 2 or (max_pos is not None and max_cache_len > max_pos):
+    if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 2
+                                      or (max_pos is not None and max_cache_len > max_pos)):
         raise ZQError(f"max_cache_len must be an integer from 2 to the model's {max_pos or 'maximum'} positions, got "
                       f"{max_cache_len!r}")
     implementation = model.config._attn_implementation
@@ -214,7 +218,15 @@ def capture_static_cache(model: nn.Module, max_cache_len: int | None = None) -> 
                       f"{list(ATTENTION_IMPLEMENTATIONS)}: load it with attn_implementation='sdpa'")
     dtype, device = model_dtype_and_device(model)
     model.eval()
-    layout = cache_layout(model, dtype, device)
+    layout, window = cache_layout(model, dtype, device)
+    if max_cache_len is None:
+        max_cache_len = min(max_pos or DEFAULT_MAX_CACHE_LEN, DEFAULT_MAX_CACHE_LEN, window or DEFAULT_MAX_CACHE_LEN)
+    # A sliding-window layer attends to the last `window` slots; a cache no longer than the window holds no slot
+    # outside it, so the full causal mask (the graph's mask) is that layer's mask too.
+    if window is not None and max_cache_len > window:
+        raise ZQError(f"{model_class} has sliding-window layers of {window} tokens, shorter than the KV cache of "
+                      f"{max_cache_len} slots; zqcompile's static cache attends over every slot: compile with "
+                      f"max_cache_len <= {window} (or generation=False)")
     args = example_inputs(layout, device)
     inputs, cache = dynamic_shapes(layout, max_pos)
     gm = _export(_CachedLMWrapper(model, dtype).eval(), args, (*inputs, tuple(cache)), model_class)

@@ -14,7 +14,17 @@ gelu_tanh_decomp   GPT-2's ``gelu_new`` written out in aten ops      ``zq.gelu_q
 relu               ``relu(h)`` (OPT)                                 ``zq.relu_quant(h)``
 silu_mul           ``silu(g) * u`` (SwiGLU)                          ``zq.silu_mul_quant(g, u)``
 gelu_mul           ``gelu(g) * u`` (GeGLU, Gemma)                    ``zq.gelu_mul_quant(g, u)``
+token_scaled       ``y * m``, m one number per token (DeBERTa's      the rule of y's producer, its
+                   padding mask), y from one of the rules above      scale times m
+stored             a stored tensor through layout ops (DeBERTa's     the INT8 values and scales,
+                   relative-position embeddings)                     computed once and stored
 =================  ================================================  ================================
+
+``token_scaled``: per-token quantization commutes with a per-token factor m (``absmax(y * m) = |m| absmax(y)``), so
+``quantize(y * m)`` dequantizes to what ``q(y), scale(y) * m`` does (a negative m flips the sign of q there and of
+the scale here); the product ``y * m`` stays for its other readers (DeBERTa's residual). ``stored``: the quantization
+of a constant is a constant; the tensors are computed by ``quantize_per_token`` itself, once per stored tensor and
+layout chain (DeBERTa's layers share theirs).
 
 ``offset_rmsnorm`` stores ``offset + w`` (float32) once, ahead of time, in place of Gemma's weight (cleanup drops w
 when nothing else reads it). The quantization of a LayerNorm output read by several linears is one quantize
@@ -24,7 +34,7 @@ when nothing else reads it). The quantization of a LayerNorm output read by seve
 This is ZeroQuant's kernel fusion: the quantization costs no extra pass over memory. Norm rules also emit
 the FP result for the other readers (a residual); the activation rules require the quant to be the only
 reader. A quant node that no rule takes stays a standalone ``quantize_per_token``; why is recorded in
-``ctx.unfused_reasons`` for ``inspect``. Each hit bumps the counter ``fuse.<rule>``. The norm and SwiGLU
+``ctx.unfused_reasons`` for ``inspect``. Each hit bumps the counter ``fuse.<rule>``. The norm and gated-activation
 patterns are shared with ``smooth_activations`` (``patterns.py``).
 """
 
@@ -42,8 +52,9 @@ from zqcompile.passes.infra import (
     single_user,
 )
 from zqcompile.passes.patterns import (
-    LayerNorm, Miss, OffsetRMSNorm, RMSNorm, Rule, SiluMul, apply_rules, equals_scalar, match_layer_norm,
-    match_offset_rms_norm, match_rms_norm, match_silu_mul, operand, same_shape, through_layout,
+    LAYOUT_OPS, GatedActivation, LayerNorm, Miss, OffsetRMSNorm, RMSNorm, Rule, apply_rules, equals_scalar,
+    match_gated_activation, match_layer_norm, match_offset_rms_norm, match_rms_norm, operand, same_shape,
+    through_layout,
 )
 
 aten = torch.ops.aten
@@ -64,13 +75,15 @@ class Stored:
 @dataclass
 class Fusion:
     """A matched rule: call ``op(*args)`` (a :class:`Stored` arg is computed and stored first); its outputs at
-    ``quant_outputs`` are (q, scale); when ``fp_output`` is set, that output replaces the producer for its other
-    readers."""
+    ``quant_outputs`` are (q, scale); when ``fp_output`` is set, that output replaces ``producer`` (default: the
+    quant's input) for its other readers; ``row_scale`` (``[..., 1]``) multiplies the scale."""
 
     op: Callable
     args: tuple
     quant_outputs: tuple[int, int]
     fp_output: int | None
+    producer: Node | None = None
+    row_scale: Node | None = None
 
 
 NORM_OUTPUTS = {"quant_outputs": (1, 2), "fp_output": 0}
@@ -164,23 +177,96 @@ def relu(x: Node) -> Fusion | Miss | None:
 
 
 def silu_mul(x: Node) -> Fusion | Miss | None:
-    swiglu = match_silu_mul(x)
-    if not isinstance(swiglu, SiluMul):
+    """SwiGLU: ``silu(gate) * up`` (Llama's MLP)."""
+    swiglu = match_gated_activation(x, "silu")
+    if not isinstance(swiglu, GatedActivation):
         return swiglu
     return _only_read_by_quant(x) or Fusion(zq.silu_mul_quant.default, (swiglu.gate, swiglu.up), **ACT_OUTPUTS)
 
 
 def gelu_mul(x: Node) -> Fusion | Miss | None:
     """GeGLU: ``gelu(gate) * up`` (Gemma's MLP, tanh or erf GELU)."""
-    gated = operand(x, aten.mul.Tensor, lambda a: is_op(a, aten.gelu.default))
-    if gated is None:
-        return None
-    act, up = gated
-    if not single_user(act) or not same_shape(act, up):
-        return Miss("gelu(gate) is read elsewhere or broadcasts against up")
-    approximate = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
-    return _only_read_by_quant(x) or Fusion(zq.gelu_mul_quant.default, (act.args[0], up, approximate),
+    geglu = match_gated_activation(x, "gelu")
+    if not isinstance(geglu, GatedActivation):
+        return geglu
+    return _only_read_by_quant(x) or Fusion(zq.gelu_mul_quant.default, (geglu.gate, geglu.up, geglu.approximate),
                                             **ACT_OUTPUTS)
+
+
+def _per_token_of(x: Node) -> Callable[[object], bool]:
+    """Whether an operand of ``x`` holds one number per token of x: shape ``[..., 1]``, broadcasting over x's last
+    dim only, in x's dtype."""
+    def per_token(arg: object) -> bool:
+        if not (isinstance(arg, Node) and "val" in arg.meta and "val" in x.meta):
+            return False
+        value, shape = arg.meta["val"], x.meta["val"].shape
+        return (value.dim() == len(shape) and value.shape[-1] == 1 and value.dtype == x.meta["val"].dtype
+                and [str(d) for d in value.shape[:-1]] == [str(d) for d in shape[:-1]] and str(shape[-1]) != "1")
+    return per_token
+
+
+def token_scaled(x: Node) -> Fusion | Miss | None:
+    """``y * m`` with m one number per token and y what another rule fuses (DeBERTa: the embedding LayerNorm's
+    output times the padding mask)."""
+    scaled = operand(x, aten.mul.Tensor, _per_token_of(x))
+    if scaled is None or not same_shape(scaled[1], x):
+        return None
+    row_scale, y = scaled
+    matches = [match for match in map(lambda matcher: matcher(y), MATCHERS) if match is not None]
+    inner = next((match for match in matches if isinstance(match, Fusion)), None)
+    if inner is None:  # as apply_rules: a miss of one rule does not stop the next one
+        return Miss("y of y * m is not fused: " + "; ".join(miss.reason for miss in matches)) if matches else None
+    if inner.fp_output is None and not single_user(x):
+        return Miss("y * m is also read elsewhere and y's rule gives no floating-point output for it")
+    return Fusion(inner.op, inner.args, inner.quant_outputs, inner.fp_output, y, row_scale)
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A stored tensor re-viewed by ``chain`` (layout ops without run-time sizes), first op first."""
+
+    source: Node
+    chain: tuple[Node, ...]
+
+    def key(self) -> str:
+        """Names the quantized tensors: one pair per stored tensor and chain."""
+        return repr([(str(n.target), n.args[1:], n.kwargs) for n in self.chain])
+
+
+def stored(x: Node) -> Constant | Miss | None:
+    """A stored tensor (parameter or buffer) through layout ops: its quantization is a constant too."""
+    chain = []
+    while is_op(x, *LAYOUT_OPS, aten.alias.default) and isinstance(x.args[0], Node):
+        chain.append(x)
+        x = x.args[0]
+    if not is_stored(x):
+        return None
+    if any(len(n.all_input_nodes) != 1 for n in chain):
+        return Miss("the stored tensor is re-viewed with sizes known only at run time")
+    return Constant(x, tuple(reversed(chain)))
+
+
+# on the stored (q, scale) of a constant: (Constant.key() of its source, 0 for q | 1 for scale)
+META_QUANTIZED_FROM = "zq_quantized_from"
+
+
+def _emit_stored(gm: GraphModule, ctx: CompileContext, quant: Node, constant: Constant) -> None:
+    made = {n.meta[META_QUANTIZED_FROM]: n for n in gm.graph.nodes if is_stored(n) and META_QUANTIZED_FROM in n.meta}
+    if (constant.key(), 0) not in made:
+        value = get_attr_tensor(gm, constant.source).detach()
+        for node in constant.chain:
+            value = node.target(value, *node.args[1:], **node.kwargs)
+        number = len(made) // 2
+        for index, tensor in enumerate(QUANTIZE(value.contiguous())):
+            name = f"{constant.source.target}_quantized{number}_{('q', 'scale')[index]}"
+            set_attr_tensor(gm, name, tensor)
+            with gm.graph.inserting_after(constant.source):
+                made[constant.key(), index] = node = gm.graph.get_attr(name)
+            node.meta.update({META_QUANTIZED_FROM: (constant.key(), index), META_FUSED_INTO: "stored"})
+    for reader in list(quant.users):  # getitem(quant, 0 | 1)
+        reader.replace_all_uses_with(made[constant.key(), reader.args[1]])
+        gm.graph.erase_node(reader)
+    gm.graph.erase_node(quant)
 
 
 def _describe(x: object) -> str:
@@ -206,14 +292,20 @@ def _stored(gm: GraphModule, arg: object) -> object:
 
 
 def _apply(gm: GraphModule, quant: Node, fusion: Fusion, rule: str) -> None:
-    producer = quant.args[0]
+    producer = fusion.producer or quant.args[0]
     args = tuple(_stored(gm, arg) for arg in fusion.args)
     with gm.graph.inserting_before(producer):
         fused = gm.graph.call_function(fusion.op, args)
     fused.meta[META_FUSED_INTO] = rule
     for reader in list(quant.users):  # getitem(quant, 0 | 1)
         reader.update_arg(0, fused)
+        is_scale = reader.args[1] == 1
         reader.update_arg(1, fusion.quant_outputs[reader.args[1]])
+        if is_scale and fusion.row_scale is not None:
+            with gm.graph.inserting_after(reader):
+                scaled = gm.graph.call_function(aten.mul.Tensor, (reader, fusion.row_scale))
+            scaled.meta["val"] = reader.meta.get("val")
+            reader.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
     gm.graph.erase_node(quant)
     if fusion.fp_output is not None and producer.users:
         with gm.graph.inserting_after(fused):
@@ -229,9 +321,11 @@ def _on_producer(matcher: Callable[[Node], Fusion | Miss | None]) -> Rule[Fusion
                 lambda gm, ctx, quant, fusion: _apply(gm, quant, fusion, name))
 
 
-RULES: tuple[Rule[Fusion], ...] = tuple(
-    _on_producer(matcher) for matcher in (add_layernorm, layernorm, rmsnorm, offset_rmsnorm, gelu, gelu_tanh_decomp,
-                                          relu, silu_mul, gelu_mul))
+MATCHERS = (add_layernorm, layernorm, rmsnorm, offset_rmsnorm, gelu, gelu_tanh_decomp, relu, silu_mul, gelu_mul)
+RULES: tuple[Rule, ...] = (
+    *(_on_producer(matcher) for matcher in (*MATCHERS, token_scaled)),
+    Rule("stored", lambda quant: stored(quant.args[0]) if isinstance(quant.args[0], Node) else None, _emit_stored),
+)
 
 
 def fuse_quant_into_elementwise(gm: GraphModule, ctx: CompileContext) -> PassResult:

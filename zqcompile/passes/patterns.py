@@ -12,9 +12,10 @@ matcher (``extra_check``, a counter per replacement). A :class:`Rule` is a name,
 ``<pass>.<rule>``; a node that no rule rewrote gets the reasons of the rules that recognised it, which the
 pass records for ``inspect``.
 
-The patterns below (LayerNorm, Llama's RMSNorm decomposition, SwiGLU's ``silu(gate) * up``) are matched by
-``fuse_quant_into_elementwise`` (to fold the quantization into them) and by ``smooth_activations`` (to fold
-the smoothing factors into their weights); each returns its parts, a ``Miss`` or ``None`` the same way.
+The patterns below (LayerNorm, Llama's and Gemma's RMSNorm decompositions, the gated activations SwiGLU
+``silu(gate) * up`` and GeGLU ``gelu(gate) * up``) are matched by ``fuse_quant_into_elementwise`` (to fold the
+quantization into them) and by ``smooth_activations`` (to fold the smoothing factors into their weights); each
+returns its parts, a ``Miss`` or ``None`` the same way.
 """
 
 from __future__ import annotations
@@ -243,19 +244,27 @@ def match_offset_rms_norm(x: Node) -> OffsetRMSNorm | Miss | None:
     return OffsetRMSNorm(source, weight, offset, statistic.eps)
 
 
+GATE_ACTIVATIONS = {"silu": aten.silu.default, "gelu": aten.gelu.default}
+
+
 @dataclass(frozen=True)
-class SiluMul:
-    """SwiGLU's ``silu(gate) * up`` (Llama's MLP), same shapes."""
+class GatedActivation:
+    """``act(gate) * up``, same shapes: SwiGLU (``silu``, Llama's MLP) or GeGLU (``gelu``, Gemma's; erf or tanh,
+    ``approximate`` as ``F.gelu`` takes it, None for silu)."""
 
     gate: Node
     up: Node
+    approximate: str | None = None
 
 
-def match_silu_mul(x: Node) -> SiluMul | Miss | None:
-    gated = operand(x, aten.mul.Tensor, lambda a: is_op(a, aten.silu.default))
+def match_gated_activation(x: Node, activation: str) -> GatedActivation | Miss | None:
+    """``activation(gate) * up`` with ``activation`` a key of :data:`GATE_ACTIVATIONS`."""
+    gated = operand(x, aten.mul.Tensor, lambda a: is_op(a, GATE_ACTIVATIONS[activation]))
     if gated is None:
         return None
-    silu, up = gated
-    if not single_user(silu) or not same_shape(silu, up):
-        return Miss("silu(gate) is read elsewhere or broadcasts against up")
-    return SiluMul(silu.args[0], up)
+    act, up = gated
+    if not single_user(act) or not same_shape(act, up):
+        return Miss(f"{activation}(gate) is read elsewhere or broadcasts against up")
+    approximate = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none") \
+        if activation == "gelu" else None
+    return GatedActivation(act.args[0], up, approximate)

@@ -11,7 +11,8 @@ Matches an activation ``x`` read by act-quantized linears (plan ``act_bits == 8`
 ``ctx.activation_absmax`` holding its per-channel absmax (from ``calibrate_activations``), produced by
 
 - ``layer_norm(h, w, b)`` with a stored ``w`` (``b`` divided too), or Llama's RMSNorm ``w * normed``;
-- SwiGLU's ``silu(gate) * up`` with ``up`` a linear read only there (its weight rows and bias divided);
+- SwiGLU's ``silu(gate) * up`` or GeGLU's ``gelu(gate) * up`` with ``up`` a linear read only there (its weight
+  rows and bias divided);
 - attention: ``scaled_dot_product_attention(q, k, v)`` through movement ops (view, transpose, ...), with
   ``v`` a linear read only there through movement ops and a KV-cache write (its rows divided: the output of
   attention is a mix of V's rows, per head; every value in a cache came from that same projection). With
@@ -23,9 +24,9 @@ else reads it (a tied embedding). Other readers of a smoothed norm (post-LN BERT
 ``x * s`` instead, one elementwise multiply that restores their value. After folding, the graph is run on
 the calibration inputs and must give the outputs it gave before (a ZQError otherwise: that would be a bug
 in a rule). Refuses, recording why in ``ctx.smooth_skipped``, when the producer matches no rule, or when a
-SwiGLU or attention output has other readers. Does nothing when ``smooth_alpha`` is None (the default,
-plain ZeroQuant). Each rule (``layernorm``, ``rmsnorm``, ``swiglu``, ``attention``) counts ``smooth.<rule>``;
-the norm and SwiGLU patterns are shared with ``fuse_quant_into_elementwise`` (``patterns.py``).
+gated-activation or attention output has other readers. Does nothing when ``smooth_alpha`` is None (the default,
+plain ZeroQuant). Each rule (``layernorm``, ``rmsnorm``, ``swiglu``, ``geglu``, ``attention``) counts ``smooth.<rule>``;
+the norm and gated-activation patterns are shared with ``fuse_quant_into_elementwise`` (``patterns.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from zqcompile.passes.infra import (
     META_PLAN, CompileContext, PassResult, get_attr_tensor, is_op, is_stored, replace_stored, set_attr_tensor,
 )
 from zqcompile.passes.patterns import (
-    LayerNorm, Miss, RMSNorm, Rule, SiluMul, apply_rules, match_layer_norm, match_rms_norm, match_silu_mul,
+    GatedActivation, LayerNorm, Miss, RMSNorm, Rule, apply_rules, match_gated_activation, match_layer_norm,
+    match_rms_norm,
 )
 
 aten = torch.ops.aten
@@ -146,13 +148,23 @@ def _linear_rows(linear: object, what: str) -> list[tuple[Node, Node]] | Miss:
     return [(linear, linear.args[1])] + ([(linear, bias)] if bias is not None else [])
 
 
-def swiglu(x: Node, takes_factors: Callable[[Node], bool] = act_quantized) -> Source | Miss | None:
-    """``silu(gate) * up``: dividing up_proj's output rows divides x exactly (silu is not touched)."""
-    gated = match_silu_mul(x)
-    if not isinstance(gated, SiluMul):
+def _gated(x: Node, activation: str, what: str, takes_factors: Callable[[Node], bool]) -> Source | Miss | None:
+    """``activation(gate) * up``: dividing up_proj's output rows divides x exactly (the activation is not touched)."""
+    gated = match_gated_activation(x, activation)
+    if not isinstance(gated, GatedActivation):
         return gated
-    folds = _linear_rows(gated.up, "SwiGLU's up projection")
+    folds = _linear_rows(gated.up, f"{what}'s up projection")
     return _source(x, folds, False, takes_factors) if isinstance(folds, list) else folds
+
+
+def swiglu(x: Node, takes_factors: Callable[[Node], bool] = act_quantized) -> Source | Miss | None:
+    """``silu(gate) * up`` (Llama's MLP)."""
+    return _gated(x, "silu", "SwiGLU", takes_factors)
+
+
+def geglu(x: Node, takes_factors: Callable[[Node], bool] = act_quantized) -> Source | Miss | None:
+    """``gelu(gate) * up`` (Gemma's MLP)."""
+    return _gated(x, "gelu", "GeGLU", takes_factors)
 
 
 def attention(x: Node, takes_factors: Callable[[Node], bool] = act_quantized) -> Source | Miss | None:
@@ -233,7 +245,7 @@ def _smooth(gm: GraphModule, ctx: CompileContext, x: Node, source: Source) -> No
         restore_for(gm, x, source.others, factors, "smoothing")
 
 
-MATCHERS = (layernorm, rmsnorm, swiglu, attention)  # AWQ matches the same producers, with its own readers
+MATCHERS = (layernorm, rmsnorm, swiglu, geglu, attention)  # AWQ matches the same producers, with its own readers
 RULES: tuple[Rule[Source], ...] = tuple(Rule(match.__name__, match, _smooth) for match in MATCHERS)
 
 
