@@ -62,6 +62,8 @@ class CompileContext:
     smooth_skipped: dict[str, str] = field(default_factory=dict)
     # why a part of the graph was not rotated (the residual stream, or a projection by node name)
     rotate_skipped: dict[str, str] = field(default_factory=dict)
+    # why an SDPA over repeated keys/values still reads them repeated (cuda target), keyed by the node's name
+    gqa_skipped: dict[str, str] = field(default_factory=dict)
     # the FP model the graph was captured from (LKD distils its blocks; None when compiling a loaded graph)
     source_model: torch.nn.Module | None = None
     lkd_result: Any = None  # zqcompile.lkd.LKDResult of the distill phase
