@@ -135,7 +135,7 @@ def test_attention_without_repeated_keys_values_is_unchanged():
     before = op_targets(gm)
     ctx = _context()
     result = apply_pass(grouped_query_attention, gm, ctx)
-    assert not result.modified and op_targets(gm) == before and ctx.gqa_skipped == {}
+    assert not result.modified and op_targets(gm) == before and ctx.target_skipped == {}
 
 
 class PerHeadMask(nn.Module):
@@ -161,7 +161,7 @@ def test_what_it_cannot_prove_equal_is_refused_with_a_reason(module, reason):
     ctx = _context()
     result = apply_pass(grouped_query_attention, gm, ctx)
     assert not result.modified and op_targets(gm) == before
-    assert ctx.gqa_skipped and all(reason in why for why in ctx.gqa_skipped.values())
+    assert ctx.target_skipped and all(reason in why for why in ctx.target_skipped.values())
 
 
 @pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_qwen2], ids=["llama", "qwen2"])

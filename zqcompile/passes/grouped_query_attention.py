@@ -23,7 +23,7 @@ SDPA backends take ``enable_gqa``; flash takes no attention mask and memory-effi
 ``use_gqa_in_sdpa`` passes ``enable_gqa`` on CUDA only without a mask for the same reason). The folded SDPA is
 an ordinary one: flash, memory-efficient or cuDNN attention run it on the cache in place.
 
-Refuses (the reason is kept in ``ctx.gqa_skipped`` for ``inspect``) a repeat in another order (``x[:, None]``:
+Refuses (the reason is kept in ``ctx.target_skipped`` for ``inspect``) a repeat in another order (``x[:, None]``:
 head ``h`` reads KV head ``h % kv``), keys and values repeated differently or only one of them, a mask that
 differs per head (its head dim is not 1), dropout, an SDPA that already sets ``enable_gqa``, and shapes export
 did not record or recorded as symbolic head counts.
@@ -36,9 +36,8 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.utils._pytree import tree_map
 
-from zqcompile.passes.infra import CompileContext, PassResult, is_op
+from zqcompile.passes.infra import CompileContext, PassResult, call_with_value, is_op
 from zqcompile.passes.patterns import Miss, Rule, apply_rules
 
 aten = torch.ops.aten
@@ -145,28 +144,21 @@ def match_grouped_attention(node: Node) -> GroupedAttention | Miss | None:
     return GroupedAttention(node, {**args, "key": key.source, "value": value.source}, key.kv_heads, key.rep)
 
 
-def _call(gm: GraphModule, target: Any, *args: Any, **kwargs: Any) -> Node:
-    """A call_function node with its value recorded as export does (computed on the fake values it recorded)."""
-    node = gm.graph.call_function(target, args, kwargs)
-    fake = tree_map(lambda a: a.meta["val"] if isinstance(a, Node) else a, (args, kwargs))
-    node.meta["val"] = target(*fake[0], **fake[1])
-    return node
-
-
 def _emit_folded(gm: GraphModule, folded_masks: dict[tuple[Node, int], Node], match: GroupedAttention) -> None:
     args, rep = match.args, match.rep
     mask = args["attn_mask"]
     with gm.graph.inserting_before(match.sdpa):
         if mask is not None and _shape(mask)[2] != 1:
             if (mask, rep) not in folded_masks:  # once per mask: every layer reads the same one
-                unsqueezed = _call(gm, aten.unsqueeze.default, mask, 2)
-                repeated = _call(gm, aten.expand.default, unsqueezed, [-1, -1, rep, -1, -1])  # the rows per head
-                folded_masks[mask, rep] = _call(gm, aten.flatten.using_ints, repeated, 2, 3)
+                unsqueezed = call_with_value(gm, aten.unsqueeze.default, mask, 2)
+                repeated = call_with_value(gm, aten.expand.default, unsqueezed, [-1, -1, rep, -1, -1])  # rows per head
+                folded_masks[mask, rep] = call_with_value(gm, aten.flatten.using_ints, repeated, 2, 3)
             mask = folded_masks[mask, rep]
-        grouped = _call(gm, aten.unflatten.int, args["query"], 1, [match.kv_heads, rep])
-        query = _call(gm, aten.flatten.using_ints, grouped, 2, 3)
-        attention = _call(gm, _SDPA, query, args["key"], args["value"], mask, scale=args["scale"])
-        out = _call(gm, aten.flatten.using_ints, _call(gm, aten.unflatten.int, attention, 2, [rep, -1]), 1, 2)
+        grouped = call_with_value(gm, aten.unflatten.int, args["query"], 1, [match.kv_heads, rep])
+        query = call_with_value(gm, aten.flatten.using_ints, grouped, 2, 3)
+        attention = call_with_value(gm, _SDPA, query, args["key"], args["value"], mask, scale=args["scale"])
+        heads = call_with_value(gm, aten.unflatten.int, attention, 2, [rep, -1])
+        out = call_with_value(gm, aten.flatten.using_ints, heads, 1, 2)
     match.sdpa.replace_all_uses_with(out)
     gm.graph.erase_node(match.sdpa)
 
@@ -174,7 +166,7 @@ def _emit_folded(gm: GraphModule, folded_masks: dict[tuple[Node, int], Node], ma
 def _emit_enable_gqa(gm: GraphModule, match: GroupedAttention) -> None:
     args = match.args
     with gm.graph.inserting_before(match.sdpa):
-        out = _call(gm, _SDPA, args["query"], args["key"], args["value"], is_causal=True, scale=args["scale"],
+        out = call_with_value(gm, _SDPA, args["query"], args["key"], args["value"], is_causal=True, scale=args["scale"],
                     enable_gqa=True)
     match.sdpa.replace_all_uses_with(out)
     gm.graph.erase_node(match.sdpa)
@@ -196,5 +188,6 @@ def grouped_query_attention(gm: GraphModule, ctx: CompileContext | None) -> Pass
     sdpa = [n for n in gm.graph.nodes if is_op(n, _SDPA)]
     applied = apply_rules(gm, ctx, sdpa, rules, "grouped_query_attention", uncovered=lambda node: "")
     if ctx is not None:
-        ctx.gqa_skipped.update({name: why for name, why in applied.misses.items() if why})
+        ctx.target_skipped.update({name: f"grouped_query_attention: {why}" for name, why in applied.misses.items()
+                                   if why})
     return PassResult(gm, bool(applied.counters), applied.counters)
