@@ -218,13 +218,12 @@ def test_folded_and_enable_gqa_attention_run_in_fused_cuda_kernels():
     for module, args, backends in ((Attention(), _inputs(mask="float"), fused),
                                    (Attention(), _inputs(seq=1, mask="float"), fused),
                                    (Attention(causal=True), _inputs(seq=L, mask=None), [SDPBackend.FLASH_ATTENTION])):
-        gm = _export(module, *args)
-        apply_pass(grouped_query_attention, gm, _context())
         half = [a.half().cuda() if a.is_floating_point() else a.cuda() for a in args]
+        gm = _export(module, *half)
+        apply_pass(grouped_query_attention, gm, _context())
         with torch.no_grad(), sdpa_kernel(backends):
             got = gm(*half)
-        causal = getattr(module, "causal")
-        torch.testing.assert_close(got.double().cpu(), _reference(*args, causal=causal), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got.double().cpu(), _reference(*args, causal=module.causal), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
