@@ -26,7 +26,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.passes.infra import CompileContext, PassResult, call_with_value, is_op
-from zqcompile.passes.patterns import Miss, operand, same_shape
+from zqcompile.passes.patterns import Miss, operand, recorded_shape, same_shape
 
 aten = torch.ops.aten
 _ROTARY = torch.ops.zq.rotary_embedding.default
@@ -42,17 +42,15 @@ class Rotary:
     sin: Node
 
 
-def _shape(node: object) -> list | None:
-    return list(node.meta["val"].shape) if isinstance(node, Node) and "val" in node.meta else None
-
-
 def _last_dim_slice(node: object, start: int, end_at_least: int) -> Node | None:
     """x for ``x[..., start:end]`` (step 1, end at least ``end_at_least``), else None."""
-    if not is_op(node, aten.slice.Tensor) or _shape(node.args[0]) is None:
+    if not is_op(node, aten.slice.Tensor) or recorded_shape(node.args[0]) is None:
         return None
     x, dim, begin, end, step = [*node.args, *(0, None, None, 1)[len(node.args) - 1:]][:5]
-    rank = len(_shape(x))
-    if dim % rank != rank - 1 or (begin or 0) != start or step != 1 or end is None or end < end_at_least:
+    rank = len(recorded_shape(x))
+    if not all(isinstance(v, int) for v in (dim, begin or 0, end, step)):  # symbolic bounds: not HF's rotate_half
+        return None
+    if dim % rank != rank - 1 or (begin or 0) != start or step != 1 or end < end_at_least:
         return None
     return x
 
@@ -63,7 +61,7 @@ def rotate_half_input(node: object) -> Node | None:
         return None
     high, low = node.args[0][0].args[0], node.args[0][1]
     x = _last_dim_slice(low, 0, 0)
-    shape = _shape(x)
+    shape = recorded_shape(x)
     if x is None or not isinstance(shape[-1], int) or shape[-1] % 2:
         return None
     half = shape[-1] // 2
@@ -85,10 +83,10 @@ def match_rotary(node: Node) -> Rotary | Miss | None:
         if by_cos is None:
             continue
         cos = by_cos[1]
-        x_shape, cos_shape = _shape(x), _shape(cos)
+        x_shape, cos_shape = recorded_shape(x), recorded_shape(cos)
         if len(x_shape) != 4 or cos_shape is None or not same_shape(cos, sin):
             return Miss("queries/keys are not [B, H, S, D] or cos/sin shapes differ or were not recorded")
-        if (len(cos_shape) != 4 or cos_shape[1] != 1 or str(cos_shape[3]) != str(x_shape[3])
+        if (len(cos_shape) != 4 or str(cos_shape[1]) != "1" or str(cos_shape[3]) != str(x_shape[3])
                 or str(cos_shape[0]) not in ("1", str(x_shape[0])) or str(cos_shape[2]) not in ("1", str(x_shape[2]))):
             return Miss(f"cos/sin {cos_shape} do not broadcast over the heads of x {x_shape} as [B, 1, S, D]")
         dtypes = {n.meta["val"].dtype for n in (x, cos, sin, node)}
@@ -105,7 +103,7 @@ def _pairs(gm: GraphModule, matches: list[Rotary]) -> tuple[list[tuple[Rotary, R
     while i < len(matches):
         first, second = matches[i], matches[i + 1] if i + 1 < len(matches) else None
         if (second is not None and (first.cos, first.sin) == (second.cos, second.sin)
-                and [str(d) for d in _shape(first.x)[::2]] == [str(d) for d in _shape(second.x)[::2]]
+                and [str(d) for d in recorded_shape(first.x)[::2]] == [str(d) for d in recorded_shape(second.x)[::2]]
                 and all(order[user] > order[second.add] for user in first.add.users)):
             pairs.append((first, second))
             i += 2

@@ -38,7 +38,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.passes.infra import CompileContext, PassResult, call_with_value, is_op
-from zqcompile.passes.patterns import Miss, Rule, apply_rules
+from zqcompile.passes.patterns import Miss, Rule, apply_rules, recorded_shape
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
@@ -66,10 +66,6 @@ class GroupedAttention:
     rep: int
 
 
-def _shape(node: object) -> list | None:
-    return list(node.meta["val"].shape) if isinstance(node, Node) and "val" in node.meta else None
-
-
 def _same_dims(a: list, b: list) -> bool:
     return len(a) == len(b) and [str(d) for d in a] == [str(d) for d in b]
 
@@ -80,7 +76,7 @@ def _is_full_slice(node: object) -> bool:
         return False
     start = node.args[2] if len(node.args) > 2 else None
     step = node.args[4] if len(node.args) > 4 else 1
-    shape, source = _shape(node), _shape(node.args[0])
+    shape, source = recorded_shape(node), recorded_shape(node.args[0])
     return start in (0, None) and step == 1 and shape is not None and source is not None and _same_dims(shape, source)
 
 
@@ -103,7 +99,7 @@ def match_repeat_kv(node: object) -> RepeatKV | Miss | None:
     if not is_op(unsqueeze, aten.unsqueeze.default):
         return None
     source = _skip_full_slices(unsqueeze.args[0])
-    src, expanded, out = _shape(source), _shape(expand), _shape(node)
+    src, expanded, out = recorded_shape(source), recorded_shape(expand), recorded_shape(node)
     if src is None or expanded is None or out is None or len(src) != 4 or len(expanded) != 5 or len(out) != 4:
         return Miss("the repeated keys/values are not [B, heads, L, D] tensors with recorded shapes")
     if unsqueeze.args[1] % 5 != 2:
@@ -112,7 +108,7 @@ def match_repeat_kv(node: object) -> RepeatKV | Miss | None:
     kv, rep = expanded[1], expanded[2]
     if not isinstance(kv, int) or not isinstance(rep, int):
         return Miss("symbolic KV head count or repeat")
-    if (not _same_dims(expanded[:2] + expanded[3:], src) or out[1] != kv * rep
+    if (not _same_dims(expanded[:2] + expanded[3:], src) or str(out[1]) != str(kv * rep)
             or not _same_dims([out[0], *out[2:]], [src[0], *src[2:]])):
         return Miss(f"expand {expanded} / reshape {out} of {src} is not a repeat of each KV head")
     return RepeatKV(source, kv, rep)
@@ -136,10 +132,10 @@ def match_grouped_attention(node: Node) -> GroupedAttention | Miss | None:
         return Miss("SDPA already sets enable_gqa or applies dropout")
     if args["is_causal"] and args["attn_mask"] is not None:
         return Miss("SDPA sets both is_causal and a mask")
-    query, mask = _shape(args["query"]), _shape(args["attn_mask"])
-    if query is None or len(query) != 4 or query[1] != key.kv_heads * key.rep:
+    query, mask = recorded_shape(args["query"]), recorded_shape(args["attn_mask"])
+    if query is None or len(query) != 4 or str(query[1]) != str(key.kv_heads * key.rep):
         return Miss(f"query {query} does not have the {key.kv_heads * key.rep} repeated heads")
-    if args["attn_mask"] is not None and (mask is None or len(mask) != 4 or mask[1] != 1):
+    if args["attn_mask"] is not None and (mask is None or len(mask) != 4 or str(mask[1]) != "1"):
         return Miss(f"the mask {mask} is not [B, 1, S, L]: it differs per head (or its shape was not recorded)")
     return GroupedAttention(node, {**args, "key": key.source, "value": value.source}, key.kv_heads, key.rep)
 
@@ -148,7 +144,7 @@ def _emit_folded(gm: GraphModule, folded_masks: dict[tuple[Node, int], Node], ma
     args, rep = match.args, match.rep
     mask = args["attn_mask"]
     with gm.graph.inserting_before(match.sdpa):
-        if mask is not None and _shape(mask)[2] != 1:
+        if mask is not None and str(recorded_shape(mask)[2]) != "1":
             if (mask, rep) not in folded_masks:  # once per mask: every layer reads the same one
                 unsqueezed = call_with_value(gm, aten.unsqueeze.default, mask, 2)
                 repeated = call_with_value(gm, aten.expand.default, unsqueezed, [-1, -1, rep, -1, -1])  # rows per head
@@ -166,8 +162,8 @@ def _emit_folded(gm: GraphModule, folded_masks: dict[tuple[Node, int], Node], ma
 def _emit_enable_gqa(gm: GraphModule, match: GroupedAttention) -> None:
     args = match.args
     with gm.graph.inserting_before(match.sdpa):
-        out = call_with_value(gm, _SDPA, args["query"], args["key"], args["value"], is_causal=True, scale=args["scale"],
-                    enable_gqa=True)
+        out = call_with_value(gm, _SDPA, args["query"], args["key"], args["value"], is_causal=True,
+                              scale=args["scale"], enable_gqa=True)
     match.sdpa.replace_all_uses_with(out)
     gm.graph.erase_node(match.sdpa)
 
