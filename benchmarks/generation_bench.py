@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zqcompile  # noqa: E402
-from common import (copy_bandwidth_gbps, environment, profile_kernels, profile_tables,  # noqa: E402
+from common import (copy_bandwidth_gbps, cuda_rewrites, environment, profile_kernels, profile_tables,  # noqa: E402
                     summarise_kernels)
 
 PROMPT, NEW, EAGER_NEW, CACHE = 128, 128, 33, 256
@@ -136,7 +136,7 @@ def measure_variant(model: torch.nn.Module, name: str, variant: str, recipe: Any
                     rows: Rows, copy_gbps: float) -> None:
     params = sum(p.numel() for p in model.parameters())
     started = time.perf_counter()
-    qmodel = zqcompile.compile(model, recipe, max_cache_len=CACHE)
+    qmodel = zqcompile.compile(model, recipe, max_cache_len=CACHE, target_passes=cuda_rewrites(args.cuda_rewrites))
     compiled = time.perf_counter()
     qmodel.warmup(batch_sizes=args.batches, prompt_lens=[PROMPT], max_new_tokens=NEW)
     warmed = time.perf_counter()
@@ -208,6 +208,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=3600.0, help="start no new zqcompile variant after this")
     parser.add_argument("--profile", action="store_true", help="also time and profile one decode step alone")
+    parser.add_argument("--cuda-rewrites", default=None,
+                        help="comma-separated cuda target passes to keep (default: all), e.g. "
+                             "fuse_sibling_linears,additive_attention_mask for the rewrites before issue 14")
     parser.add_argument("--smollm2-weights", default=None, help="a local HF directory with SmolLM2's weights")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()

@@ -373,3 +373,26 @@ else:
                 assert threads & (threads - 1) == 0 and 32 <= threads <= 1024 and threads * rows <= 1024
                 assert -(-k // threads) <= kernels.MAX_PER_THREAD
         assert kernels.launch_shape(768, 4) == (32, 4) and kernels.launch_shape(3072, 4) == (128, 1)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("cos_batch", [1, 2])
+    def test_rotary_embedding_equals_the_reference_bit_for_bit(dtype, cos_batch):
+        """Queries (4 heads) and keys (2 heads) in one launch; cos/sin per sequence or shared by the batch."""
+        g = torch.Generator().manual_seed(11)
+        batch, seq, dim = 2, 3, 16
+        q, k = (torch.randn(batch, heads, seq, dim, generator=g).to(dtype) for heads in (4, 2))
+        angles = torch.rand(cos_batch, 1, seq, dim // 2, generator=g).repeat(1, 1, 1, 2) * 6
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        ref_q, ref_k = ops.rotary_embedding(q, k, cos, sin)
+        q_out, k_out = (to_numba(torch.full(t.shape, float("nan"), dtype=dtype)).reshape(-1, dim) for t in (q, k))
+        kernels.rotary_embedding(*(to_numba(t).reshape(-1, dim) for t in (q, k, cos, sin)), q_out, k_out, 4, 2, seq)
+        assert torch.equal(from_numba(q_out, dtype).reshape(q.shape), ref_q)
+        assert torch.equal(from_numba(k_out, dtype).reshape(k.shape), ref_k)
+
+    def test_rotary_embedding_refuses_an_odd_head_dim_and_a_cos_of_the_wrong_length():
+        q, k = np.ones((4, 7), np.float32), np.ones((2, 7), np.float32)
+        with pytest.raises(ZQError, match="even length"):
+            kernels.rotary_embedding(q, k, q[:1], q[:1], q.copy(), k.copy(), 2, 1, 2)
+        q, k = np.ones((4, 8), np.float32), np.ones((2, 8), np.float32)
+        with pytest.raises(ZQError, match="rows"):
+            kernels.rotary_embedding(q, k, q[:3], q[:3], q.copy(), k.copy(), 2, 1, 2)

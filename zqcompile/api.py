@@ -107,7 +107,7 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
                               dump_dir=dump_dir, calibration_inputs=calibration, source_model=model)
         generator = None if cached is None else compile_generation(
             cached, result.compiled, result.executed, recipe, backend=backend, cuda_graphs=cuda_graphs, model=model,
-            calibration_inputs=calibration, dump_dir=dump_dir)
+            calibration_inputs=calibration, target_passes=target_passes, dump_dir=dump_dir)
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)

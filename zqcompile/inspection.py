@@ -151,6 +151,9 @@ def inspect(qmodel: "QuantizedModel", code: bool = True) -> str:
         parts.append(describe(qmodel.recipe.auto))
     if ctx.rotate_skipped:  # only when the recipe rotates: what kept its outlier channels, and why
         parts.append("not rotated:\n" + "\n".join(f"  {name}: {why}" for name, why in ctx.rotate_skipped.items()))
+    if ctx.target_skipped:  # what the target's rewrites (cuda) recognised but left as it was, and why
+        parts.append("not rewritten for the target:\n" + "\n".join(f"  {name}: {why}" for name, why in
+                                                                    ctx.target_skipped.items()))
     if code:
         parts += ["graph:", qmodel.graph_module.code]
     return "\n\n".join(parts)

@@ -301,6 +301,29 @@ def _(x, w, w_scale, columns, w_outlier, bias, out_dtype):
     return _linear_fake(x, w.shape[0], out_dtype)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Rotary position embedding of queries and keys (cuda target, passes/fuse_rotary_embedding.py)
+# ----------------------------------------------------------------------------------------------------
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return (x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin).contiguous()
+
+
+@torch.library.custom_op(f"{_LIB}::rotary_embedding", mutates_args=())
+def rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Hugging Face's ``apply_rotary_pos_emb``: ``x * cos + rotate_half(x) * sin`` for the queries ``q`` [B, Hq, S, D]
+    and the keys ``k`` [B, Hk, S, D], with ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])`` and ``cos`` /
+    ``sin`` [B or 1, 1, S or 1, D] of their dtype; each product and the sum rounded to that dtype as eager torch
+    rounds them. Contiguous outputs."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+@rotary_embedding.register_fake
+def _(q, k, cos, sin):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
 ACTIVATION_QUANT_OPS = {
     torch.ops.zq.quantize_per_token.default, torch.ops.zq.layernorm_quant.default,
     torch.ops.zq.add_layernorm_quant.default, torch.ops.zq.rmsnorm_quant.default,

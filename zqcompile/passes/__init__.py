@@ -10,8 +10,10 @@ from zqcompile.passes.cleanup import cleanup
 from zqcompile.passes.decompose_outliers import decompose_outliers
 from zqcompile.passes.distill_blocks import distill_blocks
 from zqcompile.passes.fuse_quant_into_elementwise import fuse_quant_into_elementwise
+from zqcompile.passes.fuse_rotary_embedding import fuse_rotary_embedding
 from zqcompile.passes.fuse_sibling_linears import fuse_sibling_linears
 from zqcompile.passes.gptq_round_weights import gptq_round_weights
+from zqcompile.passes.grouped_query_attention import grouped_query_attention
 from zqcompile.passes.infra import CompileContext, PassResult, run_passes
 from zqcompile.passes.insert_activation_quant import insert_activation_quant
 from zqcompile.passes.low_rank_correction import low_rank_correction
@@ -29,5 +31,5 @@ __all__ = [
     "smooth_activations", "decompose_outliers", "awq_scale_weights", "gptq_round_weights", "low_rank_correction",
     "quantize_weights",
     "insert_activation_quant", "fuse_quant_into_elementwise", "lower_linear_to_int8_gemm", "cleanup",
-    "fuse_sibling_linears", "additive_attention_mask",
+    "fuse_sibling_linears", "additive_attention_mask", "grouped_query_attention", "fuse_rotary_embedding",
 ]

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, TypeGuard
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_map
 
 from zqcompile.errors import ZQError
 from zqcompile.recipe import LinearPlan, Recipe
@@ -62,6 +63,8 @@ class CompileContext:
     smooth_skipped: dict[str, str] = field(default_factory=dict)
     # why a part of the graph was not rotated (the residual stream, or a projection by node name)
     rotate_skipped: dict[str, str] = field(default_factory=dict)
+    # why a target pass (pipeline.TARGET_PHASES) left a node as it was, "<pass>: <reason>" keyed by the node's name
+    target_skipped: dict[str, str] = field(default_factory=dict)
     # the FP model the graph was captured from (LKD distils its blocks; None when compiling a loaded graph)
     source_model: torch.nn.Module | None = None
     lkd_result: Any = None  # zqcompile.lkd.LKDResult of the distill phase
@@ -170,6 +173,15 @@ def val_dtype(node: Node) -> torch.dtype:
     if "val" in node.meta:
         return node.meta["val"].dtype
     return node.meta["tensor_meta"].dtype
+
+
+def call_with_value(gm: GraphModule, target: Any, *args: Any, **kwargs: Any) -> Node:
+    """A new call_function node with its value recorded as export records it (``meta["val"]``, computed on the
+    fake values of its inputs), so the passes after it can read its shape and dtype."""
+    node = gm.graph.call_function(target, args, kwargs)
+    fake = tree_map(lambda a: a.meta["val"] if isinstance(a, Node) else a, (args, kwargs))
+    node.meta["val"] = target(*fake[0], **fake[1])
+    return node
 
 
 def getitem(graph: torch.fx.Graph, node: Node, index: int) -> Node:

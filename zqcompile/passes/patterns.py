@@ -94,6 +94,11 @@ def equals_scalar(value: float) -> Callable[[object], bool]:
     return lambda arg: isinstance(arg, (int, float)) and math.isclose(arg, value, rel_tol=1e-6)
 
 
+def recorded_shape(node: object) -> list | None:
+    """The shape export recorded for a node (``meta["val"]``; dims may be symbolic), None if it recorded none."""
+    return list(node.meta["val"].shape) if isinstance(node, Node) and "val" in node.meta else None
+
+
 def same_shape(a: object, b: object) -> bool:
     """Both are nodes whose recorded shapes are equal (no broadcasting between them)."""
     return (isinstance(a, Node) and isinstance(b, Node) and "val" in a.meta and "val" in b.meta

@@ -934,3 +934,73 @@ def _gated_quant(gate, up, activation: str, q, scale, options: dict[str, Any]) -
     launch = _Launch(gate, q, scale, [up], options)
     kernel = _gated_kernel(codec_of(gate, "gate"), activation, *launch.geometry())
     launch.run(kernel, launch.words(gate), launch.words(up), launch.words(q), scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary position embedding (zq.rotary_embedding): elementwise, one thread per pair (d, d + D/2) of a row of
+# the queries or of the keys, both in one launch
+# ----------------------------------------------------------------------------------------------------
+
+ROTARY_THREADS = 128
+
+
+@_built
+def _rotary_kernel(codec: str, half: int):
+    decode, round_x, insert = _CODECS[codec]
+    dim = 2 * half
+
+    @cuda.jit(device=True)
+    def rotate(x, cos, sin, out, row, c_row, d):
+        """out = x * cos + rotate_half(x) * sin at columns d and d + half; each product and the sum rounded to
+        the storage type, as eager torch computes the unfused expression."""
+        lo, c_lo = uint64(row * dim + d), uint64(c_row * dim + d)
+        hi, c_hi = lo + uint64(half), c_lo + uint64(half)
+        x1, x2 = decode(x[lo], 0), decode(x[hi], 0)
+        y1 = round_x(round_x(x1 * decode(cos[c_lo], 0)) + round_x(-x2 * decode(sin[c_lo], 0)))
+        y2 = round_x(round_x(x2 * decode(cos[c_hi], 0)) + round_x(x1 * decode(sin[c_hi], 0)))
+        out[lo] = insert(zero_word(out), y1, 0)
+        out[hi] = insert(zero_word(out), y2, 0)
+
+    @cuda.jit
+    def kernel(q, k, cos, sin, q_out, k_out, q_rows, k_rows, heads_q, heads_k, seq, cos_batch):
+        i = int64(cuda.grid(1))
+        q_pairs = int64(q_rows) * half
+        if i < q_pairs:
+            j, heads = i, int64(heads_q)
+        elif i < q_pairs + int64(k_rows) * half:
+            j, heads = i - q_pairs, int64(heads_k)
+        else:
+            return
+        row = j // half
+        d = j - row * half
+        c_row = (row // (heads * seq) if cos_batch > 1 else 0) * seq + row % seq  # row = (b * heads + h) * seq + s
+        if i < q_pairs:
+            rotate(q, cos, sin, q_out, row, c_row, d)
+        else:
+            rotate(k, cos, sin, k_out, row, c_row, d)
+    return kernel
+
+
+def rotary_embedding(q, k, cos, sin, q_out, k_out, heads_q: int, heads_k: int, seq: int, **options: Any) -> None:
+    """q_out, k_out = ``x * cos + rotate_half(x) * sin`` of the rows of q [B * heads_q * seq, D] and k
+    [B * heads_k * seq, D] (C-contiguous, one dtype); cos and sin are [Bc * seq, D] with Bc = B or 1 (row
+    ``b * seq + s`` rotates the rows of batch b and position s). Keyword: stream."""
+    dim = q.shape[1]
+    if dim % 2 or tuple(k.shape[1:]) != (dim,) or tuple(cos.shape) != tuple(sin.shape) or cos.shape[1] != dim:
+        raise ZQError(f"rotary_embedding takes rows of one even length D: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                      f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    batch = q.shape[0] // (heads_q * seq) if heads_q * seq else 0
+    if cos.shape[0] not in (seq, batch * seq):
+        raise ZQError(f"cos/sin have {cos.shape[0]} rows; expected seq ({seq}) or batch * seq ({batch * seq})")
+    for name, a in (("k", k), ("cos", cos), ("sin", sin)):
+        _same_type(q, a, name, shape=False)
+    for name, a in (("q_out", q_out), ("k_out", k_out)):
+        _same_type(q if name == "q_out" else k, a, name)
+    if not all(_contiguous(a) for a in (q, k, cos, sin, q_out, k_out)):
+        raise ZQError("rotary_embedding takes C-contiguous arrays; call .contiguous() first")
+    total = (q.shape[0] + k.shape[0]) * (dim // 2)
+    if total:
+        kernel = _rotary_kernel(codec_of(q, "q"), dim // 2)
+        words = [_words(a, 1) for a in (q, k, cos, sin, q_out, k_out)]
+        kernel[-(-total // ROTARY_THREADS), ROTARY_THREADS, options.get("stream", 0)](
+            *words, q.shape[0], k.shape[0], heads_q, heads_k, seq, cos.shape[0] // seq)

@@ -1,4 +1,5 @@
-"""Torch-facing wrappers of the Numba kernels: the "cuda" kernels of the fused zq activation-quant ops.
+"""Torch-facing wrappers of the Numba kernels: the "cuda" kernels of the fused zq activation-quant ops and of
+``zq.rotary_embedding``.
 
 Each wrapper takes the op's torch CUDA tensors, views them zero-copy as Numba device arrays
 (``__cuda_array_interface__``; bfloat16 as its int16 bits, see ``kernels``), allocates the outputs with
@@ -157,3 +158,19 @@ def silu_mul_quant(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 
 def gelu_mul_quant(gate: Tensor, up: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
     return _gated(ops.gelu_mul_quant, kernels.gelu_mul_quant, gate, up, approximate)
+
+
+def rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    if (not _kernel_ok(q, k, cos, sin) or len({t.dtype for t in (q, k, cos, sin)}) > 1
+            or not q.dim() == k.dim() == cos.dim() == 4 or cos.shape != sin.shape or q.shape[-1] % 2
+            or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] or cos.shape[0] not in (1, q.shape[0])
+            or cos.shape[1] != 1 or cos.shape[2] not in (1, q.shape[2]) or cos.shape[3] != q.shape[3]):
+        return _reference(ops.rotary_embedding, q, k, cos, sin)
+    batch, heads_q, seq, dim = q.shape
+    # a decode step's q and k [B, H, 1, D] are contiguous already; a prefill's (transposed projections) are copied
+    q, k = q.contiguous(), k.contiguous()
+    cos, sin = (t.expand(-1, 1, seq, dim).contiguous() for t in (cos, sin))
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    kernels.rotary_embedding(*(_nb(t.view(-1, dim)) for t in (q, k, cos, sin, q_out, k_out)), heads_q, k.shape[1],
+                             seq, stream=_stream())
+    return q_out, k_out
