@@ -224,7 +224,7 @@ def test_generate_on_an_encoder_is_refused(compiled_tiny):
 
 def test_bad_prompts_are_refused():
     _, qmodel = compiled("gpt2")
-    with pytest.raises(ZQError, match="more than the model's 128 positions"):
+    with pytest.raises(ZQError, match=r"sequence length 129 exceeds GPT2LMHeadModel's maximum of 128 positions"):
         qmodel.generate(token_batch(1, POSITIONS + 1), max_new_tokens=1)
     with pytest.raises(ZQError, match="the prompt is empty"):
         qmodel.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=1)
@@ -234,7 +234,8 @@ def test_bad_prompts_are_refused():
         qmodel.generate(ids, mask, max_new_tokens=1)
     with pytest.raises(ZQError, match="right-padded"):
         qmodel.generate(ids, torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=1)
-    with pytest.raises(ZQError, match="input_ids are on meta but the model was compiled for cpu"):
+    with pytest.raises(ZQError, match=r"inputs are on meta but the model was compiled for cpu; move them with "
+                                      r"\.to\('cpu'\) \(input_ids\)"):
         qmodel.generate(token_batch(1, 4).to("meta"), max_new_tokens=1)
     with pytest.raises(ZQError, match="temperature must be > 0"):
         qmodel.generate(token_batch(1, 4), max_new_tokens=1, do_sample=True, temperature=0.0)
