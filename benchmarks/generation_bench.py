@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import statistics
 import sys
 import time
@@ -40,8 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zqcompile  # noqa: E402
-from common import (copy_bandwidth_gbps, cuda_rewrites, environment, profile_kernels, profile_tables,  # noqa: E402
-                    summarise_kernels)
+from common import (Results, copy_bandwidth_gbps, cuda_rewrites, default_out_dir, profile_kernels,  # noqa: E402
+                    profile_tables, summarise_kernels, table)
 
 PROMPT, NEW, EAGER_NEW, CACHE = 128, 128, 33, 256
 FP16_KEPT = {"base": "w8a8", "keep_fp": ["*"]}
@@ -57,24 +55,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
                     max_position_embeddings=4096),
 }
-
-
-class Rows(list):
-    """The measurements; the markdown and JSON reports are rewritten after each one, so a run cut short keeps them."""
-
-    def __init__(self, out: Path, env: dict, copy_gbps: float, command: str):
-        super().__init__()
-        self.out, self.env, self.copy_gbps, self.command = out, env, copy_gbps, command
-        self.profiles: dict[str, list[dict[str, Any]]] = {}
-
-    def append(self, row: dict) -> None:
-        super().append(row)
-        print(row, flush=True)
-        (self.out / "generation_bench.md").write_text(
-            markdown(self.env, self, self.copy_gbps, self.command) + "\n".join(profile_tables(self.profiles)))
-        (self.out / "generation_bench.json").write_text(
-            json.dumps(dict(env=self.env, copy_gbps=self.copy_gbps, command=self.command, rows=self,
-                            profiles=self.profiles), indent=1))
 
 
 def build(name: str, weights: str | None) -> torch.nn.Module:
@@ -133,7 +113,7 @@ def decode_step_profile(qmodel, ids: torch.Tensor) -> tuple[float, dict[str, Any
 
 
 def measure_variant(model: torch.nn.Module, name: str, variant: str, recipe: Any, args: argparse.Namespace,
-                    rows: Rows, copy_gbps: float) -> None:
+                    res: Results) -> None:
     params = sum(p.numel() for p in model.parameters())
     started = time.perf_counter()
     qmodel = zqcompile.compile(model, recipe, max_cache_len=CACHE, target_passes=cuda_rewrites(args.cuda_rewrites))
@@ -147,19 +127,20 @@ def measure_variant(model: torch.nn.Module, name: str, variant: str, recipe: Any
                                     args.reps)
         weights = decode_weight_bytes(qmodel, model, batch)
         row = dict(model=name, params=params, variant=variant, batch=batch, prefill_ms=prefill, decode_ms=decode,
-                   tokens_per_s=batch / decode * 1e3, weight_bytes=weights, floor_ms=weights / copy_gbps / 1e6,
+                   tokens_per_s=batch / decode * 1e3, weight_bytes=weights,
+                   floor_ms=weights / res.data["copy_gbps"] / 1e6,
                    compile_s=compiled - started, warmup_s=warmed - compiled)
         if args.profile:
             row["step_ms"], total, kernels = decode_step_profile(qmodel, ids)
             row["kernel_ms"] = total["us"] / 1e3
-            rows.profiles[f"{name} {variant} B={batch}, one decode step"] = kernels[:12]
-        rows.append(row)
+            res.data["profiles"][f"{name} {variant} B={batch}, one decode step"] = kernels[:12]
+        res.add("rows", row)
     if qmodel.generation.captures != captures:
-        rows.append(dict(model=name, variant=variant,
-                         error=f"generate captured {qmodel.generation.captures - captures} graphs after warm-up"))
+        res.add("rows", dict(model=name, variant=variant,
+                             error=f"generate captured {qmodel.generation.captures - captures} graphs after warm-up"))
 
 
-def run_model(name: str, args: argparse.Namespace, rows: Rows, copy_gbps: float, deadline: float) -> None:
+def run_model(name: str, args: argparse.Namespace, res: Results, deadline: float) -> None:
     model = build(name, args.smollm2_weights if name == "smollm2" else None)
     params = sum(p.numel() for p in model.parameters())
     for batch in args.batches:
@@ -167,37 +148,37 @@ def run_model(name: str, args: argparse.Namespace, rows: Rows, copy_gbps: float,
         with torch.no_grad():
             prefill, decode = per_token(lambda n: model.generate(ids, max_new_tokens=n, do_sample=False),
                                         EAGER_NEW, args.reps)
-        rows.append(dict(model=name, params=params, variant="fp16-eager", batch=batch, prefill_ms=prefill,
-                         decode_ms=decode, tokens_per_s=batch / decode * 1e3))
+        res.add("rows", dict(model=name, params=params, variant="fp16-eager", batch=batch, prefill_ms=prefill,
+                             decode_ms=decode, tokens_per_s=batch / decode * 1e3))
     for variant in args.variants:
         recipe = VARIANTS[variant]
         if time.perf_counter() > deadline:
-            rows.append(dict(model=name, variant=variant, cut="time budget spent"))
+            res.add("rows", dict(model=name, variant=variant, cut="time budget spent"))
             continue
-        measure_variant(model, name, variant, recipe, args, rows, copy_gbps)
+        measure_variant(model, name, variant, recipe, args, res)
         gc.collect()  # the compiled model, its CUDA graphs and cache
         torch.cuda.empty_cache()
 
 
-def markdown(env: dict, rows: list[dict], copy_gbps: float, command: str) -> str:
-    lines = [f"{env['gpu']}, {env['date_utc']}; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
-             f"numba-cuda {env['numba-cuda']}, transformers {env['transformers']}; copy bandwidth "
-             f"{copy_gbps:.0f} GB/s", f"`{command}`", "",
-             "| model | B | variant | prefill 128 ms | decode ms/token | tokens/s | vs fastest FP16 | "
-             "weights floor ms | one step ms (replay) | its kernels ms |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
+def render(data: dict[str, Any]) -> str:
+    """The command, the table and the decode-step profiles of one run (``Results`` adds the environment line, notes
+    and errors)."""
+    rows = data["rows"]
+
+    def cells(row: dict[str, Any]) -> list[Any]:
         if "decode_ms" not in row:
-            lines.append(f"| {row['model']} | | {row['variant']} | {row.get('cut') or row.get('error')} | | | | | | |")
-            continue
+            return [row["model"], "", row["variant"], row.get("cut") or row.get("error"), *[""] * 6]
         fp16 = [r["decode_ms"] for r in rows if r["model"] == row["model"] and r.get("batch") == row["batch"]
                 and r["variant"].startswith("fp16") and "decode_ms" in r]
-        floor = f"{row['floor_ms']:.2f}" if "floor_ms" in row else ""
-        speed = f"{min(fp16) / row['decode_ms']:.2f}x" if fp16 else ""
-        step = f"{row['step_ms']:.3f} | {row['kernel_ms']:.3f}" if "step_ms" in row else " |"
-        lines.append(f"| {row['model']} | {row['batch']} | {row['variant']} | {row['prefill_ms']:.1f} | "
-                     f"{row['decode_ms']:.2f} | {row['tokens_per_s']:.0f} | {speed} | {floor} | "
-                     f"{step} |")
-    return "\n".join(lines) + "\n"
+        step = [f"{row['step_ms']:.3f}", f"{row['kernel_ms']:.3f}"] if "step_ms" in row else ["", ""]
+        return [row["model"], row["batch"], row["variant"], f"{row['prefill_ms']:.1f}", f"{row['decode_ms']:.2f}",
+                f"{row['tokens_per_s']:.0f}", f"{min(fp16) / row['decode_ms']:.2f}x" if fp16 else "",
+                f"{row['floor_ms']:.2f}" if "floor_ms" in row else "", *step]
+
+    lines = [f"copy bandwidth {data['copy_gbps']:.0f} GB/s", f"`{data['command']}`", ""]
+    lines += table(["model", "B", "variant", "prefill 128 ms", "decode ms/token", "tokens/s", "vs fastest FP16",
+                    "weights floor ms", "one step ms (replay)", "its kernels ms"], [cells(row) for row in rows])
+    return "\n".join(lines + profile_tables(data["profiles"]))
 
 
 def main() -> None:
@@ -212,27 +193,25 @@ def main() -> None:
                         help="comma-separated cuda target passes to keep (default: all), e.g. "
                              "fuse_sibling_linears,additive_attention_mask for the rewrites before issue 14")
     parser.add_argument("--smollm2-weights", default=None, help="a local HF directory with SmolLM2's weights")
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=default_out_dir())
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.variants = args.variants.split(",")
     deadline = time.perf_counter() + args.budget_s
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    copy_gbps = copy_bandwidth_gbps()
-    rows = Rows(out, environment(), copy_gbps, "PYTHONPATH=. python " + " ".join(sys.argv))
+    res = Results(args.out, "generation_bench", args, {"copy_gbps": copy_bandwidth_gbps(), "rows": [],
+                  "profiles": {}, "command": "PYTHONPATH=. python " + " ".join(sys.argv)}, render)
     for name in args.models.split(","):
         if time.perf_counter() > deadline:
-            rows.append(dict(model=name, variant="all", cut="time budget spent"))
+            res.add("rows", dict(model=name, variant="all", cut="time budget spent"))
             continue
         try:
-            run_model(name, args, rows, copy_gbps, deadline)
+            run_model(name, args, res, deadline)
         except Exception:  # keep what the other models measured
-            rows.append(dict(model=name, variant="?", error=traceback.format_exc().strip().splitlines()[-1]))
+            res.add("rows", dict(model=name, variant="?", error=traceback.format_exc().strip().splitlines()[-1]))
             traceback.print_exc()
         gc.collect()
         torch.cuda.empty_cache()
-    print(markdown(rows.env, rows, copy_gbps, rows.command))
+    print(res.markdown())
 
 
 if __name__ == "__main__":

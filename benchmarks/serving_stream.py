@@ -42,6 +42,8 @@ from typing import Any, Callable
 
 import torch
 
+from common import Results, default_out_dir, table
+
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_TOKENS, MIN_TOKENS = 256, 8
@@ -220,42 +222,27 @@ def bench_torch_compile(res: Results, name: str, requests: list, args: argparse.
 
 # ---- results ------------------------------------------------------------------------------------------------
 
-class Results:
-    def __init__(self, out_dir: Path, args: argparse.Namespace):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.out_dir = out_dir
-        from gpu_latency import environment
-        self.data: dict[str, Any] = {"env": environment(), "args": vars(args), "command": " ".join(sys.argv),
-                                     "rows": [], "warm_cache": [], "pool_growth": [], "skipped": [],
-                                     "errors": []}
-
-    def add(self, section: str, row: Any) -> None:
-        self.data[section].append(row)
-        print(f"[{section}] {json.dumps(row)}", flush=True)
-        (self.out_dir / "serving_stream.json").write_text(json.dumps(self.data, indent=1, default=str))
-        (self.out_dir / "serving_stream.md").write_text(markdown(self.data))
+SECTIONS = ("rows", "warm_cache", "pool_growth", "skipped")
+"""The lists of rows a run fills (``Results`` adds ``notes`` and ``errors``)."""
 
 
-def markdown(data: dict[str, Any]) -> str:
-    env = data["env"]
-    lines = [f"GPU: {env['gpu']}, {env['date_utc']}; torch {env['torch']} (CUDA {env['cuda']}), triton "
-             f"{env['triton']}, transformers {env['transformers']}", f"command: `{data['command']}`", "",
-             "| model | variant | requests | p50 ms | p99 ms | worst bucket p99/p50 | sentences/s | warm-up s | "
-             "captures / tunings in stream | graph pool MB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        counters = (f"{r['captures_during_stream']} / {r['tuning_runs_during_stream']}"
-                    if "captures_during_stream" in r else "-")
-        lines.append(f"| {r['model']} | {r['variant']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | "
-                     f"{r['worst_bucket_p99_over_p50']} ({r['worst_bucket']}) | {r['throughput_sent_per_s']} | "
-                     f"{r.get('warm_warmup_s', '-')} | {counters} | {r.get('graph_pool_mb', '-')} |")
-    for w in data["warm_cache"]:
-        lines.append(f"\nwarm tuning cache, new process, {w['model']}: warm-up {w['warmup_s']} s ({w['graphs']} graphs, "
-                     f"{w['tuned']} tuning runs, {w['tuning_loaded']} configs loaded), compile {w['compile_s']} s")
-    for g in data["pool_growth"]:
-        lines.append(f"\ngraph pool, {g['model']}, {g['graphs']} graphs (last {g['last']}): {g['pool_reserved_mb']} MB "
-                     f"reserved, {g['pool_allocated_mb']} MB allocated")
-    lines += [f"\nskipped: {s}" for s in data["skipped"]] + [f"\nerror: {e}" for e in data["errors"]]
-    return "\n".join(lines) + "\n"
+def render(data: dict[str, Any]) -> str:
+    """The command and tables of one run (``Results`` adds the environment line, notes and errors)."""
+    lines = [f"command: `{data['command']}`", ""]
+    lines += table(["model", "variant", "requests", "p50 ms", "p99 ms", "worst bucket p99/p50", "sentences/s",
+                    "warm-up s", "captures / tunings in stream", "graph pool MB"],
+                   [[r["model"], r["variant"], r["requests"], r["p50_ms"], r["p99_ms"],
+                     f"{r['worst_bucket_p99_over_p50']} ({r['worst_bucket']})", r["throughput_sent_per_s"],
+                     r.get("warm_warmup_s", "-"),
+                     f"{r['captures_during_stream']} / {r['tuning_runs_during_stream']}"
+                     if "captures_during_stream" in r else "-", r.get("graph_pool_mb", "-")] for r in data["rows"]])
+    lines += [f"warm tuning cache, new process, {w['model']}: warm-up {w['warmup_s']} s ({w['graphs']} graphs, "
+              f"{w['tuned']} tuning runs, {w['tuning_loaded']} configs loaded), compile {w['compile_s']} s\n"
+              for w in data["warm_cache"]]
+    lines += [f"graph pool, {g['model']}, {g['graphs']} graphs (last {g['last']}): {g['pool_reserved_mb']} MB "
+              f"reserved, {g['pool_allocated_mb']} MB allocated\n" for g in data["pool_growth"]]
+    lines += [f"skipped: {s}\n" for s in data["skipped"]]
+    return "\n".join(lines)
 
 
 def remaining(args: argparse.Namespace) -> float:
@@ -270,7 +257,7 @@ def main() -> None:
                         help="variant:model pairs, run in this order (variants: " + ",".join(NEEDS) + ")")
     parser.add_argument("--minilm-dir", default=None)
     parser.add_argument("--data-dir", default=str(DATA_DIR))
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(default_out_dir()))
     parser.add_argument("--deadline-s", type=float, default=1e9, help="skip stages that would start after this")
     parser.add_argument("--warm-only", default=None, help=argparse.SUPPRESS)  # the warm-cache child process
     args = parser.parse_args()
@@ -283,7 +270,8 @@ def main() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(scratch, "triton"))
     from transformers import AutoTokenizer
 
-    res = Results(Path(args.out), args)
+    res = Results(Path(args.out), "serving_stream", args,
+                  {"command": " ".join(sys.argv), **{section: [] for section in SECTIONS}}, render)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir(args.minilm_dir))
     requests = build_requests(tokenizer, text_pool(Path(args.data_dir)), args.requests)
     stages = {"zq": lambda m: bench_zq(res, m, requests, args),
@@ -300,7 +288,8 @@ def main() -> None:
         try:
             stages[variant](name)
         except Exception as err:  # noqa: BLE001 - one failed stage must not lose the others' results
-            res.add("errors", f"{name} {variant}: {type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}")
+            res.add("errors", {"where": f"{name} {variant}",
+                               "error": f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"})
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Shared fixtures: the real-data directory, tiny models compiled once per session, a fixed RNG state.
+"""Shared fixtures: the real-data directory, tiny and real models compiled once per session, a fixed RNG state.
 
 Test modules import their helpers (tiny-model builders, graph utilities) from helpers.py, not from here.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import zqcompile
 from helpers import TINY_MODELS
 from zqcompile.pretrained import data_dir as resolve_data_dir
+from zqcompile.pretrained import load_pretrained
 
 
 @pytest.fixture(autouse=True)
@@ -38,4 +40,30 @@ def compiled_tiny():
             # the forward path only (tests/test_generation.py covers generate): a decoder compiles in half the time
             cache[family, recipe] = (model, zqcompile.compile(model, recipe, generation=False))
         return cache[family, recipe]
+    return get
+
+
+@pytest.fixture(scope="session")
+def pretrained():
+    """``pretrained(name) -> (model, tokenizer)``: each shipped real model loaded once per session (read-only: a
+    test that needs another tokenizer setting passes it per call, e.g. ``padding_side="left"``)."""
+    return functools.lru_cache(maxsize=None)(load_pretrained)
+
+
+@pytest.fixture(scope="session")
+def compiled_pretrained(pretrained):
+    """``compiled_pretrained(name, recipe, generation=False) -> (fp_model, qmodel, tokenizer)``, compiled once per
+    session and shared across test modules: a real decoder's torch.export is the slowest step of the suite (tens of
+    seconds for SmolLM2's 30 layers), so test_real_models measures the perplexity of the same W8A8 SmolLM2 that
+    test_generation generates with. ``generation=True`` compiles the generation graph too (a 128-slot KV cache); a
+    model compiled with it also serves the forward-only requests."""
+    cache: dict[tuple[str, str], tuple[torch.nn.Module, zqcompile.QuantizedModel, object]] = {}
+
+    def get(name: str, recipe: str, generation: bool = False):
+        cached = cache.get((name, recipe))
+        if cached is None or (generation and cached[1].generation is None):
+            model, tokenizer = pretrained(name)
+            options = {"max_cache_len": 128} if generation else {"generation": False}
+            cache[name, recipe] = (model, zqcompile.compile(model, recipe, **options), tokenizer)
+        return cache[name, recipe]
     return get

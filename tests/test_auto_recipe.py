@@ -48,7 +48,7 @@ def calibration_loss_increase(model, compiled) -> float:
 @pytest.fixture(scope="module")
 def planned():
     model = confident_llama_with_a_sensitive_layer()
-    return model, zqcompile.compile(model, "auto", budget=0.03)
+    return model, zqcompile.compile(model, "auto", budget=0.03, generation=False)  # the plan and the forward only
 
 
 def test_auto_respects_its_budget_and_protects_the_sensitive_layer(planned):
@@ -99,7 +99,7 @@ def test_auto_plan_is_saved_and_shown(planned, tmp_path):
 def test_impossible_budgets_are_refused():
     model = confident_llama_with_a_sensitive_layer()
     with pytest.raises(zqcompile.ZQError, match="no quantized plan meets budget"):
-        zqcompile.compile(model, "auto", budget=1e-9)
+        zqcompile.compile(model, "auto", budget=1e-9, generation=False)  # (refused before any generation graph)
     with pytest.raises(zqcompile.ZQError, match=r"number in \(0, 1\)"):
         zqcompile.compile(model, "auto", budget=0)
     with pytest.raises(zqcompile.ZQError, match="needs budget"):

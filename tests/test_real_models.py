@@ -11,15 +11,12 @@ Measured here (torch 2.13 CPU), asserted with a small margin and printed (run wi
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 
-import zqcompile
 from zqcompile.evaluate import sentence_embeddings, text_perplexity
-from zqcompile.pretrained import load_pretrained
 
 pytestmark = pytest.mark.slow
 
@@ -30,23 +27,14 @@ MINILM_BOUNDS = {"w8a8": (0.989, 0.995, 0.992, 0.995), "w8a8-smooth": (0.996, 0.
 SMOLLM2_MAX_RATIO = {"w8a8": 1.04, "w8a8-smooth": 1.012}
 
 
-_load_once = functools.lru_cache(maxsize=None)(load_pretrained)  # each real model loads once per session
-
-
-def _compiled(name: str, recipe: str):
-    """(FP32 model, compiled model, tokenizer, recipe name)."""
-    model, tokenizer = _load_once(name)
-    return model, zqcompile.compile(model, recipe, generation=False), tokenizer, recipe  # perplexity: forward only
+@pytest.fixture(scope="session", params=RECIPES)
+def minilm(request, compiled_pretrained):
+    return (*compiled_pretrained("all-MiniLM-L6-v2", request.param), request.param)
 
 
 @pytest.fixture(scope="session", params=RECIPES)
-def minilm(request):
-    return _compiled("all-MiniLM-L6-v2", request.param)
-
-
-@pytest.fixture(scope="session", params=RECIPES)
-def smollm2(request):
-    return _compiled("SmolLM2-135M-Instruct", request.param)
+def smollm2(request, compiled_pretrained):  # perplexity: forward only (conftest: W8A8 is shared with generation)
+    return (*compiled_pretrained("SmolLM2-135M-Instruct", request.param), request.param)
 
 
 @pytest.fixture(scope="session")

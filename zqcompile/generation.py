@@ -164,19 +164,11 @@ class Generator:
             streamer.end()
         return torch.cat([input_ids, torch.stack(new_tokens, 1)], 1)
 
-    def _check(self, input_ids: Any, attention_mask: Any, max_new_tokens: Any) -> torch.Tensor:
-        """The attention mask (ones if not given) after checking every argument; a ZQError names what is wrong."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ZQError(f"input_ids must be an integer tensor [batch, seq] of token ids, got "
-                          f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}; for one prompt "
-                          f"use tokenizer(text, return_tensors='pt').input_ids")
-        if input_ids.device != self.device:
-            raise ZQError(f"input_ids are on {input_ids.device} but the model was compiled for {self.device}; move "
-                          f"them with .to({str(self.device)!r})")
-        batch, seq = input_ids.shape
-        if batch == 0 or seq == 0:
-            raise ZQError(f"the prompt is empty (input_ids of shape {tuple(input_ids.shape)}); give every row at "
-                          f"least one token, e.g. the tokenizer's BOS token")
+    def _check(self, input_ids: torch.Tensor, attention_mask: Any, max_new_tokens: Any) -> torch.Tensor:
+        """The attention mask (ones if not given) after checking it and max_new_tokens against the prompt;
+        ``input_ids`` were checked by QuantizedModel.check_token_ids (the forward's checks). A ZQError names what
+        is wrong."""
+        seq = input_ids.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -190,9 +182,6 @@ class Generator:
                               f"one token")
             raise ZQError("the prompts are right-padded (the last column of attention_mask has zeros); decoders "
                           "continue from the last position: pad on the left (tokenizer.padding_side = 'left')")
-        if self.max_positions is not None and seq > self.max_positions:
-            raise ZQError(f"the prompt has {seq} tokens, more than the model's {self.max_positions} positions; "
-                          f"shorten it (nothing is truncated silently)")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ZQError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if seq + max_new_tokens > self.max_cache_len:

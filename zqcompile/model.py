@@ -128,16 +128,7 @@ class QuantizedModel(nn.Module):
             raise ZQError(f"compiled {self.model_class} accepts {list(self.input_names)}; it was captured without "
                           f"{unknown} (KV caches, labels and embeddings inputs are not supported)")
         input_ids = named.get("input_ids")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ZQError(f"input_ids must be a [batch, seq] tensor, got {type(input_ids).__name__} "
-                          f"{tuple(getattr(input_ids, 'shape', ()))}")
-        batch, seq = input_ids.shape
-        if batch == 0 or seq == 0:
-            raise ZQError(f"input_ids has shape {tuple(input_ids.shape)}: batch and sequence length must be at "
-                          f"least 1")
-        if self.max_seq_len is not None and seq > self.max_seq_len:
-            raise ZQError(f"sequence length {seq} exceeds {self.model_class}'s maximum of {self.max_seq_len} "
-                          f"positions; split the input into chunks of at most {self.max_seq_len} tokens")
+        self.check_token_ids(input_ids)
         defaults = {"attention_mask": torch.ones_like(input_ids), "token_type_ids": torch.zeros_like(input_ids)}
         tensors = []
         for index, name in enumerate(self.input_names):
@@ -148,10 +139,7 @@ class QuantizedModel(nn.Module):
             if value.shape != input_ids.shape:
                 raise ZQError(f"{name} has shape {tuple(value.shape)}, input_ids has {tuple(input_ids.shape)}")
             self._check_device(value, name)
-            boolean_ids = value.dtype == torch.bool and name != "attention_mask"
-            if value.is_floating_point() or value.is_complex() or boolean_ids:
-                raise ZQError(f"{name} must be an integer tensor, got {value.dtype}; token ids are indices "
-                              f"(tokenizer(..., return_tensors='pt') gives int64)")
+            _check_integer(value, name)
             rows = self._embedding_rows.get(index)
             if rows is not None and bool(((value < 0) | (value >= rows)).any()):  # one sync; a CUDA index error
                 low, high = int(value.min()), int(value.max())  # would kill the process's CUDA context
@@ -159,6 +147,25 @@ class QuantizedModel(nn.Module):
                               f"has {rows} rows (valid values 0..{rows - 1}); use the model's own tokenizer")
             tensors.append(value.to(self.example_inputs[index].dtype))
         return tuple(tensors)
+
+    def check_token_ids(self, input_ids: Any) -> None:
+        """The checks of input_ids that the forward and ``generate`` share: an integer [batch, seq] tensor on the
+        model's device, neither dim empty, no longer than the model's positions."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ZQError(f"input_ids must be a [batch, seq] tensor of token ids, got {type(input_ids).__name__} "
+                          f"{tuple(getattr(input_ids, 'shape', ()))}; for one prompt use "
+                          f"tokenizer(text, return_tensors='pt').input_ids")
+        _check_integer(input_ids, "input_ids")
+        self._check_device(input_ids, "input_ids")
+        batch, seq = input_ids.shape
+        if batch == 0 or seq == 0:
+            raise ZQError(f"input_ids has shape {tuple(input_ids.shape)}, the prompt is empty: batch and sequence "
+                          f"length must be at least 1; give every row at least one token, e.g. the tokenizer's BOS "
+                          f"token")
+        if self.max_seq_len is not None and seq > self.max_seq_len:
+            raise ZQError(f"sequence length {seq} exceeds {self.model_class}'s maximum of {self.max_seq_len} "
+                          f"positions; split the input into chunks of at most {self.max_seq_len} tokens (nothing "
+                          f"is truncated silently)")
 
     def _check_device(self, value: torch.Tensor, name: str) -> None:
         if value.device != self.device:
@@ -249,7 +256,9 @@ class QuantizedModel(nn.Module):
                  **options: Any) -> torch.Tensor:
         """Token ids [batch, prompt + new] like Hugging Face ``generate`` (zqcompile.generation.Generator.generate:
         do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, streamer, seed)."""
-        return self._generator().generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)
+        generator = self._generator()
+        self.check_token_ids(input_ids)
+        return generator.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **options)
 
     def _generator(self):
         if self.generation is None:
@@ -283,3 +292,10 @@ class QuantizedModel(nn.Module):
     def extra_repr(self) -> str:
         return (f"model={self.model_class}, recipe={self.recipe.name}, backend={self.backend}, "
                 f"dtype={self.dtype}, device={self.device}\nweights: {self.weight_memory()}")
+
+
+def _check_integer(value: torch.Tensor, name: str) -> None:
+    boolean_ids = value.dtype == torch.bool and name != "attention_mask"  # a bool mask is an integer mask
+    if value.is_floating_point() or value.is_complex() or boolean_ids:
+        raise ZQError(f"{name} must be an integer tensor, got {value.dtype}; token ids are indices "
+                      f"(tokenizer(..., return_tensors='pt') gives int64)")
