@@ -173,7 +173,7 @@ def test_a_tiny_gqa_decoder_generation_graph_attends_over_the_cache_in_place(mak
     model = make().double()
     model.config._attn_implementation = "sdpa"
     # capture_static_cache's export, in float64 (zqcompile itself compiles float32 / float16 / bfloat16 models)
-    layout = cache_layout(model, torch.float64, torch.device("cpu"))
+    layout, _ = cache_layout(model, torch.float64, torch.device("cpu"))
     inputs, cache = dynamic_shapes(layout, model.config.max_position_embeddings)
     gm = _export(_CachedLMWrapper(model, torch.float64).eval(), example_inputs(layout, "cpu"),
                  (*inputs, tuple(cache)), type(model).__name__)
