@@ -149,32 +149,26 @@ if triton is not None:
         """acc + a[:, k:k+SK] @ w[:, k:k+SK].T for one sub-tile of SK = len(offs_k) values.
 
         INT4 (``w_ptrs`` on packed bytes): the low nibbles multiply the even activation columns and the high
-        nibbles the odd ones, so the weight tile is never interleaved; the even and odd activation columns are
-        loaded as two strided tiles (a few cached bytes: M is small) rather than split in registers, which
-        costs a layout conversion per sub-tile.
+        nibbles the odd ones (the activation tile split in registers), so the weight tile is never interleaved.
         """
-        if INT4:
-            even = (k + 2 * offs_wk)[None, :]
-            if EVEN_K:
-                w = tl.load(w_ptrs + k // 2)
-                a_even = tl.load(a_row_ptrs + even, mask=a_rows_ok, other=0)
-                a_odd = tl.load(a_row_ptrs + even + 1, mask=a_rows_ok, other=0)
+        if EVEN_K:
+            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok, other=0)
+            w = tl.load(w_ptrs + k // 2 if INT4 else w_ptrs + k)
+        else:
+            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok & ((k + offs_k)[None, :] < K), other=0)
+            if INT4:
+                w = tl.load(w_ptrs + k // 2, mask=(k + 2 * offs_wk)[None, :] < K, other=0)
             else:
-                w = tl.load(w_ptrs + k // 2, mask=even < K, other=0)
-                a_even = tl.load(a_row_ptrs + even, mask=a_rows_ok & (even < K), other=0)
-                a_odd = tl.load(a_row_ptrs + even + 1, mask=a_rows_ok & (even + 1 < K), other=0)
+                w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
+        if INT4:
             b = w.to(tl.int8, bitcast=True)
             low = ((b << 4).to(tl.int8) >> 4).to(tl.int8)  # arithmetic shifts sign-extend each nibble
             high = (b >> 4).to(tl.int8)
-            acc = tl.dot(a_even, tl.trans(_widen(low, a_even)), acc, out_dtype=acc.dtype)
-            return tl.dot(a_odd, tl.trans(_widen(high, a_odd)), acc, out_dtype=acc.dtype)
-        if EVEN_K:
-            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok, other=0)
-            w = tl.load(w_ptrs + k)
+            a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
+            acc = tl.dot(a_even, tl.trans(_widen(low, a)), acc, out_dtype=acc.dtype)
+            return tl.dot(a_odd, tl.trans(_widen(high, a)), acc, out_dtype=acc.dtype)
         else:
-            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok & ((k + offs_k)[None, :] < K), other=0)
-            w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
-        return tl.dot(a, tl.trans(_widen(w, a)), acc, out_dtype=acc.dtype)
+            return tl.dot(a, tl.trans(_widen(w, a)), acc, out_dtype=acc.dtype)
 
     @triton.jit
     def _stream_kernel(
