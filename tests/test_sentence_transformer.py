@@ -62,6 +62,19 @@ def test_the_users_model_is_unchanged_and_the_compiled_one_is_quantized(st_model
     assert zqcompile.inspect(compiled.quantized_model)  # the quantized model is there to inspect
 
 
+def test_the_compiled_model_reports_its_device_and_moves_only_where_it_is(st_models):
+    """sentence-transformers finds the device from the model's tensors and moves the whole model there in
+    encode(): the compiled one reports the device it was compiled for, a move there is a no-op, any other is a
+    ZQError."""
+    _, compiled = st_models
+    assert next(compiled.buffers()).device == torch.device("cpu")
+    assert compiled.to("cpu") is compiled and compiled.float() is compiled
+    with pytest.raises(zqcompile.ZQError, match="keeps the dtype and device it was compiled for"):
+        compiled.half()
+    with pytest.raises(zqcompile.ZQError, match="keeps the dtype and device it was compiled for"):
+        compiled.to("meta")
+
+
 def test_a_model_without_a_transformer_is_refused():
     from sentence_transformers import SentenceTransformer
     try:

@@ -238,7 +238,12 @@ class QuantizedModel(nn.Module):
         return self.to("cpu")
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantizedModel":
-        self._refuse_cast(None, None, everything=True)
+        """What a parent module's ``to`` / ``half`` / ``cuda`` does to its children: a no-op where ``fn`` returns a
+        tensor like this model's own floating-point ones unchanged (a move to where it already is), else a
+        ZQError (a cast, a move, ``to_empty``)."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        if fn(probe) is not probe:
+            self._refuse_cast(None, None, everything=True)
         return self
 
     def _refuse_cast(self, dtype: torch.dtype | None, device: Any, everything: bool = False) -> None:

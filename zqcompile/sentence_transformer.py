@@ -38,6 +38,10 @@ class QuantizedBackbone(nn.Module):
         self.quantized = quantized
         self.config = config
         self.device, self.dtype = quantized.device, quantized.dtype
+        # sentence-transformers versions that read the model's device from its first parameter or buffer (and
+        # then move the whole model there in encode) find the compiled device here
+        self.register_buffer("device_marker", torch.empty(0, dtype=quantized.dtype, device=quantized.device),
+                             persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, return_dict: bool = True, **others: Any) -> Any:
