@@ -113,7 +113,9 @@ def configurations(wanted: str) -> list[Config]:
 
 def compile_row(model: torch.nn.Module, config: Config, lkd: zqcompile.LKDConfig):
     started = time.perf_counter()
-    compiled = zqcompile.compile(model, config.recipe, lkd=lkd if config.lkd else None, budget=config.budget)
+    # the forward graph only: perplexity needs no KV-cache graph, whose compile repeats the calibrated passes
+    compiled = zqcompile.compile(model, config.recipe, lkd=lkd if config.lkd else None, budget=config.budget,
+                                 generation=False)
     return compiled, time.perf_counter() - started
 
 
