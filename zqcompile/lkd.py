@@ -43,7 +43,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -381,27 +381,20 @@ def distill(model: nn.Module, plans: Mapping[str, LinearPlan], config: LKDConfig
             continue
         student, trainable = make_student(teacher, prefix, block_plans, config.train_norms)
         mse_ptq, _ = _mse(student, calls, targets)
-        optimizer = torch.optim.Adam(list(trainable.values()), lr=config.lr)
-        bar = _progress(config, f"LKD {prefix}")
         kl_targets = None
         if head is not None and index == len(blocks) - 1:  # the last block: also the FP next-token distribution
             with torch.no_grad():
                 kl_targets = [torch.log_softmax(head[1](head[0](t)).float(), -1) for t in targets]
-        for step in range(config.steps):
+
+        def loss_of(step: int) -> torch.Tensor:
             args, kwargs = calls[step % len(calls)]
             output = _block_output(student(*args, **kwargs))
             loss = nn.functional.mse_loss(output, targets[step % len(calls)])
             if kl_targets is not None:
                 loss = loss + config.logits_kl * _logits_kl(head, output, kl_targets[step % len(calls)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            memory.sample()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4g}")
-        if bar is not None:
-            bar.close()
+            return loss
+
+        optimizer = optimize(list(trainable.values()), loss_of, config, f"LKD {prefix}", memory)
         held = (_bytes(teacher.parameters()) + _bytes(student.parameters())
                 + _bytes(t for state in optimizer.state.values() for t in state.values())
                 + _bytes(_hidden_of(a, kw) for a, kw in calls) + _bytes(targets))
@@ -418,6 +411,25 @@ def distill(model: nn.Module, plans: Mapping[str, LinearPlan], config: LKDConfig
     result.seconds = time.perf_counter() - started
     result.peak_memory_mb = memory.growth_mb
     return result
+
+
+def optimize(params: list[nn.Parameter], loss_of: Callable[[int], torch.Tensor], config: LKDConfig,
+             description: str, memory: _PeakMemory) -> torch.optim.Optimizer:
+    """``config.steps`` Adam steps on ``params`` minimising ``loss_of(step)``; returns the optimizer (its state)."""
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    bar = _progress(config, description)
+    for step in range(config.steps):
+        loss = loss_of(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        memory.sample()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+    if bar is not None:
+        bar.close()
+    return optimizer
 
 
 def _progress(config: LKDConfig, description: str):

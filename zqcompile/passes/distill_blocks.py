@@ -41,8 +41,8 @@ from torch.fx import GraphModule, Interpreter, Node
 from zqcompile.capture import WRAPPER_PREFIX
 from zqcompile.errors import ZQError
 from zqcompile.lkd import (
-    BlockReport, FakeQuantWeight, LKDResult, _PeakMemory, _progress, distill, fake_quant_rows, find_blocks,
-    is_conv1d, needs_distillation,
+    BlockReport, FakeQuantWeight, LKDResult, _PeakMemory, distill, fake_quant_rows, find_blocks, is_conv1d,
+    needs_distillation, optimize,
 )
 from zqcompile.passes.gptq_round_weights import shared_weight
 from zqcompile.passes.infra import (
@@ -235,26 +235,18 @@ def distill_graph(gm: GraphModule, ctx: CompileContext) -> LKDResult:
             return float(total) / count, values
 
         params = [p for t in linears.values() for p in t.params()]
-        mse_ptq = mse_lkd = None
+        mse_ptq = None
         if params:
             mse_ptq, _ = error()
-            optimizer = torch.optim.Adam(params, lr=config.lr)
-            bar = _progress(config, f"LKD {blocks_name}.{index}")
+
+            def loss_of(step: int) -> torch.Tensor:
+                batch = step % len(envs)
+                total, count = _squared_error(_run(student, segment, envs[batch], outputs, last_use, position),
+                                              targets[batch])
+                return total / count
+
             with torch.enable_grad():
-                for step in range(config.steps):
-                    batch = step % len(envs)
-                    total, count = _squared_error(_run(student, segment, envs[batch], outputs, last_use, position),
-                                                  targets[batch])
-                    loss = total / count
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    memory.sample()
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss.item():.4g}")
-            if bar is not None:
-                bar.close()
+                optimize(params, loss_of, config, f"LKD {blocks_name}.{index}", memory)
         mse_lkd, values = error()
         trained_names = []
         for linear, trained in linears.items():
