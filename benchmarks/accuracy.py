@@ -96,6 +96,8 @@ CONFIG_TABLE = (
            "rank 8 (ZeroQuant-V2's value, not tuned); rotation: fixed seed"),
     Config("W8A8-int8dec", {"base": "w8a8", "outlier_threshold": 6.0}, False,
            "threshold 6.0 (LLM.int8()'s value, not tuned); outlier columns: absmax on " + SELF_DATA_SHORT),
+    Config("W4A8-rot-GPTQ-LKD", {"base": "w4a8-rot", "weight_rounding": "gptq"}, True,
+           SELF_DATA + "; LKD on the same self-generated tokens (defaults), after the rotation; rotation: fixed seed"),
     Config("W4A8-rot-LKD", "w4a8-rot", True, "LKD on the model's own samples (4,096 tokens), after the rotation; "
            "lr/steps: LKD defaults; rotation: fixed seed"),
 )
