@@ -16,7 +16,9 @@ from torch import nn
 import zqcompile
 from zqcompile import LKDConfig, ZQError
 from zqcompile.capture import capture
+from zqcompile.distillation_data import distillation_data
 from zqcompile.lkd import find_blocks
+from zqcompile.passes.infra import attr_tensor
 from zqcompile.pipeline import run_pipeline
 from zqcompile.recipe import Recipe, load_recipe
 
@@ -300,3 +302,74 @@ def test_lkd_on_cuda_returns_weights_on_the_models_device():
     result = distill(model, load_recipe("w4a8"), LKDConfig(data="random", device="cuda", **FAST))
     assert all(t.device.type == "cpu" for t in result.weights.values())
     assert all(b.mse_lkd < b.mse_ptq for b in result.blocks)
+
+
+# ---- LKD after rotation / smoothing (the graph is distilled) and the LM-head KL loss ------------------------
+
+def _logits_error(compiled, model: nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return torch.mean((compiled(input_ids=ids).logits - model(input_ids=ids).logits) ** 2).item()
+
+
+@pytest.mark.parametrize("recipe", [{"base": "w4a8-rot"}, {"base": "w4a8", "smooth_alpha": 0.5}])
+def test_lkd_after_rotation_or_smoothing_lowers_the_error_of_the_transformed_blocks(recipe):
+    model = tiny_llama()
+    held_out = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(5))
+    alone = zqcompile.compile(model, recipe)
+    config = LKDConfig(data="random", **{**FAST, "num_samples": 16, "seq_len": 32, "lr": 5e-5})
+    distilled = zqcompile.compile(model, recipe, lkd=config)
+    report = distilled.lkd_result
+    assert [b.name for b in report.blocks] == [f"model.layers.{i}" for i in range(3)]
+    # student = the rotated/smoothed quantized block, teacher = the FP block: PTQ MSE is rotation/smoothing alone
+    assert all(b.mse_lkd < 0.9 * b.mse_ptq for b in report.blocks), str(report)
+    assert all(any("rotated" in t or "smooth" in t for t in b.trained) for b in report.blocks)  # the folded weights
+    # against the Hugging Face FP model on held-out tokens: the whole model is closer than rotation/smoothing alone
+    assert _logits_error(distilled, model, held_out) < _logits_error(alone, model, held_out)
+    assert distilled.weight_memory() == alone.weight_memory()
+
+
+def test_lkd_after_rotation_gives_the_generation_graph_the_same_tensors():
+    model = tiny_llama(layers=2)
+    compiled = zqcompile.compile(model, "w4a8-rot", lkd=LKDConfig(data="random", **{**FAST, "steps": 4}))
+    forward = {n.target: attr_tensor(compiled.graph_module, n.target) for n in compiled.graph_module.graph.nodes
+               if n.op == "get_attr" and "rotated" in n.target}
+    generation = compiled.generation.graph_module
+    shared = [t for t, tensor in forward.items() if attr_tensor(generation, t) is tensor]
+    assert len(shared) >= 7 * 2  # every distilled (rotated) weight of both blocks, one copy in memory
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    expected = compiled(input_ids=ids).logits[:, -1].argmax(-1)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=1)[:, -1], expected)
+
+
+def test_logits_kl_lowers_the_logit_divergence_it_is_trained_on():
+    model = tiny_llama(layers=2)
+    config = dict(data="random", **{**FAST, "steps": 60, "lr": 3e-4})
+    ids, _ = distillation_data(model, LKDConfig(**config))  # the distillation set (seeded)
+
+    def divergence(compiled) -> float:
+        with torch.no_grad():
+            fp = torch.log_softmax(model(input_ids=ids).logits, -1)
+            q = torch.log_softmax(compiled(input_ids=ids).logits, -1)
+        return torch.nn.functional.kl_div(q.flatten(0, 1), fp.flatten(0, 1), log_target=True,
+                                          reduction="batchmean").item()
+
+    mse_only = zqcompile.compile(model, "w4a8", lkd=LKDConfig(**config))
+    with_kl = zqcompile.compile(model, "w4a8", lkd=LKDConfig(logits_kl=10.0, **config))
+    assert divergence(with_kl) < divergence(mse_only)
+    assert all(p.grad is None for p in model.parameters())  # the LM head the loss ran through was a copy
+    # the first block's loss is unchanged: the same seeded distillation gives the same tensors
+    assert torch.equal(with_kl.lkd_result.weights["model.layers.0.mlp.up_proj.weight"],
+                       mse_only.lkd_result.weights["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), True, "1"])
+def test_logits_kl_must_be_a_non_negative_number(value):
+    with pytest.raises(ZQError, match="logits_kl must be a number >= 0"):
+        LKDConfig(logits_kl=value)
+
+
+def test_logits_kl_refusals():
+    with pytest.raises(ZQError, match="needs a decoder with an LM head"):
+        distill(tiny_bert(), load_recipe("w4a8"), LKDConfig(data="random", logits_kl=1.0, **FAST))
+    with pytest.raises(ZQError, match="logits_kl is not implemented after rotation"):
+        zqcompile.compile(tiny_llama(layers=1), "w4a8-rot", lkd=LKDConfig(data="random", logits_kl=1.0, **FAST))

@@ -172,8 +172,6 @@ def test_bad_smoothing_inputs_raise_clear_errors():
     captured = capture(module, (torch.randn(2, 4, K),))
     with pytest.raises(zqcompile.ZQError, match="needs calibration inputs"):
         run_pipeline(captured.graph_module, SMOOTH, stop_after="smooth")
-    with pytest.raises(zqcompile.ZQError, match="both smooth_alpha and LKD"):
-        zqcompile.compile(module, SMOOTH, example_inputs=(torch.randn(2, 4, K),), lkd=True)
 
 
 def _tiny_hf_smoothed(make_model):

@@ -82,9 +82,6 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
     recipe = Recipe(name=AUTO) if auto else load_recipe(recipe)  # the auto plan needs the captured graph
     if lkd is not None:
         recipe = dataclasses.replace(recipe, lkd=LKDConfig.from_value(lkd))
-    if recipe.lkd is not None and recipe.smooth_alpha is not None:
-        raise ZQError(f"recipe {recipe.name!r} sets both smooth_alpha and LKD; LKD distils the unsmoothed weights, "
-                      f"so use one of them (smooth_alpha: null, or no lkd)")
     if generation and not is_causal_lm(model):
         raise ZQError(f"generation=True needs a Hugging Face causal language model (...ForCausalLM, GPT2LMHeadModel); "
                       f"{type(model).__name__} is not one")
@@ -107,7 +104,8 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
                               dump_dir=dump_dir, calibration_inputs=calibration, source_model=model)
         generator = None if cached is None else compile_generation(
             cached, result.compiled, result.executed, recipe, backend=backend, cuda_graphs=cuda_graphs, model=model,
-            calibration_inputs=calibration, target_passes=target_passes, dump_dir=dump_dir)
+            calibration_inputs=calibration, target_passes=target_passes, dump_dir=dump_dir,
+            lkd_result=result.context.lkd_result)
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
@@ -167,7 +165,8 @@ ROUNDING_DATA = LKDConfig(progress=False)
 
 
 def _calibrates(recipe: Recipe) -> bool:
-    return recipe.smooth_alpha is not None or recipe.weight_rounding != "rtn" or recipe.outlier_threshold is not None
+    return recipe.smooth_alpha is not None or recipe.weight_rounding != "rtn" or recipe.outlier_threshold is not None \
+        or (recipe.lkd is not None and recipe.rotate)  # LKD after rotation distils the graph on these inputs
 
 
 def _calibration_inputs(model: nn.Module, captured: Captured, data: torch.Tensor | tuple | None, recipe: Recipe
@@ -176,7 +175,8 @@ def _calibration_inputs(model: nn.Module, captured: Captured, data: torch.Tensor
     methods' self-made data, else (smoothing alone) random tokens."""
     if captured.input_names is None:  # a plain module: positional inputs
         return [tuple(data) if data is not None else captured.example_inputs]
-    if data is None and (recipe.weight_rounding != "rtn" or recipe.outlier_threshold is not None):
+    if data is None and (recipe.weight_rounding != "rtn" or recipe.outlier_threshold is not None
+                         or recipe.lkd is not None):
         data, _ = distillation_data(model, recipe.lkd or ROUNDING_DATA)
     if data is None:
         generator = torch.Generator().manual_seed(0)
@@ -187,7 +187,7 @@ def _calibration_inputs(model: nn.Module, captured: Captured, data: torch.Tensor
         raise ZQError("calibration_data must be an integer tensor of token ids [batch, seq], got "
                       f"{type(data).__name__} {getattr(data, 'shape', '')}")
     inputs = []
-    for ids in data.to(captured.device).split(CALIBRATION_BATCH):
+    for ids in data.to(captured.device).split(recipe.lkd.batch_size if recipe.lkd else CALIBRATION_BATCH):
         defaults = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
         inputs.append(tuple(defaults[name] for name in captured.input_names))
     return inputs

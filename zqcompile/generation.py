@@ -242,18 +242,19 @@ def compile_generation(captured: CachedCapture, forward_graph: GraphModule, forw
                        recipe: Recipe, *, backend: str, cuda_graphs: bool | None, model: nn.Module,
                        calibration_inputs: Sequence[tuple[torch.Tensor, ...]] = (),
                        target_passes: Collection[str] | None = None,
-                       dump_dir: str | os.PathLike | None = None) -> Generator:
+                       dump_dir: str | os.PathLike | None = None, lkd_result: Any = None) -> Generator:
     """Run the pipeline on the cached graph (``captured``, LKD weights already in it), share its tensors with the
     compiled forward graph, and wrap it in a :class:`Generator`. ``target_passes`` as for the forward graph."""
     from zqcompile.pipeline import run_pipeline
 
     calibration = [cached_inputs(inputs[0], inputs[1], captured.layout) for inputs in calibration_inputs]
     dump = dump_dir or os.environ.get("ZQ_DUMP_DIR")
-    # the same recipe and source model as the forward graph: LKD (seeded) and rounding give the same tensors, which
-    # share_tensors then replaces by the forward graph's
+    # the same recipe and source model as the forward graph: LKD (seeded, or the forward graph's ``lkd_result``
+    # where it distilled the graph) and rounding give the same tensors, which share_tensors then replaces by the
+    # forward graph's
     result = run_pipeline(captured.graph_module, recipe, target=backend, target_passes=target_passes,
                           dump_dir=Path(dump) / "generation" if dump else None, calibration_inputs=calibration,
-                          source_model=model)
+                          source_model=model, lkd_result=lkd_result)
     gm, executed, ctx = result.compiled, result.executed, result.context
     own = share_tensors(gm, forward_graph)
     if executed is not gm:  # its fused q/k/v concatenations, and the references it took from gm before sharing

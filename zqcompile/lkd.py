@@ -28,7 +28,9 @@ from the model itself (decoders), random token ids (encoders), or the user's tok
 What is distilled: blocks with INT4 weights or INT8 activations (W4A8, W8A8, W4A16). A recipe whose
 blocks are all INT8 weight-only (W8A16, already near-exact) makes LKD a documented no-op with a warning;
 a recipe that quantizes nothing inside the blocks, an empty data source or zero steps raise ZQError.
-Not done: KL on the LM head logits for the last block, and learned weight scales.
+``logits_kl > 0`` adds, for the last block, the KL divergence between the FP model's and the student's
+next-token distributions (the block output through the final norm and the LM head, both floating point) to the
+MSE. Not done: learned weight scales.
 
 Block inputs are captured with a forward pre-hook on the first block (positional args *and* keyword
 arguments: attention masks, rotary cos/sin, ...), after which blocks are called directly.
@@ -41,7 +43,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -114,6 +116,26 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
                       f"nn.ModuleList of repeated blocks that contain linear layers (BERT encoder.layer, Llama "
                       f"model.layers, GPT-2 transformer.h); compile without lkd= for plain PTQ")
     return best[1], best[2]
+
+
+def lm_head_of(model: nn.Module, blocks_name: str) -> tuple[nn.Module, nn.Module]:
+    """The final norm (the one norm among the blocks' siblings) and the LM head, for ``logits_kl``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    parent = model.get_submodule(blocks_name.rpartition(".")[0])
+    norms = [m for _, m in parent.named_children() if "norm" in type(m).__name__.lower()]
+    if head is None or len(norms) != 1:
+        raise ZQError(f"LKDConfig.logits_kl needs a decoder with an LM head and one final norm beside its blocks; "
+                      f"{type(model).__name__} has {'no LM head' if head is None else f'{len(norms)} norms there'}; "
+                      f"set logits_kl: 0")
+    return norms[0], head
+
+
+def _logits_kl(head: tuple[nn.Module, nn.Module], student: torch.Tensor, teacher_log_probs: torch.Tensor
+               ) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, mean over tokens."""
+    log_probs = torch.log_softmax(head[1](head[0](student)).float(), -1)
+    return nn.functional.kl_div(log_probs.flatten(0, -2), teacher_log_probs.flatten(0, -2), log_target=True,
+                                reduction="batchmean")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -333,6 +355,9 @@ def distill(model: nn.Module, plans: Mapping[str, LinearPlan], config: LKDConfig
     model_dtype = next(model.parameters()).dtype
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     memory = _PeakMemory(device)
+    # copies: the student's loss must not leave gradients on (or depend on the dtype of) the user's modules
+    head = tuple(copy.deepcopy(m).to(device, torch.float32).requires_grad_(False)
+                 for m in lm_head_of(model, blocks_name)) if config.logits_kl else None
     data, source = distillation_data(model, config)
     batches = list(data.split(config.batch_size))
     calls = [_move(call, device, torch.float32) for call in capture_block_inputs(model, blocks[0], batches)]
@@ -356,20 +381,20 @@ def distill(model: nn.Module, plans: Mapping[str, LinearPlan], config: LKDConfig
             continue
         student, trainable = make_student(teacher, prefix, block_plans, config.train_norms)
         mse_ptq, _ = _mse(student, calls, targets)
-        optimizer = torch.optim.Adam(list(trainable.values()), lr=config.lr)
-        bar = _progress(config, f"LKD {prefix}")
-        for step in range(config.steps):
+        kl_targets = None
+        if head is not None and index == len(blocks) - 1:  # the last block: also the FP next-token distribution
+            with torch.no_grad():
+                kl_targets = [torch.log_softmax(head[1](head[0](t)).float(), -1) for t in targets]
+
+        def loss_of(step: int) -> torch.Tensor:
             args, kwargs = calls[step % len(calls)]
-            loss = nn.functional.mse_loss(_block_output(student(*args, **kwargs)), targets[step % len(calls)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            memory.sample()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4g}")
-        if bar is not None:
-            bar.close()
+            output = _block_output(student(*args, **kwargs))
+            loss = nn.functional.mse_loss(output, targets[step % len(calls)])
+            if kl_targets is not None:
+                loss = loss + config.logits_kl * _logits_kl(head, output, kl_targets[step % len(calls)])
+            return loss
+
+        optimizer = optimize(list(trainable.values()), loss_of, config, f"LKD {prefix}", memory)
         held = (_bytes(teacher.parameters()) + _bytes(student.parameters())
                 + _bytes(t for state in optimizer.state.values() for t in state.values())
                 + _bytes(_hidden_of(a, kw) for a, kw in calls) + _bytes(targets))
@@ -386,6 +411,25 @@ def distill(model: nn.Module, plans: Mapping[str, LinearPlan], config: LKDConfig
     result.seconds = time.perf_counter() - started
     result.peak_memory_mb = memory.growth_mb
     return result
+
+
+def optimize(params: list[nn.Parameter], loss_of: Callable[[int], torch.Tensor], config: LKDConfig,
+             description: str, memory: _PeakMemory) -> torch.optim.Optimizer:
+    """``config.steps`` Adam steps on ``params`` minimising ``loss_of(step)``; returns the optimizer (its state)."""
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    bar = _progress(config, description)
+    for step in range(config.steps):
+        loss = loss_of(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        memory.sample()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+    if bar is not None:
+        bar.close()
+    return optimizer
 
 
 def _progress(config: LKDConfig, description: str):

@@ -259,6 +259,18 @@ def _(x: Tensor, block: int) -> Tensor:
     return torch.empty_like(x)
 
 
+def _hadamard_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.block = inputs[1]
+
+
+def _hadamard_backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    return hadamard(grad, ctx.block), None  # H is symmetric: the transform is its own transpose
+
+
+# LKD trains the weights of linears on both sides of an online Hadamard (distill_blocks after rotation)
+hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
+
+
 def hadamard_matrix(block: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """The matrix ``zq.hadamard`` multiplies each block by: H / sqrt(block), symmetric and orthogonal."""
     return hadamard(torch.eye(block, dtype=dtype), block)

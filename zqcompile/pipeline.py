@@ -1,6 +1,6 @@
 """The compiler, top-down: ZeroQuant's components as phases of graph passes.
 
-capture -> canonicalize -> plan -> distill (LKD, optional) -> rotate (optional) -> smooth (optional) -> round
+capture -> canonicalize -> plan -> rotate (optional) -> smooth (optional) -> distill (LKD, optional) -> round
 weights (GPTQ / AWQ, optional) -> low-rank correction (LoRC, optional) -> quantize weights -> insert
 activation quant -> fuse -> lower -> cleanup: the compiled graph (inspect, export, save). Then the phases of the
 target (``TARGET_PHASES``), on a copy of the compiled graph that shares its tensors: the graph the backend
@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule
 
 from zqcompile.errors import ZQError
+from zqcompile.lkd import LKDResult
 from zqcompile.passes import (
     CompileContext, additive_attention_mask, annotate_roles, awq_scale_weights, calibrate_activations,
     canonicalize_conv1d, cleanup, decompose_outliers, distill_blocks, fuse_quant_into_elementwise,
@@ -38,12 +39,13 @@ PHASES = (
     ("canonicalize", (remove_dropout, remove_tensor_asserts, canonicalize_conv1d)),
     # what each linear is (role) and how the recipe says to compile it (plan)
     ("plan", (annotate_roles, plan_linears)),
-    # optional (recipe lkd): layer-by-layer knowledge distillation of the source model's blocks, for those plans
-    ("distill", (distill_blocks,)),
     # optional (recipe rotate): Hadamard rotation of the residual stream and the output projections' inputs (QuaRot)
     ("rotate", (rotate_hadamard,)),
     # optional (recipe smooth_alpha): fold per-channel activation outliers of norm outputs into the weights
     ("smooth", (calibrate_activations, smooth_activations)),
+    # optional (recipe lkd): layer-by-layer knowledge distillation for those plans; after rotation / smoothing, so
+    # that it distils the weights they fold (the graph's blocks then), else the source model's blocks
+    ("distill", (distill_blocks,)),
     # optional (recipe outlier_threshold): LLM.int8(), calibrated outlier input columns stay FP16, the rest INT8
     ("decompose_outliers", (decompose_outliers,)),
     # optional (recipe weight_rounding): AWQ scales weight channels (folded like smoothing), or GPTQ chooses the
@@ -85,18 +87,22 @@ class PipelineResult:
 def run_pipeline(gm: GraphModule, recipe: Recipe, *, target: str = "cpu", target_passes: Collection[str] | None = None,
                  stop_after: str | None = None, dump_dir: str | os.PathLike | None = None,
                  calibration_inputs: Sequence[tuple[torch.Tensor, ...]] = (),
-                 source_model: nn.Module | None = None) -> PipelineResult:
+                 source_model: nn.Module | None = None, lkd_result: LKDResult | None = None) -> PipelineResult:
     """Run the phases on a captured graph (in place), then the target's phases on a copy.
 
     ``stop_after`` stops after that phase (the target's phases are then skipped: ``executed`` is ``compiled``).
     ``target_passes`` keeps only the named passes of the target's phases (``None``: all), to measure what each
-    buys. ``calibration_inputs`` (graph input tuples) are only run when the recipe smooths activations;
-    ``source_model`` (the FP model) is only needed when the recipe distils (``lkd``).
+    buys. ``calibration_inputs`` (graph input tuples) are only run when the recipe calibrates (smoothing, GPTQ, AWQ,
+    LLM.int8(), LKD after rotation/smoothing);
+    ``source_model`` (the FP model) is only needed when the recipe distils (``lkd``); ``lkd_result``, the
+    distillation of another graph of the same model (the forward graph's, for the generation graph), is applied
+    instead of distilling again where the graph is distilled (after rotation / smoothing).
     """
     if stop_after is not None and stop_after not in PHASE_NAMES:
         raise ZQError(f"unknown phase {stop_after!r}; phases are {list(PHASE_NAMES)}")
     dump_dir = dump_dir or os.environ.get("ZQ_DUMP_DIR")
-    ctx = CompileContext(recipe, calibration_inputs=list(calibration_inputs), source_model=source_model)
+    ctx = CompileContext(recipe, calibration_inputs=list(calibration_inputs), source_model=source_model,
+                         lkd_result=lkd_result)
     if recipe.lkd is not None and source_model is None:
         raise ZQError(f"recipe {recipe.name!r} asks for LKD, which distils the floating-point model's blocks: pass "
                       f"the model (zqcompile.compile does)")

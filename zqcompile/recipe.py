@@ -55,6 +55,9 @@ class LKDConfig:
     device: str | None = None  # where to distil ("cuda" on a GPU machine); default: the model's device
     seed: int = 0
     progress: bool = True  # a tqdm bar per block (steps, loss)
+    # weight of KL(FP || student) of the LM head's next-token distributions, added to the last block's MSE (decoders
+    # with an LM head; the final norm and LM head stay in floating point); 0 = MSE only (ZeroQuant's loss)
+    logits_kl: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "seq_len", "batch_size", "steps"):
@@ -64,6 +67,10 @@ class LKDConfig:
                 raise ZQError(f"LKDConfig.{name} must be a positive integer, got {value!r}{hint}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ZQError(f"LKDConfig.lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.logits_kl, bool) or not isinstance(self.logits_kl, (int, float)) or not (
+                0 <= self.logits_kl < float("inf")):
+            raise ZQError(f"LKDConfig.logits_kl must be a number >= 0 (the weight of the LM-head KL loss; 0 = off, "
+                          f"1.0 is typical), got {self.logits_kl!r}")
         if self.inputs_from not in INPUT_SOURCES:
             raise ZQError(f"LKDConfig.inputs_from must be one of {list(INPUT_SOURCES)}, got {self.inputs_from!r}")
         if self.data is None or (isinstance(self.data, (str, list, tuple)) and len(self.data) == 0):

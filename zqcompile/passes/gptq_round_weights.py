@@ -43,7 +43,8 @@ def quantized_readers(gm: GraphModule, x: Node) -> list[Node]:
             and is_stored(r.args[1])]
 
 
-def _shared(gm: GraphModule, weight: Node) -> bool:
+def shared_weight(gm: GraphModule, weight: Node) -> bool:
+    """Whether another node reads this stored weight too (a tied table): it cannot be rewritten for one reader."""
     return len(weight.users) > 1 or sum(is_stored(n) and n.target == weight.target for n in gm.graph.nodes) > 1
 
 
@@ -75,7 +76,7 @@ def gptq_round_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
             layout = layout_of(linear)
             nearest = dequantize_weight_values(*quantize_weight(weight, layout.bits, layout.group_size,
                                                                 layout.input_group_size))
-            if _shared(gm, weight_node):
+            if shared_weight(gm, weight_node):
                 linear.meta[META_ROUNDING] = "rtn (gptq skipped: the weight is shared with another reader)"
                 counters["gptq.skipped_shared"] += 1
                 continue
