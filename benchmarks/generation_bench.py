@@ -206,8 +206,9 @@ def main() -> None:
             continue
         try:
             run_model(name, args, res, deadline)
-        except Exception:  # keep what the other models measured
-            res.add("rows", dict(model=name, variant="?", error=traceback.format_exc().strip().splitlines()[-1]))
+        except Exception as err:  # keep what the other models measured
+            summary = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            res.add("rows", dict(model=name, variant="?", error=summary[:200]))
             traceback.print_exc()
         gc.collect()
         torch.cuda.empty_cache()
