@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install.sh
-python3 -m pytest -q "$@"
+# One pytest worker per core (pytest-xdist), whole files per worker so module-scoped compiled models are built
+# once, one torch thread per worker so the workers do not oversubscribe the cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+python3 -m pytest -q -n "${ZQ_TEST_WORKERS:-$(nproc)}" --dist loadfile "$@"
