@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 source scripts/install.sh
 # One pytest worker per core (pytest-xdist), whole files per worker so module-scoped compiled models are built
 # once, one torch thread per worker so the workers do not oversubscribe the cores.
+workers="${ZQ_TEST_WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"  # nproc obeys those two
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-python3 -m pytest -q -n "${ZQ_TEST_WORKERS:-$(nproc)}" --dist loadfile "$@"
+python3 -m pytest -q -n "$workers" --dist loadfile "$@"
