@@ -40,26 +40,34 @@ def make_tiny_bert_classifier():
     return _seeded(lambda: BertForSequenceClassification(tiny_bert_config()), seed=1)
 
 
-def make_tiny_gpt2():
+# The tiny decoders take keyword overrides of their config (more positions, special tokens, use_cache=True for
+# generation tests); the weights depend only on the seed and the shapes.
+
+def make_tiny_gpt2(**overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
-    config = GPT2Config(vocab_size=TINY_VOCAB, n_embd=TINY_HIDDEN, n_layer=2, n_head=4, n_inner=TINY_MLP,
-                        n_positions=TINY_MAX_POSITIONS, bos_token_id=0, eos_token_id=0, use_cache=False)
+    config = GPT2Config(**{**dict(vocab_size=TINY_VOCAB, n_embd=TINY_HIDDEN, n_layer=2, n_head=4, n_inner=TINY_MLP,
+                                  n_positions=TINY_MAX_POSITIONS, bos_token_id=0, eos_token_id=0, use_cache=False),
+                           **overrides})
     return _seeded(lambda: GPT2LMHeadModel(config), seed=2)
 
 
-def make_tiny_llama():
+def _tiny_gqa_config(config_class, overrides: dict):
+    """4 heads over 2 KV heads (grouped-query attention), rotary positions."""
+    return config_class(**{**dict(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_MLP,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=TINY_MAX_POSITIONS, use_cache=False), **overrides})
+
+
+def make_tiny_llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_MLP,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=TINY_MAX_POSITIONS, use_cache=False)
+    config = _tiny_gqa_config(LlamaConfig, overrides)
     return _seeded(lambda: LlamaForCausalLM(config), seed=3)
 
 
-def make_tiny_qwen2():
+def make_tiny_qwen2(**overrides):
+    """Qwen2: biased q/k/v projections."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_MLP,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=TINY_MAX_POSITIONS, use_cache=False)
+    config = _tiny_gqa_config(Qwen2Config, overrides)
     return _seeded(lambda: Qwen2ForCausalLM(config), seed=4)
 
 

@@ -20,7 +20,7 @@ import torch
 import zqcompile
 from zqcompile.errors import ZQError
 
-from helpers import TINY_HIDDEN, TINY_MLP, TINY_VOCAB, token_batch
+from helpers import TINY_VOCAB, make_tiny_gpt2, make_tiny_llama, make_tiny_qwen2, token_batch
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP_KEPT = {"base": "w8a8", "keep_fp": ["*"]}  # every linear in floating point: generation must equal HF exactly
@@ -29,31 +29,17 @@ POSITIONS = 128
 
 def gpt2_model():
     """A small random-weight GPT-2 (absolute position embeddings) with room for 128 positions."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(2)
-    config = GPT2Config(vocab_size=TINY_VOCAB, n_embd=TINY_HIDDEN, n_layer=2, n_head=4, n_inner=TINY_MLP,
-                        n_positions=POSITIONS, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+    return make_tiny_gpt2(n_positions=POSITIONS, use_cache=True)
 
 
 def llama_model():
     """A small random-weight Llama with grouped-query attention (4 heads, 2 KV heads) and rotary positions."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_MLP,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=POSITIONS, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
+    return make_tiny_llama(max_position_embeddings=POSITIONS, bos_token_id=1, eos_token_id=2, use_cache=True)
 
 
 def qwen2_model():
     """A small random-weight Qwen2 (biased q/k/v projections, grouped-query attention)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(4)
-    config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_MLP,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=POSITIONS, bos_token_id=1, eos_token_id=2)
-    return Qwen2ForCausalLM(config).eval()
+    return make_tiny_qwen2(max_position_embeddings=POSITIONS, bos_token_id=1, eos_token_id=2, use_cache=True)
 
 
 MODELS = {"gpt2": gpt2_model, "llama": llama_model, "qwen2": qwen2_model}

@@ -111,21 +111,25 @@ def test_compiled_mlp_matches_fp_non_finite_rows(recipe):
     assert torch.equal(got[FINITE_ROWS], got_clean[FINITE_ROWS])
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a16"])
-def test_compiled_bert_matches_fp_on_a_poisoned_token(recipe):
-    # a NaN embedding row for token 7: the FP model gives NaN for the whole sequence holding it (attention mixes
-    # its tokens), and finite values for the other sequences; the compiled model must agree
-    model = make_tiny_bert()
+def assert_poisoned_token_agrees(recipe: str, device: str, dtype: torch.dtype, seq: int) -> None:
+    """A NaN embedding row for token 7: the FP model gives NaN for the whole sequence holding it (attention mixes
+    its tokens) and finite values for the other sequences; the compiled model must agree."""
+    model = make_tiny_bert().to(device, dtype)
     with torch.no_grad():
         model.embeddings.word_embeddings.weight[7] = float("nan")
-    qmodel = zqcompile.compile(model, recipe)
-    ids = token_batch(3, 6, seed=2).clamp_min(8)
+    qmodel = zqcompile.compile(model, recipe, backend="cuda" if device == "cuda" else "cpu")
+    ids = token_batch(3, seq, seed=2).clamp_min(8).to(device)
     ids[1, 4] = 7
     with torch.no_grad():
         fp = model(input_ids=ids).last_hidden_state
         got = qmodel(input_ids=ids).last_hidden_state
     assert row_nonfinite(fp).tolist() == [False, True, False]
     assert torch.equal(~torch.isfinite(got), ~torch.isfinite(fp))
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a16"])
+def test_compiled_bert_matches_fp_on_a_poisoned_token(recipe):
+    assert_poisoned_token_agrees(recipe, "cpu", torch.float32, seq=6)
 
 
 # ---- GPU: the CUDA kernels ------------------------------------------------------------------------------------
@@ -158,14 +162,4 @@ def test_cuda_kernels_propagate_non_finite_rows(dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_compiled_bert_matches_fp_on_a_poisoned_token():
-    model = make_tiny_bert().half().cuda()
-    with torch.no_grad():
-        model.embeddings.word_embeddings.weight[7] = float("nan")
-    qmodel = zqcompile.compile(model, "w8a8", backend="cuda")
-    ids = token_batch(3, 16, seed=2).clamp_min(8).cuda()
-    ids[1, 4] = 7
-    with torch.no_grad():
-        fp = model(input_ids=ids).last_hidden_state
-        got = qmodel(input_ids=ids).last_hidden_state
-    assert row_nonfinite(fp).tolist() == [False, True, False]
-    assert torch.equal(~torch.isfinite(got), ~torch.isfinite(fp))
+    assert_poisoned_token_agrees("w8a8", "cuda", torch.float16, seq=16)
