@@ -76,13 +76,18 @@ def _shaped(x: Tensor, q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return q.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
-def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+def _unary_quant(op: Callable, launch: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``op(x)`` (row-wise, then per-token INT8) through its one-input kernel ``launch``."""
     if not _kernel_ok(x):
-        return _reference(ops.quantize_per_token, x)
+        return _reference(op, x)
     x2 = _rows(x)
     q, scale = _quant_outputs(x2)
-    kernels.quantize_per_token(_nb(x2), _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
+    launch(_nb(x2), _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
     return _shaped(x, q, scale)
+
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    return _unary_quant(ops.quantize_per_token, kernels.quantize_per_token, x)
 
 
 def _norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
@@ -135,12 +140,7 @@ def gelu_quant(x: Tensor, bias: Tensor | None, approximate: str) -> tuple[Tensor
 
 
 def relu_quant(x: Tensor) -> tuple[Tensor, Tensor]:
-    if not _kernel_ok(x):
-        return _reference(ops.relu_quant, x)
-    x2 = _rows(x)
-    q, scale = _quant_outputs(x2)
-    kernels.relu_quant(_nb(x2), _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
-    return _shaped(x, q, scale)
+    return _unary_quant(ops.relu_quant, kernels.relu_quant, x)
 
 
 def _gated(op: Callable, launch: Callable, gate: Tensor, up: Tensor, *flags: Any) -> tuple[Tensor, Tensor]:
