@@ -215,11 +215,29 @@ def bert_base() -> torch.nn.Module:
     return BertModel(BertConfig()).eval().half().cuda()
 
 
+# Llama-architecture shapes shared by the prefill and generation benchmarks (random weights)
+LLAMA_CONFIGS: dict[str, dict[str, Any]] = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                    max_position_embeddings=8192),
+    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                    max_position_embeddings=131072),
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
+                    max_position_embeddings=4096),
+}
+
+
 def gpt_decoder(size: str) -> torch.nn.Module:
-    """GPT-2 architecture at GPT-2-medium (350M) or GPT-3-XL-like (1.3B) width; hidden states out."""
-    from transformers import GPT2Config, GPT2Model
-    width = {"350m": 1024, "1.3b": 2048}[size]
+    """A decoder without its LM head (hidden states out): GPT-2 architecture at GPT-2-medium (``350m``) or
+    GPT-3-XL-like (``1.3b``) width, or a Llama of ``LLAMA_CONFIGS`` (``llama1b``, ``llama7b``)."""
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
     torch.manual_seed(0)
+    if size in LLAMA_CONFIGS:
+        with torch.device("cuda"):
+            return LlamaModel(LlamaConfig(**LLAMA_CONFIGS[size], dtype=torch.float16)).eval().half()
+    width = {"350m": 1024, "1.3b": 2048}[size]
     return GPT2Model(GPT2Config(n_embd=width, n_layer=24, n_head=16)).eval().half().cuda()
 
 

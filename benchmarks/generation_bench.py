@@ -38,23 +38,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zqcompile  # noqa: E402
-from common import (Results, copy_bandwidth_gbps, cuda_rewrites, default_out_dir, profile_kernels,  # noqa: E402
-                    profile_tables, summarise_kernels, table)
+from common import (LLAMA_CONFIGS, Results, copy_bandwidth_gbps, cuda_rewrites, default_out_dir,  # noqa: E402
+                    profile_kernels, profile_tables, summarise_kernels, table)
 
 PROMPT, NEW, EAGER_NEW, CACHE = 128, 128, 33, 256
 FP16_KEPT = {"base": "w8a8", "keep_fp": ["*"]}
 VARIANTS = {"fp16-zq": FP16_KEPT, "w8a8": "w8a8", "w8a16": "w8a16", "w4a8": "w4a8"}
-CONFIGS: dict[str, dict[str, Any]] = {
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
-                    max_position_embeddings=8192),
-    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-                    max_position_embeddings=131072),
-    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
-                    max_position_embeddings=4096),
-}
 
 
 def build(name: str, weights: str | None) -> torch.nn.Module:
@@ -65,7 +54,7 @@ def build(name: str, weights: str | None) -> torch.nn.Module:
     else:
         torch.manual_seed(0)
         with torch.device("cuda"):
-            model = LlamaForCausalLM(LlamaConfig(**CONFIGS[name], dtype=torch.float16)).half()
+            model = LlamaForCausalLM(LlamaConfig(**LLAMA_CONFIGS[name], dtype=torch.float16)).half()
     model = model.cuda().eval()
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0

@@ -5,7 +5,8 @@ One run builds and times, with CUDA events (warm-up, then the median of many syn
 * models (``--parts bert,gpt``): FP16 eager, FP16 in a CUDA graph (the same runner zqcompile uses), FP16
   ``torch.compile`` (``--compile-mode``, default ``max-autotune``), zqcompile W8A8 (CUDA graphs, and eagerly
   for the large-batch comparison) and W4A8, for BERT-base (random weights) at B in ``--bert-batches``, S=128,
-  and GPT-style decoders (``--gpt-sizes``, prefill B=8 S=128). Before timing, each zqcompile variant's output
+  and decoders (``--gpt-sizes``: GPT-2 architecture 350m / 1.3b, Llama architecture llama1b / llama7b; prefill
+  B=8 S=128). Before timing, each zqcompile variant's output
   is checked against the reference implementations of the same ops (zqcompile/ops.py, the CPU backend's
   code) run on the same GPU tensors; a variant over ``--max-rel-err`` is reported and not timed.
 * ``kernels``: achieved GB/s of each fused Numba kernel at BERT-base B=32 S=128 shapes (launches replayed
@@ -33,7 +34,7 @@ import torch
 
 import zqcompile
 from common import (
-    SEQ, Results, bert_base, copy_bandwidth_gbps, cuda_rewrites, default_out_dir, gpt_decoder, profile_kernels, profile_tables, rel_err,
+    LLAMA_CONFIGS, SEQ, Results, bert_base, copy_bandwidth_gbps, cuda_rewrites, default_out_dir, gpt_decoder, profile_kernels, profile_tables, rel_err,
     summarise_kernels, table, time_in_graph_ms, time_ms, token_inputs,
 )
 from zqcompile import ops
@@ -317,7 +318,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=default_out_dir())
     parser.add_argument("--parts", default="kernels,gemm,bert,gpt,profile")
     parser.add_argument("--bert-batches", default="1,8,32,128")
-    parser.add_argument("--gpt-sizes", default="350m,1.3b")
+    parser.add_argument("--gpt-sizes", default="350m,1.3b", help="decoders: 350m, 1.3b (GPT-2), llama1b, llama7b")
     parser.add_argument("--gpt-batch", type=int, default=8)
     parser.add_argument("--compile-mode", default="max-autotune",
                         help="torch.compile mode of the FP16 baseline, or 'none' to skip it")
@@ -363,8 +364,9 @@ def main() -> None:
         bench_profile(res)
     if "gpt" in parts:
         for size in args.gpt_sizes.split(","):
-            if due(f"gpt-{size}"):
-                bench_model(res, f"gpt-{size}", gpt_decoder(size), [args.gpt_batch], args, with_types=False)
+            name = size if size in LLAMA_CONFIGS else f"gpt-{size}"
+            if due(name):
+                bench_model(res, name, gpt_decoder(size), [args.gpt_batch], args, with_types=False)
                 torch.cuda.empty_cache()
     res.data["notes"].append(f"benchmark wall time {time.perf_counter() - t0:.0f} s")
     res.save()
