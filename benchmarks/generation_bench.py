@@ -8,7 +8,8 @@ For each model (``--models``: ``smollm2`` = SmolLM2-135M's architecture, ``llama
 * ``fp16-zq``: zqcompile's decode runtime with every linear kept in FP16 (same static cache, same CUDA graphs,
   no quantization): the fastest compiled FP16 decode here (transformers' static cache + ``torch.compile`` failed
   on this image, see BENCHMARKS.md, and is not retried);
-* ``w8a8``, ``w8a16``, ``w4a8``: zqcompile.
+* ``w8a8``, ``w8a16``, ``w4a8``: zqcompile; ``w8a8-rot``, ``w4a8-rot``: the same after the Hadamard rotation, whose
+  online transform before every o_proj and down_proj runs fused with the activation quantization (its speed cost).
 
 Each zqcompile variant is compiled with ``max_cache_len`` = 256 and warmed up for the batch sizes first
 (``qmodel.warmup``: every CUDA graph captured, every GEMM tuned), and the run checks that generating captured no
@@ -43,7 +44,8 @@ from common import (LLAMA_CONFIGS, Results, copy_bandwidth_gbps, cuda_rewrites, 
 
 PROMPT, NEW, EAGER_NEW, CACHE = 128, 128, 33, 256
 FP16_KEPT = {"base": "w8a8", "keep_fp": ["*"]}
-VARIANTS = {"fp16-zq": FP16_KEPT, "w8a8": "w8a8", "w8a16": "w8a16", "w4a8": "w4a8"}
+VARIANTS = {"fp16-zq": FP16_KEPT, "w8a8": "w8a8", "w8a16": "w8a16", "w4a8": "w4a8", "w8a8-rot": "w8a8-rot",
+            "w4a8-rot": "w4a8-rot"}
 
 
 def build(name: str, weights: str | None) -> torch.nn.Module:

@@ -9,7 +9,8 @@ One run builds and times, with CUDA events (warm-up, then the median of many syn
   B=8 S=128). Before timing, each zqcompile variant's output
   is checked against the reference implementations of the same ops (zqcompile/ops.py, the CPU backend's
   code) run on the same GPU tensors; a variant over ``--max-rel-err`` is reported and not timed.
-* ``kernels``: achieved GB/s of each fused Numba kernel at BERT-base B=32 S=128 shapes (launches replayed
+* ``kernels``: achieved GB/s of each fused Numba kernel at BERT-base B=32 S=128 shapes (the online-Hadamard ones
+  at Llama-3.2-1B's widths, 4096 rows; launches replayed
   from a CUDA graph, so the Python launch cost is not counted), against a device-to-device copy, and each
   kernel's registers and local memory; ``sweep`` adds block shapes (threads per row x rows per block), word
   widths and the tree reduction for three of them.
@@ -216,6 +217,8 @@ def bench_kernels(res: Results, sweep: bool) -> None:
     x, r = (torch.randn(rows, h, device="cuda", generator=g).half() for _ in range(2))
     w, b = torch.randn(h, device="cuda", generator=g).half(), torch.randn(h, device="cuda", generator=g).half()
     big, up = (torch.randn(rows, f, device="cuda", generator=g).half() for _ in range(2))
+    attn = torch.randn(rows, 2048, device="cuda", generator=g).half()
+    wide, wide_up = (torch.randn(rows, 8192, device="cuda", generator=g).half() for _ in range(2))
     fp, i8, sc = 2, 1, 4 * rows  # bytes of an fp16 element, an int8 element, the scales
     cases = [
         ("quantize_per_token K=768", lambda: ops.quantize_per_token(x), rows * h * (fp + i8) + sc),
@@ -226,6 +229,10 @@ def bench_kernels(res: Results, sweep: bool) -> None:
         ("gelu_quant erf K=3072", lambda: ops.gelu_quant(big, None, "none"), rows * f * (fp + i8) + sc),
         ("gelu_quant tanh K=3072", lambda: ops.gelu_quant(big, None, "tanh"), rows * f * (fp + i8) + sc),
         ("silu_mul_quant K=3072", lambda: ops.silu_mul_quant(big, up), rows * f * (2 * fp + i8) + sc),
+        # the rotation presets' online Hadamard + quant at Llama-3.2-1B's o_proj / down_proj input widths
+        ("hadamard_quant K=2048", lambda: ops.hadamard_quant(attn, 2048), rows * 2048 * (fp + i8) + sc),
+        ("silu_mul_hadamard_quant K=8192", lambda: ops.silu_mul_hadamard_quant(wide, wide_up, 8192),
+         rows * 8192 * (2 * fp + i8) + sc),
     ]
     for name, fn, nbytes in cases:
         k = int(name.rsplit("=", 1)[1])

@@ -106,6 +106,22 @@ def _op_cases(dtype):
         (ops.gelu_quant, (h, None, "none")),
         (ops.gelu_quant, (h, hb, "tanh")),
         (ops.silu_mul_quant, (h, _randn(4, 33, 3072, dtype=dtype, seed=7))),
+        *_hadamard_cases(dtype),
+    ]
+
+
+def _hadamard_cases(dtype):
+    """The online-Hadamard ops of the rotation presets at Llama-3.2-1B's widths (o_proj input 2048, down_proj
+    input 8192: one block each), a width of several blocks (768 = 3 x 256) and a small block."""
+    attn, x = _randn(4, 33, 2048, dtype=dtype, seed=8), _randn(4, 33, 768, dtype=dtype, seed=9)
+    gate, up = _randn(2, 17, 8192, dtype=dtype, seed=10), _randn(2, 17, 8192, dtype=dtype, seed=11)
+    return [
+        (ops.hadamard_quant, (attn, 2048)),
+        (ops.hadamard_quant, (x, 256)),
+        (ops.hadamard_quant, (x, 16)),
+        (ops.silu_mul_hadamard_quant, (gate, up, 8192)),
+        (ops.silu_mul_hadamard_quant, (x, attn[..., :768].contiguous(), 256)),
+        (ops.gelu_mul_hadamard_quant, (gate, up, "tanh", 8192)),
     ]
 
 
@@ -159,6 +175,34 @@ def test_unsupported_row_length_falls_back_to_reference():
     assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
 
 
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["tree", "shuffle"])
+@pytest.mark.parametrize("k,block,threads,rows_per_block", [(192, 64, 32, 4), (2048, 2048, 128, 1),
+                                                            (8192, 8192, 1024, 1), (14336, 2048, 512, 1)])
+def test_hadamard_kernels_over_block_shapes_on_gpu(reduction, k, block, threads, rows_per_block):
+    """Both reductions and explicit geometries (a row of 14336 = 7 x 2048, Llama-3-8B's MLP, is 56 KiB of float32:
+    over the shared-memory limit, so the launch refuses it and the op takes the reference path)."""
+    from zqcompile.backends.numba_cuda import kernels
+    from zqcompile.backends.numba_cuda.torch_ops import _nb, _stream
+
+    gate, up = _randn(37, k, dtype=torch.float16, seed=k), _randn(37, k, dtype=torch.float16, seed=k + 1)
+    q = torch.full(gate.shape, 99, dtype=torch.int8, device="cuda")
+    s = torch.full((37,), float("nan"), device="cuda")
+    launch = lambda: kernels.silu_mul_hadamard_quant(  # noqa: E731
+        _nb(gate), _nb(up), block, _nb(q), _nb(s), stream=_stream(), reduction=reduction, threads=threads,
+        rows_per_block=rows_per_block)
+    if k > kernels.MAX_HADAMARD_ROW:
+        with pytest.raises(ZQError, match="shared memory"):
+            launch()
+        zqcompile.backends.register_cuda_kernels()
+        q, s = ops.silu_mul_hadamard_quant(gate, up, block)  # the op's cuda kernel takes the reference path
+    else:
+        launch()
+    ref = ops.silu_mul_hadamard_quant(gate.cpu(), up.cpu(), block)  # the CPU backend itself
+    _assert_quant_close((q.cpu(), s.cpu().view(37, 1)), ref, torch.float16)
+
+
 # ---- GPU: whole models through the runner -----------------------------------------------------------------
 
 def _compile_cuda(family: str, recipe: str, **kwargs):
@@ -174,7 +218,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.gpu
 @pytest.mark.parametrize("family,recipe", [
     ("bert", "w8a8"), ("bert", "w4a8"), ("gpt2", "w8a8"),
-    ("llama", "w8a8"), ("llama", "w4a8"),
+    ("llama", "w8a8"), ("llama", "w4a8"), ("llama", "w8a8-rot"), ("llama", "w4a8-rot"),
 ])
 def test_compiled_model_matches_reference_kernels(family, recipe):
     model, qmodel = _compile_cuda(family, recipe)
@@ -188,6 +232,21 @@ def test_compiled_model_matches_reference_kernels(family, recipe):
     with torch.no_grad():
         fp = model(input_ids=ids)[key]
     assert _rel_err(out[key], fp) <= 0.1  # and W8A8 stays close to the fp16 model
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_rotated_llama_on_cuda_matches_the_cpu_compile():
+    """w8a8-rot: the executed graph runs the fused online-Hadamard kernels, and its logits are the CPU compile's
+    of the same fp16 model up to quantization-tie noise (an INT8 step here and there, SDPA's float order)."""
+    _, qmodel = _compile_cuda("llama", "w8a8-rot")
+    targets = [n.target for n in qmodel.executed_graph.graph.nodes]
+    assert targets.count(torch.ops.zq.silu_mul_hadamard_quant.default) == 2
+    assert targets.count(torch.ops.zq.hadamard_quant.default) == 2 and torch.ops.zq.hadamard.default not in targets
+    cpu = zqcompile.compile(TINY_MODELS["llama"]().half(), "w8a8-rot", backend="cpu")
+    ids = token_batch(3, 16, seed=1)
+    got, expected = qmodel(input_ids=ids.cuda()).logits.cpu(), cpu(input_ids=ids).logits
+    assert _rel_err(got, expected) <= 2e-2
 
 
 @needs_gpu

@@ -211,6 +211,70 @@ else:
         kernels.gelu_mul_quant(to_numba(gate), to_numba(up), approximate, q, scale, threads=THREADS, vec=vec)
         check_quant(q, scale, *ops.gelu_mul_quant(gate, up, approximate))
 
+    # ---- the online Hadamard: hadamard_quant / silu_mul_hadamard_quant / gelu_mul_hadamard_quant -------------
+    # widths of one block, of several blocks (192 = 3 x 64) and of many small ones; several rows per block of
+    # threads with a partial last one (5 rows, 2 or 4 per block), and a row wider than its threads' first pass
+    HADAMARD_SHAPES = [(3, 64, 64, 32, None), (5, 128, 128, 32, 2), (5, 192, 64, 32, 4), (2, 192, 16, 64, 1)]
+
+    @pytest.mark.parametrize("dtype,rows,k,block,threads,rows_per_block",
+                             [(dtype, *shape) for dtype in DTYPES for shape in HADAMARD_SHAPES[2:]]
+                             + [(torch.float16, *shape) for shape in HADAMARD_SHAPES[:2]])
+    def test_hadamard_quant_matches_reference(dtype, rows, k, block, threads, rows_per_block):
+        x = randn(rows, k, dtype=dtype, seed=k + block)
+        q, scale = outputs(rows, k)
+        kernels.hadamard_quant(to_numba(x), block, q, scale, threads=threads, rows_per_block=rows_per_block)
+        check_quant(q, scale, *ops.hadamard_quant(x, block))
+
+    @pytest.mark.parametrize("dtype,activation", [(dtype, "silu") for dtype in DTYPES]
+                             + [(torch.float16, "none"), (torch.bfloat16, "tanh")])
+    @pytest.mark.parametrize("rows,k,block,threads,rows_per_block", HADAMARD_SHAPES[2:])
+    def test_gated_hadamard_quant_matches_reference(dtype, activation, rows, k, block, threads, rows_per_block):
+        gate, up = randn(rows, k, dtype=dtype, seed=22), randn(rows, k, dtype=dtype, seed=23)
+        q, scale = outputs(rows, k)
+        geometry = {"threads": threads, "rows_per_block": rows_per_block}
+        if activation == "silu":
+            kernels.silu_mul_hadamard_quant(to_numba(gate), to_numba(up), block, q, scale, **geometry)
+            ref = ops.silu_mul_hadamard_quant(gate, up, block)
+        else:
+            kernels.gelu_mul_hadamard_quant(to_numba(gate), to_numba(up), activation, block, q, scale, **geometry)
+            ref = ops.gelu_mul_hadamard_quant(gate, up, activation, block)
+        check_quant(q, scale, *ref)
+
+    @pytest.mark.parametrize("block", [16, 64])
+    def test_hadamard_quant_dequantizes_to_the_dense_float64_transform(block):
+        # independent of the reference op: scipy's Hadamard matrix in float64, blocks of the row; the kernel's INT8
+        # values times the scale are within half a step (plus float32 rounding) of it
+        linalg = pytest.importorskip("scipy.linalg")
+        x = randn(3, 192, dtype=torch.float32, seed=24)
+        x[:, 7] *= 30.0  # an outlier channel: the transform spreads it over its block
+        dense = torch.tensor(linalg.hadamard(block), dtype=torch.float64) / block ** 0.5
+        expected = (x.double().view(3, -1, block) @ dense).view(3, 192)
+        q, scale = outputs(3, 192)
+        kernels.hadamard_quant(to_numba(x), block, q, scale, threads=THREADS)
+        got = torch.from_numpy(q).double() * torch.from_numpy(scale).double()[:, None]
+        step = torch.from_numpy(scale).double()[:, None]
+        assert torch.all((got - expected).abs() <= step * (0.5 + 1e-5) + 1e-6)
+        assert torch.allclose(torch.from_numpy(scale).double(), expected.abs().amax(-1) / 127, rtol=1e-6)
+
+    @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+    def test_hadamard_quant_nan_row_gets_a_nan_scale_other_rows_unchanged():
+        x = planted(randn(4, 64, dtype=torch.float16, seed=25))
+        q, scale = outputs(4, 64)
+        kernels.hadamard_quant(to_numba(x), 32, q, scale, threads=THREADS)
+        ref_q, ref_scale = ops.hadamard_quant(x, 32)
+        assert np.isnan(scale[1:3]).all() and torch.isnan(ref_scale[1:3]).all()
+        check_quant(q[[0, 3]], scale[[0, 3]], ref_q[[0, 3]], ref_scale[[0, 3]])
+
+    def test_hadamard_block_and_shared_memory_limits_raise():
+        q, scale = outputs(2, 48)
+        for block in (0, 12, 32):  # not a power of two >= 2, or not dividing 48
+            with pytest.raises(ZQError, match="Hadamard block"):
+                kernels.hadamard_quant(np.ones((2, 48), np.float32), block, q, scale, threads=THREADS)
+        k = kernels.MAX_HADAMARD_ROW // 2
+        q, scale = outputs(4, k)
+        with pytest.raises(ZQError, match="shared memory"):
+            kernels.hadamard_quant(np.ones((4, k), np.float16), 64, q, scale, threads=256, rows_per_block=4)
+
     def test_bfloat16_codec_matches_torch_casts():
         # the in-kernel bfloat16 rounding and word packing (device functions called directly, as the simulator allows)
         decode, round_bf16, insert = kernels._CODECS["bf16"]

@@ -328,6 +328,9 @@ def _opcheck_cases():
         "rmsnorm_quant_weight_first": (x, weight, 1e-6, True),
         "relu_quant": (x,),
         "gelu_mul_quant": (x, x + 1, "tanh"),
+        "hadamard_quant": (x, 16),
+        "silu_mul_hadamard_quant": (x, x + 1, 32),
+        "gelu_mul_hadamard_quant": (x, x + 1, "none", 8),
     }
 
 

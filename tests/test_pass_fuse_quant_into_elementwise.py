@@ -35,12 +35,14 @@ def _fuse(model: nn.Module, recipe="w8a8", example: torch.Tensor | None = None):
     return unfused, gm, result, ctx, x
 
 
-def assert_same_outputs(unfused, fused, x, exact: bool = True):
+def assert_same_outputs(unfused, fused, x, exact: bool = True, bitwise: bool = False):
     torch.manual_seed(1)
     x = torch.randn(3, *x.shape[1:]) * 3
     with torch.no_grad():
         expected, out = unfused(x), fused(x)
-    if exact:
+    if bitwise:  # the fused op's reference is the unfused ops' composition
+        assert torch.equal(out, expected)
+    elif exact:
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     else:  # a different float path may move a value across a rounding tie: at most one step of a few tokens
         assert (out - expected).abs().max() <= 2e-2 * expected.abs().max()
@@ -507,3 +509,57 @@ def test_add_layernorm_refusals_fall_back_to_the_layernorm_rule():
         assert count_ops(gm, zq.add_layernorm_quant.default) == 0 and count_ops(gm, torch.ops.aten.add.Tensor) >= 1
         assert fused_node(gm, zq.layernorm_quant.default).args[0].target is torch.ops.aten.add.Tensor
         assert_same_outputs(unfused, gm, x)
+
+
+# ---- online Hadamard (rotation presets: the transform before o_proj / down_proj) ---------------------------
+
+ROTATED = "w8a8-rot"
+
+
+def test_online_hadamard_rule_folds_the_swiglu_and_the_transform():
+    unfused, gm, result, ctx, x = _fuse(SwiGLU(), ROTATED)
+    assert count_ops(unfused, zq.hadamard.default) == 1
+    assert result.counters == {"fuse.online_hadamard": 1}
+    node = fused_node(gm, zq.silu_mul_hadamard_quant.default)
+    assert [a.meta["zq_module"] for a in node.args[:2]] == ["gate_proj", "up_proj"] and node.args[2] == 64
+    assert count_ops(gm, zq.hadamard.default, torch.ops.aten.silu.default, torch.ops.aten.mul.Tensor) == 0
+    assert_same_outputs(unfused, gm, x, bitwise=True)
+
+
+def test_online_hadamard_rule_folds_a_geglu():
+    unfused, gm, result, ctx, x = _fuse(GeGLU(), ROTATED)
+    assert result.counters == {"fuse.online_hadamard": 1}
+    assert fused_node(gm, zq.gelu_mul_hadamard_quant.default).args[2:] == ("tanh", 64)
+    assert count_ops(gm, zq.hadamard.default, torch.ops.aten.gelu.default) == 0
+    assert_same_outputs(unfused, gm, x, bitwise=True)
+
+
+def test_online_hadamard_alone_when_the_gated_product_cannot_fuse():
+    unfused, gm, result, ctx, x = _fuse(SiluReadTwice(), {"base": ROTATED, "keep_fp": ["gate_proj", "up_proj"]})
+    assert result.counters == {"fuse.online_hadamard": 1}
+    node = fused_node(gm, zq.hadamard_quant.default)
+    assert node.args[0].target is torch.ops.aten.mul.Tensor and node.args[1] == 64
+    assert count_ops(gm, zq.hadamard.default) == 0 and count_ops(gm, torch.ops.aten.silu.default) == 1
+    assert_same_outputs(unfused, gm, x, bitwise=True)
+
+
+def test_rotated_llama_fused_is_bit_identical_to_the_unfused_sequence(monkeypatch):
+    """On a whole model, against the same compile with the online_hadamard rule left out (today's standalone
+    ``zq.hadamard`` + ``quantize_per_token``)."""
+    import importlib
+
+    import zqcompile
+    from helpers import TINY_MODELS, token_batch
+
+    fuse_module = importlib.import_module("zqcompile.passes.fuse_quant_into_elementwise")  # not the pass function
+
+    model, ids = TINY_MODELS["llama"](), token_batch(3, 12, seed=2)
+    fused = zqcompile.compile(model, ROTATED, generation=False)
+    gm = fused.graph_module
+    assert count_ops(gm, zq.silu_mul_hadamard_quant.default) == 2 and count_ops(gm, zq.hadamard_quant.default) == 2
+    assert count_ops(gm, zq.hadamard.default) == 0
+    monkeypatch.setattr(fuse_module, "RULES", tuple(r for r in fuse_module.RULES if r.name != "online_hadamard"))
+    unfused = zqcompile.compile(model, ROTATED, generation=False)
+    assert count_ops(unfused.graph_module, zq.hadamard.default) == 4
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, unfused(input_ids=ids).logits)

@@ -23,7 +23,8 @@ How the zq ops become ONNX (CPU onnxruntime, measured in ``benchmarks/onnx_ort.p
 - ``weight_only_linear`` and linears with INT8 input-dim groups: the weight dequantized in the graph
   (int8 initializer x scale) and a float ``MatMul``; onnxruntime folds the dequantization at load time.
 - Fused ops: LayerNormalization / RMSNorm / GELU / SiLU*mul written out, followed by the same
-  per-token quantization.
+  per-token quantization; the online Hadamard (alone or fused with the quantization) as a MatMul by the
+  block's Hadamard matrix.
 
 Weights are stored as int8 (INT8) or uint8 (packed INT4) initializers with float32 scales; the file holds
 no floating-point copy of a quantized weight.
@@ -234,8 +235,14 @@ def _translation_table() -> dict[Any, Any]:
     def relu_quant(x):
         return quantize_rows(op.Relu(x))
 
+    def swiglu(gate, up):
+        return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+
+    def geglu(gate, up, approximate):
+        return op.Mul(gelu(gate, approximate), up)
+
     def silu_mul_quant(gate, up):
-        return quantize_rows(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up))
+        return quantize_rows(swiglu(gate, up))
 
     def hadamard(x, block):
         """One MatMul by the block x block Hadamard matrix over the [.., K / block, block] view."""
@@ -244,7 +251,16 @@ def _translation_table() -> dict[Any, Any]:
         return op.Reshape(op.MatMul(blocks, op.Constant(value=ir.tensor(matrix))), op.Shape(x))
 
     def gelu_mul_quant(gate, up, approximate):
-        return quantize_rows(op.Mul(gelu(gate, approximate), up))
+        return quantize_rows(geglu(gate, up, approximate))
+
+    def hadamard_quant(x, block):
+        return quantize_rows(hadamard(x, block))
+
+    def silu_mul_hadamard_quant(gate, up, block):
+        return quantize_rows(hadamard(swiglu(gate, up), block))
+
+    def gelu_mul_hadamard_quant(gate, up, approximate, block):
+        return quantize_rows(hadamard(geglu(gate, up, approximate), block))
 
     def low_rank_correction(y, x, a, b):
         factor = lambda f: op.Transpose(op.Cast(f, to=float32), perm=[1, 0])  # noqa: E731  (FP16 stored)
@@ -259,7 +275,9 @@ def _translation_table() -> dict[Any, Any]:
         zq.layernorm_quant.default: layernorm_quant, zq.add_layernorm_quant.default: add_layernorm_quant,
         zq.rmsnorm_quant.default: rmsnorm_quant, zq.gelu_quant.default: gelu_quant,
         zq.silu_mul_quant.default: silu_mul_quant, zq.hadamard.default: hadamard, zq.relu_quant.default: relu_quant,
-        zq.gelu_mul_quant.default: gelu_mul_quant,
+        zq.gelu_mul_quant.default: gelu_mul_quant, zq.hadamard_quant.default: hadamard_quant,
+        zq.silu_mul_hadamard_quant.default: silu_mul_hadamard_quant,
+        zq.gelu_mul_hadamard_quant.default: gelu_mul_hadamard_quant,
     }
 
 

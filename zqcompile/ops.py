@@ -276,6 +276,42 @@ def hadamard_matrix(block: int, dtype: torch.dtype = torch.float64) -> Tensor:
     return hadamard(torch.eye(block, dtype=dtype), block)
 
 
+# The online Hadamard with the per-token quantization after it folded in (fuse_quant_into_elementwise): the
+# compositions of the ops above, rounding where they round (the transform's output is cast to the input's dtype)
+
+@torch.library.custom_op(f"{_LIB}::hadamard_quant", mutates_args=())
+def hadamard_quant(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """``zq.hadamard(x, block)``, then per-token INT8: (q, scale) (the attention output before o_proj)."""
+    return quantize_rows(hadamard(x, block))
+
+
+@hadamard_quant.register_fake
+def _(x, block):
+    return _quant_like(x)
+
+
+@torch.library.custom_op(f"{_LIB}::silu_mul_hadamard_quant", mutates_args=())
+def silu_mul_hadamard_quant(gate: Tensor, up: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """SwiGLU ``silu(gate) * up``, ``zq.hadamard`` of it, then per-token INT8: (q, scale) (before down_proj)."""
+    return quantize_rows(hadamard(F.silu(gate) * up, block))
+
+
+@silu_mul_hadamard_quant.register_fake
+def _(gate, up, block):
+    return _quant_like(gate)
+
+
+@torch.library.custom_op(f"{_LIB}::gelu_mul_hadamard_quant", mutates_args=())
+def gelu_mul_hadamard_quant(gate: Tensor, up: Tensor, approximate: str, block: int) -> tuple[Tensor, Tensor]:
+    """GeGLU ``gelu(gate) * up``, ``zq.hadamard`` of it, then per-token INT8: (q, scale)."""
+    return quantize_rows(hadamard(F.gelu(gate, approximate=approximate) * up, block))
+
+
+@gelu_mul_hadamard_quant.register_fake
+def _(gate, up, approximate, block):
+    return _quant_like(gate)
+
+
 # ----------------------------------------------------------------------------------------------------
 # LoRC (ZeroQuant-V2): a low-rank floating-point correction of a quantized weight's rounding error
 # ----------------------------------------------------------------------------------------------------
@@ -340,7 +376,8 @@ ACTIVATION_QUANT_OPS = {
     torch.ops.zq.quantize_per_token.default, torch.ops.zq.layernorm_quant.default,
     torch.ops.zq.add_layernorm_quant.default, torch.ops.zq.rmsnorm_quant.default,
     torch.ops.zq.gelu_quant.default, torch.ops.zq.silu_mul_quant.default, torch.ops.zq.gelu_mul_quant.default,
-    torch.ops.zq.relu_quant.default,
+    torch.ops.zq.relu_quant.default, torch.ops.zq.hadamard_quant.default,
+    torch.ops.zq.silu_mul_hadamard_quant.default, torch.ops.zq.gelu_mul_hadamard_quant.default,
 }
 QUANTIZED_LINEAR_OPS = {
     torch.ops.zq.int8_linear.default, torch.ops.zq.int4_linear.default, torch.ops.zq.weight_only_linear.default,

@@ -14,6 +14,9 @@ gelu_tanh_decomp   GPT-2's ``gelu_new`` written out in aten ops      ``zq.gelu_q
 relu               ``relu(h)`` (OPT)                                 ``zq.relu_quant(h)``
 silu_mul           ``silu(g) * u`` (SwiGLU)                          ``zq.silu_mul_quant(g, u)``
 gelu_mul           ``gelu(g) * u`` (GeGLU, Gemma)                    ``zq.gelu_mul_quant(g, u)``
+online_hadamard    ``zq.hadamard(y, b)`` (rotation, before o_proj /   ``zq.silu_mul_hadamard_quant(g, u,
+                   down_proj); y = ``silu(g) * u`` or ``gelu(g) *      b)``, ``gelu_mul_hadamard_quant``,
+                   u`` is folded in too (their rules above)          else ``zq.hadamard_quant(y, b)``
 token_scaled       ``y * m``, m one number per token (DeBERTa's      the rule of y's producer, its
                    padding mask), y from one of the rules above      scale times m
 stored             a stored tensor through layout ops (DeBERTa's     the INT8 values and scales,
@@ -25,6 +28,10 @@ stored             a stored tensor through layout ops (DeBERTa's     the INT8 va
 the scale here); the product ``y * m`` stays for its other readers (DeBERTa's residual). ``stored``: the quantization
 of a constant is a constant; the tensors are computed by ``quantize_per_token`` itself, once per stored tensor and
 layout chain (DeBERTa's layers share theirs).
+
+``online_hadamard``: the transform ``rotate_hadamard`` puts before a quantized output projection mixes each block of
+``b`` channels, so the quantization follows it (one pass over the row in shared memory on the GPU); the SwiGLU /
+GeGLU product before it joins the same op when its own rule would fuse it, else the Hadamard alone is fused.
 
 ``offset_rmsnorm`` stores ``offset + w`` (float32) once, ahead of time, in place of Gemma's weight (cleanup drops w
 when nothing else reads it). The quantization of a LayerNorm output read by several linears is one quantize
@@ -193,6 +200,24 @@ def gelu_mul(x: Node) -> Fusion | Miss | None:
                                             **ACT_OUTPUTS)
 
 
+# the gated rules' ops, and the same with the online Hadamard between the product and the quantization
+WITH_HADAMARD = {zq.silu_mul_quant.default: zq.silu_mul_hadamard_quant.default,
+                 zq.gelu_mul_quant.default: zq.gelu_mul_hadamard_quant.default}
+
+
+def online_hadamard(x: Node) -> Fusion | Miss | None:
+    """``zq.hadamard(y, block)``, rotation's transform of an output projection's input (o_proj, down_proj)."""
+    if not is_op(x, zq.hadamard.default):
+        return None
+    if miss := _only_read_by_quant(x):
+        return miss
+    y, block = x.args
+    gated = [match for match in (silu_mul(y), gelu_mul(y)) if isinstance(match, Fusion)]
+    if gated:
+        return Fusion(WITH_HADAMARD[gated[0].op], (*gated[0].args, block), **ACT_OUTPUTS)
+    return Fusion(zq.hadamard_quant.default, (y, block), **ACT_OUTPUTS)
+
+
 def _per_token_of(x: Node) -> Callable[[object], bool]:
     """Whether an operand of ``x`` holds one number per token of x: shape ``[..., 1]``, broadcasting over x's last
     dim only, in x's dtype."""
@@ -321,7 +346,8 @@ def _on_producer(matcher: Callable[[Node], Fusion | Miss | None]) -> Rule[Fusion
                 lambda gm, ctx, quant, fusion: _apply(gm, quant, fusion, name))
 
 
-MATCHERS = (add_layernorm, layernorm, rmsnorm, offset_rmsnorm, gelu, gelu_tanh_decomp, relu, silu_mul, gelu_mul)
+MATCHERS = (add_layernorm, layernorm, rmsnorm, offset_rmsnorm, gelu, gelu_tanh_decomp, relu, silu_mul, gelu_mul,
+            online_hadamard)
 RULES: tuple[Rule, ...] = (
     *(_on_producer(matcher) for matcher in (*MATCHERS, token_scaled)),
     Rule("stored", lambda quant: stored(quant.args[0]) if isinstance(quant.args[0], Node) else None, _emit_stored),

@@ -489,12 +489,75 @@ def _row_kit(k: int, vec: int, threads: int, rows_per_block: int, reduction: str
                    _make_row_reduce(_max_nan, threads, rows_per_block, reduction))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Online Hadamard (zq.hadamard, rotation): a fast Walsh-Hadamard transform of the row's values before the
+# quantization. The kernels take ``block`` as a build flag (0: none); with one, each row is written to shared
+# memory, log2(block) butterfly stages run over it in place (pairs (i, i + half) inside every run of 2 * half
+# -> (a + b, a - b), a block-wide barrier after each stage; no warp shuffles, so the simulator runs it too),
+# and the values are read back times 1 / sqrt(block), rounded to the row's dtype, as ``zq.hadamard``: the
+# same float32 additions in the same order as the reference, so the transform itself is bit-exact.
+# ----------------------------------------------------------------------------------------------------
+
+MAX_HADAMARD_ROW = 12 * 1024
+"""Most float32 values (rows per block x K) a Hadamard kernel holds in shared memory: 48 KiB, the static limit."""
+
+
+def _hadamard_len(k: int, rows: int, block: int) -> int:
+    """float32 elements of the shared row buffer (1 when the kernel has no Hadamard)."""
+    return rows * k if block else 1
+
+
+def _make_row_hadamard(kit: _RowKit, k: int, vec: int, threads: int, block: int, round_x: Callable) -> Callable:
+    """A device function ``rotate(vals, row, t) -> absmax``: the row's values (a thread's slots, as ``load``
+    fills them) replaced by their Hadamard transform over blocks of ``block`` (see above), and the absmax of
+    the result. ``row`` is the block's float32 shared buffer of ``_hadamard_len`` elements. Every thread of the
+    block must call it (it synchronises the block)."""
+    stages = max(0, block.bit_length() - 1)
+    pairs = k // 2
+    pair_rounds, pair_full = max(1, -(-pairs // threads)), pairs // threads
+    inverse_sqrt = np.float32(block ** -0.5) if block else _ONE  # the reference's ``* block ** -0.5`` in float32
+    per_thread, full, words = kit.per_thread, kit.full, kit.words
+
+    @cuda.jit(device=True)
+    def rotate(vals, row, t):
+        offset = cuda.threadIdx.y * k
+        for u in range(per_thread):
+            w = t + u * threads
+            if u < full or w < words:
+                for h in range(vec):
+                    row[offset + w * vec + h] = vals[u * vec + h]
+        cuda.syncthreads()
+        for stage in range(stages):
+            half = 1 << stage
+            for m in range(pair_rounds):
+                p = t + m * threads
+                if m < pair_full or p < pairs:
+                    i = offset + ((p >> stage) << (stage + 1)) + (p & (half - 1))
+                    a, b = row[i], row[i + half]
+                    row[i] = a + b
+                    row[i + half] = a - b
+            cuda.syncthreads()
+        absmax = _ZERO
+        for u in range(per_thread):
+            w = t + u * threads
+            if u < full or w < words:
+                for h in range(vec):
+                    v = round_x(row[offset + w * vec + h] * inverse_sqrt)
+                    vals[u * vec + h] = v
+                    absmax = _max_nan(absmax, fabs(v))
+        return absmax
+    return rotate
+
+
 @_built
-def _quantize_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, reduction: str):
+def _quantize_kernel(x_codec: str, block: int, k: int, vec: int, threads: int, rows: int, reduction: str):
+    """Per-token INT8 of x, or of ``zq.hadamard(x, block)`` when ``block``."""
     kit = _row_kit(k, vec, threads, rows, reduction)
-    load_x = kit.make_load(_CODECS[x_codec][0])
+    decode_x, round_x, _ = _CODECS[x_codec]
+    load_x = kit.make_load(decode_x)
+    rotate = _make_row_hadamard(kit, k, vec, threads, block, round_x)
     position, quantize_store, block_max = kit.position, kit.quantize_store, kit.row_max
-    slots, scratch_len = kit.slots, kit.scratch_len
+    slots, scratch_len, row_len = kit.slots, kit.scratch_len, _hadamard_len(k, rows, block)
 
     @cuda.jit
     def kernel(x, q, scale):
@@ -504,8 +567,12 @@ def _quantize_kernel(x_codec: str, k: int, vec: int, threads: int, rows: int, re
         vals = cuda.local.array(slots, float32)
         load_x(x, base, t, vals)
         absmax = _ZERO
-        for e in range(slots):
-            absmax = _max_nan(absmax, fabs(vals[e]))  # slots past the row hold 0
+        if block:
+            row = cuda.shared.array(row_len, float32)
+            absmax = rotate(vals, row, t)
+        else:
+            for e in range(slots):
+                absmax = _max_nan(absmax, fabs(vals[e]))  # slots past the row hold 0
         quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
@@ -694,14 +761,16 @@ def _activation_kernel(x_codec: str, has_bias: bool, activation: str, k: int, ve
 
 
 @_built
-def _gated_kernel(x_codec: str, activation: str, k: int, vec: int, threads: int, rows: int, reduction: str):
-    """act(gate) * up: SwiGLU (silu), GeGLU (erf / tanh)."""
+def _gated_kernel(x_codec: str, activation: str, block: int, k: int, vec: int, threads: int, rows: int,
+                  reduction: str):
+    """act(gate) * up: SwiGLU (silu), GeGLU (erf / tanh); then ``zq.hadamard`` of it when ``block``."""
     kit = _row_kit(k, vec, threads, rows, reduction)
     act = _ACTIVATION_FNS[activation]
     load_x = kit.make_load(_CODECS[x_codec][0])
     round_x = _CODECS[x_codec][1]
+    rotate = _make_row_hadamard(kit, k, vec, threads, block, round_x)
     position, quantize_store, block_max = kit.position, kit.quantize_store, kit.row_max
-    slots, scratch_len = kit.slots, kit.scratch_len
+    slots, scratch_len, row_len = kit.slots, kit.scratch_len, _hadamard_len(k, rows, block)
 
     @cuda.jit
     def kernel(gate, up, q, scale):
@@ -717,6 +786,9 @@ def _gated_kernel(x_codec: str, activation: str, k: int, vec: int, threads: int,
             v = round_x(round_x(act(gates[e])) * ups[e])
             gates[e] = v
             absmax = _max_nan(absmax, fabs(v))
+        if block:
+            row = cuda.shared.array(row_len, float32)
+            absmax = rotate(gates, row, t)
         quantize_store(gates, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
@@ -828,7 +900,8 @@ def _same_type(a: Any, b: Any, what: str, shape: bool = True) -> None:
 class _Launch:
     """Checked launch geometry shared by every op: rows, vec, T, R, reduction, grid."""
 
-    def __init__(self, x: Any, q: Any, scale: Any, arrays: list[Any], options: dict[str, Any]) -> None:
+    def __init__(self, x: Any, q: Any, scale: Any, arrays: list[Any], options: dict[str, Any], block: int = 0
+                 ) -> None:
         _check_outputs(x, q, scale)
         if not all(_contiguous(a) for a in arrays):  # a word view of a strided array would be a copy
             raise ZQError("the Numba kernels take C-contiguous arrays (y, residual, weight, bias, up); call "
@@ -837,6 +910,10 @@ class _Launch:
         self.vec = _pick_vec([x, q, *arrays], self.k, options.get("vec"))
         self.rows, self.threads, self.rows_per_block, self.reduction = _launch_config(
             x, options.get("threads"), options.get("rows_per_block"), options.get("reduction"), self.vec)
+        if _hadamard_len(self.k, self.rows_per_block, block) > MAX_HADAMARD_ROW:
+            raise ZQError(f"{self.rows_per_block} rows of {self.k} values exceed the Hadamard kernels' shared memory "
+                          f"({MAX_HADAMARD_ROW} float32 values); use fewer rows per block, or the reference kernels "
+                          f"for rows this long")
         self.stream = options.get("stream", 0)
 
     def geometry(self) -> tuple[int, int, int, int, str]:
@@ -858,9 +935,26 @@ class _Launch:
 
 def quantize_per_token(x, q, scale, **options: Any) -> None:
     """q, scale = per-token INT8 of x [rows, K]."""
-    launch = _Launch(x, q, scale, [], options)
-    kernel = _quantize_kernel(codec_of(x, "x"), *launch.geometry())
+    _quantize(x, 0, q, scale, options)
+
+
+def hadamard_quant(x, block: int, q, scale, **options: Any) -> None:
+    """q, scale = per-token INT8 of ``zq.hadamard(x, block)`` (x [rows, K])."""
+    _quantize(x, _checked_block(x, block), q, scale, options)
+
+
+def _quantize(x, block: int, q, scale, options: dict[str, Any]) -> None:
+    launch = _Launch(x, q, scale, [], options, block)
+    kernel = _quantize_kernel(codec_of(x, "x"), block, *launch.geometry())
     launch.run(kernel, launch.words(x), launch.words(q), scale)
+
+
+def _checked_block(x, block: int) -> int:
+    """The Hadamard block, checked: a power of two of at least 2 that divides K."""
+    if block < 2 or block & (block - 1) or x.shape[1] % block:
+        raise ZQError(f"the Hadamard block must be a power of two >= 2 dividing the row length {x.shape[1]}, "
+                      f"got {block}")
+    return block
 
 
 def layernorm_quant(x, weight, bias, eps: float, y, q, scale, *, residual=None, **options: Any) -> None:
@@ -929,10 +1023,20 @@ def gelu_mul_quant(gate, up, approximate: str, q, scale, **options: Any) -> None
     _gated_quant(gate, up, _gelu_activation(approximate), q, scale, options)
 
 
-def _gated_quant(gate, up, activation: str, q, scale, options: dict[str, Any]) -> None:
+def silu_mul_hadamard_quant(gate, up, block: int, q, scale, **options: Any) -> None:
+    """q, scale = per-token INT8 of ``zq.hadamard(silu(gate) * up, block)``."""
+    _gated_quant(gate, up, "silu", q, scale, options, _checked_block(gate, block))
+
+
+def gelu_mul_hadamard_quant(gate, up, approximate: str, block: int, q, scale, **options: Any) -> None:
+    """q, scale = per-token INT8 of ``zq.hadamard(gelu(gate) * up, block)``."""
+    _gated_quant(gate, up, _gelu_activation(approximate), q, scale, options, _checked_block(gate, block))
+
+
+def _gated_quant(gate, up, activation: str, q, scale, options: dict[str, Any], block: int = 0) -> None:
     _same_type(gate, up, "up")
-    launch = _Launch(gate, q, scale, [up], options)
-    kernel = _gated_kernel(codec_of(gate, "gate"), activation, *launch.geometry())
+    launch = _Launch(gate, q, scale, [up], options, block)
+    kernel = _gated_kernel(codec_of(gate, "gate"), activation, block, *launch.geometry())
     launch.run(kernel, launch.words(gate), launch.words(up), launch.words(q), scale)
 
 

@@ -1,14 +1,14 @@
-"""Torch-facing wrappers of the Numba kernels: the "cuda" kernels of the fused zq activation-quant ops and of
-``zq.rotary_embedding``.
+"""Torch-facing wrappers of the Numba kernels: the "cuda" kernels of the fused zq activation-quant ops (the
+online-Hadamard ones included) and of ``zq.rotary_embedding``.
 
 Each wrapper takes the op's torch CUDA tensors, views them zero-copy as Numba device arrays
 (``__cuda_array_interface__``; bfloat16 as its int16 bits, see ``kernels``), allocates the outputs with
 torch's caching allocator and launches on torch's current stream (``cuda.external_stream``), so the
 launches order with torch's own kernels and are captured by ``torch.cuda.graph``.
 
-Inputs the kernels do not cover (rows longer than ``kernels.MAX_K``, dtypes other than float32/float16/
-bfloat16, mixed dtypes the kernels do not implement) run the op's reference implementation instead, with
-the same results.
+Inputs the kernels do not cover (rows longer than ``kernels.MAX_K``, or than ``kernels.MAX_HADAMARD_ROW`` for a
+Hadamard, dtypes other than float32/float16/bfloat16, mixed dtypes the kernels do not implement) run the op's
+reference implementation instead, with the same results.
 """
 
 from __future__ import annotations
@@ -76,18 +76,34 @@ def _shaped(x: Tensor, q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return q.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
-def _unary_quant(op: Callable, launch: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``op(x)`` (row-wise, then per-token INT8) through its one-input kernel ``launch``."""
-    if not _kernel_ok(x):
-        return _reference(op, x)
+def _unary_quant(op: Callable, launch: Callable, x: Tensor, *flags: Any) -> tuple[Tensor, Tensor]:
+    """``op(x, *flags)`` (row-wise, then per-token INT8) through its one-input kernel ``launch``."""
+    if not _kernel_ok(x) or not _hadamard_ok(x, op, flags):
+        return _reference(op, x, *flags)
     x2 = _rows(x)
     q, scale = _quant_outputs(x2)
-    launch(_nb(x2), _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
+    launch(_nb(x2), *flags, _nb(q), _nb(scale), stream=_stream(), **LAUNCH_OPTIONS)
     return _shaped(x, q, scale)
+
+
+_HADAMARD_OPS = (ops.hadamard_quant, ops.silu_mul_hadamard_quant, ops.gelu_mul_hadamard_quant)
+
+
+def _hadamard_ok(x: Tensor, op: Callable, flags: tuple) -> bool:
+    """Whether the kernels take the op's Hadamard (its last flag): a power-of-two block dividing a row that fits
+    in shared memory; True for the ops without one."""
+    if op not in _HADAMARD_OPS:
+        return True
+    k, block = x.shape[-1], flags[-1]
+    return k <= kernels.MAX_HADAMARD_ROW and block >= 2 and block & (block - 1) == 0 and k % block == 0
 
 
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     return _unary_quant(ops.quantize_per_token, kernels.quantize_per_token, x)
+
+
+def hadamard_quant(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    return _unary_quant(ops.hadamard_quant, kernels.hadamard_quant, x, block)
 
 
 def _norm_quant(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
@@ -144,7 +160,8 @@ def relu_quant(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _gated(op: Callable, launch: Callable, gate: Tensor, up: Tensor, *flags: Any) -> tuple[Tensor, Tensor]:
-    if not _kernel_ok(gate, up) or up.dtype != gate.dtype or up.shape != gate.shape:
+    if (not _kernel_ok(gate, up) or up.dtype != gate.dtype or up.shape != gate.shape
+            or not _hadamard_ok(gate, op, flags)):
         return _reference(op, gate, up, *flags)
     g2 = _rows(gate)
     q, scale = _quant_outputs(g2)
@@ -158,6 +175,14 @@ def silu_mul_quant(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 
 def gelu_mul_quant(gate: Tensor, up: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
     return _gated(ops.gelu_mul_quant, kernels.gelu_mul_quant, gate, up, approximate)
+
+
+def silu_mul_hadamard_quant(gate: Tensor, up: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    return _gated(ops.silu_mul_hadamard_quant, kernels.silu_mul_hadamard_quant, gate, up, block)
+
+
+def gelu_mul_hadamard_quant(gate: Tensor, up: Tensor, approximate: str, block: int) -> tuple[Tensor, Tensor]:
+    return _gated(ops.gelu_mul_hadamard_quant, kernels.gelu_mul_hadamard_quant, gate, up, approximate, block)
 
 
 def rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
