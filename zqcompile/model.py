@@ -131,7 +131,7 @@ class QuantizedModel(nn.Module):
         self.check_token_ids(input_ids)
         tensors, indices = [], []
         for index, name in enumerate(self.input_names):
-            value = named.get(name)
+            value = given = named.get(name)
             if value is None:  # made only when missing: each is a kernel launch on the GPU
                 value = torch.ones_like(input_ids) if name == "attention_mask" else torch.zeros_like(input_ids)
             if not isinstance(value, torch.Tensor):
@@ -140,7 +140,7 @@ class QuantizedModel(nn.Module):
                 raise ZQError(f"{name} has shape {tuple(value.shape)}, input_ids has {tuple(input_ids.shape)}")
             self._check_device(value, name)
             _check_integer(value, name)
-            if index in self._embedding_rows:
+            if index in self._embedding_rows and given is not None:  # the zeros made here are valid indices
                 indices.append((name, value, self._embedding_rows[index]))
             tensors.append(value.to(self.example_inputs[index].dtype))
         self._check_indices(indices)
