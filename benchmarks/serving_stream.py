@@ -63,7 +63,7 @@ def needs_s(variant: str, requests: int, shapes: int) -> float:
     """Seconds a stage needs to be worth starting (H200 estimates): FP16 eager runs ~60 ms per request (a new
     shape on most of them), max-autotune compiles each shape for about a minute."""
     return {"zq": 60, "eager": 10 + 0.06 * requests, "warm-cache": 45, "compile-dynamic": 90,
-            "compile-autotune": 30 + 70 * shapes, "pool-growth": 20}[variant]
+            "compile-autotune": 20 + 60 * shapes, "pool-growth": 20}[variant]
 
 
 # ---- requests -----------------------------------------------------------------------------------------------
