@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zqcompile
-from helpers import TINY_MODELS, apply_pass, op_targets
+from helpers import TINY_MODELS, apply_pass, key_padding_attention_inputs, op_targets, two_layer_attention_reference
 from zqcompile.passes import CompileContext, broadcast_padding_mask
 from zqcompile.pipeline import run_target_phases
 from zqcompile.recipe import load_recipe
@@ -30,20 +30,13 @@ class HFMask(nn.Module):
         return F.scaled_dot_product_attention(h, k, v, attn_mask=mask)
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
-    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    return q, k, v, keep
-
-
 def _masks(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None) for n in gm.graph.nodes
             if n.target is SDPA]
 
 
 def test_proven_query_part_is_dropped_and_attention_unchanged():
-    args = _inputs()
+    args = key_padding_attention_inputs()
     gm = torch.export.export(HFMask(), args).module()
     with torch.no_grad():
         expected = gm(*args)
@@ -52,16 +45,13 @@ def test_proven_query_part_is_dropped_and_attention_unchanged():
     assert result.counters == {"broadcast_padding_mask.sdpa": 2}
     assert all(tuple(m.meta["val"].shape) == (2, 1, 1, 5) for m in _masks(gm))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    # independent reference: softmax(q k^T / sqrt(d) + (0 | -inf) over the keys) v, twice, in float64
-    q, k, v, keep = (a.double() if a.is_floating_point() else a for a in args)
-    bias = torch.zeros(2, 1, 1, 5, dtype=torch.float64).masked_fill(~keep[:, None, None, :], float("-inf"))
-    h = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5 + bias, -1) @ v
-    ref = torch.softmax(h @ k.transpose(-1, -2) / 8 ** 0.5 + bias, -1) @ v
+    # independent reference: the two attentions in float64
+    ref = two_layer_attention_reference(*args)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_unproven_query_part_is_left_alone_with_a_reason():
-    args = _inputs()
+    args = key_padding_attention_inputs()
     gm = torch.export.export(HFMask(threshold=1), args).module()  # arange >= 1 is False at position 0
     before, ctx = op_targets(gm), CompileContext(load_recipe("w8a8"))
     result = apply_pass(broadcast_padding_mask, gm, ctx)
