@@ -30,9 +30,10 @@ Before a capture the forward runs ``warmup_runs`` times eagerly on a side stream
 compilation and the Triton GEMMs' autotuning (which synchronise the device and cannot be captured) happen
 outside the graph. One run does all of it (every kernel is compiled, tuned and its per-shape plan built by the
 end of its first call; torch.compile's CUDA-graph trees also record after one eager run); a second one only
-cost an eager forward (40-55 ms at BERT-base sizes) per captured shape. The runner is for inference: it runs under ``torch.no_grad()``, and outside inference mode
-even when called inside it (a graph captured from an inference-mode call would otherwise hold inference tensors
-as its static inputs, which a later call outside inference mode may not write).
+cost an eager forward (40-55 ms at BERT-base sizes) per captured shape. The runner is for inference: it runs
+under ``torch.no_grad()``, and outside inference mode even when called inside it (a graph captured from an
+inference-mode call would otherwise hold inference tensors as its static inputs, which a later call outside
+inference mode may not write).
 """
 
 from __future__ import annotations
@@ -89,8 +90,7 @@ class CUDAGraphRunner:
     """Calls ``forward(*inputs)`` through CUDA graphs captured per input signature into one memory pool."""
 
     def __init__(self, forward: Callable[..., Any], *, max_graphs: int = DEFAULT_MAX_GRAPHS,
-                 warmup_runs: int = WARMUP_RUNS,
-                 pool: tuple | None = None, copy_outputs: bool = True):
+                 warmup_runs: int = WARMUP_RUNS, pool: tuple | None = None, copy_outputs: bool = True):
         if max_graphs < 1:
             raise ZQError(f"max_graphs must be at least 1, got {max_graphs}")
         self.forward = forward
