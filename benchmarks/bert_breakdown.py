@@ -134,8 +134,9 @@ def bench_sdpa(res: Results) -> None:
 
 
 REWRITE_SETS = {
-    "all": "fuse_sibling_linears,additive_attention_mask",
-    "no sibling fusion": "additive_attention_mask",
+    "all": "fuse_sibling_linears,broadcast_padding_mask,additive_attention_mask",
+    "no broadcast padding mask": "fuse_sibling_linears,additive_attention_mask",
+    "no sibling fusion": "broadcast_padding_mask,additive_attention_mask",
     "no additive mask": "fuse_sibling_linears",
     "none": "",
 }

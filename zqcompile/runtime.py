@@ -31,7 +31,6 @@ from zqcompile.kv_cache import CacheLayout
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_SEQ_BUCKET = 16  # prompt-length buckets are the powers of two from here up to the cache length
-WARMUP_RUNS = 2  # eager runs before a capture: Numba JIT and Triton autotuning happen there, not in the graph
 
 
 def batch_bucket(batch: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
@@ -121,7 +120,7 @@ class CUDAGraphSteps:
     def _capture(self, bucket: int, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  cache_position: torch.Tensor) -> _Replay:
         args = (input_ids, self.mask[:bucket], position_ids, cache_position, *(t[:bucket] for t in self.cache))
-        graph, outputs = capture_graph(self.graph, args, pool=self.pool, warmup_runs=WARMUP_RUNS)
+        graph, outputs = capture_graph(self.graph, args, pool=self.pool)
         self.captures += 1
         return _Replay(graph, input_ids, position_ids, outputs[0], args)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
@@ -444,7 +445,9 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
         tuning_cache.STATS.loaded += 1
         _TUNED[key] = stored
         return stored
+    start = time.perf_counter()
     timings = _time_candidates(candidates, run)
+    tuning_cache.STATS.seconds += time.perf_counter() - start
     if not timings:
         raise ZQError(f"no Triton GEMM config fits this GPU for shape key {key}; set ZQ_TRITON_AUTOTUNE=0 "
                       "or use the torch._int_mm fallback (int_mm_linear)")
@@ -472,7 +475,7 @@ def _stored_config(disk: tuning_cache.TuningCache, key: tuple, candidates: list[
     if fields is None:
         return None
     try:
-        config = GemmConfig(**fields)
+        config = type(candidates[0])(**fields)  # GemmConfig, or triton_small_m's StreamConfig
     except TypeError:
         config = None
     if config not in candidates:

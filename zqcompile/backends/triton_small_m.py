@@ -306,7 +306,7 @@ def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor
     else:
         key = ("stream", block_m_for(p.m), p.n, p.k, group_width_for(p), int4, x.dtype, bias is not None,
                out_dtype, x.device.index)
-        run(_pick_config(key, candidate_configs(p), run))
+        run(_pick_config(key, candidate_configs(p), run, x.device.index))  # persisted like the prefill GEMMs'
     return out
 
 

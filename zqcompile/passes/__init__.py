@@ -4,6 +4,7 @@ patterns that several passes match are in patterns.py."""
 from zqcompile.passes.additive_attention_mask import additive_attention_mask
 from zqcompile.passes.annotate_roles import annotate_roles
 from zqcompile.passes.awq_scale_weights import awq_scale_weights
+from zqcompile.passes.broadcast_padding_mask import broadcast_padding_mask
 from zqcompile.passes.calibrate_activations import calibrate_activations
 from zqcompile.passes.canonicalize_conv1d import canonicalize_conv1d
 from zqcompile.passes.cleanup import cleanup
@@ -32,4 +33,5 @@ __all__ = [
     "quantize_weights",
     "insert_activation_quant", "fuse_quant_into_elementwise", "lower_linear_to_int8_gemm", "cleanup",
     "fuse_sibling_linears", "additive_attention_mask", "grouped_query_attention", "fuse_rotary_embedding",
+    "broadcast_padding_mask",
 ]
