@@ -20,7 +20,7 @@ def test_outlier_op_against_a_float64_reference():
     x[:, [3, 17]] *= 40  # two outlier channels
     weight = torch.randn(16, 32)
     columns = torch.tensor([3, 17])
-    q, scale = quantize_weight(weight.index_fill(1, columns, 0), 8)
+    q, scale, _ = quantize_weight(weight.index_fill(1, columns, 0), 8)
     w_outlier = weight[:, columns].half()
     got = zq.outlier_int8_linear(x, q, scale, columns, w_outlier, None, torch.float32)
     rest = x.clone()

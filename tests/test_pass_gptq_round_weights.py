@@ -98,3 +98,24 @@ def test_gptq_composes_with_rotation():
         reference = model(input_ids=ids).logits
         errors = [torch.mean((m(input_ids=ids).logits - reference) ** 2).item() for m in (rotated_gptq, rotated)]
     assert errors[0] < errors[1]
+
+
+def test_asymmetric_int4_plans_get_gptqs_integers_and_mins_on_the_asymmetric_grid():
+    model = make_tiny_llama()
+    recipe = Recipe.from_dict({"base": "w4a8-asym", "weight_rounding": "gptq"})
+    rounded = run_pipeline(capture(model, None).graph_module, recipe, stop_after="round_weights",
+                           calibration_inputs=_calibration()).context.rounded_weights.values()
+    int4 = [r for r in rounded if r.layout.bits == 4]
+    assert len(int4) == 6  # gate, up, down of 2 blocks
+    assert all(not r.layout.symmetric and r.q.min() >= 0 and r.q.max() <= 15 for r in int4)
+    gm = run_pipeline(capture(model, None).graph_module, recipe, calibration_inputs=_calibration()).compiled
+    stored = 0
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.zq.int4_linear.default:
+            continue
+        w, w_min = (get_attr_tensor(gm, node.args[i]) for i in (2, 6))
+        assert any(torch.equal(unpack_weight(w, w_min), r.q) and torch.equal(w_min, r.w_min) for r in int4)
+        before, after = (float(v) for v in node.meta[META_ROUNDING].removeprefix("gptq: output error ").split(" (rtn) -> "))
+        assert after < before
+        stored += 1
+    assert stored == 6

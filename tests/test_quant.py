@@ -115,7 +115,7 @@ def test_quantize_weight_matches_block_reference(bits, group_size, input_group_s
     torch.manual_seed(2)
     n, k = 16, 64
     w = torch.randn(n, k) * torch.logspace(-1, 1, n)[:, None]
-    q, scale = quantize_weight(w, bits, group_size, input_group_size)
+    q, scale, _ = quantize_weight(w, bits, group_size, input_group_size)
     qmax = 2 ** (bits - 1) - 1
     rows, cols = group_size or 1, input_group_size or k
     q_ref, scale_ref = reference_quantize_weight(w, qmax, rows, cols)
@@ -133,7 +133,7 @@ def test_quantize_weight_matches_block_reference(bits, group_size, input_group_s
 def test_quantize_weight_low_precision_input(dtype):
     torch.manual_seed(3)
     w = torch.randn(8, 32).to(dtype)
-    q, scale = quantize_weight(w, 8)
+    q, scale, _ = quantize_weight(w, 8)
     q_ref, scale_ref = reference_quantize_weight(w, 127, 1, 32)
     np.testing.assert_allclose(scale.double().numpy(), scale_ref, rtol=1e-6)
     assert_matches_reference(q, q_ref, min_exact=0.99)
@@ -142,7 +142,7 @@ def test_quantize_weight_low_precision_input(dtype):
 def test_quantize_weight_all_zero_group_gives_zeros():
     w = torch.randn(8, 32)
     w[2:4] = 0.0
-    q, scale = quantize_weight(w, 4, group_size=2)
+    q, scale, _ = quantize_weight(w, 4, group_size=2)
     assert scale[1, 0].item() == 1.0 and torch.isfinite(scale).all()
     assert q[2:4].eq(0).all()
 
@@ -213,3 +213,56 @@ def test_exact_int_matmul_equals_int64_reference(k):
     assert acc.dtype == torch.int32
     assert torch.equal(acc.long(), reference)
     assert acc[0, 0].item() == 127 * 127 * k
+
+
+# ---- asymmetric INT4 ---------------------------------------------------------------------------------------------
+
+def asymmetric_grid_weight(n: int = 8, k: int = 128, width: int = 32, seed: int = 0) -> torch.Tensor:
+    """A weight exactly on an asymmetric 4-bit grid (llama.cpp's Q4_1): w = d * q + m per group of ``width``
+    columns, each group using q = 0 and q = 15. d and m have few mantissa bits, so every value, 15 * d and
+    (max - min) / 15 are exact in float32."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    q[:, ::width], q[:, 1::width] = 0, 15
+    d = torch.randint(1, 64, (n, k // width, 1), generator=g).double() / 1024
+    m = torch.randint(-256, 256, (n, k // width, 1), generator=g).double() / 256
+    return (q.double().reshape(n, k // width, width) * d + m).reshape(n, k).float()
+
+
+def test_weight_on_an_asymmetric_grid_round_trips_bit_exactly_with_its_groups_only():
+    w = asymmetric_grid_weight()
+    q, scale, w_min = quantize_weight(w, 4, input_group_size=32, symmetric=False)
+    assert q.min() >= 0 and q.max() <= 15 and w_min.shape == scale.shape == (8, 4)
+    assert torch.equal(dequantize_weight_values(q, scale, w_min), w)
+    assert torch.equal(unpack_int4(pack_int4(q, symmetric=False), symmetric=False), q)
+    # the symmetric grid and coarser asymmetric groups cannot hold it
+    assert not torch.equal(dequantize_weight_values(*quantize_weight(w, 4, input_group_size=32)), w)
+    assert not torch.equal(dequantize_weight_values(*quantize_weight(w, 4, input_group_size=64, symmetric=False)), w)
+
+
+def test_asymmetric_quantize_weight_matches_float64_reference():
+    torch.manual_seed(3)
+    w = torch.randn(16, 64) * torch.logspace(-1, 1, 16)[:, None] + 0.3
+    q, scale, w_min = quantize_weight(w, 4, group_size=2, input_group_size=16, symmetric=False)
+    blocks = w.double().numpy().reshape(8, 2, 4, 16)
+    lo, hi = blocks.min(axis=(1, 3)), blocks.max(axis=(1, 3))
+    np.testing.assert_allclose(scale.numpy(), (hi - lo) / 15, rtol=1e-6)
+    np.testing.assert_array_equal(w_min.numpy(), lo.astype(np.float32))
+    full_scale = expand_weight_scale(scale, 16, 64).double().numpy()
+    full_min = expand_weight_scale(w_min, 16, 64).double().numpy()
+    expected = np.clip(np.round((w.double().numpy() - full_min) / full_scale), 0, 15)
+    assert (q.numpy() != expected).mean() < 0.01 and np.abs(q.numpy() - expected).max() <= 1
+    error = np.abs(w.double().numpy() - (q.double().numpy() * full_scale + full_min))
+    assert (error <= full_scale / 2 * (1 + 1e-5)).all()
+
+
+def test_asymmetric_constant_group_and_refusals():
+    w = torch.randn(4, 32)
+    w[1, :16] = 0.75  # a group of equal values: scale 1, q 0, the min is the value
+    q, scale, w_min = quantize_weight(w, 4, input_group_size=16, symmetric=False)
+    assert scale[1, 0].item() == 1.0 and w_min[1, 0].item() == 0.75 and q[1, :16].eq(0).all()
+    assert torch.equal(dequantize_weight_values(q, scale, w_min)[1, :16], w[1, :16])
+    with pytest.raises(ZQError, match=r"asymmetric weights \(weight_symmetric: false\) are INT4 only, got 8 bits"):
+        quantize_weight(w, 8, symmetric=False)
+    with pytest.raises(ZQError, match=r"INT4 packing got values outside \[0, 15\]"):
+        pack_int4(torch.full((2, 4), -1, dtype=torch.int8), symmetric=False)

@@ -43,7 +43,7 @@ from torch import Tensor
 from zqcompile import ops
 from zqcompile.backends import tuning_cache
 from zqcompile.errors import ZQError
-from zqcompile.quant import expand_weight_scale, unpack_int4
+from zqcompile.quant import expand_weight_scale, unpack_int4, unpack_weight
 
 try:
     import triton
@@ -572,7 +572,9 @@ def _int8_linear_cuda(x_q, x_scale, w, w_scale, bias, out_dtype):
     return triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
 
 
-def _int4_linear_cuda(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
+def _int4_linear_cuda(x_q, x_scale, w_packed, w_scale, bias, out_dtype, w_min=None):
+    if w_min is not None:  # asymmetric INT4: no Triton kernel yet
+        return ops._int_linear_reference(x_q, x_scale, unpack_weight(w_packed, w_min), w_scale, bias, out_dtype, w_min)
     return triton_int_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
 
 
@@ -580,7 +582,9 @@ def _int8_linear_int_mm(x_q, x_scale, w, w_scale, bias, out_dtype):
     return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
 
 
-def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
+def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype, w_min=None):
+    if w_min is not None:
+        return ops._int_linear_reference(x_q, x_scale, unpack_weight(w_packed, w_min), w_scale, bias, out_dtype, w_min)
     return int_mm_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
 
 

@@ -43,6 +43,7 @@ from zqcompile import ops
 from zqcompile.backends import triton_gemm
 from zqcompile.backends.triton_gemm import _Problem, _pick_config, _require_cuda, _require_triton, check_linear_args
 from zqcompile.errors import ZQError
+from zqcompile.quant import unpack_weight
 
 triton = triton_gemm.triton
 if triton is not None:
@@ -355,7 +356,9 @@ def stream_weight_only_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tenso
 # ----------------------------------------------------------------------------------------------------
 
 def _int_linear_cuda(int4: bool) -> Callable[..., Tensor]:
-    def kernel(x_q, x_scale, w, w_scale, bias, out_dtype):
+    def kernel(x_q, x_scale, w, w_scale, bias, out_dtype, w_min=None):
+        if w_min is not None:  # asymmetric INT4: no Triton kernel yet
+            return ops._int_linear_reference(x_q, x_scale, unpack_weight(w, w_min), w_scale, bias, out_dtype, w_min)
         p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
         _require_cuda("the Triton INT8 GEMM", x_q, x_scale, w, w_scale, *([bias] if bias is not None else []))
         if stream_kernel_applies(p, int8_acts=True):
@@ -368,14 +371,15 @@ int8_linear_cuda = _int_linear_cuda(int4=False)
 int4_linear_cuda = _int_linear_cuda(int4=True)
 
 
-def weight_only_linear_cuda(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def weight_only_linear_cuda(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                            w_min: Tensor | None = None) -> Tensor:
     """M <= 64: the weight-streaming kernel; otherwise (and for float32 activations) the reference, whose
     cuBLAS GEMM is what prefill is bound by."""
     p = check_weight_only_args(x, w, w_scale, bias)
     _require_cuda("the Triton weight-only GEMM", x, w, w_scale)
-    if stream_kernel_applies(p, int8_acts=False, act_dtype=x.dtype):
+    if w_min is None and stream_kernel_applies(p, int8_acts=False, act_dtype=x.dtype):
         return stream_weight_only_linear(x, w, w_scale, bias)
-    return F.linear(x, ops.dequantize_weight(w, w_scale, x.dtype), bias)
+    return F.linear(x, ops.dequantize_weight(w, w_scale, x.dtype, w_min), bias)
 
 
 __all__ = [
