@@ -78,7 +78,7 @@ def test_linear_ops_propagate_non_finite_activation_rows(op):
     w_q, w_scale, _ = quantize_weight(weight, bits)
     if bits == 4:
         from zqcompile.quant import pack_int4
-        w_q = pack_int4(w_q)
+        w_q = pack_int4(w_q, w_q.shape[1])
 
     def run(inp):
         if op == "weight_only_linear":

@@ -109,7 +109,7 @@ def test_dequantize_weight(bits, dtype):
     qmax = 2 ** (bits - 1) - 1
     w_q = random_int8(8, 32, low=-qmax, high=qmax)
     w_scale = torch.rand(4, 2) + 0.1  # 2 rows x 16 columns per group
-    stored = pack_int4(w_q) if bits == 4 else w_q
+    stored = pack_int4(w_q, 16) if bits == 4 else w_q
     w = zq.dequantize_weight(stored, w_scale, dtype)
     reference = ref_int_linear(torch.eye(32, dtype=torch.int8), torch.ones(32, 1), w_q, w_scale, None).T
     assert w.dtype == dtype and w.shape == (8, 32)
@@ -166,7 +166,7 @@ def test_int4_linear_matches_reference_and_int8_path(w_scale_shape):
     w_q = random_int8(8, 64, low=-7, high=7)
     w_scale = torch.rand(*w_scale_shape) * 0.1
     bias = torch.randn(8)
-    y = zq.int4_linear(x_q, x_scale, pack_int4(w_q), w_scale, bias, torch.float32)
+    y = zq.int4_linear(x_q, x_scale, pack_int4(w_q, 64 // w_scale_shape[1]), w_scale, bias, torch.float32)
     assert y.shape == (4, 3, 8)
     torch.testing.assert_close(y, zq.int8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32), rtol=0, atol=0)
     reference = ref_int_linear(x_q, x_scale, w_q, w_scale, bias)
@@ -182,7 +182,7 @@ def test_weight_only_linear(bits, dtype):
     w_q = random_int8(12, 32, low=-qmax, high=qmax)
     w_scale = torch.rand(12, 2) * 0.05 + 0.01
     bias = torch.randn(12).to(dtype)
-    y = zq.weight_only_linear(x, pack_int4(w_q) if bits == 4 else w_q, w_scale, bias)
+    y = zq.weight_only_linear(x, pack_int4(w_q, 16) if bits == 4 else w_q, w_scale, bias)
     assert y.dtype == dtype and y.shape == (3, 5, 12)
     w = ref_int_linear(torch.eye(32, dtype=torch.int8), torch.ones(32, 1), w_q, w_scale, None).T
     reference = x.double() @ w.T + bias.double()
@@ -311,7 +311,7 @@ def _opcheck_cases():
     torch.manual_seed(13)
     x = torch.randn(2, 3, 32)
     x_q, x_scale = random_int8(2, 3, 32), torch.rand(2, 3, 1)
-    w_q, w_packed, w_scale = random_int8(8, 32), pack_int4(random_int8(8, 32, low=-7, high=7)), torch.rand(8, 2)
+    w_q, w_packed, w_scale = random_int8(8, 32), pack_int4(random_int8(8, 32, low=-7, high=7), 16), torch.rand(8, 2)
     weight, bias = torch.rand(32), torch.randn(32)
     return {
         "quantize_per_token": (x,),
@@ -344,7 +344,7 @@ def asym_int4_case(n: int = 8, k: int = 64, width: int = 32, seed: int = 9):
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int8)
     w_scale = torch.rand(n, k // width, generator=g) * 0.1 + 0.01
     w_min = torch.randn(n, k // width, generator=g)
-    return q, pack_int4(q, symmetric=False), w_scale, w_min
+    return q, pack_int4(q, width, symmetric=False), w_scale, w_min
 
 
 def ref_asym_weight(q: torch.Tensor, w_scale: torch.Tensor, w_min: torch.Tensor) -> torch.Tensor:

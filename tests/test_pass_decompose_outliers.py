@@ -44,7 +44,7 @@ def test_compiled_outlier_columns_are_bit_exact_fp16_copies(tmp_path):
         w_outlier = get_attr_tensor(gm, node.args[4])
         assert w_outlier.dtype == torch.float16
         assert torch.equal(w_outlier, weight[:, columns].half())  # bit-exact FP16 copies
-        stored = unpack_weight(get_attr_tensor(gm, node.args[1]))
+        stored = unpack_weight(get_attr_tensor(gm, node.args[1]), get_attr_tensor(gm, node.args[2]))
         assert torch.all(stored[:, columns] == 0)
     assert "FP16 outlier columns" in zqcompile.inspect(qmodel, code=False)
     qmodel.save(tmp_path / "int8")

@@ -30,9 +30,12 @@ def _calibration() -> list[tuple[torch.Tensor, ...]]:
 def _stored(gm) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
     """module -> (int8 values, scales, rounding meta) of every quantized linear of a compiled graph."""
     from zqcompile.ops import WEIGHT_ARGS
-    return {n.meta[META_MODULE]: (unpack_weight(get_attr_tensor(gm, n.args[WEIGHT_ARGS[n.target].weight])),
-                                  get_attr_tensor(gm, n.args[WEIGHT_ARGS[n.target].scale]), n.meta.get(META_ROUNDING, "rtn"))
-            for n in gm.graph.nodes if n.op == "call_function" and n.target in WEIGHT_ARGS and META_MODULE in n.meta}
+    stored = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in WEIGHT_ARGS and META_MODULE in n.meta:
+            w, scale = (get_attr_tensor(gm, n.args[i]) for i in WEIGHT_ARGS[n.target][:2])
+            stored[n.meta[META_MODULE]] = (unpack_weight(w, scale), scale, n.meta.get(META_ROUNDING, "rtn"))
+    return stored
 
 
 def test_the_stored_integers_are_gptqs_and_the_ops_are_unchanged(gptq_llama):
@@ -113,8 +116,8 @@ def test_asymmetric_int4_plans_get_gptqs_integers_and_mins_on_the_asymmetric_gri
     for node in gm.graph.nodes:
         if node.target is not torch.ops.zq.int4_linear.default:
             continue
-        w, w_min = (get_attr_tensor(gm, node.args[i]) for i in (2, 6))
-        assert any(torch.equal(unpack_weight(w, w_min), r.q) and torch.equal(w_min, r.w_min) for r in int4)
+        w, scale, w_min = (get_attr_tensor(gm, node.args[i]) for i in (2, 3, 6))
+        assert any(torch.equal(unpack_weight(w, scale, w_min), r.q) and torch.equal(w_min, r.w_min) for r in int4)
         before, after = (float(v) for v in node.meta[META_ROUNDING].removeprefix("gptq: output error ").split(" (rtn) -> "))
         assert after < before
         stored += 1

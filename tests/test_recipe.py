@@ -173,6 +173,9 @@ def test_resolution_errors_name_the_layer():
                                       r"override only"):
         load_recipe({"base": "w4a8", "weight_symmetric": False}).resolve(BERT_SITES)
     odd = [LinearSite("proj", "other", 8, 7)]
-    with pytest.raises(ZQError, match=r"proj: INT4 weights need an even in_features, got 7; keep it at 8 bits"):
+    with pytest.raises(ZQError, match=r"proj: INT4 weights need an even in_features and input_group_size \(two values "
+                                      r"per byte\), got 7 / None; keep it at 8 bits"):
         load_recipe({"weight_bits": 4}).resolve(odd)
+    with pytest.raises(ZQError, match=r"got 12 / 3; keep it at 8 bits"):
+        load_recipe({"weight_bits": 4, "input_group_size": 3}).resolve([LinearSite("proj", "other", 8, 12)])
     assert load_recipe({"weight_bits": 4, "keep_fp": ["proj"]}).resolve(odd)["proj"].kind == "FP"

@@ -48,7 +48,7 @@ from torch.fx import GraphModule
 from zqcompile.errors import ZQError
 from zqcompile.ops import WEIGHT_ARGS, hadamard_matrix
 from zqcompile.passes.infra import attr_tensor, set_attr_tensor
-from zqcompile.quant import ACT_QMAX, unpack_int4
+from zqcompile.quant import ACT_QMAX, int4_group_width, unpack_int4
 
 MS_DOMAIN = "com.microsoft"
 ACT_ZERO_POINT = 128  # int8 activation values travel as uint8 = int8 + 128
@@ -199,10 +199,8 @@ def _translation_table() -> dict[Any, Any]:
         g_in = static_shape(w_scale)[1]
         block = k // g_in
         scales = op.Reshape(column_scale(w_scale, n), ints(n * g_in))
-        if w_min is None:
-            # signed nibble s -> unsigned s + 8 (MatMulNBits' default zero point 8) is s ^ 8, per nibble
-            w_packed, zero_points = op.BitwiseXor(w_packed, op.Constant(value=ir.tensor(0x88, dtype=uint8))), ()
-        else:  # unsigned nibbles q: (q - zp) * s = s * q + min with the float zero point zp = -min / s
+        zero_points = ()  # symmetric: nibbles q + 8 with MatMulNBits' default zero point 8
+        if w_min is not None:  # nibbles q: (q - zp) * s = s * q + min with the float zero point zp = -min / s
             zero_points = (op.Neg(op.Div(op.Reshape(column_scale(w_min, n), ints(n * g_in)), scales)),)
         y = ms.MatMulNBits(dequantize_rows(q, scale), op.Reshape(w_packed, ints(n, g_in, block // 2)), scales,
                            *zero_points, K=k, N=n, bits=4, block_size=block, accuracy_level=MATMULNBITS_ACCURACY_LEVEL)
@@ -284,13 +282,13 @@ def fits_matmulnbits(w_packed: torch.Tensor, w_scale: torch.Tensor) -> bool:
 
 
 def _prepare_graph(gm: GraphModule, int4_mode: str) -> GraphModule:
-    """A copy of the compiled graph where every packed INT4 weight the ONNX side cannot take as MatMulNBits
-    is unpacked to int8 (int4_linear then becomes int8_linear, which computes the same on unpacked values; an
-    asymmetric one, which int8_linear cannot take, ``weight_only_linear`` of its dequantized activations: the
-    same products in floating point)."""
+    """A copy of the compiled graph where every packed INT4 weight MatMulNBits takes is repacked to its layout,
+    and every other one is unpacked to int8 (int4_linear then becomes int8_linear, which computes the same on
+    unpacked values; an asymmetric one, which int8_linear cannot take, ``weight_only_linear`` of its dequantized
+    activations: the same products in floating point)."""
     gm = copy.deepcopy(gm)
     zq = torch.ops.zq
-    unpacked: set[str] = set()
+    as_nbits: dict[str, bool] = {}  # packed weight -> whether it went to MatMulNBits' layout (else unpacked)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (
                 zq.int4_linear.default, zq.weight_only_linear.default, zq.dequantize_weight.default):
@@ -298,21 +296,25 @@ def _prepare_graph(gm: GraphModule, int4_mode: str) -> GraphModule:
         positions = WEIGHT_ARGS[node.target]
         weight, w_scale = node.args[positions.weight], node.args[positions.scale]
         w_min = positions.min_arg(node.args)
-        w = attr_tensor(gm, weight.target)
-        if w.dtype != torch.uint8:
+        w, scale = attr_tensor(gm, weight.target), attr_tensor(gm, w_scale.target)
+        if weight.target not in as_nbits:
+            if w.dtype != torch.uint8:
+                continue
+            q = unpack_int4(w, int4_group_width(w, scale), symmetric=w_min is None)
+            nbits = node.target is zq.int4_linear.default and int4_mode == "matmulnbits" and fits_matmulnbits(w, scale)
+            if nbits:  # MatMulNBits' layout: unsigned nibbles (q + 8, or asymmetric q), value 2j low, 2j + 1 high
+                codes = (q.to(torch.int16) + (8 if w_min is None else 0)).to(torch.uint8)
+                q = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            set_attr_tensor(gm, weight.target, q)
+            as_nbits[weight.target] = nbits
+        if as_nbits[weight.target] or node.target is not zq.int4_linear.default:
             continue
-        if (node.target is zq.int4_linear.default and int4_mode == "matmulnbits"
-                and fits_matmulnbits(w, attr_tensor(gm, w_scale.target))):
-            continue
-        if weight.target not in unpacked:
-            set_attr_tensor(gm, weight.target, unpack_int4(w, symmetric=w_min is None))
-            unpacked.add(weight.target)
-        if node.target is zq.int4_linear.default and w_min is None:
+        if w_min is None:
             node.target = zq.int8_linear.default
-        elif node.target is zq.int4_linear.default:
-            q, q_scale, _, _, bias, out_dtype, _ = node.args
+        else:
+            x_q, x_scale, _, _, bias, out_dtype, _ = node.args
             with gm.graph.inserting_before(node):
-                x = gm.graph.call_function(zq.dequantize_per_token.default, (q, q_scale, out_dtype))
+                x = gm.graph.call_function(zq.dequantize_per_token.default, (x_q, x_scale, out_dtype))
             node.target, node.args = zq.weight_only_linear.default, (x, weight, w_scale, bias, w_min)
     gm.recompile()
     return gm

@@ -7,7 +7,7 @@ what an op computes, so a graph means the same thing under every backend.
 
 Conventions (see zqcompile.quant): activation scales are float32 ``[..., 1]`` (one per token row);
 weight scales are float32 ``[G_out, G_in]``; INT8 weights are ``int8 [N, K]``, INT4 weights are packed
-``uint8 [N, K/2]``. Asymmetric INT4 weights (values in [0, 15], zqcompile.quant) also take their group mins
+``uint8 [N, K/2]`` (zqcompile.quant.pack_int4: unsigned nibbles, half-split in each input group). Asymmetric INT4 weights (values in [0, 15], zqcompile.quant) also take their group mins
 ``w_min`` (float32 ``[G_out, G_in]``, the ops' last, optional argument): ``w = s_w * q + w_min``. Fused "elementwise + quant" ops return the quantized activation and its scale; the
 norm ops also return their floating-point output, which a residual connection may still need.
 """
@@ -65,7 +65,7 @@ def _(x_q: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
 def dequantize_weight(w: Tensor, w_scale: Tensor, out_dtype: torch.dtype, w_min: Tensor | None = None) -> Tensor:
     """Floating-point weight [N, K] from stored INT8 (int8) or packed INT4 (uint8) values, group scales and
     (asymmetric INT4) group mins."""
-    return dequantize_weight_values(unpack_weight(w, w_min), w_scale, w_min).to(out_dtype)
+    return dequantize_weight_values(unpack_weight(w, w_scale, w_min), w_scale, w_min).to(out_dtype)
 
 
 @dequantize_weight.register_fake
@@ -126,7 +126,7 @@ def _(x_q, x_scale, w, w_scale, bias, out_dtype):
 def int4_linear(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None,
                 out_dtype: torch.dtype, w_min: Tensor | None = None) -> Tensor:
     """W4A8 linear: unpacks the INT4 weights (uint8 [N, K/2]; asymmetric with ``w_min``) and runs the INT8 path."""
-    return _int_linear_reference(x_q, x_scale, unpack_weight(w_packed, w_min), w_scale, bias, out_dtype, w_min)
+    return _int_linear_reference(x_q, x_scale, unpack_weight(w_packed, w_scale, w_min), w_scale, bias, out_dtype, w_min)
 
 
 @int4_linear.register_fake
@@ -138,7 +138,7 @@ def _(x_q, x_scale, w_packed, w_scale, bias, out_dtype, w_min=None):
 def weight_only_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, w_min: Tensor | None = None
                        ) -> Tensor:
     """W8A16 / W4A16 linear: dequantize the stored weight to x's dtype and run a floating-point GEMM."""
-    return F.linear(x, dequantize_weight_values(unpack_weight(w, w_min), w_scale, w_min).to(x.dtype), bias)
+    return F.linear(x, dequantize_weight_values(unpack_weight(w, w_scale, w_min), w_scale, w_min).to(x.dtype), bias)
 
 
 @weight_only_linear.register_fake
@@ -312,7 +312,7 @@ def outlier_int8_linear(x: Tensor, w: Tensor, w_scale: Tensor, columns: Tensor, 
     columns ``w_outlier`` (FP16 [N, C], computed in x's dtype), plus per-token INT8 of the other columns (their
     scale ignores the outliers) times the INT8 / packed INT4 weight ``w`` (zero in the outlier columns)."""
     q, s = quantize_rows(x.index_fill(-1, columns, 0))
-    y = _int_linear_reference(q, s, unpack_weight(w), w_scale, bias, out_dtype)
+    y = _int_linear_reference(q, s, unpack_weight(w, w_scale), w_scale, bias, out_dtype)
     return y + (x.index_select(-1, columns) @ w_outlier.to(x.dtype).T).to(out_dtype)
 
 

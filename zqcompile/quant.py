@@ -113,30 +113,41 @@ def dequantize_weight_values(q: torch.Tensor, scale: torch.Tensor, w_min: torch.
     return w if w_min is None else w + expand_weight_scale(w_min, n, k).float()
 
 
-def pack_int4(q: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
-    """Pack INT4 values two per byte along the last dim: low nibble = even column. Symmetric values in [-8, 7]
-    are stored as signed nibbles, asymmetric ones in [0, 15] as unsigned nibbles."""
-    if q.shape[-1] % 2:
-        raise ZQError(f"INT4 packing needs an even in_features, got {q.shape[-1]}")
+def int4_group_width(w_packed: torch.Tensor, w_scale: torch.Tensor) -> int:
+    """Values per input-dim group of a packed INT4 weight [N, K/2] with scales [G_out, G_in] (K without groups)."""
+    return 2 * w_packed.shape[-1] // w_scale.shape[-1]
+
+
+def pack_int4(q: torch.Tensor, group_width: int, symmetric: bool = True) -> torch.Tensor:
+    """Pack INT4 values [..., K] two per byte, "half-split" inside each input-dim group of ``group_width`` values
+    (K without groups): byte j of a group holds value j in its low nibble and value j + group_width / 2 in its
+    high nibble, so a kernel multiplies each nibble half by one contiguous run of activations. Nibbles are
+    unsigned: q + 8 for symmetric values in [-8, 7], q for asymmetric ones in [0, 15]."""
+    k = q.shape[-1]
+    if group_width % 2 or k % group_width:
+        raise ZQError(f"INT4 packing needs an even group width dividing in_features, got {group_width} for {k}")
     low, high = (-8, 7) if symmetric else (0, ASYM_LEVELS)
-    if q.min() < low or q.max() > high:
+    if q.numel() and (q.min() < low or q.max() > high):
         raise ZQError(f"INT4 packing got values outside [{low}, {high}]")
-    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    codes = (q.to(torch.int16) + (8 if symmetric else 0)).to(torch.uint8)
+    groups = codes.reshape(*q.shape[:-1], k // group_width, 2, group_width // 2)
+    return (groups[..., 0, :] | (groups[..., 1, :] << 4)).reshape(*q.shape[:-1], k // 2)
 
 
-def unpack_int4(packed: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
-    """Inverse of pack_int4: uint8 [..., K/2] -> int8 [..., K] (nibbles sign-extended when symmetric)."""
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    both = torch.stack((low, high), dim=-1).flatten(-2)
-    return torch.where(both > 7, both - 16, both) if symmetric else both
+def unpack_int4(packed: torch.Tensor, group_width: int, symmetric: bool = True) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [..., K/2] -> int8 [..., K]."""
+    half = group_width // 2
+    groups = packed.reshape(*packed.shape[:-1], packed.shape[-1] // half, 1, half)
+    codes = torch.cat((groups & 0xF, groups >> 4), dim=-2).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    return codes.to(torch.int8) - 8 if symmetric else codes.to(torch.int8)
 
 
-def unpack_weight(w: torch.Tensor, w_min: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 values of a stored weight: INT8 weights are stored as int8, INT4 weights packed as uint8 (asymmetric
-    when the weight has mins)."""
-    return unpack_int4(w, symmetric=w_min is None) if w.dtype == torch.uint8 else w
+def unpack_weight(w: torch.Tensor, w_scale: torch.Tensor, w_min: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 values of a stored weight: INT8 weights are stored as int8, INT4 weights packed as uint8 (pack_int4,
+    in the scales' input groups; asymmetric when the weight has mins)."""
+    if w.dtype != torch.uint8:
+        return w
+    return unpack_int4(w, int4_group_width(w, w_scale), symmetric=w_min is None)
 
 
 def exact_int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

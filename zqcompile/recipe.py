@@ -271,9 +271,10 @@ class Recipe:
             raise ZQError(f"recipe {self.name!r} for {site.module} ({reason}): asymmetric weights "
                           f"(weight_symmetric: false) are INT4 only, but this layer has {settings['weight_bits']}-bit "
                           f"weights; set weight_symmetric: false in the INT4 override only (e.g. role: 'mlp_*')")
-        if settings["weight_bits"] == 4 and site.in_features % 2:
-            raise ZQError(f"{site.module}: INT4 weights need an even in_features, got {site.in_features}; "
-                          f"keep it at 8 bits with an override")
+        if settings["weight_bits"] == 4 and (settings["input_group_size"] or site.in_features) % 2:
+            raise ZQError(f"{site.module}: INT4 weights need an even in_features and input_group_size (two values "
+                          f"per byte), got {site.in_features} / {settings['input_group_size']}; keep it at 8 bits "
+                          f"with an override")
         return LinearPlan(reason=reason, **settings)
 
     # -- loading ---------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from zqcompile.passes.infra import CompileContext, embedding_rows
 from zqcompile.recipe import LinearPlan, Override, Recipe
 
 FORMAT = "zqcompile-quantized-model"
-FORMAT_VERSION = 3  # 3: linear plans record weight_symmetric (asymmetric INT4 weights and their mins)
+FORMAT_VERSION = 3  # 3: plans record weight_symmetric (asymmetric INT4 + mins); INT4 packed half-split, unsigned
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 FORWARD = "forward"

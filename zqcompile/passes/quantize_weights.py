@@ -42,7 +42,7 @@ def quantize_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
             else:
                 q, scale, w_min = layout.quantize(weight)
             base = f"{weight_node.target}_int{plan.weight_bits}_{len(stored)}"
-            tensors = {base: pack_int4(q, layout.symmetric) if plan.weight_bits == 4 else q, f"{base}_scale": scale}
+            tensors = {base: pack_int4(q, q.shape[1] // scale.shape[1], layout.symmetric) if plan.weight_bits == 4 else q, f"{base}_scale": scale}
             if w_min is not None:
                 tensors[f"{base}_min"] = w_min
             for name, tensor in tensors.items():
