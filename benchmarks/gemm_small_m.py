@@ -126,6 +126,7 @@ def bench_shape(m: int, n: int, k: int, weights: dict, copy_gbps: float, max_err
             ref = impls.get("new", impls.get("cublas"))(*first) if variant != "fp16" else None
         for impl, call in impls.items():
             key = f"{variant}_{impl}"
+            tuned_before = set(triton_gemm._TUNED)
             try:
                 if ref is not None:
                     err = rel_err(call(*first), ref)
@@ -134,7 +135,9 @@ def bench_shape(m: int, n: int, k: int, weights: dict, copy_gbps: float, max_err
                         continue
                 us = time_cycled(call, weights[variant])
                 gbps = weight_bytes(*first) / us / 1e3
-                row[key] = {"status": "ok", "us": us, "weight_gbps": gbps, "of_copy": gbps / copy_gbps}
+                row[key] = {"status": "ok", "us": us, "weight_gbps": gbps, "of_copy": gbps / copy_gbps,
+                            # the config the autotuner chose on this call (kernel variants: block sizes, split-K)
+                            "tuned": [str(triton_gemm._TUNED[k]) for k in set(triton_gemm._TUNED) - tuned_before]}
             except Exception as exc:  # noqa: BLE001 - a failure is a result too
                 torch.cuda.synchronize()
                 row[key] = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc)[:300]}",
