@@ -386,7 +386,8 @@ def test_asymmetric_int4_linear_is_exact_per_group_integer_arithmetic():
 def test_asymmetric_weight_only_linear_and_dequantize_weight(dtype):
     q, packed, w_scale, w_min = asym_int4_case(n=12, k=64, width=32)
     weight = ref_asym_weight(q, w_scale, w_min)
-    torch.testing.assert_close(zq.dequantize_weight(packed, w_scale, torch.float64, w_min), weight, rtol=1e-6, atol=1e-6)
+    dequantized = zq.dequantize_weight(packed, w_scale, torch.float64, w_min)
+    torch.testing.assert_close(dequantized, weight, rtol=1e-6, atol=1e-6)
     x = torch.randn(3, 5, 64).to(dtype)
     bias = torch.randn(12).to(dtype)
     y = zq.weight_only_linear(x, packed, w_scale, bias, w_min)

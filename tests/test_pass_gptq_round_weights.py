@@ -118,7 +118,8 @@ def test_asymmetric_int4_plans_get_gptqs_integers_and_mins_on_the_asymmetric_gri
             continue
         w, scale, w_min = (get_attr_tensor(gm, node.args[i]) for i in (2, 3, 6))
         assert any(torch.equal(unpack_weight(w, scale, w_min), r.q) and torch.equal(w_min, r.w_min) for r in int4)
-        before, after = (float(v) for v in node.meta[META_ROUNDING].removeprefix("gptq: output error ").split(" (rtn) -> "))
+        errors = node.meta[META_ROUNDING].removeprefix("gptq: output error ").split(" (rtn) -> ")
+        before, after = (float(v) for v in errors)
         assert after < before
         stored += 1
     assert stored == 6

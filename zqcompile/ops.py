@@ -7,9 +7,11 @@ what an op computes, so a graph means the same thing under every backend.
 
 Conventions (see zqcompile.quant): activation scales are float32 ``[..., 1]`` (one per token row);
 weight scales are float32 ``[G_out, G_in]``; INT8 weights are ``int8 [N, K]``, INT4 weights are packed
-``uint8 [N, K/2]`` (zqcompile.quant.pack_int4: unsigned nibbles, half-split in each input group). Asymmetric INT4 weights (values in [0, 15], zqcompile.quant) also take their group mins
-``w_min`` (float32 ``[G_out, G_in]``, the ops' last, optional argument): ``w = s_w * q + w_min``. Fused "elementwise + quant" ops return the quantized activation and its scale; the
-norm ops also return their floating-point output, which a residual connection may still need.
+``uint8 [N, K/2]`` (zqcompile.quant.pack_int4: unsigned nibbles, half-split in each input group).
+Asymmetric INT4 weights (values in [0, 15]) also take their group mins ``w_min`` (float32 ``[G_out, G_in]``,
+the ops' last, optional argument): ``w = s_w * q + w_min``. Fused "elementwise + quant" ops return the
+quantized activation and its scale; the norm ops also return their floating-point output, which a residual
+connection may still need.
 """
 
 from __future__ import annotations

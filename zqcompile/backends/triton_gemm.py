@@ -463,7 +463,8 @@ def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, w_min: Tensor | 
     _int_linear_kernel[grid](
         a, s_x, w, w_scale, w_scale if w_min is None else w_min, out if bias is None else bias, out,
         p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0),
-        INT4=int4, ASYM=w_min is not None, GROUPED=grouped, TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
+        INT4=int4, ASYM=w_min is not None, GROUPED=grouped,
+        TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
         HAS_BIAS=bias is not None, EVEN_K=p.k % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -324,7 +324,8 @@ def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Ten
         bias if bias is not None else out, out, ws, tickets,
         p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0), k_per_split,
         INT4=int4, ASYM=asym, OFFSET=8 if int4 and not (asym or int8_acts) else 0,
-        NEED_ASUM=int4 and (asym or int8_acts), SUB_K=sub_k, SUBS=cfg.block_k // sub_k, GROUPED=width is not None, HAS_BIAS=bias is not None,
+        NEED_ASUM=int4 and (asym or int8_acts), SUB_K=sub_k, SUBS=cfg.block_k // sub_k, GROUPED=width is not None,
+        HAS_BIAS=bias is not None,
         EVEN_K=p.k % cfg.block_k == 0, SPLIT=split > 1, BLOCK_M=block_m_for(p.m), BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -3,9 +3,9 @@
 Matches ``aten.linear(x, W, b)`` whose plan quantizes the weight; emits ``zq.dequantize_weight(W_q, W_s)``
 in place of ``W``, with ``W_q`` (int8, or INT4 packed two per uint8) and ``W_s`` (float32 [G_out, G_in])
 stored as buffers of the GraphModule; an asymmetric INT4 plan also stores the group mins ``W_min`` (float32
-[G_out, G_in]) and emits ``zq.dequantize_weight(W_q, W_s, dtype, W_min)``. Where a rounding pass chose the integers (``ctx.rounded_weights``: GPTQ), for
-this layout, they are stored as they are; every other weight is rounded to nearest. The FP weight is dropped once nothing reads it (a weight tied to an
-embedding stays). The graph still computes in floating point (simulated quantization) until lowering.
+[G_out, G_in]) and emits ``zq.dequantize_weight(W_q, W_s, dtype, W_min)``. Where a rounding pass chose the
+integers (``ctx.rounded_weights``: GPTQ), for this layout, they are stored as they are; every other weight is
+rounded to nearest. The FP weight is dropped once nothing reads it (a weight tied to an embedding stays). The graph still computes in floating point (simulated quantization) until lowering.
 Refuses nothing: planning already rejected what cannot be quantized.
 """
 
@@ -42,7 +42,8 @@ def quantize_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
             else:
                 q, scale, w_min = layout.quantize(weight)
             base = f"{weight_node.target}_int{plan.weight_bits}_{len(stored)}"
-            tensors = {base: pack_int4(q, q.shape[1] // scale.shape[1], layout.symmetric) if plan.weight_bits == 4 else q, f"{base}_scale": scale}
+            stored_q = pack_int4(q, q.shape[1] // scale.shape[1], layout.symmetric) if plan.weight_bits == 4 else q
+            tensors = {base: stored_q, f"{base}_scale": scale}
             if w_min is not None:
                 tensors[f"{base}_min"] = w_min
             for name, tensor in tensors.items():
