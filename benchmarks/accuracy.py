@@ -86,6 +86,9 @@ CONFIG_TABLE = (
     Config("AUTO-1%", "auto", False, "per-linear kinds: chosen on 512 self-generated tokens (budget 1%)", 0.01),
     Config("W8A16", "w8a16", False, "none"),
     Config("W4A16", "w4a16", False, "groups of 64, not tuned"),
+    # asymmetric INT4 (issue 18): groups of 32, the block of the Q4_1 GGUF SmolLM2's weights come from
+    Config("W4A16-asym", "w4a16-asym", False, "asymmetric groups of 32 (the GGUF's Q4_1 block), not tuned"),
+    Config("W4A8-asym", "w4a8-asym", False, "INT4 MLP: asymmetric groups of 32 (the GGUF's Q4_1 block), not tuned"),
     # the survey's methods (issue 18): GPTQ/AWQ/LoRC/LLM.int8() calibrate on 4,096 tokens SmolLM2 samples itself
     Config("W4A16-GPTQ", {"base": "w4a16", "weight_rounding": "gptq"}, False, SELF_DATA),
     Config("W4A16-AWQ", {"base": "w4a16", "weight_rounding": "awq"}, False, SELF_DATA + "; AWQ's alpha grid"),

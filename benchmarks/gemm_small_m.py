@@ -9,7 +9,9 @@ the weight comes from HBM as it does in a decode step):
   kernel of ``zq.int8_linear`` / ``zq.int4_linear`` (the weight-streaming kernel for M <= 64, else the prefill
   kernels), ``old`` is ``triton_gemm.triton_int_linear`` alone (the prefill kernels at every M);
 * ``w8a16`` / ``w4a16`` (groups of 64): ``new`` is the registered kernel of ``zq.weight_only_linear``, ``old``
-  its reference (dequantize the weight, then cuBLAS), the only GPU path before.
+  its reference (dequantize the weight, then cuBLAS), the only GPU path before;
+* ``w4a8-asym`` / ``w4a16-asym``: asymmetric INT4 in groups of 32 (a scale and a min per group, the ``*-asym``
+  presets), ``new`` only.
 
 Every variant is first checked against the reference op on the same GPU tensors (``--max-rel-err``); configs are
 autotuned on the first call. Achieved bandwidth = weight bytes (values + scales) / time, also as a fraction
@@ -17,7 +19,7 @@ of the device-to-device copy bandwidth measured in the same run. Results go to `
 benchmarks/results/) as ``gemm_small_m.json`` / ``.md``, rewritten after every shape, and the run stops starting new shapes
 after ``--budget-s`` seconds.
 
-    PYTHONPATH=. python benchmarks/gemm_small_m.py [--ms 1,8,64] [--shapes 4096x4096]
+    PYTHONPATH=. python benchmarks/gemm_small_m.py [--ms 1,8,64] [--shapes 4096x4096] [--variants w4a8,w4a8-asym]
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from zqcompile.quant import pack_int4
 SHAPES = "4096x4096,11008x4096,4096x11008"  # N x K
 MS = "1,2,4,8,16,32,64,128,1024,4096"
 GROUP = 64  # the w4a8 / w4a16 presets' input-dim group
+ASYM_GROUP = 32  # the w4a8-asym / w4a16-asym presets' group
 L2_CYCLE_BYTES = 3 * 50 * 2**20  # weight copies cycled per graph: 3x the H200's 50 MB L2
-VARIANTS = ("fp16", "w8a8", "w4a8", "w8a16", "w4a16")
+VARIANTS = ("fp16", "w8a8", "w4a8", "w8a16", "w4a16", "w4a8-asym", "w4a16-asym")
 
 
-def weight_copies(n: int, k: int, g: torch.Generator) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Each variant's (weight, scale) pairs: as many copies as make up ``L2_CYCLE_BYTES``."""
-    def copies(nbytes: int, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> list:
+def weight_copies(n: int, k: int, g: torch.Generator, variants: tuple[str, ...]) -> dict[str, list[tuple]]:
+    """Each variant's (weight, scale[, mins]) tuples: as many copies as make up ``L2_CYCLE_BYTES``."""
+    def copies(nbytes: int, make: Callable[[], tuple]) -> list:
         return [make() for _ in range(max(1, min(24, -(-L2_CYCLE_BYTES // nbytes))))]
 
     def int8() -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,28 +58,37 @@ def weight_copies(n: int, k: int, g: torch.Generator) -> dict[str, list[tuple[to
 
     def int4() -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.randint(-7, 8, (n, k), device="cuda", generator=g, dtype=torch.int8)
-        return pack_int4(q), torch.rand(n, k // GROUP, device="cuda", generator=g) * 0.05 + 1e-3
+        return pack_int4(q, GROUP), torch.rand(n, k // GROUP, device="cuda", generator=g) * 0.05 + 1e-3
+
+    def int4_asym() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = torch.randint(0, 16, (n, k), device="cuda", generator=g, dtype=torch.int8)
+        groups = (n, k // ASYM_GROUP)
+        return (pack_int4(q, ASYM_GROUP, symmetric=False), torch.rand(groups, device="cuda", generator=g) * 0.01 + 1e-3,
+                torch.randn(groups, device="cuda", generator=g) * 0.05)
 
     def fp16() -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.randn(n, k, device="cuda", generator=g) * 0.02).half(), torch.empty(0)
 
-    int8_set, int4_set = copies(n * k, int8), copies(n * k // 2, int4)
-    return {"fp16": copies(2 * n * k, fp16), "w8a8": int8_set, "w4a8": int4_set, "w8a16": int8_set,
-            "w4a16": int4_set}
+    makers = {"fp16": (2 * n * k, fp16), "int8": (n * k, int8), "int4": (n * k // 2, int4),
+              "int4_asym": (n * k // 2, int4_asym)}
+    kinds = {"fp16": "fp16", "w8a8": "int8", "w8a16": "int8", "w4a8": "int4", "w4a16": "int4",
+             "w4a8-asym": "int4_asym", "w4a16-asym": "int4_asym"}
+    sets = {kind: copies(*makers[kind]) for kind in {kinds[v] for v in variants}}
+    return {variant: sets[kinds[variant]] for variant in variants}
 
 
-def weight_bytes(w: torch.Tensor, s: torch.Tensor) -> int:
-    return w.numel() * w.element_size() + s.numel() * s.element_size()
+def weight_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def time_cycled(call: Callable[[torch.Tensor, torch.Tensor], Any], copies: list) -> float:
+def time_cycled(call: Callable[..., Any], copies: list) -> float:
     """Device time per call in us: one graph calls ``call`` once on each weight copy, replayed."""
     state = {"i": 0}
 
     def fn() -> Any:
-        w, s = copies[state["i"] % len(copies)]
+        weight = copies[state["i"] % len(copies)]
         state["i"] += 1
-        return call(w, s)
+        return call(*weight)
 
     return time_in_graph_ms(fn, calls=len(copies), reps=20) * 1e3
 
@@ -96,28 +108,36 @@ def bench_shape(m: int, n: int, k: int, weights: dict, copy_gbps: float, max_err
                                                                    int4=True)},
         "w8a16": {"new": lambda w, s: torch.ops.zq.weight_only_linear(x16, w, s, bias)},
         "w4a16": {"new": lambda w, s: torch.ops.zq.weight_only_linear(x16, w, s, bias)},
+        "w4a8-asym": {"new": lambda w, s, mins: torch.ops.zq.int4_linear(x_q, x_scale, w, s, bias, torch.float16,
+                                                                         mins)},
+        "w4a16-asym": {"new": lambda w, s, mins: torch.ops.zq.weight_only_linear(x16, w, s, bias, mins)},
     }
+    calls = {variant: impls for variant, impls in calls.items() if variant in weights}
     for name in ("w8a16", "w4a16"):  # the reference is the old path
-        calls[name]["old"] = lambda w, s, new=calls[name]["new"]: _reference(new, w, s)
+        if name in calls:
+            calls[name]["old"] = lambda w, s, new=calls[name]["new"]: _reference(new, w, s)
     if m > 64:  # the registered kernels are the prefill kernels: "old" would time the same code again
         for name in ("w8a8", "w4a8"):
-            del calls[name]["old"]
+            calls.get(name, {}).pop("old", None)
     row: dict[str, Any] = {"m": m, "n": n, "k": k}
     for variant, impls in calls.items():
-        w0, s0 = weights[variant][0]
+        first = weights[variant][0]
         with reference_kernels():
-            ref = impls.get("new", impls.get("cublas"))(w0, s0) if variant != "fp16" else None
+            ref = impls.get("new", impls.get("cublas"))(*first) if variant != "fp16" else None
         for impl, call in impls.items():
             key = f"{variant}_{impl}"
+            tuned_before = set(triton_gemm._TUNED)
             try:
                 if ref is not None:
-                    err = rel_err(call(w0, s0), ref)
+                    err = rel_err(call(*first), ref)
                     if not err <= max_err:
                         row[key] = {"status": "wrong", "rel_err": err}
                         continue
                 us = time_cycled(call, weights[variant])
-                gbps = weight_bytes(w0, s0) / us / 1e3
-                row[key] = {"status": "ok", "us": us, "weight_gbps": gbps, "of_copy": gbps / copy_gbps}
+                gbps = weight_bytes(*first) / us / 1e3
+                row[key] = {"status": "ok", "us": us, "weight_gbps": gbps, "of_copy": gbps / copy_gbps,
+                            # the config the autotuner chose on this call (kernel variants: block sizes, split-K)
+                            "tuned": [str(triton_gemm._TUNED[k]) for k in set(triton_gemm._TUNED) - tuned_before]}
             except Exception as exc:  # noqa: BLE001 - a failure is a result too
                 torch.cuda.synchronize()
                 row[key] = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc)[:300]}",
@@ -127,9 +147,9 @@ def bench_shape(m: int, n: int, k: int, weights: dict, copy_gbps: float, max_err
     return row
 
 
-def _reference(kernel_call: Callable, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _reference(kernel_call: Callable, *weight: torch.Tensor) -> torch.Tensor:
     with reference_kernels():
-        return kernel_call(w, s)
+        return kernel_call(*weight)
 
 
 def _us(row: dict, key: str) -> float | None:
@@ -143,8 +163,9 @@ def markdown(data: dict[str, Any]) -> str:
              "reference dequantize + cuBLAS (W8A16, W4A16); `%cp` = weight bytes / time against the copy bandwidth.",
              "",
              "| N x K | M | FP16 | %cp | W8A8 old | W8A8 new | %cp | W4A8 old | W4A8 new | %cp | W4A8 / W8A8 | "
-             "W4A8 / FP16 | W8A16 old | W8A16 new | %cp | W4A16 old | W4A16 new | %cp |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "W4A8 / FP16 | W8A16 old | W8A16 new | %cp | W4A16 old | W4A16 new | %cp | W4A8-asym | %cp | "
+             "W4A16-asym | %cp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(row: dict, key: str) -> str:
         us = _us(row, key)
@@ -164,7 +185,9 @@ def markdown(data: dict[str, Any]) -> str:
             cell(row, "w8a8_old"), cell(row, "w8a8_new"), pct(row, "w8a8_new"),
             cell(row, "w4a8_old"), cell(row, "w4a8_new"), pct(row, "w4a8_new"), ratio(w8, w4), ratio(f16, w4),
             cell(row, "w8a16_old"), cell(row, "w8a16_new"), pct(row, "w8a16_new"),
-            cell(row, "w4a16_old"), cell(row, "w4a16_new"), pct(row, "w4a16_new")]) + " |")
+            cell(row, "w4a16_old"), cell(row, "w4a16_new"), pct(row, "w4a16_new"),
+            cell(row, "w4a8-asym_new"), pct(row, "w4a8-asym_new"),
+            cell(row, "w4a16-asym_new"), pct(row, "w4a16-asym_new")]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,9 +196,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(default_out_dir()))
     parser.add_argument("--shapes", default=SHAPES, help="N x K list")
     parser.add_argument("--ms", default=MS)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--max-rel-err", type=float, default=5e-3)
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
     args = parser.parse_args()
+    variants = tuple(args.variants.split(","))
+    if set(variants) - set(VARIANTS):
+        raise SystemExit(f"unknown --variants {sorted(set(variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gemm_small_m.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -185,7 +212,7 @@ def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     for spec in args.shapes.split(","):
         n, k = (int(v) for v in spec.split("x"))
-        weights = weight_copies(n, k, g)
+        weights = weight_copies(n, k, g, variants)
         for m in (int(v) for v in args.ms.split(",")):
             if time.perf_counter() - t0 > args.budget_s:
                 res.data["notes"].append(f"stopped at the {args.budget_s:.0f} s budget before M={m} {n}x{k}")

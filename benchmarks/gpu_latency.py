@@ -280,7 +280,7 @@ def bench_gemm(res: Results, shapes: list[tuple[int, int, int]]) -> None:
         w16 = torch.randn(n, k, device="cuda", generator=g).half()
         a8 = torch.randint(-127, 128, (m, k), device="cuda", generator=g, dtype=torch.int8)
         w8 = torch.randint(-127, 128, (n, k), device="cuda", generator=g, dtype=torch.int8)
-        w4 = pack_int4(torch.randint(-7, 8, (n, k), device="cuda", generator=g, dtype=torch.int8))
+        w4 = pack_int4(torch.randint(-7, 8, (n, k), device="cuda", generator=g, dtype=torch.int8), 64)
         s_x = torch.rand(m, 1, device="cuda", generator=g) * 0.01
         s_w = torch.rand(n, 1, device="cuda", generator=g) * 0.01
         s_w_groups = torch.rand(n, k // 64, device="cuda", generator=g) * 0.01

@@ -90,6 +90,15 @@ def test_inspect_shows_group_sizes():
     assert _row(text, "encoder.layer.0.output.dense")[3].strip() == "INT4 16 rows/group, 32 cols/group"
 
 
+def test_inspect_shows_asymmetric_int4_and_counts_its_mins(compiled_tiny):
+    _, qmodel = compiled_tiny("llama", "w4a8-asym")
+    text = zqcompile.inspect(qmodel, code=False)
+    row = _row(text, "model.layers.0.mlp.down_proj")  # [64, 128]: 64 x 4 groups of 32
+    assert row[3].strip() == "INT4 asym, per-channel, 32 cols/group"
+    packed, scales_and_mins = 64 * 128 // 2, 2 * 64 * 4 * 4
+    assert float(row[7]) == pytest.approx((packed + scales_and_mins) / 1024, abs=0.05)
+
+
 def test_to_networkx_attributes_and_dot_file(mixed_bert, tmp_path):
     _, qmodel = mixed_bert
     dot = tmp_path / "graph.dot"

@@ -75,10 +75,10 @@ def test_linear_ops_propagate_non_finite_activation_rows(op):
     x = planted(clean)
     fp = F.linear(x, weight, bias)
     bits = 4 if op == "int4_linear" else 8
-    w_q, w_scale = quantize_weight(weight, bits)
+    w_q, w_scale, _ = quantize_weight(weight, bits)
     if bits == 4:
         from zqcompile.quant import pack_int4
-        w_q = pack_int4(w_q)
+        w_q = pack_int4(w_q, w_q.shape[1])
 
     def run(inp):
         if op == "weight_only_linear":
@@ -92,7 +92,7 @@ def test_linear_ops_propagate_non_finite_activation_rows(op):
 def test_nan_weight_group_gives_nan_outputs_of_that_group_only():
     weight = torch.randn(8, 16)
     weight[2, 7] = float("nan")
-    q, scale = quantize_weight(weight, 8)
+    q, scale, _ = quantize_weight(weight, 8)
     assert torch.isnan(scale[2]).all() and torch.isfinite(scale[[0, 1, 3, 4, 5, 6, 7]]).all()
     y = ops.int8_linear(*ops.quantize_per_token(torch.randn(3, 16)), q, scale, None, torch.float32)
     assert torch.equal(~torch.isfinite(y).all(dim=0), ~torch.isfinite(F.linear(torch.randn(3, 16), weight)).all(dim=0))
@@ -154,7 +154,7 @@ def test_cuda_kernels_propagate_non_finite_rows(dtype):
             assert torch.equal(row_nonfinite(got), row_nonfinite(fp.float())), (name, width)
             assert torch.isnan(got[[NAN_ROW, INF_ROW]]).all() and torch.isnan(ref[[NAN_ROW, INF_ROW]]).all(), name
             assert torch.equal(got[FINITE_ROWS], got_clean[FINITE_ROWS]), (name, width)
-        w_q, w_scale = quantize_weight(torch.randn(256, width, generator=g), 8)
+        w_q, w_scale, _ = quantize_weight(torch.randn(256, width, generator=g), 8)
         y = ops.int8_linear(*ops.quantize_per_token(x), w_q.cuda(), w_scale.cuda(), None, dtype)  # Triton GEMM
         assert row_nonfinite(y).tolist() == [False, True, True, False]
 

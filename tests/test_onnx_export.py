@@ -91,6 +91,19 @@ def test_llama_w4a8_int4_modes(compiled_tiny, tmp_path):
     check_against_zqcompile(qmodel, exact.path, 0.999999)
 
 
+def test_llama_w4a8_asymmetric_int4_modes(compiled_tiny, tmp_path):
+    """Asymmetric INT4 MLP weights (groups of 32, a min per group): MatMulNBits with float zero points, and the
+    exact mode, agree with zqcompile's CPU execution."""
+    _, qmodel = compiled_tiny("llama", "w4a8-asym")
+    fast = zqcompile.export_onnx(qmodel, None, tmp_path / "fast.onnx", progress=False)
+    assert fast.op_counts["MatMulNBits"] == 6  # 2 layers x (gate, up, down): groups of 32 fit
+    assert not float_copies(qmodel, fast.path)
+    check_against_zqcompile(qmodel, fast.path, 0.9999)
+    exact = zqcompile.export_onnx(qmodel, None, tmp_path / "exact.onnx", int4="exact", progress=False)
+    assert exact.op_counts["MatMulNBits"] == 0
+    check_against_zqcompile(qmodel, exact.path, 0.999999)
+
+
 def test_weight_only_recipe(compiled_tiny, tmp_path):
     _, qmodel = compiled_tiny("bert", "w8a16")
     info = zqcompile.export_onnx(qmodel, None, tmp_path / "w8a16.onnx", progress=False)

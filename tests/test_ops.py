@@ -109,7 +109,7 @@ def test_dequantize_weight(bits, dtype):
     qmax = 2 ** (bits - 1) - 1
     w_q = random_int8(8, 32, low=-qmax, high=qmax)
     w_scale = torch.rand(4, 2) + 0.1  # 2 rows x 16 columns per group
-    stored = pack_int4(w_q) if bits == 4 else w_q
+    stored = pack_int4(w_q, 16) if bits == 4 else w_q
     w = zq.dequantize_weight(stored, w_scale, dtype)
     reference = ref_int_linear(torch.eye(32, dtype=torch.int8), torch.ones(32, 1), w_q, w_scale, None).T
     assert w.dtype == dtype and w.shape == (8, 32)
@@ -166,7 +166,7 @@ def test_int4_linear_matches_reference_and_int8_path(w_scale_shape):
     w_q = random_int8(8, 64, low=-7, high=7)
     w_scale = torch.rand(*w_scale_shape) * 0.1
     bias = torch.randn(8)
-    y = zq.int4_linear(x_q, x_scale, pack_int4(w_q), w_scale, bias, torch.float32)
+    y = zq.int4_linear(x_q, x_scale, pack_int4(w_q, 64 // w_scale_shape[1]), w_scale, bias, torch.float32)
     assert y.shape == (4, 3, 8)
     torch.testing.assert_close(y, zq.int8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32), rtol=0, atol=0)
     reference = ref_int_linear(x_q, x_scale, w_q, w_scale, bias)
@@ -182,7 +182,7 @@ def test_weight_only_linear(bits, dtype):
     w_q = random_int8(12, 32, low=-qmax, high=qmax)
     w_scale = torch.rand(12, 2) * 0.05 + 0.01
     bias = torch.randn(12).to(dtype)
-    y = zq.weight_only_linear(x, pack_int4(w_q) if bits == 4 else w_q, w_scale, bias)
+    y = zq.weight_only_linear(x, pack_int4(w_q, 16) if bits == 4 else w_q, w_scale, bias)
     assert y.dtype == dtype and y.shape == (3, 5, 12)
     w = ref_int_linear(torch.eye(32, dtype=torch.int8), torch.ones(32, 1), w_q, w_scale, None).T
     reference = x.double() @ w.T + bias.double()
@@ -311,7 +311,7 @@ def _opcheck_cases():
     torch.manual_seed(13)
     x = torch.randn(2, 3, 32)
     x_q, x_scale = random_int8(2, 3, 32), torch.rand(2, 3, 1)
-    w_q, w_packed, w_scale = random_int8(8, 32), pack_int4(random_int8(8, 32, low=-7, high=7)), torch.rand(8, 2)
+    w_q, w_packed, w_scale = random_int8(8, 32), pack_int4(random_int8(8, 32, low=-7, high=7), 16), torch.rand(8, 2)
     weight, bias = torch.rand(32), torch.randn(32)
     return {
         "quantize_per_token": (x,),
@@ -337,3 +337,73 @@ def _opcheck_cases():
 @pytest.mark.parametrize("op_name", list(_opcheck_cases()))
 def test_fake_kernel_matches_reference_shapes(op_name):
     opcheck(getattr(zq, op_name.removesuffix("_weight_first")).default, _opcheck_cases()[op_name], test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- asymmetric INT4 (a float min per group) --------------------------------------------------------------------
+
+def asym_int4_case(n: int = 8, k: int = 64, width: int = 32, seed: int = 9):
+    """Random asymmetric INT4 integers in [0, 15], their packed form, scales and mins [N, K / width]."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(n, k // width, generator=g) * 0.1 + 0.01
+    w_min = torch.randn(n, k // width, generator=g)
+    return q, pack_int4(q, width, symmetric=False), w_scale, w_min
+
+
+def ref_asym_weight(q: torch.Tensor, w_scale: torch.Tensor, w_min: torch.Tensor) -> torch.Tensor:
+    """float64 s * q + min, each group's scale and min repeated over its columns by hand."""
+    width = q.shape[1] // w_scale.shape[1]
+    return (q.double() * w_scale.double().repeat_interleave(width, 1)
+            + w_min.double().repeat_interleave(width, 1))
+
+
+def test_asymmetric_int4_linear_is_the_float64_product_of_the_same_integers():
+    q, packed, w_scale, w_min = asym_int4_case()
+    x_q, x_scale = random_int8(5, 64), torch.rand(5, 1) * 0.1
+    bias = torch.randn(8)
+    y = zq.int4_linear(x_q, x_scale, packed, w_scale, bias, torch.float32, w_min)
+    reference = x_q.double() @ ref_asym_weight(q, w_scale, w_min).T * x_scale.double() + bias.double()
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    # the mins matter: the same integers without them are the symmetric-offset product
+    assert not torch.allclose(y, zq.int4_linear(x_q, x_scale, packed, w_scale, bias, torch.float32), atol=1e-3)
+
+
+def test_asymmetric_int4_linear_is_exact_per_group_integer_arithmetic():
+    """y = s_x * sum_g (s_w[g] * sum_{k in g} x_q q + min[g] * sum_{k in g} x_q): with power-of-two scales and
+    mins every term is exact in float32, so the op must equal the int64 arithmetic bit for bit."""
+    q, packed, _, _ = asym_int4_case(n=6, k=96, width=32, seed=3)
+    g = torch.Generator().manual_seed(4)
+    w_scale = 2.0 ** torch.randint(-6, -2, (6, 3), generator=g).float()
+    w_min = -(2.0 ** torch.randint(-4, 0, (6, 3), generator=g).float())
+    x_q = random_int8(4, 96)
+    x_scale = torch.full((4, 1), 0.125)
+    y = zq.int4_linear(x_q, x_scale, packed, w_scale, None, torch.float32, w_min)
+    groups = x_q.long().reshape(4, 1, 3, 32)
+    acc = (groups * q.long().reshape(1, 6, 3, 32)).sum(-1)  # [M, N, G] exact integer sums
+    asum = groups.sum(-1)  # [M, 1, G]
+    expected = 0.125 * (acc.double() * w_scale.double() + asum.double() * w_min.double()).sum(-1)
+    assert torch.equal(y.double(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_asymmetric_weight_only_linear_and_dequantize_weight(dtype):
+    q, packed, w_scale, w_min = asym_int4_case(n=12, k=64, width=32)
+    weight = ref_asym_weight(q, w_scale, w_min)
+    dequantized = zq.dequantize_weight(packed, w_scale, torch.float64, w_min)
+    torch.testing.assert_close(dequantized, weight, rtol=1e-6, atol=1e-6)
+    x = torch.randn(3, 5, 64).to(dtype)
+    bias = torch.randn(12).to(dtype)
+    y = zq.weight_only_linear(x, packed, w_scale, bias, w_min)
+    assert y.dtype == dtype and y.shape == (3, 5, 12)
+    reference = x.double() @ weight.T + bias.double()
+    torch.testing.assert_close(y.double(), reference, rtol=0, atol=4 * REL_TOL[dtype] * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("op_name", ["dequantize_weight", "int4_linear", "weight_only_linear"])
+def test_fake_kernels_take_the_asymmetric_mins(op_name):
+    _, packed, w_scale, w_min = asym_int4_case()
+    x_q, x_scale = random_int8(2, 3, 64), torch.rand(2, 3, 1)
+    args = {"dequantize_weight": (packed, w_scale, torch.float32, w_min),
+            "int4_linear": (x_q, x_scale, packed, w_scale, None, torch.float16, w_min),
+            "weight_only_linear": (torch.randn(2, 3, 64), packed, w_scale, None, w_min)}[op_name]
+    opcheck(getattr(zq, op_name).default, args, test_utils=("test_schema", "test_faketensor"))

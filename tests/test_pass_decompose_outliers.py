@@ -20,7 +20,7 @@ def test_outlier_op_against_a_float64_reference():
     x[:, [3, 17]] *= 40  # two outlier channels
     weight = torch.randn(16, 32)
     columns = torch.tensor([3, 17])
-    q, scale = quantize_weight(weight.index_fill(1, columns, 0), 8)
+    q, scale, _ = quantize_weight(weight.index_fill(1, columns, 0), 8)
     w_outlier = weight[:, columns].half()
     got = zq.outlier_int8_linear(x, q, scale, columns, w_outlier, None, torch.float32)
     rest = x.clone()
@@ -44,7 +44,7 @@ def test_compiled_outlier_columns_are_bit_exact_fp16_copies(tmp_path):
         w_outlier = get_attr_tensor(gm, node.args[4])
         assert w_outlier.dtype == torch.float16
         assert torch.equal(w_outlier, weight[:, columns].half())  # bit-exact FP16 copies
-        stored = unpack_weight(get_attr_tensor(gm, node.args[1]))
+        stored = unpack_weight(get_attr_tensor(gm, node.args[1]), get_attr_tensor(gm, node.args[2]))
         assert torch.all(stored[:, columns] == 0)
     assert "FP16 outlier columns" in zqcompile.inspect(qmodel, code=False)
     qmodel.save(tmp_path / "int8")

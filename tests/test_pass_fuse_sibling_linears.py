@@ -38,6 +38,7 @@ class Heads(nn.Module):
 
 INT4_LINEAR = torch.ops.zq.int4_linear.default
 INT4_GROUPED = {"base": "w8a8", "weight_bits": 4, "input_group_size": 16}  # packed INT4, two scale groups along K
+INT4_ASYM = {**INT4_GROUPED, "weight_symmetric": False}  # and a min per group, concatenated like the scales
 
 
 def _lowered(module: nn.Module, recipe="w8a8"):
@@ -47,7 +48,7 @@ def _lowered(module: nn.Module, recipe="w8a8"):
     return gm, ctx, x
 
 
-@pytest.mark.parametrize("recipe,gemm", [("w8a8", INT8_LINEAR), (INT4_GROUPED, INT4_LINEAR)])
+@pytest.mark.parametrize("recipe,gemm", [("w8a8", INT8_LINEAR), (INT4_GROUPED, INT4_LINEAR), (INT4_ASYM, INT4_LINEAR)])
 def test_fuses_reshaped_siblings_into_one_exact_gemm(recipe, gemm):
     gm, ctx, x = _lowered(Heads(with_extra=True), recipe)
     assert count_ops(gm, gemm) == 4
@@ -62,6 +63,7 @@ def test_fuses_reshaped_siblings_into_one_exact_gemm(recipe, gemm):
     fused = next(n for n in gm.graph.nodes if META_FUSED_FROM in n.meta)
     assert [end - start for _, start, end in fused.meta[META_FUSED_FROM]["weight"]] == [32, 32, 16]
     assert get_attr_tensor(gm, fused.args[2]).shape[0] == 80  # [80, 32] int8 or [80, 16] packed INT4
+    assert ("w_min" in fused.meta[META_FUSED_FROM]) == (recipe is INT4_ASYM)
 
 
 def test_single_linear_and_mismatched_layouts_are_left_alone():

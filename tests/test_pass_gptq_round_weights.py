@@ -30,9 +30,12 @@ def _calibration() -> list[tuple[torch.Tensor, ...]]:
 def _stored(gm) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
     """module -> (int8 values, scales, rounding meta) of every quantized linear of a compiled graph."""
     from zqcompile.ops import WEIGHT_ARGS
-    return {n.meta[META_MODULE]: (unpack_weight(get_attr_tensor(gm, n.args[WEIGHT_ARGS[n.target].weight])),
-                                  get_attr_tensor(gm, n.args[WEIGHT_ARGS[n.target].scale]), n.meta.get(META_ROUNDING, "rtn"))
-            for n in gm.graph.nodes if n.op == "call_function" and n.target in WEIGHT_ARGS and META_MODULE in n.meta}
+    stored = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in WEIGHT_ARGS and META_MODULE in n.meta:
+            w, scale = (get_attr_tensor(gm, n.args[i]) for i in WEIGHT_ARGS[n.target][:2])
+            stored[n.meta[META_MODULE]] = (unpack_weight(w, scale), scale, n.meta.get(META_ROUNDING, "rtn"))
+    return stored
 
 
 def test_the_stored_integers_are_gptqs_and_the_ops_are_unchanged(gptq_llama):
@@ -98,3 +101,25 @@ def test_gptq_composes_with_rotation():
         reference = model(input_ids=ids).logits
         errors = [torch.mean((m(input_ids=ids).logits - reference) ** 2).item() for m in (rotated_gptq, rotated)]
     assert errors[0] < errors[1]
+
+
+def test_asymmetric_int4_plans_get_gptqs_integers_and_mins_on_the_asymmetric_grid():
+    model = make_tiny_llama()
+    recipe = Recipe.from_dict({"base": "w4a8-asym", "weight_rounding": "gptq"})
+    rounded = run_pipeline(capture(model, None).graph_module, recipe, stop_after="round_weights",
+                           calibration_inputs=_calibration()).context.rounded_weights.values()
+    int4 = [r for r in rounded if r.layout.bits == 4]
+    assert len(int4) == 6  # gate, up, down of 2 blocks
+    assert all(not r.layout.symmetric and r.q.min() >= 0 and r.q.max() <= 15 for r in int4)
+    gm = run_pipeline(capture(model, None).graph_module, recipe, calibration_inputs=_calibration()).compiled
+    stored = 0
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.zq.int4_linear.default:
+            continue
+        w, scale, w_min = (get_attr_tensor(gm, node.args[i]) for i in (2, 3, 6))
+        assert any(torch.equal(unpack_weight(w, scale, w_min), r.q) and torch.equal(w_min, r.w_min) for r in int4)
+        errors = node.meta[META_ROUNDING].removeprefix("gptq: output error ").split(" (rtn) -> ")
+        before, after = (float(v) for v in errors)
+        assert after < before
+        stored += 1
+    assert stored == 6

@@ -25,8 +25,8 @@ def test_factors_are_the_truncated_svd_of_the_stored_error_and_read_the_gemms_in
         assert a.dtype == b.dtype == torch.float16 and a.shape[1] == b.shape[0] == 4
         # the correction reads the linear's own dequantized INT8 input
         assert x.target is zq.dequantize_per_token.default and x.args[:2] == linear.args[:2]
-        stored = dequantize_weight_values(unpack_weight(get_attr_tensor(gm, linear.args[2])),
-                                          get_attr_tensor(gm, linear.args[3]))
+        w_q, w_scale = get_attr_tensor(gm, linear.args[2]), get_attr_tensor(gm, linear.args[3])
+        stored = dequantize_weight_values(unpack_weight(w_q, w_scale), w_scale)
         weight = model.get_submodule(linear.meta[META_MODULE]).weight.detach()
         u, s, vh = torch.linalg.svd((weight - stored).double())
         truncated = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]

@@ -78,7 +78,7 @@ def test_w4a8_packs_mlp_weights_with_input_dim_groups():
     _, down_scale = _int_buffers(stored, "down_proj", 4)
     assert down_scale.shape == (64, 2)  # K=128 -> 2 groups of 64 columns
     q_ref, _ = reference_quantize_weight(model.up_proj.weight.detach(), 7, 1, 64)
-    assert np.abs(unpack_int4(packed).long().numpy() - q_ref).max() <= 1
+    assert np.abs(unpack_int4(packed, 64).long().numpy() - q_ref).max() <= 1
     assert any(k.startswith("model.q_proj.weight_int8") for k in stored)  # attention stays INT8
 
 

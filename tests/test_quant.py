@@ -115,7 +115,7 @@ def test_quantize_weight_matches_block_reference(bits, group_size, input_group_s
     torch.manual_seed(2)
     n, k = 16, 64
     w = torch.randn(n, k) * torch.logspace(-1, 1, n)[:, None]
-    q, scale = quantize_weight(w, bits, group_size, input_group_size)
+    q, scale, _ = quantize_weight(w, bits, group_size, input_group_size)
     qmax = 2 ** (bits - 1) - 1
     rows, cols = group_size or 1, input_group_size or k
     q_ref, scale_ref = reference_quantize_weight(w, qmax, rows, cols)
@@ -133,7 +133,7 @@ def test_quantize_weight_matches_block_reference(bits, group_size, input_group_s
 def test_quantize_weight_low_precision_input(dtype):
     torch.manual_seed(3)
     w = torch.randn(8, 32).to(dtype)
-    q, scale = quantize_weight(w, 8)
+    q, scale, _ = quantize_weight(w, 8)
     q_ref, scale_ref = reference_quantize_weight(w, 127, 1, 32)
     np.testing.assert_allclose(scale.double().numpy(), scale_ref, rtol=1e-6)
     assert_matches_reference(q, q_ref, min_exact=0.99)
@@ -142,7 +142,7 @@ def test_quantize_weight_low_precision_input(dtype):
 def test_quantize_weight_all_zero_group_gives_zeros():
     w = torch.randn(8, 32)
     w[2:4] = 0.0
-    q, scale = quantize_weight(w, 4, group_size=2)
+    q, scale, _ = quantize_weight(w, 4, group_size=2)
     assert scale[1, 0].item() == 1.0 and torch.isfinite(scale).all()
     assert q[2:4].eq(0).all()
 
@@ -172,30 +172,42 @@ def test_weight_groups_and_its_errors():
 
 # ---- INT4 packing -------------------------------------------------------------------------------------------
 
-def test_pack_int4_layout_low_nibble_is_even_column():
-    packed = pack_int4(torch.tensor([[1, -1, -8, 7]], dtype=torch.int8))
+def test_pack_int4_half_split_layout_with_unsigned_nibbles():
+    """Byte j of a group of G holds value j (low nibble) and value j + G/2 (high nibble), as q + 8 (symmetric) or q
+    (asymmetric), written out by hand for two groups of 4 values."""
+    q = torch.tensor([[1, -1, -8, 7, 0, 2, 3, -5]], dtype=torch.int8)
+    packed = pack_int4(q, 4)
     assert packed.dtype == torch.uint8
-    # column 0 = 1 (0x1) low, column 1 = -1 (0xF) high; column 2 = -8 (0x8) low, column 3 = 7 (0x7) high
-    assert packed.tolist() == [[0xF1, 0x78]]
+    # group 0: (1, -8) -> 0x09 | 0x00 << 4, (-1, 7) -> 0x07 | 0x0F << 4; group 1: (0, 3) -> 0x8 | 0xB << 4, (2, -5) ...
+    assert packed.tolist() == [[0x09, 0xF7, 0xB8, 0x3A]]
+    assert pack_int4(q, 8).tolist() == [[0x89, 0xA7, 0xB0, 0x3F]]  # one group of 8 (no input groups): j and j + 4
+    asym = torch.tensor([[0, 15, 3, 9]], dtype=torch.int8)
+    assert pack_int4(asym, 4, symmetric=False).tolist() == [[0x30, 0x9F]]
 
 
-def test_int4_pack_unpack_round_trip_every_pair():
+@pytest.mark.parametrize("group_width", [8, 32, 64])
+def test_int4_pack_unpack_round_trip_every_pair(group_width):
     values = torch.arange(-8, 8, dtype=torch.int8)
-    pairs = torch.cartesian_prod(values, values).to(torch.int8)  # all 256 (even, odd) column pairs
-    q = pairs.reshape(8, 64)
-    packed = pack_int4(q)
-    assert packed.shape == (8, 32)
+    pairs = torch.cartesian_prod(values, values).to(torch.int8)  # all 256 (value j, value j + G/2) pairs
+    half = group_width // 2
+    q = torch.cat((pairs[:, 0].reshape(-1, half), pairs[:, 1].reshape(-1, half)), 1)  # one group per row
+    packed = pack_int4(q.reshape(-1, 2 * group_width), group_width)  # two groups per row
+    assert packed.shape == (q.shape[0] // 2, group_width)
     assert packed.unique().numel() == 256
-    assert torch.equal(unpack_int4(packed), q)
-    assert torch.equal(unpack_weight(packed), q)
-    assert unpack_weight(q) is q  # INT8 weights are stored as they are
+    assert torch.equal(unpack_int4(packed, group_width).reshape(q.shape), q)
+    assert torch.equal(unpack_weight(pack_int4(q, group_width), torch.ones(1, 1)), q)
+    assert unpack_weight(q, torch.ones(1, 1)) is q  # INT8 weights are stored as they are
+    asym = q + 8
+    assert torch.equal(unpack_int4(pack_int4(asym, group_width, symmetric=False), group_width, symmetric=False), asym)
 
 
 def test_pack_int4_errors():
-    with pytest.raises(ZQError, match="INT4 packing needs an even in_features, got 3"):
-        pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+    with pytest.raises(ZQError, match="INT4 packing needs an even group width dividing in_features, got 3 for 3"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.int8), 3)
+    with pytest.raises(ZQError, match="got 4 for 6"):
+        pack_int4(torch.zeros(2, 6, dtype=torch.int8), 4)
     with pytest.raises(ZQError, match=r"INT4 packing got values outside \[-8, 7\]"):
-        pack_int4(torch.tensor([[8, 0]], dtype=torch.int8))
+        pack_int4(torch.tensor([[8, 0]], dtype=torch.int8), 2)
 
 
 # ---- exact integer GEMM -------------------------------------------------------------------------------------
@@ -213,3 +225,56 @@ def test_exact_int_matmul_equals_int64_reference(k):
     assert acc.dtype == torch.int32
     assert torch.equal(acc.long(), reference)
     assert acc[0, 0].item() == 127 * 127 * k
+
+
+# ---- asymmetric INT4 ---------------------------------------------------------------------------------------------
+
+def asymmetric_grid_weight(n: int = 8, k: int = 128, width: int = 32, seed: int = 0) -> torch.Tensor:
+    """A weight exactly on an asymmetric 4-bit grid (llama.cpp's Q4_1): w = d * q + m per group of ``width``
+    columns, each group using q = 0 and q = 15. d and m have few mantissa bits, so every value, 15 * d and
+    (max - min) / 15 are exact in float32."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    q[:, ::width], q[:, 1::width] = 0, 15
+    d = torch.randint(1, 64, (n, k // width, 1), generator=g).double() / 1024
+    m = torch.randint(-256, 256, (n, k // width, 1), generator=g).double() / 256
+    return (q.double().reshape(n, k // width, width) * d + m).reshape(n, k).float()
+
+
+def test_weight_on_an_asymmetric_grid_round_trips_bit_exactly_with_its_groups_only():
+    w = asymmetric_grid_weight()
+    q, scale, w_min = quantize_weight(w, 4, input_group_size=32, symmetric=False)
+    assert q.min() >= 0 and q.max() <= 15 and w_min.shape == scale.shape == (8, 4)
+    assert torch.equal(dequantize_weight_values(q, scale, w_min), w)
+    assert torch.equal(unpack_int4(pack_int4(q, 32, symmetric=False), 32, symmetric=False), q)
+    # the symmetric grid and coarser asymmetric groups cannot hold it
+    assert not torch.equal(dequantize_weight_values(*quantize_weight(w, 4, input_group_size=32)), w)
+    assert not torch.equal(dequantize_weight_values(*quantize_weight(w, 4, input_group_size=64, symmetric=False)), w)
+
+
+def test_asymmetric_quantize_weight_matches_float64_reference():
+    torch.manual_seed(3)
+    w = torch.randn(16, 64) * torch.logspace(-1, 1, 16)[:, None] + 0.3
+    q, scale, w_min = quantize_weight(w, 4, group_size=2, input_group_size=16, symmetric=False)
+    blocks = w.double().numpy().reshape(8, 2, 4, 16)
+    lo, hi = blocks.min(axis=(1, 3)), blocks.max(axis=(1, 3))
+    np.testing.assert_allclose(scale.numpy(), (hi - lo) / 15, rtol=1e-6)
+    np.testing.assert_array_equal(w_min.numpy(), lo.astype(np.float32))
+    full_scale = expand_weight_scale(scale, 16, 64).double().numpy()
+    full_min = expand_weight_scale(w_min, 16, 64).double().numpy()
+    expected = np.clip(np.round((w.double().numpy() - full_min) / full_scale), 0, 15)
+    assert (q.numpy() != expected).mean() < 0.01 and np.abs(q.numpy() - expected).max() <= 1
+    error = np.abs(w.double().numpy() - (q.double().numpy() * full_scale + full_min))
+    assert (error <= full_scale / 2 * (1 + 1e-5)).all()
+
+
+def test_asymmetric_constant_group_and_refusals():
+    w = torch.randn(4, 32)
+    w[1, :16] = 0.75  # a group of equal values: scale 1, q 0, the min is the value
+    q, scale, w_min = quantize_weight(w, 4, input_group_size=16, symmetric=False)
+    assert scale[1, 0].item() == 1.0 and w_min[1, 0].item() == 0.75 and q[1, :16].eq(0).all()
+    assert torch.equal(dequantize_weight_values(q, scale, w_min)[1, :16], w[1, :16])
+    with pytest.raises(ZQError, match=r"asymmetric weights \(weight_symmetric: false\) are INT4 only, got 8 bits"):
+        quantize_weight(w, 8, symmetric=False)
+    with pytest.raises(ZQError, match=r"INT4 packing got values outside \[0, 15\]"):
+        pack_int4(torch.full((2, 4), -1, dtype=torch.int8), 4, symmetric=False)

@@ -44,6 +44,16 @@ def test_presets():
     assert plans("w4a16")["mlp_out"].input_group_size == 64
 
 
+def test_asymmetric_int4_presets_and_key():
+    assert plans("w4a16-asym")["mlp_out"] == LinearPlan(4, None, None, 32, "recipe w4a16-asym", weight_symmetric=False)
+    w4a8 = plans("w4a8-asym")
+    assert w4a8["mlp_in"] == LinearPlan(4, 8, None, 32, "override role:mlp_*", weight_symmetric=False)
+    assert w4a8["attn_qkv"].weight_symmetric  # the INT8 attention weights stay symmetric
+    custom = plans({"base": "w4a16", "weight_symmetric": False, "input_group_size": 32})
+    assert all(not p.weight_symmetric and p.input_group_size == 32 for p in custom.values() if p.quantized)
+    assert all(p.weight_symmetric for p in plans("w4a16").values())
+
+
 def test_recipe_object_dict_and_preset_name_give_the_same_plans():
     recipe = Recipe(name="mine", weight_bits=4, group_size=64, keep_fp=[])
     assert load_recipe(recipe) is recipe
@@ -116,6 +126,11 @@ def test_yaml_and_json_files(tmp_path):
     ({"overrides": [{"role": "mlp_*", "module": "x"}]}, r"overrides\[0\] needs exactly one of 'module'"),
     ({"overrides": [{"role": "mlp_*", "bits": 4}]},
      r"overrides\[0\]: unknown key\(s\) \['bits'\]; valid keys are \['module' or 'role', weight_bits, act_bits, "),
+    ({"weight_symmetric": "no"}, r"custom: weight_symmetric must be true \(q in -7\.\.7, one scale per group\) or "
+                                 r"false \(asymmetric INT4: q in 0\.\.15, a scale and a min per group\), got 'no'"),
+    ({"overrides": [{"role": "mlp_*", "weight_symmetric": 0}]}, r"override role:mlp_\*: weight_symmetric must be"),
+    ({"base": "w4a8-asym", "outlier_threshold": 6.0},
+     r"outlier_threshold stores symmetric weights beside its FP16 columns; drop weight_symmetric: false"),
     ({"base": "w3a8"}, r"unknown recipe preset 'w3a8'; presets are \['w8a8', .*'w4a8', 'w8a16', 'w4a16'.*\]"),
     ("int8", r"unknown recipe preset 'int8'; presets are \[.*\], or pass a Recipe, a dict or a path to a "
              r"\.yaml/\.json file"),
@@ -152,7 +167,15 @@ def test_resolution_errors_name_the_layer():
     with pytest.raises(ZQError, match=r"for encoder\.layer\.0\.output\.dense \(768x3072, override role:mlp_out\): "
                                       r"input_group_size=1000 does not divide in_features=3072"):
         load_recipe({"overrides": [{"role": "mlp_out", "input_group_size": 1000}]}).resolve(BERT_SITES)
+    with pytest.raises(ZQError, match=r"recipe 'w4a8\+custom' for encoder\.layer\.0\.attention\.self\.query \(recipe "
+                                      r"w4a8\+custom\): asymmetric weights \(weight_symmetric: false\) are INT4 only, "
+                                      r"but this layer has 8-bit weights; set weight_symmetric: false in the INT4 "
+                                      r"override only"):
+        load_recipe({"base": "w4a8", "weight_symmetric": False}).resolve(BERT_SITES)
     odd = [LinearSite("proj", "other", 8, 7)]
-    with pytest.raises(ZQError, match=r"proj: INT4 weights need an even in_features, got 7; keep it at 8 bits"):
+    with pytest.raises(ZQError, match=r"proj: INT4 weights need an even in_features and input_group_size \(two values "
+                                      r"per byte\), got 7 / None; keep it at 8 bits"):
         load_recipe({"weight_bits": 4}).resolve(odd)
+    with pytest.raises(ZQError, match=r"got 12 / 3; keep it at 8 bits"):
+        load_recipe({"weight_bits": 4, "input_group_size": 3}).resolve([LinearSite("proj", "other", 8, 12)])
     assert load_recipe({"weight_bits": 4, "keep_fp": ["proj"]}).resolve(odd)["proj"].kind == "FP"

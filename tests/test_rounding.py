@@ -12,6 +12,8 @@ from zqcompile.quant import dequantize_weight_values, qmax_for_bits, quantize_we
 from zqcompile.rounding import Layout, awq_scales, gptq_quantize, low_rank_factors, output_error
 
 LAYOUTS = [Layout(8, None, None), Layout(4, None, None), Layout(4, None, 8), Layout(4, 2, 8), Layout(8, 4, None)]
+ASYM_LAYOUTS = [Layout(4, None, None, symmetric=False), Layout(4, None, 8, symmetric=False),
+                Layout(4, 2, 16, symmetric=False)]
 
 
 def correlated_inputs(tokens: int = 256, k: int = 32, seed: int = 0) -> torch.Tensor:
@@ -53,19 +55,19 @@ def obq_reference(weight: torch.Tensor, hessian: torch.Tensor, layout: Layout, d
 def test_gptq_equals_the_obq_update_written_directly(layout):
     x = correlated_inputs()
     hessian = x.T.double() @ x.double()
-    q, scale = gptq_quantize(layer(), hessian, layout, block=8)  # lazy batches of 8 columns
+    q, scale, _ = gptq_quantize(layer(), hessian, layout, block=8)  # lazy batches of 8 columns
     q_ref, scale_ref = obq_reference(layer(), hessian, layout)
     torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
     assert (q.int() - q_ref.int()).abs().max() <= 1  # float64 summation order may flip an exact .5
     assert (q != q_ref).float().mean() < 0.01
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS + ASYM_LAYOUTS, ids=str)
 def test_gptq_error_is_strictly_below_round_to_nearest_on_correlated_inputs(layout):
     weight, x = layer(), correlated_inputs()
     hessian = x.T.double() @ x.double()
     nearest = dequantize_weight_values(*quantize_weight(weight, layout.bits, layout.group_size,
-                                                        layout.input_group_size))
+                                                        layout.input_group_size, layout.symmetric))
     gptq = dequantize_weight_values(*gptq_quantize(weight, hessian, layout))
     rtn_error = (x.double() @ (weight - nearest).double().T).pow(2).sum()
     gptq_error = (x.double() @ (weight - gptq).double().T).pow(2).sum()
@@ -74,19 +76,23 @@ def test_gptq_error_is_strictly_below_round_to_nearest_on_correlated_inputs(layo
     assert output_error(weight, gptq, hessian) == pytest.approx((gptq_error / signal).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS + ASYM_LAYOUTS, ids=str)
 def test_gptq_with_a_diagonal_hessian_is_round_to_nearest(layout):
     weight = layer()
     hessian = torch.diag(torch.rand(32, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.1)
-    q, scale = gptq_quantize(weight, hessian, layout)
-    q_rtn, scale_rtn = quantize_weight(weight, layout.bits, layout.group_size, layout.input_group_size)
+    q, scale, w_min = gptq_quantize(weight, hessian, layout)
+    q_rtn, scale_rtn, w_min_rtn = quantize_weight(weight, layout.bits, layout.group_size, layout.input_group_size,
+                                                  layout.symmetric)
     assert torch.equal(q, q_rtn) and torch.equal(scale, scale_rtn)
+    assert (w_min is None) == layout.symmetric
+    if not layout.symmetric:  # on the asymmetric grid: integers in [0, 15], the round-to-nearest mins
+        assert q.min() >= 0 and q.max() <= 15 and torch.equal(w_min, w_min_rtn)
 
 
 def test_gptq_ignores_inputs_it_never_saw():
     weight, x = layer(), correlated_inputs()
     x[:, 5] = 0  # a dead input channel: its column is zeroed, the rest still rounds
-    q, _ = gptq_quantize(weight, x.T.double() @ x.double(), Layout(8, None, None))
+    q, _, _ = gptq_quantize(weight, x.T.double() @ x.double(), Layout(8, None, None))
     assert torch.all(q[:, 5] == 0) and q.abs().sum() > 0
 
 

@@ -30,7 +30,7 @@ def saved_bert(tmp_path_factory, compiled_tiny):
     return qmodel, directory
 
 
-@pytest.mark.parametrize("family, recipe", [("bert", "w8a8"), ("llama", "w4a8")])
+@pytest.mark.parametrize("family, recipe", [("bert", "w8a8"), ("llama", "w4a8"), ("llama", "w4a8-asym")])
 def test_round_trip_is_bit_identical(compiled_tiny, tmp_path, family, recipe):
     fp_model, qmodel = compiled_tiny(family, recipe)
     qmodel.save(tmp_path / "model")
@@ -90,6 +90,10 @@ def test_other_format_version_is_refused(saved_bert, tmp_path):
     manifest["format_version"] = 1  # the torch.export archive format: refused, with the fix
     (other / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(zqcompile.ZQError, match="version 1 .*unpickle.*compile the model again and save it"):
+        zqcompile.load(other)
+    manifest["format_version"] = 2  # before asymmetric INT4: refused, with the reason and the fix
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(zqcompile.ZQError, match="version 2 .*asymmetric INT4.*compile the model again and save it"):
         zqcompile.load(other)
 
 

@@ -28,7 +28,7 @@ def make_operands(m: int, n: int, k: int, *, int4: bool, g_out: int, g_in: int, 
     x_scale = torch.rand(m, 1, generator=g) * 0.05 + 1e-3
     w_scale = torch.rand(g_out, g_in, generator=g) * 0.02 + 1e-3
     b = torch.randn(n, generator=g) if bias else None
-    w = pack_int4(w_q) if int4 else w_q
+    w = pack_int4(w_q, k // g_in) if int4 else w_q
     to = (lambda t: None if t is None else t.to(device))
     return tuple(map(to, (x_q, x_scale, w, w_scale, b))), w_q
 

@@ -20,11 +20,12 @@ from test_triton_gemm import float64_reference, make_operands, needs_gpu, rel_er
 from zqcompile.backends import triton_gemm, triton_small_m
 from zqcompile.backends.triton_small_m import StreamConfig, block_m_for, candidate_configs, split_k_for
 from zqcompile.errors import ZQError
-from zqcompile.quant import dequantize_weight_values, unpack_weight
+from zqcompile.backends.triton_gemm import GemmConfig
+from zqcompile.quant import dequantize_weight_values, pack_int4, unpack_weight
 
 
 def weight_only_float64(x, w, w_scale, bias) -> torch.Tensor:
-    y = x.double() @ dequantize_weight_values(unpack_weight(w.cpu()), w_scale.cpu()).double().T
+    y = x.double() @ dequantize_weight_values(unpack_weight(w.cpu(), w_scale.cpu()), w_scale.cpu()).double().T
     return y + bias.double().cpu() if bias is not None else y
 
 
@@ -60,7 +61,8 @@ def test_applies_only_where_the_kernel_is_exact():
     def applies(m, g_in, k=4096, int8_acts=True, dtype=None):
         return triton_small_m.stream_kernel_applies(triton_gemm._Problem(m, 64, k, 64, g_in), int8_acts, dtype)
     assert applies(1, 1) and applies(64, 64) and not applies(65, 1) and not applies(0, 1)
-    assert not applies(8, 4096 // 32)  # groups of 32: an INT4 half-group is narrower than the INT8 MMA
+    assert applies(8, 4096 // 32)  # groups of 32: INT4 halves of 16 joined back into one MMA
+    assert not applies(8, 4096 // 16)  # groups of 16: narrower than one INT8 MMA
     assert not applies(8, 3, k=96 * 3)  # groups of 96: no power of two
     assert applies(8, 1, int8_acts=False, dtype=torch.bfloat16)
     assert not applies(8, 1, int8_acts=False, dtype=torch.float32)
@@ -93,13 +95,64 @@ def widen_operands():
     """Every int8 weight value (one row, K = 256) and every nibble (twice each, packed), picked out one per
     output row by identity activations."""
     q = torch.arange(-127, 129, dtype=torch.int16).clamp(max=127).to(torch.int8).view(1, 256)
-    nibbles = torch.tensor([(v & 0xF) | ((v & 0xF) << 4) for v in range(16)] * 8, dtype=torch.uint8).view(1, 128)
+    nibbles = torch.tensor([v | (v << 4) for v in range(16)] * 8, dtype=torch.uint8).view(1, 128)
     return [(torch.eye(256, dtype=torch.float16)[:16], w) for w in (q, nibbles)]
+
+
+# INT4 in the half-split layout through both kernels, symmetric and asymmetric: (M, N, K, group width or None,
+# asymmetric, weight-streaming config, tiled (prefill) kernel config)
+INT4_CASES = [
+    (1, 48, 256, 32, True, StreamConfig(32, 64, 4, 2, 8), GemmConfig(16, 32, 32, 4, 2)),  # halves joined; split-K
+    (5, 40, 192, 64, True, StreamConfig(32, 128, 4, 2, 1), GemmConfig(16, 32, 64, 4, 2)),  # 3 groups: ragged K step
+    (64, 32, 128, 32, False, StreamConfig(32, 64, 4, 2, 1), GemmConfig(64, 32, 32, 4, 2)),
+    (5, 48, 200, None, True, StreamConfig(32, 64, 4, 2, 1), GemmConfig(16, 32, 128, 4, 2)),  # per channel, K tail
+    (3, 32, 256, None, False, StreamConfig(32, 64, 4, 2, 8), GemmConfig(16, 32, 64, 4, 2)),  # per channel, split-K
+    (17, 32, 256, 128, True, StreamConfig(32, 256, 4, 2, 8), GemmConfig(32, 32, 64, 4, 2)),  # 2 K tiles per group
+]
+
+
+def int4_operands(m: int, n: int, k: int, width: int | None, asym: bool, seed: int):
+    """INT8 and fp16 activations and an INT4 weight (symmetric [-8, 7] or asymmetric [0, 15]) packed half-split,
+    with scales (and mins) per row and group of ``width`` values. The INT8 side is built so that float32 computes
+    it exactly: power-of-two weight scales (2^-5..2^-3), mins (-2^-3..-2^-1) and activation scale (2^-7), every
+    partial sum a multiple of 2^-5 below 2^19; so a kernel must equal the float64 product bit for bit, whatever
+    order it adds in."""
+    g = torch.Generator().manual_seed(seed)
+    g_in = k // (width or k)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int8) - (0 if asym else 8)
+    w_scale = 2.0 ** -torch.randint(3, 6, (n, g_in), generator=g).float()
+    w_min = -(2.0 ** -torch.randint(1, 4, (n, g_in), generator=g).float()) if asym else None
+    x_q = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    x16 = torch.randn(m, k, generator=g).half()
+    return x_q, torch.full((m, 1), 2.0 ** -7), x16, pack_int4(q, width or k, symmetric=not asym), q, w_scale, w_min
+
+
+def int4_float64(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, w_min: torch.Tensor | None):
+    """x @ (s * q (+ min)).T in float64, each group's scale and min repeated over its columns by hand."""
+    width = q.shape[1] // w_scale.shape[1]
+    w = q.double() * w_scale.double().repeat_interleave(width, 1)
+    if w_min is not None:
+        w = w + w_min.double().repeat_interleave(width, 1)
+    return x.double() @ w.T
+
+
+def run_int4_cases() -> dict:
+    out = {}
+    for i, (m, n, k, width, asym, stream_cfg, tiled_cfg) in enumerate(INT4_CASES):
+        x_q, x_scale, x16, w, _, w_scale, w_min = int4_operands(m, n, k, width, asym, seed=i)
+        out["stream", i] = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, None, torch.float32, int4=True,
+                                                            config=stream_cfg, w_min=w_min)
+        out["stream16", i] = triton_small_m.stream_weight_only_linear(x16, w, w_scale, None, config=stream_cfg,
+                                                                      w_min=w_min)
+        p = triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, None, True, w_min)
+        out["tiled", i] = torch.empty(m, n)
+        triton_gemm._launch(x_q, x_scale.reshape(m), w, w_scale, w_min, None, out["tiled", i], p, True, tiled_cfg)
+    return out
 
 
 def run_interpreted_cases() -> dict:
     """Every interpreter case's output; runs in the child process that ``interpreted`` starts."""
-    out = {}
+    out = run_int4_cases()
     for i, (m, n, k, int4, g_in, bias, cfg) in enumerate(INTERPRETER_CASES):
         (x_q, x_scale, w, w_scale, b), _ = make_operands(m, n, k, int4=int4, g_out=n, g_in=g_in, bias=bias,
                                                          seed=m + k)
@@ -149,7 +202,22 @@ def test_interpreted_weight_only_kernel_matches_float64(interpreted, case):
 def test_interpreted_kernel_widens_every_weight_value(interpreted):
     """The fp16 exponent trick on every int8 value, the nibble unpacking on every nibble."""
     for i, (_, w) in enumerate(widen_operands()):
-        assert torch.equal(interpreted["widen", i][:, 0].float(), unpack_weight(w)[0, :16].float())
+        assert torch.equal(interpreted["widen", i][:, 0].float(), unpack_weight(w, torch.ones(1, 1))[0, :16].float())
+
+
+@pytest.mark.parametrize("case", range(len(INT4_CASES)))
+def test_interpreted_int4_kernels_equal_the_exact_product(interpreted, case):
+    """Both kernels, W4A8 (symmetric and asymmetric, groups of 32 / 64 / 128 or none, M = 1..64, ragged N and K,
+    split-K): bit-equal to the float64 product of the same integers (exact by construction, int4_operands), as
+    is the reference op; W4A16 within fp16 rounding."""
+    m, n, k, width, asym, _, _ = INT4_CASES[case]
+    x_q, x_scale, x16, w, q, w_scale, w_min = int4_operands(m, n, k, width, asym, seed=case)
+    exact = int4_float64(x_q, q, w_scale, w_min) * 2.0 ** -7
+    assert torch.equal(torch.ops.zq.int4_linear(x_q, x_scale, w, w_scale, None, torch.float32, w_min).double(), exact)
+    for kernel in ("stream", "tiled"):
+        assert torch.equal(interpreted[kernel, case].double(), exact), kernel
+    y16 = interpreted["stream16", case]
+    assert y16.dtype == torch.float16 and rel_err(y16, int4_float64(x16, q, w_scale, w_min)) <= 1e-3
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------
@@ -169,13 +237,45 @@ def test_configs_match_float64_on_gpu(m, n, k, int4, g_in, every):
     ref = float64_reference(x_q.cpu(), x_scale.cpu(), w_q, w_scale.cpu(), bias.cpu())
     x, w16, s16, b16 = weight_only_operands(m, n, k, int4=int4, g_in=g_in, bias=True, seed=m + k, device="cuda")
     ref16 = weight_only_float64(x.cpu(), w16, s16, b16)
-    configs = candidate_configs(triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, bias, int4))
+    configs = candidate_configs(triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, bias, int4), int4)
     for cfg in configs if every else configs[:1]:
         for _ in range(2):  # the second call finds the tickets the first one reset
             y = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, bias, torch.float32, int4=int4, config=cfg)
             assert rel_err(y, ref) <= 1e-6, cfg
             y16 = triton_small_m.stream_weight_only_linear(x, w16, s16, b16, config=cfg)
             assert rel_err(y16, ref16) <= 1e-3, cfg
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 64, 200])
+@pytest.mark.parametrize("width,asym", [(32, True), (64, True), (32, False), (64, False), (None, True), (None, False)])
+def test_int4_half_split_kernels_on_gpu(m, width, asym):
+    """Every INT4 candidate config of the kernel M dispatches to (weight-streaming for M <= 64, tiled above), W4A8
+    and W4A16, symmetric and asymmetric, N and K ragged against the tiles, against the float64 product."""
+    from zqcompile.backends import register_cuda_kernels
+
+    register_cuda_kernels()
+    n, k = 1000, 4096 if width else 4032
+    x_q, x_scale, x16, w, q, w_scale, w_min = (t if t is None else t.cuda()
+                                               for t in int4_operands(m, n, k, width, asym, seed=m + n))
+    ref = int4_float64(x_q.cpu(), q, w_scale.cpu(), None if w_min is None else w_min.cpu()) * 2.0 ** -7
+    ref16 = int4_float64(x16.cpu(), q, w_scale.cpu(), None if w_min is None else w_min.cpu())
+    p = triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, None, True, w_min)
+    if m <= triton_small_m.MAX_M:
+        for cfg in candidate_configs(p, int4=True):
+            y = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, None, torch.float32, int4=True,
+                                                 config=cfg, w_min=w_min)
+            assert rel_err(y, ref) <= 1e-6, cfg
+            y16 = triton_small_m.stream_weight_only_linear(x16, w, w_scale, None, config=cfg, w_min=w_min)
+            assert rel_err(y16, ref16) <= 1e-3, cfg
+    else:
+        for cfg in triton_gemm.candidate_configs(m, k, width):
+            y = triton_gemm.triton_int_linear(x_q, x_scale, w, w_scale, None, torch.float32, int4=True, config=cfg,
+                                              w_min=w_min)
+            assert rel_err(y, ref) <= 1e-6, cfg
+    y = torch.ops.zq.int4_linear(x_q, x_scale, w, w_scale, None, torch.float32, w_min)  # the registered kernel
+    assert rel_err(y, ref) <= 1e-6
 
 
 @needs_gpu
@@ -219,7 +319,8 @@ def test_split_k_kernel_inside_cuda_graph_replays():
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("family,recipe", [("llama", "w8a16"), ("llama", "w4a16"), ("gpt2", "w4a8")])
+@pytest.mark.parametrize("family,recipe", [("llama", "w8a16"), ("llama", "w4a16"), ("gpt2", "w4a8"),
+                                           ("llama", "w4a16-asym"), ("llama", "w4a8-asym")])
 def test_compiled_model_matches_reference_kernels(family, recipe):
     """Whole tiny models at 48 tokens (the weight-streaming kernels) against the reference kernels."""
     import zqcompile

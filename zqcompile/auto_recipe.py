@@ -57,9 +57,8 @@ def _fits(kind: str, module: nn.Module) -> bool:
 
 def _fake_weight(module: nn.Module, kind: str) -> torch.Tensor:
     settings = KINDS[kind]
-    q, scale = quantize_weight(_weight(module).detach().float(), settings["weight_bits"], settings["group_size"],
-                               settings["input_group_size"])
-    return dequantize_weight_values(q, scale)
+    return dequantize_weight_values(*quantize_weight(_weight(module).detach().float(), settings["weight_bits"],
+                                                     settings["group_size"], settings["input_group_size"]))
 
 
 def _fake_rows(x: torch.Tensor) -> torch.Tensor:

@@ -107,14 +107,19 @@ def linear_rows(gm: GraphModule, unfused: Mapping[str, str] | None = None) -> li
             continue
         positions = WEIGHT_ARGS[node.target]
         q, scale = get_attr_tensor(gm, node.args[positions.weight]), get_attr_tensor(gm, node.args[positions.scale])
+        w_min = positions.min_arg(node.args)
         n = q.shape[0]
         groups = "per-channel" if scale.shape[0] == n else f"{n // scale.shape[0]} rows/group"
+        if w_min is not None:  # asymmetric INT4: a min per group beside the scale
+            groups = f"asym, {groups}"
         if scale.shape[1] > 1:
             groups += f", {q.shape[1] * (2 if q.dtype == torch.uint8 else 1) // scale.shape[1]} cols/group"
         activation, fused = _activation_source(gm, node, unfused or {})
         before = node.meta[META_WEIGHT_BYTES]
         extra = sum(_tensor_bytes(get_attr_tensor(gm, f)) for u in node.users  # LoRC's factors
                     if u.target is torch.ops.zq.low_rank_correction.default for f in u.args[2:])
+        if w_min is not None:
+            extra += _tensor_bytes(get_attr_tensor(gm, w_min))
         if node.target is torch.ops.zq.outlier_int8_linear.default:  # LLM.int8()'s FP16 columns
             extra += sum(_tensor_bytes(get_attr_tensor(gm, f)) for f in node.args[3:5])
         rows.append(LinearRow(node.meta[META_MODULE], node.meta[META_ROLE], plan.kind,

@@ -171,8 +171,8 @@ class FakeQuantWeight(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.t() if self.stored_transposed else weight
-        q, scale = quantize_weight(w, self.plan.weight_bits, self.plan.group_size, self.plan.input_group_size)
-        dequantized = dequantize_weight_values(q, scale)
+        dequantized = dequantize_weight_values(*quantize_weight(
+            w, self.plan.weight_bits, self.plan.group_size, self.plan.input_group_size, self.plan.weight_symmetric))
         return _straight_through(weight, dequantized.t() if self.stored_transposed else dequantized)
 
 

@@ -20,6 +20,9 @@ How the zq ops become ONNX (CPU onnxruntime, measured in ``benchmarks/onnx_ort.p
   (finer than per token) and accumulates per block, so outputs differ slightly from zqcompile's
   (``int4="exact"`` runs the zq arithmetic instead: the INT4 values unpacked to int8 through the INT8 path
   when there are no input-dim groups, otherwise in floating point).
+- Asymmetric INT4 (``w_min``): MatMulNBits with float zero points ``-min / scale`` (ORT dequantizes
+  ``(q - zp) * s``, equal to ``s * q + min`` up to float rounding); in ``"exact"`` mode the dequantized
+  activations times the dequantized weight in floating point.
 - ``weight_only_linear`` and linears with INT8 input-dim groups: the weight dequantized in the graph
   (int8 initializer x scale) and a float ``MatMul``; onnxruntime folds the dequantization at load time.
 - Fused ops: LayerNormalization / RMSNorm / GELU / SiLU*mul written out, followed by the same
@@ -46,7 +49,7 @@ from torch.fx import GraphModule
 from zqcompile.errors import ZQError
 from zqcompile.ops import WEIGHT_ARGS, hadamard_matrix
 from zqcompile.passes.infra import attr_tensor, set_attr_tensor
-from zqcompile.quant import ACT_QMAX, unpack_int4
+from zqcompile.quant import ACT_QMAX, int4_group_width, unpack_int4
 
 MS_DOMAIN = "com.microsoft"
 ACT_ZERO_POINT = 128  # int8 activation values travel as uint8 = int8 + 128
@@ -154,19 +157,23 @@ def _translation_table() -> dict[Any, Any]:
         rows = op.Expand(op.Reshape(w_scale, ints(g_out, 1, g_in)), ints(g_out, n // g_out, g_in))
         return op.Reshape(rows, ints(n, g_in))
 
-    def dequantize_weight_values(w, w_scale):
-        """int8 [N, K] x [G_out, G_in] scales by broadcasting over a [G_out, N/G_out, G_in, K/G_in] view; no
-        Expand, so no N x K float tensor is ever a constant the optimizer could write to the file."""
+    def dequantize_weight_values(w, w_scale, w_min=None):
+        """int8 [N, K] x [G_out, G_in] scales (+ mins) by broadcasting over a [G_out, N/G_out, G_in, K/G_in] view;
+        no Expand, so no N x K float tensor is ever a constant the optimizer could write to the file."""
         n, k = static_shape(w)
         g_out, g_in = static_shape(w_scale)
         blocks = op.Reshape(op.Cast(w, to=float32), ints(g_out, n // g_out, g_in, k // g_in))
-        return op.Reshape(op.Mul(blocks, op.Reshape(w_scale, ints(g_out, 1, g_in, 1))), ints(n, k))
+        values = op.Mul(blocks, op.Reshape(w_scale, ints(g_out, 1, g_in, 1)))
+        if w_min is not None:
+            values = op.Add(values, op.Reshape(w_min, ints(g_out, 1, g_in, 1)))
+        return op.Reshape(values, ints(n, k))
 
     def add_bias(y, bias):
         return y if bias is None else op.Add(y, bias)
 
-    def float_linear(x, w, w_scale, bias):
-        return add_bias(op.MatMul(x, op.Transpose(dequantize_weight_values(w, w_scale), perm=[1, 0])), bias)
+    def float_linear(x, w, w_scale, bias, w_min=None):
+        weight = dequantize_weight_values(w, w_scale, w_min)
+        return add_bias(op.MatMul(x, op.Transpose(weight, perm=[1, 0])), bias)
 
     def quantize_per_token(x):
         return quantize_rows(x)
@@ -174,8 +181,8 @@ def _translation_table() -> dict[Any, Any]:
     def dequantize_per_token(q, scale, out_dtype):
         return dequantize_rows(q, scale)
 
-    def dequantize_weight(w, w_scale, out_dtype):
-        return dequantize_weight_values(w, w_scale)
+    def dequantize_weight(w, w_scale, out_dtype, w_min=None):
+        return dequantize_weight_values(w, w_scale, w_min)
 
     def int8_linear(q, scale, w, w_scale, bias, out_dtype):
         n = static_shape(w)[0]
@@ -186,22 +193,22 @@ def _translation_table() -> dict[Any, Any]:
                                     op.Reshape(column_scale(w_scale, n), ints(n)), zero_point)
         return add_bias(op.Mul(y, scale), bias)
 
-    def int4_linear(q, scale, w_packed, w_scale, bias, out_dtype):
+    def int4_linear(q, scale, w_packed, w_scale, bias, out_dtype, w_min=None):
         # only reached in "matmulnbits" mode for a layer that fits it (see _prepare_graph)
         n, half_k = static_shape(w_packed)
         k = 2 * half_k
         g_in = static_shape(w_scale)[1]
         block = k // g_in
-        # signed nibble s -> unsigned s + 8 (MatMulNBits' default zero point 8) is s ^ 8, per nibble
-        blocks = op.Reshape(op.BitwiseXor(w_packed, op.Constant(value=ir.tensor(0x88, dtype=uint8))),
-                            ints(n, g_in, block // 2))
         scales = op.Reshape(column_scale(w_scale, n), ints(n * g_in))
-        y = ms.MatMulNBits(dequantize_rows(q, scale), blocks, scales, K=k, N=n, bits=4, block_size=block,
-                           accuracy_level=MATMULNBITS_ACCURACY_LEVEL)
+        zero_points = ()  # symmetric: nibbles q + 8 with MatMulNBits' default zero point 8
+        if w_min is not None:  # nibbles q: (q - zp) * s = s * q + min with the float zero point zp = -min / s
+            zero_points = (op.Neg(op.Div(op.Reshape(column_scale(w_min, n), ints(n * g_in)), scales)),)
+        y = ms.MatMulNBits(dequantize_rows(q, scale), op.Reshape(w_packed, ints(n, g_in, block // 2)), scales,
+                           *zero_points, K=k, N=n, bits=4, block_size=block, accuracy_level=MATMULNBITS_ACCURACY_LEVEL)
         return add_bias(y, bias)
 
-    def weight_only_linear(x, w, w_scale, bias):
-        return float_linear(x, w, w_scale, bias)
+    def weight_only_linear(x, w, w_scale, bias, w_min=None):
+        return float_linear(x, w, w_scale, bias, w_min)
 
     def layer_norm(x, weight, bias, eps):
         if weight is None:
@@ -293,28 +300,40 @@ def fits_matmulnbits(w_packed: torch.Tensor, w_scale: torch.Tensor) -> bool:
 
 
 def _prepare_graph(gm: GraphModule, int4_mode: str) -> GraphModule:
-    """A copy of the compiled graph where every packed INT4 weight the ONNX side cannot take as MatMulNBits
-    is unpacked to int8 (int4_linear then becomes int8_linear, which computes the same on unpacked values)."""
+    """A copy of the compiled graph where every packed INT4 weight MatMulNBits takes is repacked to its layout,
+    and every other one is unpacked to int8 (int4_linear then becomes int8_linear, which computes the same on
+    unpacked values; an asymmetric one, which int8_linear cannot take, ``weight_only_linear`` of its dequantized
+    activations: the same products in floating point)."""
     gm = copy.deepcopy(gm)
     zq = torch.ops.zq
-    unpacked: set[str] = set()
+    as_nbits: dict[str, bool] = {}  # packed weight -> whether it went to MatMulNBits' layout (else unpacked)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (
                 zq.int4_linear.default, zq.weight_only_linear.default, zq.dequantize_weight.default):
             continue
         positions = WEIGHT_ARGS[node.target]
         weight, w_scale = node.args[positions.weight], node.args[positions.scale]
-        w = attr_tensor(gm, weight.target)
-        if w.dtype != torch.uint8:
+        w_min = positions.min_arg(node.args)
+        w, scale = attr_tensor(gm, weight.target), attr_tensor(gm, w_scale.target)
+        if weight.target not in as_nbits:
+            if w.dtype != torch.uint8:
+                continue
+            q = unpack_int4(w, int4_group_width(w, scale), symmetric=w_min is None)
+            nbits = node.target is zq.int4_linear.default and int4_mode == "matmulnbits" and fits_matmulnbits(w, scale)
+            if nbits:  # MatMulNBits' layout: unsigned nibbles (q + 8, or asymmetric q), value 2j low, 2j + 1 high
+                codes = (q.to(torch.int16) + (8 if w_min is None else 0)).to(torch.uint8)
+                q = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            set_attr_tensor(gm, weight.target, q)
+            as_nbits[weight.target] = nbits
+        if as_nbits[weight.target] or node.target is not zq.int4_linear.default:
             continue
-        if (node.target is zq.int4_linear.default and int4_mode == "matmulnbits"
-                and fits_matmulnbits(w, attr_tensor(gm, w_scale.target))):
-            continue
-        if weight.target not in unpacked:
-            set_attr_tensor(gm, weight.target, unpack_int4(w))
-            unpacked.add(weight.target)
-        if node.target is zq.int4_linear.default:
+        if w_min is None:
             node.target = zq.int8_linear.default
+        else:
+            x_q, x_scale, _, _, bias, out_dtype, _ = node.args
+            with gm.graph.inserting_before(node):
+                x = gm.graph.call_function(zq.dequantize_per_token.default, (x_q, x_scale, out_dtype))
+            node.target, node.args = zq.weight_only_linear.default, (x, weight, w_scale, bias, w_min)
     gm.recompile()
     return gm
 

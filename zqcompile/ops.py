@@ -7,8 +7,11 @@ what an op computes, so a graph means the same thing under every backend.
 
 Conventions (see zqcompile.quant): activation scales are float32 ``[..., 1]`` (one per token row);
 weight scales are float32 ``[G_out, G_in]``; INT8 weights are ``int8 [N, K]``, INT4 weights are packed
-``uint8 [N, K/2]``. Fused "elementwise + quant" ops return the quantized activation and its scale; the
-norm ops also return their floating-point output, which a residual connection may still need.
+``uint8 [N, K/2]`` (zqcompile.quant.pack_int4: unsigned nibbles, half-split in each input group).
+Asymmetric INT4 weights (values in [0, 15]) also take their group mins ``w_min`` (float32 ``[G_out, G_in]``,
+the ops' last, optional argument): ``w = s_w * q + w_min``. Fused "elementwise + quant" ops return the
+quantized activation and its scale; the norm ops also return their floating-point output, which a residual
+connection may still need.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zqcompile.quant import (
-    exact_int_matmul, expand_weight_scale, dequantize_weight_values, quantize_rows, unpack_int4, unpack_weight,
+    exact_int_matmul, expand_weight_scale, dequantize_weight_values, quantize_rows, unpack_weight,
 )
 
 _LIB = "zq"
@@ -61,13 +64,14 @@ def _(x_q: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
 
 
 @torch.library.custom_op(f"{_LIB}::dequantize_weight", mutates_args=())
-def dequantize_weight(w: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """Floating-point weight [N, K] from stored INT8 (int8) or packed INT4 (uint8) values and group scales."""
-    return dequantize_weight_values(unpack_weight(w), w_scale).to(out_dtype)
+def dequantize_weight(w: Tensor, w_scale: Tensor, out_dtype: torch.dtype, w_min: Tensor | None = None) -> Tensor:
+    """Floating-point weight [N, K] from stored INT8 (int8) or packed INT4 (uint8) values, group scales and
+    (asymmetric INT4) group mins."""
+    return dequantize_weight_values(unpack_weight(w, w_scale, w_min), w_scale, w_min).to(out_dtype)
 
 
 @dequantize_weight.register_fake
-def _(w: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _(w: Tensor, w_scale: Tensor, out_dtype: torch.dtype, w_min: Tensor | None = None) -> Tensor:
     k = w.shape[1] * 2 if w.dtype == torch.uint8 else w.shape[1]
     return w.new_empty((w.shape[0], k), dtype=out_dtype)
 
@@ -77,22 +81,27 @@ def _(w: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 def _int_linear_reference(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
-                          out_dtype: torch.dtype) -> Tensor:
-    """y = sum_g (x_q @ w_q.T)[group g] * s_x[row] * s_w[col, g] + bias, INT32 accumulation per group.
+                          out_dtype: torch.dtype, w_min: Tensor | None = None) -> Tensor:
+    """y = s_x[row] * sum_g (acc_g * s_w[col, g] (+ min[col, g] * asum_g)) + bias, in float32, where
+    ``acc_g = (x_q @ w_q.T)`` over group g's columns and ``asum_g`` the sum of x_q over them (exact INT32 sums).
 
     With one input group (per-channel or output-row groups) this is the epilogue ``acc * s_x * s_w``; with
     input-dim groups the scale changes along K, so each group's partial INT32 sum is scaled separately.
+    Asymmetric weights (``w_min``) add each group's min times the group's activation sum.
     """
     *lead, k = x_q.shape
     n = w_q.shape[0]
     a = x_q.reshape(-1, k)
     g_in = w_scale.shape[1]
     col_scale = expand_weight_scale(w_scale, n, g_in).float()  # [N, G_in]
+    col_min = None if w_min is None else expand_weight_scale(w_min, n, g_in).float()
     width = k // g_in
     y = torch.zeros(a.shape[0], n, dtype=torch.float32, device=x_q.device)
     for g in range(g_in):
         cols = slice(g * width, (g + 1) * width)
         y += exact_int_matmul(a[:, cols], w_q[:, cols]).float() * col_scale[:, g]
+        if col_min is not None:
+            y += a[:, cols].sum(1, dtype=torch.int32).float()[:, None] * col_min[:, g]
     y *= x_scale.reshape(-1, 1)
     if bias is not None:
         y += bias.float()
@@ -117,24 +126,25 @@ def _(x_q, x_scale, w, w_scale, bias, out_dtype):
 
 @torch.library.custom_op(f"{_LIB}::int4_linear", mutates_args=())
 def int4_linear(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Tensor | None,
-                out_dtype: torch.dtype) -> Tensor:
-    """W4A8 linear: unpacks the INT4 weights (uint8 [N, K/2]) and runs the INT8 path."""
-    return _int_linear_reference(x_q, x_scale, unpack_int4(w_packed), w_scale, bias, out_dtype)
+                out_dtype: torch.dtype, w_min: Tensor | None = None) -> Tensor:
+    """W4A8 linear: unpacks the INT4 weights (uint8 [N, K/2]; asymmetric with ``w_min``) and runs the INT8 path."""
+    return _int_linear_reference(x_q, x_scale, unpack_weight(w_packed, w_scale, w_min), w_scale, bias, out_dtype, w_min)
 
 
 @int4_linear.register_fake
-def _(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
+def _(x_q, x_scale, w_packed, w_scale, bias, out_dtype, w_min=None):
     return _linear_fake(x_q, w_packed.shape[0], out_dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::weight_only_linear", mutates_args=())
-def weight_only_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def weight_only_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, w_min: Tensor | None = None
+                       ) -> Tensor:
     """W8A16 / W4A16 linear: dequantize the stored weight to x's dtype and run a floating-point GEMM."""
-    return F.linear(x, dequantize_weight_values(unpack_weight(w), w_scale).to(x.dtype), bias)
+    return F.linear(x, dequantize_weight_values(unpack_weight(w, w_scale, w_min), w_scale, w_min).to(x.dtype), bias)
 
 
 @weight_only_linear.register_fake
-def _(x, w, w_scale, bias):
+def _(x, w, w_scale, bias, w_min=None):
     return _linear_fake(x, w.shape[0], x.dtype)
 
 
@@ -340,7 +350,7 @@ def outlier_int8_linear(x: Tensor, w: Tensor, w_scale: Tensor, columns: Tensor, 
     columns ``w_outlier`` (FP16 [N, C], computed in x's dtype), plus per-token INT8 of the other columns (their
     scale ignores the outliers) times the INT8 / packed INT4 weight ``w`` (zero in the outlier columns)."""
     q, s = quantize_rows(x.index_fill(-1, columns, 0))
-    y = _int_linear_reference(q, s, unpack_weight(w), w_scale, bias, out_dtype)
+    y = _int_linear_reference(q, s, unpack_weight(w, w_scale), w_scale, bias, out_dtype)
     return y + (x.index_select(-1, columns) @ w_outlier.to(x.dtype).T).to(out_dtype)
 
 
@@ -386,17 +396,23 @@ QUANTIZED_LINEAR_OPS = {
 
 
 class WeightArgs(NamedTuple):
-    """Where an op takes its stored quantized weight, the weight's scales and (for a linear) its bias."""
+    """Where an op takes its stored quantized weight, the weight's scales, (for a linear) its bias and (INT4) the
+    optional group mins of an asymmetric weight, the op's last argument."""
 
     weight: int
     scale: int
     bias: int | None = None
+    w_min: int | None = None
+
+    def min_arg(self, args: tuple) -> object:
+        """The mins argument in an op's positional ``args`` (None: a symmetric weight)."""
+        return args[self.w_min] if self.w_min is not None and len(args) > self.w_min else None
 
 
 WEIGHT_ARGS: dict[torch._ops.OpOverload, WeightArgs] = {
     torch.ops.zq.int8_linear.default: WeightArgs(weight=2, scale=3, bias=4),
-    torch.ops.zq.int4_linear.default: WeightArgs(weight=2, scale=3, bias=4),
-    torch.ops.zq.weight_only_linear.default: WeightArgs(weight=1, scale=2, bias=3),
-    torch.ops.zq.dequantize_weight.default: WeightArgs(weight=0, scale=1),
+    torch.ops.zq.int4_linear.default: WeightArgs(weight=2, scale=3, bias=4, w_min=6),
+    torch.ops.zq.weight_only_linear.default: WeightArgs(weight=1, scale=2, bias=3, w_min=4),
+    torch.ops.zq.dequantize_weight.default: WeightArgs(weight=0, scale=1, w_min=3),
     torch.ops.zq.outlier_int8_linear.default: WeightArgs(weight=1, scale=2, bias=5),
 }

@@ -1,7 +1,12 @@
 """Plain quantization arithmetic shared by the ops, the passes and LKD.
 
-Symmetric quantization everywhere (ZeroQuant): q = clamp(round_half_even(x / s), -qmax, qmax) with
+Symmetric quantization by default (ZeroQuant): q = clamp(round_half_even(x / s), -qmax, qmax) with
 qmax = 2**(bits-1) - 1 and s = absmax / qmax. Scales are float32.
+
+INT4 weights may instead be asymmetric ("scale and min", llama.cpp's Q4_1, the asymmetric groups of GPTQ / AWQ
+deployments): per group s = (max - min) / 15, q = clamp(round_half_even((w - min) / s), 0, 15), w ~ s * q + min,
+with the group's min stored as a float32 tensor of the scales' shape. A group of equal values gets s = 1 (so
+q = 0 and the min is the value itself).
 
 Weight scales have shape ``[G_out, G_in]``: ``G_out`` groups of consecutive output rows (ZeroQuant's
 groups; ``G_out == N`` is per-channel) times ``G_in`` groups along the input dim (``G_in == 1`` unless an
@@ -16,6 +21,7 @@ import torch
 from zqcompile.errors import ZQError
 
 ACT_QMAX = 127
+ASYM_LEVELS = 15  # asymmetric INT4: q in [0, 15]
 
 
 def qmax_for_bits(bits: int) -> int:
@@ -64,45 +70,84 @@ def expand_weight_scale(scale: torch.Tensor, out_features: int, in_features: int
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None,
-                    input_group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-wise symmetric weight quantization: returns (int8 values in [-qmax, qmax], float32 [G_out, G_in])."""
-    qmax = qmax_for_bits(bits)
+                    input_group_size: int | None = None, symmetric: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Group-wise weight quantization: (int8 values, float32 scales [G_out, G_in], float32 mins [G_out, G_in] or
+    None). Symmetric: values in [-qmax, qmax], no mins; asymmetric (INT4 only): values in [0, 15]."""
     n, k = weight.shape
     g_out, g_in = weight_groups(n, k, group_size, input_group_size)
     w = weight.detach().float()
     blocks = w.reshape(g_out, n // g_out, g_in, k // g_in)
-    scale = safe_scale(blocks.abs().amax(dim=(1, 3)), qmax)
-    q = torch.clamp(torch.round(w / expand_weight_scale(scale, n, k)), -qmax, qmax).nan_to_num(0.0).to(torch.int8)
-    return q, scale
+    scale, w_min = grid_params(blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3)), bits, symmetric)
+    full_min = None if w_min is None else expand_weight_scale(w_min, n, k)
+    return round_to_grid(w, expand_weight_scale(scale, n, k), full_min, bits), scale, w_min
 
 
-def dequantize_weight_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 weight from int8 values [N, K] and a [G_out, G_in] scale."""
+def grid_params(lowest: torch.Tensor, highest: torch.Tensor, bits: int, symmetric: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales (and, asymmetric, the mins) of groups whose smallest and largest values are given."""
+    qmax = qmax_for_bits(bits)
+    if symmetric:
+        return safe_scale(torch.maximum(lowest.abs(), highest.abs()), qmax), None
+    if bits != 4:
+        raise ZQError(f"asymmetric weights (weight_symmetric: false) are INT4 only, got {bits} bits")
+    scale = safe_scale(highest.float() - lowest.float(), ASYM_LEVELS)
+    return scale, lowest.float() + (scale - scale)  # a NaN group gets a NaN min too
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """int8 grid values of ``w`` for scales (and mins) already broadcast to its shape; NaN rounds to 0."""
+    if w_min is None:
+        qmax = qmax_for_bits(bits)
+        q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+    else:
+        q = torch.clamp(torch.round((w - w_min) / scale), 0, ASYM_LEVELS)
+    return q.nan_to_num(0.0).to(torch.int8)
+
+
+def dequantize_weight_values(q: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """float32 weight from int8 values [N, K], [G_out, G_in] scales and (asymmetric) mins: s * q (+ min)."""
     n, k = q.shape
-    return q.float() * expand_weight_scale(scale, n, k)
+    w = q.float() * expand_weight_scale(scale, n, k)
+    return w if w_min is None else w + expand_weight_scale(w_min, n, k).float()
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Pack int8 values in [-8, 7] two per byte along the last dim: low nibble = even column."""
-    if q.shape[-1] % 2:
-        raise ZQError(f"INT4 packing needs an even in_features, got {q.shape[-1]}")
-    if q.min() < -8 or q.max() > 7:
-        raise ZQError("INT4 packing got values outside [-8, 7]")
-    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+def int4_group_width(w_packed: torch.Tensor, w_scale: torch.Tensor) -> int:
+    """Values per input-dim group of a packed INT4 weight [N, K/2] with scales [G_out, G_in] (K without groups)."""
+    return 2 * w_packed.shape[-1] // w_scale.shape[-1]
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: uint8 [..., K/2] -> int8 [..., K] (sign-extended nibbles)."""
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    both = torch.stack((low, high), dim=-1).flatten(-2)
-    return torch.where(both > 7, both - 16, both)
+def pack_int4(q: torch.Tensor, group_width: int, symmetric: bool = True) -> torch.Tensor:
+    """Pack INT4 values [..., K] two per byte, "half-split" inside each input-dim group of ``group_width`` values
+    (K without groups): byte j of a group holds value j in its low nibble and value j + group_width / 2 in its
+    high nibble, so a kernel multiplies each nibble half by one contiguous run of activations. Nibbles are
+    unsigned: q + 8 for symmetric values in [-8, 7], q for asymmetric ones in [0, 15]."""
+    k = q.shape[-1]
+    if group_width % 2 or k % group_width:
+        raise ZQError(f"INT4 packing needs an even group width dividing in_features, got {group_width} for {k}")
+    low, high = (-8, 7) if symmetric else (0, ASYM_LEVELS)
+    if q.numel() and (q.min() < low or q.max() > high):
+        raise ZQError(f"INT4 packing got values outside [{low}, {high}]")
+    codes = (q.to(torch.int16) + (8 if symmetric else 0)).to(torch.uint8)
+    groups = codes.reshape(*q.shape[:-1], k // group_width, 2, group_width // 2)
+    return (groups[..., 0, :] | (groups[..., 1, :] << 4)).reshape(*q.shape[:-1], k // 2)
 
 
-def unpack_weight(w: torch.Tensor) -> torch.Tensor:
-    """int8 values of a stored weight: INT8 weights are stored as int8, INT4 weights packed as uint8."""
-    return unpack_int4(w) if w.dtype == torch.uint8 else w
+def unpack_int4(packed: torch.Tensor, group_width: int, symmetric: bool = True) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [..., K/2] -> int8 [..., K]."""
+    half = group_width // 2
+    groups = packed.reshape(*packed.shape[:-1], packed.shape[-1] // half, 1, half)
+    codes = torch.cat((groups & 0xF, groups >> 4), dim=-2).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    return codes.to(torch.int8) - 8 if symmetric else codes.to(torch.int8)
+
+
+def unpack_weight(w: torch.Tensor, w_scale: torch.Tensor, w_min: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 values of a stored weight: INT8 weights are stored as int8, INT4 weights packed as uint8 (pack_int4,
+    in the scales' input groups; asymmetric when the weight has mins)."""
+    if w.dtype != torch.uint8:
+        return w
+    return unpack_int4(w, int4_group_width(w, w_scale), symmetric=w_min is None)
 
 
 def exact_int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ YAML example::
       - role: "mlp_*"          # glob on the role, or `module:` glob on the module name
         weight_bits: 4
         input_group_size: 64   # INT4 groups along the input dim
+        weight_symmetric: true # false: asymmetric INT4 groups, w = scale * q + min with q in 0..15 (llama.cpp's
+                               # Q4_1, the asymmetric groups of GPTQ / AWQ deployments); INT4 weights only
     smooth_alpha: 0.5          # optional: SmoothQuant-style outlier migration for norm outputs (null = off)
     rotate: false              # optional: QuaRot-style Hadamard rotation of the residual stream and projections
     weight_rounding: gptq      # rtn (round to nearest, default) | gptq | awq: how the integers are chosen
@@ -96,7 +98,7 @@ class LKDConfig:
 
 
 ROLES = ("attn_qkv", "attn_out", "mlp_in", "mlp_out", "lm_head", "classifier", "other")
-QUANT_SETTINGS = ("weight_bits", "act_bits", "group_size", "input_group_size")
+QUANT_SETTINGS = ("weight_bits", "act_bits", "group_size", "input_group_size", "weight_symmetric")
 ROLE_PREFIX = "role:"
 
 
@@ -109,6 +111,7 @@ class LinearPlan:
     group_size: int | None
     input_group_size: int | None
     reason: str
+    weight_symmetric: bool = True  # False: asymmetric INT4 (a float min per group, values in 0..15)
 
     @property
     def quantized(self) -> bool:
@@ -158,6 +161,7 @@ class Recipe:
     act_bits: int | None = 8
     group_size: int | None = None
     input_group_size: int | None = None
+    weight_symmetric: bool = True
     keep_fp: list[str] = field(default_factory=lambda: ["role:lm_head", "role:classifier"])
     overrides: list[Override] = field(default_factory=list)
     # SmoothQuant-style migration of activation outliers into the weights (passes/smooth_activations.py);
@@ -221,6 +225,10 @@ class Recipe:
         if self.outlier_threshold is not None and self.lorc_rank is not None:
             raise ZQError(f"{self.name}: outlier_threshold and lorc_rank: the outlier-decomposed linear has no "
                           f"low-rank correction input; use one of them")
+        if self.outlier_threshold is not None and (self.weight_symmetric is False or any(
+                o.settings.get("weight_symmetric") is False for o in self.overrides)):
+            raise ZQError(f"{self.name}: outlier_threshold stores symmetric weights beside its FP16 columns; drop "
+                          f"weight_symmetric: false or outlier_threshold")
         if self.outlier_threshold is not None and self.act_bits is None and not any(
                 o.settings.get("act_bits") == 8 for o in self.overrides):
             raise ZQError(f"{self.name}: outlier_threshold splits INT8 activations, but this recipe is weight-only "
@@ -259,9 +267,14 @@ class Recipe:
         except ZQError as err:
             raise ZQError(f"recipe {self.name!r} for {site.module} ({site.out_features}x{site.in_features}, "
                           f"{reason}): {err}") from None
-        if settings["weight_bits"] == 4 and site.in_features % 2:
-            raise ZQError(f"{site.module}: INT4 weights need an even in_features, got {site.in_features}; "
-                          f"keep it at 8 bits with an override")
+        if not settings["weight_symmetric"] and settings["weight_bits"] != 4:
+            raise ZQError(f"recipe {self.name!r} for {site.module} ({reason}): asymmetric weights "
+                          f"(weight_symmetric: false) are INT4 only, but this layer has {settings['weight_bits']}-bit "
+                          f"weights; set weight_symmetric: false in the INT4 override only (e.g. role: 'mlp_*')")
+        if settings["weight_bits"] == 4 and (settings["input_group_size"] or site.in_features) % 2:
+            raise ZQError(f"{site.module}: INT4 weights need an even in_features and input_group_size (two values "
+                          f"per byte), got {site.in_features} / {settings['input_group_size']}; keep it at 8 bits "
+                          f"with an override")
         return LinearPlan(reason=reason, **settings)
 
     # -- loading ---------------------------------------------------------------------------------
@@ -290,6 +303,9 @@ def _check_settings(where: str, settings: Mapping[str, Any]) -> None:
                           f"with keep_fp instead)")
         if key == "act_bits" and not (value is None or (is_int and value == 8)):
             raise ZQError(f"{where}: act_bits must be 8 (token-wise INT8) or null (weight-only), got {value!r}")
+        if key == "weight_symmetric" and not isinstance(value, bool):
+            raise ZQError(f"{where}: weight_symmetric must be true (q in -7..7, one scale per group) or false "
+                          f"(asymmetric INT4: q in 0..15, a scale and a min per group), got {value!r}")
         if key in ("group_size", "input_group_size") and value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ZQError(f"{where}: {key} must be a positive integer or null, got {value!r}")
@@ -327,6 +343,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # Weight-only: activations stay in floating point.
     "w8a16": {"act_bits": None},
     "w4a16": {"act_bits": None, "weight_bits": 4, "input_group_size": 64},
+    # Asymmetric INT4 in groups of 32 (a float32 scale and min per group: llama.cpp's Q4_1 layout), weight-only
+    # everywhere / for the MLP of W4/8-A8.
+    "w4a16-asym": {"act_bits": None, "weight_bits": 4, "input_group_size": 32, "weight_symmetric": False},
+    "w4a8-asym": {"overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 32,
+                                 "weight_symmetric": False}]},
     # W8A8 / W4A8 after a Hadamard rotation of the residual stream and of the output projections' inputs (QuaRot);
     # beyond the paper; no constant to choose (the rotation's seed is fixed, never tuned).
     "w8a8-rot": {"rotate": True},

@@ -2,8 +2,8 @@
 
 The graph passes (passes/gptq_round_weights.py, awq_scale_weights.py, low_rank_correction.py) feed these
 functions the weights and the calibration statistics of one layer at a time. Every result lies on the grid
-of :func:`zqcompile.quant.quantize_weight` (same ``[G_out, G_in]`` scale layout, same ``[-qmax, qmax]``
-integers), so ``quantize_weights`` stores it unchanged and the kernels, ONNX export and save/load see
+of :func:`zqcompile.quant.quantize_weight` (same ``[G_out, G_in]`` scale (and asymmetric min) layout, same
+integer range), so ``quantize_weights`` stores it unchanged and the kernels, ONNX export and save/load see
 nothing new.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zqcompile.quant import dequantize_weight_values, qmax_for_bits, quantize_weight, safe_scale, weight_groups
+from zqcompile.quant import dequantize_weight_values, grid_params, quantize_weight, round_to_grid, weight_groups
 
 GPTQ_DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (the GPTQ paper's default)
 GPTQ_BLOCK = 128  # columns per lazy batch update (the GPTQ paper's B)
@@ -21,19 +21,25 @@ GPTQ_BLOCK = 128  # columns per lazy batch update (the GPTQ paper's B)
 
 @dataclass(frozen=True)
 class Layout:
-    """The grid a weight is rounded to: bits and the two group sizes of quant.quantize_weight."""
+    """The grid a weight is rounded to: bits, the two group sizes and the symmetry of quant.quantize_weight."""
 
     bits: int
     group_size: int | None
     input_group_size: int | None
+    symmetric: bool = True
+
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Round-to-nearest on this grid (quant.quantize_weight)."""
+        return quantize_weight(weight, self.bits, self.group_size, self.input_group_size, self.symmetric)
 
 
 @dataclass(frozen=True)
 class RoundedWeight:
     """Integers and scales a method chose for a weight, in quant.quantize_weight's layout."""
 
-    q: torch.Tensor  # int8 [N, K], values in [-qmax, qmax]
+    q: torch.Tensor  # int8 [N, K], values in [-qmax, qmax] (asymmetric: [0, 15])
     scale: torch.Tensor  # float32 [G_out, G_in]
+    w_min: torch.Tensor | None  # float32 [G_out, G_in] for an asymmetric layout, else None
     layout: Layout
     source: torch.Tensor  # the floating-point weight that was rounded (LoRC corrects the error against it)
 
@@ -49,16 +55,17 @@ def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Ten
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: Layout,
-                  damping: float = GPTQ_DAMPING, block: int = GPTQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+                  damping: float = GPTQ_DAMPING, block: int = GPTQ_BLOCK
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ / OPTQ (Frantar et al., 2023): round ``weight`` [N, K] column by column, feeding each column's
     rounding error forward to the columns not yet rounded through the inverse of ``hessian`` = X^T X [K, K].
 
-    Returns (int8 values in [-qmax, qmax], float32 scales [G_out, G_in]) in quant.quantize_weight's layout.
-    The scales of an input-dim group are taken from the group's error-updated weights when the sweep reaches
-    it (GPTQ's grouping); with one input group they are the round-to-nearest scales. With a diagonal Hessian
-    no error is fed forward and the result is round-to-nearest exactly.
+    Returns (int8 values, float32 scales [G_out, G_in], float32 mins or None) in quant.quantize_weight's layout,
+    on the layout's grid (symmetric or asymmetric). The scales (and mins) of an input-dim group are taken from the
+    group's error-updated weights when the sweep reaches it (GPTQ's grouping); with one input group they are the
+    round-to-nearest ones. With a diagonal Hessian no error is fed forward and the result is round-to-nearest
+    exactly.
     """
-    qmax = qmax_for_bits(layout.bits)
     n, k = weight.shape
     g_out, g_in = weight_groups(n, k, layout.group_size, layout.input_group_size)
     rows, width = n // g_out, k // g_in
@@ -74,21 +81,27 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: Layout,
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros(n, k, dtype=torch.int8, device=weight.device)
     scale = torch.zeros(g_out, g_in, dtype=torch.float32, device=weight.device)
+    w_min = None if layout.symmetric else torch.zeros_like(scale)
     for start in range(0, k, block):
         end = min(start + block, k)
         errors = torch.zeros(n, end - start, dtype=w.dtype, device=w.device)
         for i in range(start, end):
-            if i % width == 0:  # first column of an input group: its scales, from the updated weights
+            if i % width == 0:  # first column of an input group: its grid, from the updated weights
                 group = w[:, i:i + width].reshape(g_out, rows, width)
-                scale[:, i // width] = safe_scale(group.abs().amax(dim=(1, 2)), qmax)
+                group_scale, group_min = grid_params(group.amin(dim=(1, 2)), group.amax(dim=(1, 2)), layout.bits,
+                                                     layout.symmetric)
+                scale[:, i // width] = group_scale
+                if w_min is not None:
+                    w_min[:, i // width] = group_min
             col_scale = scale[:, i // width].double().repeat_interleave(rows)
-            column = torch.clamp(torch.round(w[:, i] / col_scale), -qmax, qmax)
-            q[:, i] = column.to(torch.int8)
-            error = (w[:, i] - column * col_scale) / h_inv[i, i]
+            col_min = None if w_min is None else w_min[:, i // width].double().repeat_interleave(rows)
+            q[:, i] = round_to_grid(w[:, i], col_scale, col_min, layout.bits)
+            dequantized = q[:, i].double() * col_scale + (0.0 if col_min is None else col_min)
+            error = (w[:, i] - dequantized) / h_inv[i, i]
             w[:, i + 1:end] -= error[:, None] * h_inv[i, i + 1:end][None, :]
             errors[:, i - start] = error
         w[:, end:] -= errors @ h_inv[start:end, end:]
-    return q, scale
+    return q, scale, w_min
 
 
 def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Tensor], layouts: list[Layout],
@@ -115,8 +128,7 @@ def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Tens
         error = 0.0
         for w, layout, reference in zip(weights, layouts, references):
             scaled = w.double() * factors
-            rounded = dequantize_weight_values(*quantize_weight(scaled, layout.bits, layout.group_size,
-                                                                layout.input_group_size)).double()
+            rounded = dequantize_weight_values(*layout.quantize(scaled)).double()
             error += ((xf / factors) @ rounded.T - reference).pow(2).sum().item()
         error /= signal
         if step == 0:

@@ -46,7 +46,7 @@ from zqcompile.passes.infra import CompileContext, embedding_rows
 from zqcompile.recipe import LinearPlan, Override, Recipe
 
 FORMAT = "zqcompile-quantized-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: plans record weight_symmetric (asymmetric INT4 + mins); INT4 packed half-split, unsigned
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 FORWARD = "forward"
@@ -621,8 +621,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         raise ZQError(f"{path} is not a zqcompile model manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        old = (" (a torch.export archive, which loading would have to unpickle: zqcompile no longer reads it)"
-               if version == 1 else "")
+        old = {1: " (a torch.export archive, which loading would have to unpickle: zqcompile no longer reads it)",
+               2: " (before asymmetric INT4 weights: its plans and INT4 weights are in an earlier layout)"}.get(
+                   version, "")
         raise ZQError(f"{directory} was saved in zqcompile format version {version!r}{old} by zqcompile "
                       f"{manifest.get('zqcompile_version')}; this zqcompile reads version {FORMAT_VERSION}: compile "
                       f"the model again and save it with this version")

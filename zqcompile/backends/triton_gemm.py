@@ -9,8 +9,11 @@ groups (``G_out < N``) index ``w_scale[col // (N // G_out)]``.
 ``_int_linear_kernel`` ("tiled": one program per output tile, pointer loads) serves every case, W8A8 and
 W4A8 (``INT4`` is a ``tl.constexpr``):
 
-* INT4 weights (``uint8 [N, K/2]``, low nibble = even column) are unpacked in registers, so only half
-  the weight bytes are read; at decode batch sizes those bytes are the cost of the whole GEMM.
+* INT4 weights (``uint8 [N, K/2]``, quant.pack_int4: unsigned nibbles, half-split in each input group) are
+  unpacked in registers with one AND and one shift per byte, so only half the weight bytes are read. A tile of
+  bytes multiplies two contiguous activation runs (the group's first and second halves), two INT8 MMAs on the
+  nibbles as they are (0..15); the group's epilogue corrects for the offset with the activations' sum over the
+  group: ``(acc - 8 asum) s_w`` (symmetric, exact in INT32) or ``acc s_w + asum min`` (asymmetric).
 * Input-dim groups (``G_in > 1``) change the scale along K, so each group's partial INT32 sum is
   scaled and added into a float32 accumulator separately; ``BLOCK_K`` is chosen to divide the group
   width so a K tile never straddles two groups.
@@ -44,7 +47,7 @@ from torch import Tensor
 from zqcompile import ops
 from zqcompile.backends import tuning_cache
 from zqcompile.errors import ZQError
-from zqcompile.quant import expand_weight_scale, unpack_int4
+from zqcompile.quant import expand_weight_scale, unpack_weight
 
 try:
     import triton
@@ -188,7 +191,7 @@ class _Problem:
 
 
 def check_linear_args(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                      int4: bool) -> _Problem:
+                      int4: bool, w_min: Tensor | None = None) -> _Problem:
     """Validate the operands of int8_linear / int4_linear against the DESIGN.md conventions."""
     op = "int4_linear" if int4 else "int8_linear"
     w_dtype = torch.uint8 if int4 else torch.int8
@@ -209,7 +212,12 @@ def check_linear_args(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
                       f"N={n} and G_in dividing K={k}")
     if bias is not None and bias.shape != (n,):
         raise ZQError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
-    tensors = [x_q, x_scale, w, w_scale] + ([bias] if bias is not None else [])
+    if w_min is not None and (not int4 or w_min.shape != w_scale.shape):
+        raise ZQError(f"{op}: asymmetric weight mins {tuple(w_min.shape)} must have the scales' shape "
+                      f"{tuple(w_scale.shape)}, and only INT4 weights have them")
+    if int4 and (k // w_scale.shape[1]) % 2:
+        raise ZQError(f"{op}: INT4 input groups of {k // w_scale.shape[1]} values: pack_int4 needs an even width")
+    tensors = [x_q, x_scale, w, w_scale] + [t for t in (bias, w_min) if t is not None]
     if any(t.device != x_q.device for t in tensors):
         raise ZQError(f"{op}: operands are on different devices {[str(t.device) for t in tensors]}; "
                       "move the model and its inputs to one device")
@@ -256,12 +264,47 @@ def _require_triton() -> None:
 
 if triton is not None:
     @triton.jit
-    def _unpack_int4(packed):
-        """uint8 [R, C] -> int8 [R, 2C]: low nibble = even column, each nibble sign-extended."""
-        b = packed.to(tl.int8, bitcast=True)
-        low = ((b << 4).to(tl.int8) >> 4).to(tl.int8)  # arithmetic shifts sign-extend the nibble
-        high = (b >> 4).to(tl.int8)
-        return tl.interleave(low, high)
+    def _load_half_split(a_row_ptrs, a_rows_ok, w_ptrs, p0, half, group, n_bytes, offs_b, EVEN: tl.constexpr):
+        """One INT4 tile in the half-split layout (quant.pack_int4): the weight bytes [p0, p0 + B) of each row
+        (``w_ptrs``: byte 0 of the rows plus ``offs_b``, B bytes) and the activations their nibbles multiply.
+        Byte j of an input group of ``group`` values (``half`` bytes) holds value j (low nibble) and j + half (high
+        nibble), and a tile never straddles two groups, so the low nibbles multiply the contiguous activations
+        [lo, lo + B) and the high ones [lo + half, lo + half + B). Returns (a_lo, a_hi, low, high), the nibbles
+        as int8 in [0, 15]. Not EVEN: a K without input groups (one group, ``n_bytes`` = K / 2 = half), zeros
+        past it."""
+        lo = (p0 // half) * group + p0 % half
+        if EVEN:  # p0, half and group are multiples of B (>= 16 bytes): aligned, vectorizable activation loads
+            lo = tl.multiple_of(lo, 16)
+            w = tl.load(w_ptrs + p0)
+            a_lo = tl.load(a_row_ptrs + (lo + offs_b)[None, :], mask=a_rows_ok, other=0)
+            a_hi = tl.load(a_row_ptrs + (lo + half + offs_b)[None, :], mask=a_rows_ok, other=0)
+        else:
+            ok = (p0 + offs_b)[None, :] < n_bytes
+            w = tl.load(w_ptrs + p0, mask=ok, other=0)
+            a_lo = tl.load(a_row_ptrs + (lo + offs_b)[None, :], mask=a_rows_ok & ok, other=0)
+            a_hi = tl.load(a_row_ptrs + (lo + half + offs_b)[None, :], mask=a_rows_ok & ok, other=0)
+        return a_lo, a_hi, (w & 0xF).to(tl.int8), (w >> 4).to(tl.int8)
+
+    @triton.jit
+    def _half_split_dot(acc, a_lo, a_hi, w_lo, w_hi):
+        """acc + a_lo @ w_lo.T + a_hi @ w_hi.T, the weight halves [N, B] in the activations' MMA type. Halves
+        narrower than one INT8 MMA (B < 32: groups of 32) are joined back into one [lo | hi] tile for one dot."""
+        if a_lo.shape[1] < 32:
+            a = tl.reshape(tl.permute(tl.join(a_lo, a_hi), (0, 2, 1)), (a_lo.shape[0], 2 * a_lo.shape[1]))
+            w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (w_lo.shape[0], 2 * w_lo.shape[1]))
+            return tl.dot(a, tl.trans(w), acc, out_dtype=acc.dtype)
+        acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=acc.dtype)
+        return tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=acc.dtype)
+
+    @triton.jit
+    def _int4_group_scaled(acc, part, asum, s_w, w_min_ptrs, ASYM: tl.constexpr):
+        """acc + one input group's INT4 product in float32, from its nibble product ``part`` and the group's
+        activation sum ``asum``: nibbles q + 8 (symmetric: ``(part - 8 asum) s_w``, exact before the scale) or q
+        (asymmetric: ``part s_w + asum min``, the mins loaded from ``w_min_ptrs``, added in the reference's order)."""
+        if ASYM:
+            acc += part.to(tl.float32) * s_w[None, :]
+            return acc + asum.to(tl.float32)[:, None] * tl.load(w_min_ptrs)[None, :]
+        return acc + (part - 8 * asum[:, None]).to(tl.float32) * s_w[None, :]
 
     @triton.jit
     def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -284,11 +327,11 @@ if triton is not None:
 
     @triton.jit
     def _int_linear_kernel(
-        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr,
-        M, N, K, rows_per_scale, g_in, stride_am, stride_wn, stride_cm,
-        INT4: tl.constexpr, GROUPED: tl.constexpr, TILES_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
+        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, c_ptr,
+        M, N, K, rows_per_scale, g_in, group, stride_am, stride_wn, stride_cm,
+        INT4: tl.constexpr, ASYM: tl.constexpr, GROUPED: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -300,32 +343,45 @@ if triton is not None:
         W_STEP: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K  # weight bytes per row per K tile
         offs_k = tl.arange(0, BLOCK_K)
         offs_wk = tl.arange(0, W_STEP)
-        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
+        a_row_ptrs = a_ptr + rows[:, None] * stride_am
         w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_wk[None, :]
         w_scale_ptrs = w_scale_ptr + (cols // rows_per_scale) * g_in
+        w_min_ptrs = w_min_ptr + (cols // rows_per_scale) * g_in
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        asum = tl.zeros((BLOCK_M,), dtype=tl.int32)  # INT4: the activations' sum over the group so far
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                wt = tl.load(w_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
-                wt = tl.load(w_ptrs, mask=offs_wk[None, :] < (K - k0) // (BLOCK_K // W_STEP), other=0)
             if INT4:
-                wt = _unpack_int4(wt)
-            part = tl.dot(a, tl.trans(wt), part, out_dtype=tl.int32)
+                a_lo, a_hi, w_lo, w_hi = _load_half_split(a_row_ptrs, rows[:, None] < M, w_ptrs, k0 // 2, group // 2,
+                                                          group, K // 2, offs_wk, EVEN_K)
+                part = _half_split_dot(part, a_lo, a_hi, w_lo, w_hi)
+                asum += tl.sum(a_lo.to(tl.int32), 1) + tl.sum(a_hi.to(tl.int32), 1)
+            else:
+                if EVEN_K:
+                    a = tl.load(a_row_ptrs + (k0 + offs_k)[None, :])
+                    wt = tl.load(w_ptrs + k0)
+                else:
+                    a = tl.load(a_row_ptrs + (k0 + offs_k)[None, :], mask=offs_k[None, :] < K - k0, other=0)
+                    wt = tl.load(w_ptrs + k0, mask=offs_wk[None, :] < K - k0, other=0)
+                part = tl.dot(a, tl.trans(wt), part, out_dtype=tl.int32)
             if GROUPED:
                 # Last tile of an input-dim group: scale its exact INT32 sum by that group's weight scale.
                 if (k0 + BLOCK_K) % (TILES_PER_GROUP * BLOCK_K) == 0:
-                    s_w = tl.load(w_scale_ptrs + k0 // (TILES_PER_GROUP * BLOCK_K))
-                    acc += part.to(tl.float32) * s_w[None, :]
+                    g = k0 // (TILES_PER_GROUP * BLOCK_K)
+                    s_w = tl.load(w_scale_ptrs + g)
+                    if INT4:
+                        acc = _int4_group_scaled(acc, part, asum, s_w, w_min_ptrs + g, ASYM)
+                        asum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+                    else:
+                        acc += part.to(tl.float32) * s_w[None, :]
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            a_ptrs += BLOCK_K
-            w_ptrs += W_STEP
         if not GROUPED:
-            acc = part.to(tl.float32) * tl.load(w_scale_ptrs)[None, :]
+            s_w = tl.load(w_scale_ptrs)
+            if INT4:
+                acc = _int4_group_scaled(acc, part, asum, s_w, w_min_ptrs, ASYM)
+            else:
+                acc = part.to(tl.float32) * s_w[None, :]
         acc = _scale_rows_add_bias(acc, rows, cols, a_scale_ptr, bias_ptr, HAS_BIAS)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -398,17 +454,18 @@ def _launch_tma(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor
     )
 
 
-def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
-            p: _Problem, int4: bool, cfg: GemmConfig) -> None:
+def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, w_min: Tensor | None, bias: Tensor | None,
+            out: Tensor, p: _Problem, int4: bool, cfg: GemmConfig) -> None:
     if cfg.kernel == "tma_persistent":
         _launch_tma(a, s_x, w, w_scale, bias, out, p, cfg)
         return
     grouped = p.g_in > 1
     grid = (triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.n, cfg.block_n),)
     _int_linear_kernel[grid](
-        a, s_x, w, w_scale, out if bias is None else bias, out,
-        p.m, p.n, p.k, p.n // p.g_out, p.g_in, a.stride(0), w.stride(0), out.stride(0),
-        INT4=int4, GROUPED=grouped, TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
+        a, s_x, w, w_scale, w_scale if w_min is None else w_min, out if bias is None else bias, out,
+        p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0),
+        INT4=int4, ASYM=w_min is not None, GROUPED=grouped,
+        TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
         HAS_BIAS=bias is not None, EVEN_K=p.k % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -486,15 +543,16 @@ def _stored_config(disk: tuning_cache.TuningCache, key: tuple, candidates: list[
 
 
 def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                      out_dtype: torch.dtype, *, int4: bool, config: GemmConfig | None = None) -> Tensor:
+                      out_dtype: torch.dtype, *, int4: bool, config: GemmConfig | None = None,
+                      w_min: Tensor | None = None) -> Tensor:
     """int8_linear (``int4=False``) or int4_linear (``int4=True``) through the Triton kernel.
 
     ``config`` forces one tile config (tests use it to check every candidate); by default the config is
     autotuned per shape key, among the persistent TMA kernel's and the tiled kernel's configs where
     ``tma_kernel_applies``. Falls back to ``int_mm_linear`` where no Triton config applies (an
-    input-dim group width that is not a multiple of 32).
+    input-dim group width that is not a multiple of 32). ``w_min``: an asymmetric INT4 weight's group mins.
     """
-    p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
+    p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4, w_min)
     _require_cuda("the Triton INT8 GEMM", x_q, x_scale, w, w_scale, *([bias] if bias is not None else []))
     _require_triton()
     group_width = p.k // p.g_in if p.g_in > 1 else None
@@ -511,15 +569,17 @@ def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
                       "16-byte aligned operands and row pitches); use a tiled config")
     candidates = candidate_configs(p.m, p.k, group_width, tma=tma) if config is None else [config]
     if not candidates:
-        return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
+        return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4, w_min=w_min)
     s_x = x_scale.reshape(p.m).float().contiguous()
     w_scale = w_scale.float().contiguous()
+    w_min = w_min.float().contiguous() if w_min is not None else None
     bias = bias.contiguous() if bias is not None else None
 
     def run(cfg: GemmConfig) -> None:
-        _launch(a, s_x, w, w_scale, bias, out2d, p, int4, cfg)
+        _launch(a, s_x, w, w_scale, w_min, bias, out2d, p, int4, cfg)
 
-    # A forced config bypasses the tuner's cache, so it does not become the shape's tuned choice.
+    # A forced config bypasses the tuner's cache, so it does not become the shape's tuned choice. Asymmetric
+    # weights run the same configs as symmetric ones (the tile loop is the same), so they share the key.
     key = tuning_key(p.m, p.n, p.k, group_width, int4, tma, bias is not None, out_dtype, x_q.device.index)
     run(config if config is not None else _pick_config(key, candidates, run, x_q.device.index))
     return out
@@ -530,18 +590,18 @@ def triton_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
 # ----------------------------------------------------------------------------------------------------
 
 def int_mm_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                  out_dtype: torch.dtype, *, int4: bool) -> Tensor:
+                  out_dtype: torch.dtype, *, int4: bool, w_min: Tensor | None = None) -> Tensor:
     """The op through cuBLASLt's INT8 GEMM (``torch._int_mm``) and a separate float32 dequant.
 
     ``torch._int_mm`` needs more than 16 rows and K, N multiples of 8: rows are zero-padded to 32;
-    other shapes use the reference implementation.
+    other shapes and asymmetric INT4 weights use the reference implementation.
     """
-    p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
+    p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4, w_min)
     _require_cuda("torch._int_mm", x_q)
-    w8 = unpack_int4(w) if int4 else w
+    w8 = unpack_weight(w, w_scale, w_min)
     width = p.k // p.g_in
-    if p.m == 0 or p.n % 8 or width % 8:
-        y = ops._int_linear_reference(x_q, x_scale, w8, w_scale, bias, out_dtype)
+    if p.m == 0 or p.n % 8 or width % 8 or w_min is not None:
+        y = ops._int_linear_reference(x_q, x_scale, w8, w_scale, bias, out_dtype, w_min)
     else:
         a = x_q.reshape(p.m, p.k)
         if p.m <= 16:
@@ -575,16 +635,16 @@ def _int8_linear_cuda(x_q, x_scale, w, w_scale, bias, out_dtype):
     return triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
 
 
-def _int4_linear_cuda(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
-    return triton_int_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
+def _int4_linear_cuda(x_q, x_scale, w_packed, w_scale, bias, out_dtype, w_min=None):
+    return triton_int_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True, w_min=w_min)
 
 
 def _int8_linear_int_mm(x_q, x_scale, w, w_scale, bias, out_dtype):
     return int_mm_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=False)
 
 
-def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype):
-    return int_mm_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True)
+def _int4_linear_int_mm(x_q, x_scale, w_packed, w_scale, bias, out_dtype, w_min=None):
+    return int_mm_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, int4=True, w_min=w_min)
 
 
 def register_cuda_kernels() -> str:

@@ -12,13 +12,19 @@ plus the group scales (INT4) against at most ``64*K`` of activations. ``_stream_
   input-dim groups sums INT32 partials, so the sum is exact; float partials are summed in a fixed order.
 * All M rows sit in one ``BLOCK_M`` (16, 32 or 64) tile, multiplied on the tensor cores: at M = 1 the 16-row
   MMA wastes arithmetic, which is free here, and it keeps the weight tile's load layout the same at every M.
-* INT4 weights (``uint8 [N, K/2]``, low nibble = even k) are widened to INT8 in registers without
-  interleaving: the low nibbles multiply the even activation columns and the high nibbles the odd ones (two
-  MMAs over K/2, the activation tile split in registers), so the weight tile is never shuffled between
-  layouts, and the main loop stays on INT8 MMAs.
-* Input-dim groups (``G_in > 1``, the w4a8 / w4a16 presets' groups of 64): each K tile holds ``SUBS`` whole
-  groups; each group's exact INT32 (W?A8) or float32 (W?A16) partial product is scaled by its group scale and
-  added to a float32 accumulator: the reference's arithmetic, ``sum_g (x @ w_g.T) * s_w[:, g]``.
+* INT4 weights (``uint8 [N, K/2]``, quant.pack_int4: byte j of an input group holds value j in its low and
+  value j + G/2 in its high nibble, unsigned): one AND and one shift per byte give two nibble tiles that
+  multiply two contiguous activation loads (the group's halves), two MMAs of K = G/2 on the nibbles as they
+  are (0..15; halves narrower than 32 are joined into one MMA). The offset is corrected once per group from
+  ``asum``, the sum of the group's activations (computed from the tiles already loaded): ``acc - 8 asum``
+  (symmetric, exact INT32) or ``s_w acc + min asum`` (asymmetric). W4A16 symmetric widens ``nibble - 8``
+  directly (exact in fp16) and needs no correction.
+* Input-dim groups (``G_in > 1``, the w4a8 / w4a16 presets' groups of 64, the asymmetric ones' 32): each K tile
+  holds ``SUBS`` whole groups; each group's exact INT32 (W?A8) or float32 (W?A16) partial product is scaled
+  by its group scale (and its min times ``asum`` added) into a float32 accumulator: the reference's
+  arithmetic, ``sum_g (x @ w_g.T) * s_w[:, g] (+ asum_g * min[:, g])``. Without groups the INT32 accumulator
+  is corrected before the split-K partials are stored (asymmetric: scaled to float32 there, so with split-K
+  the float sum of the splits rounds in another order than the reference's single sum).
 * Weight-only: fp16 activations times weights widened to fp16 in registers (exact for |q| <= 127, by the
   ``0x6400`` exponent trick: one OR and one subtract instead of a quarter-rate integer-to-float convert), fp32
   accumulation, the weight scale applied to the accumulator. The reference rounds ``q * s`` to fp16 before its
@@ -48,6 +54,8 @@ triton = triton_gemm.triton
 if triton is not None:
     import triton.language as tl
 
+    from zqcompile.backends.triton_gemm import _half_split_dot, _int4_group_scaled, _load_half_split
+
 MAX_M = 64
 """The largest token count that the weight-streaming kernel serves; larger M goes to the prefill kernels."""
 
@@ -76,6 +84,11 @@ _CONFIGS = (
     StreamConfig(32, 512, 4, 3, 2), StreamConfig(64, 512, 4, 3, 1), StreamConfig(128, 128, 4, 4, 2),
     StreamConfig(256, 256, 8, 3, 1),
 )
+# INT4 variants: a K step of 256 values is only 128 B of INT4 weight per row, so these read 256-512 B per row per
+# step (more bytes in flight per load), with one split-K wave (2) or more (4) and a wide tile with 8 warps.
+_INT4_CONFIGS = (
+    StreamConfig(64, 512, 4, 4, 2), StreamConfig(64, 1024, 4, 3, 4), StreamConfig(128, 512, 8, 3, 2),
+)
 
 
 def block_m_for(m: int) -> int:
@@ -97,22 +110,22 @@ def group_width_for(p: _Problem) -> int | None:
 
 def stream_kernel_applies(p: _Problem, int8_acts: bool, act_dtype: torch.dtype | None = None) -> bool:
     """Whether ``_stream_kernel`` covers this problem: M <= 64, an even K (for INT4 weights, checked by the
-    caller's argument checks), groups of a power-of-two width the MMAs can take (>= 32 values per half for
-    INT4 x INT8, >= 32 otherwise), fp16 / bf16 activations for weight-only."""
+    caller's argument checks), groups of a power-of-two width >= 32 (one MMA's K; INT4 halves of 16 are joined
+    back into one MMA), fp16 / bf16 activations for weight-only."""
     if not 0 < p.m <= MAX_M or p.n == 0:
         return False
     if not int8_acts and act_dtype not in (torch.float16, torch.bfloat16):
         return False
     width = group_width_for(p)
-    return width is None or (width & (width - 1) == 0 and width >= 64)
+    return width is None or (width & (width - 1) == 0 and width >= 32)
 
 
-def candidate_configs(p: _Problem) -> list[StreamConfig]:
-    """The configs for this problem, with ``block_k`` fitted to the group width (a whole number of groups)
-    and, without groups, to K (no longer than K's next power of two)."""
+def candidate_configs(p: _Problem, int4: bool = False) -> list[StreamConfig]:
+    """The configs for this problem (INT4 weights: also ``_INT4_CONFIGS``), with ``block_k`` fitted to the group
+    width (a whole number of groups) and, without groups, to K (no longer than K's next power of two)."""
     width = group_width_for(p)
     fitted: list[StreamConfig] = []
-    for cfg in _CONFIGS:
+    for cfg in _CONFIGS + (_INT4_CONFIGS if int4 else ()):
         block_k = min(cfg.block_k, max(64, 1 << (p.k - 1).bit_length()))
         if width is not None:
             block_k = max(block_k, width) if width >= block_k else block_k - block_k % width
@@ -144,37 +157,46 @@ if triton is not None:
             return q.to(a.dtype)
 
     @triton.jit
-    def _sub_tile_product(acc, a_row_ptrs, a_rows_ok, w_ptrs, k, K, offs_k, offs_wk, INT4: tl.constexpr,
-                          EVEN_K: tl.constexpr):
-        """acc + a[:, k:k+SK] @ w[:, k:k+SK].T for one sub-tile of SK = len(offs_k) values.
+    def _widen_nibbles(c, a, OFFSET: tl.constexpr):
+        """INT4 nibbles (int8 in [0, 15]) in the MMA input type of the activations ``a``: as they are for INT8
+        activations (the group epilogue corrects the offset), ``c - OFFSET`` otherwise (exact in fp16 / bf16)."""
+        if a.dtype == tl.int8:
+            return c
+        elif a.dtype == tl.float16:
+            return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+        else:
+            return c.to(a.dtype) - OFFSET
 
-        INT4 (``w_ptrs`` on packed bytes): the low nibbles multiply the even activation columns and the high
-        nibbles the odd ones (the activation tile split in registers), so the weight tile is never interleaved.
+    @triton.jit
+    def _sub_tile_product(acc, asum, a_row_ptrs, a_rows_ok, w_ptrs, k, K, group, offs_k, offs_wk, INT4: tl.constexpr,
+                          EVEN_K: tl.constexpr, OFFSET: tl.constexpr, NEED_ASUM: tl.constexpr):
+        """(acc + a[:, k:k+SK] @ w[:, k:k+SK].T, asum + the activations' row sums) for one sub-tile of SK values.
+
+        INT4 (``w_ptrs`` on packed bytes, triton_gemm._load_half_split): bytes [k/2, k/2 + SK/2) of the half-split
+        layout, two contiguous activation runs, the nibbles widened as they are (or minus ``OFFSET``).
         """
+        if INT4:
+            a_lo, a_hi, w_lo, w_hi = _load_half_split(a_row_ptrs, a_rows_ok, w_ptrs, k // 2, group // 2, group,
+                                                      K // 2, offs_wk, EVEN_K)
+            acc = _half_split_dot(acc, a_lo, a_hi, _widen_nibbles(w_lo, a_lo, OFFSET),
+                                  _widen_nibbles(w_hi, a_hi, OFFSET))
+            if NEED_ASUM:
+                asum += tl.sum(a_lo.to(asum.dtype), 1) + tl.sum(a_hi.to(asum.dtype), 1)
+            return acc, asum
         if EVEN_K:
             a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok, other=0)
-            w = tl.load(w_ptrs + k // 2 if INT4 else w_ptrs + k)
+            w = tl.load(w_ptrs + k)
         else:
             a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok & ((k + offs_k)[None, :] < K), other=0)
-            if INT4:
-                w = tl.load(w_ptrs + k // 2, mask=(k + 2 * offs_wk)[None, :] < K, other=0)
-            else:
-                w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
-        if INT4:
-            b = w.to(tl.int8, bitcast=True)
-            low = ((b << 4).to(tl.int8) >> 4).to(tl.int8)  # arithmetic shifts sign-extend each nibble
-            high = (b >> 4).to(tl.int8)
-            a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
-            acc = tl.dot(a_even, tl.trans(_widen(low, a)), acc, out_dtype=acc.dtype)
-            return tl.dot(a_odd, tl.trans(_widen(high, a)), acc, out_dtype=acc.dtype)
-        else:
-            return tl.dot(a, tl.trans(_widen(w, a)), acc, out_dtype=acc.dtype)
+            w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
+        return tl.dot(a, tl.trans(_widen(w, a)), acc, out_dtype=acc.dtype), asum
 
     @triton.jit
     def _stream_kernel(
-        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
-        M, N, K, rows_per_scale, g_in, stride_am, stride_wn, stride_cm, k_per_split,
-        INT4: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr, GROUPED: tl.constexpr,
+        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
+        M, N, K, rows_per_scale, g_in, group, stride_am, stride_wn, stride_cm, k_per_split,
+        INT4: tl.constexpr, ASYM: tl.constexpr, OFFSET: tl.constexpr, NEED_ASUM: tl.constexpr,
+        SUB_K: tl.constexpr, SUBS: tl.constexpr, GROUPED: tl.constexpr,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -191,21 +213,37 @@ if triton is not None:
         a_row_ptrs = a_ptr + offs_m[:, None] * stride_am
         w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_wk[None, :]
         s_ptrs = w_scale_ptr + (cols // rows_per_scale) * g_in
+        min_ptrs = w_min_ptr + (cols // rows_per_scale) * g_in
         INT_ACC: tl.constexpr = a_ptr.dtype.element_ty == tl.int8
         ACC_DTYPE: tl.constexpr = tl.int32 if INT_ACC else tl.float32
         # Without groups the accumulator is the MMA's own (exact INT32 for W8A8); with groups it is float32.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if GROUPED else ACC_DTYPE)
+        asum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
         for k0 in range(k_start, k_end, SUB_K * SUBS):
             for s in tl.static_range(SUBS):
                 k = k0 + s * SUB_K
                 if GROUPED:
-                    part = _sub_tile_product(tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), a_row_ptrs, a_rows_ok,
-                                             w_ptrs, k, K, offs_k, offs_wk, INT4, EVEN_K)
+                    part, part_sum = _sub_tile_product(
+                        tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), tl.zeros((BLOCK_M,), dtype=ACC_DTYPE),
+                        a_row_ptrs, a_rows_ok, w_ptrs, k, K, group, offs_k, offs_wk, INT4, EVEN_K, OFFSET, NEED_ASUM)
                     # SUB_K is the group width; a group past K (ragged last tile) has a zero product
-                    s_w = tl.load(s_ptrs + tl.minimum(k // SUB_K, g_in - 1))
-                    acc += part.to(tl.float32) * s_w[None, :]
+                    g = tl.minimum(k // SUB_K, g_in - 1)
+                    s_w = tl.load(s_ptrs + g)
+                    if NEED_ASUM:
+                        acc = _int4_group_scaled(acc, part, part_sum, s_w, min_ptrs + g, ASYM)
+                    else:
+                        acc += part.to(tl.float32) * s_w[None, :]
                 else:
-                    acc = _sub_tile_product(acc, a_row_ptrs, a_rows_ok, w_ptrs, k, K, offs_k, offs_wk, INT4, EVEN_K)
+                    acc, asum = _sub_tile_product(acc, asum, a_row_ptrs, a_rows_ok, w_ptrs, k, K, K, offs_k, offs_wk,
+                                                  INT4, EVEN_K, OFFSET, NEED_ASUM)
+        if NEED_ASUM and not GROUPED:
+            # INT4 without groups: the offset corrected before split-K stores the partial (exact INT32 when
+            # symmetric; asymmetric: scaled to float32 here, the epilogue then skips the weight scale)
+            if ASYM:
+                acc = _int4_group_scaled(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), acc, asum, tl.load(s_ptrs),
+                                         min_ptrs, True)
+            else:
+                acc = acc - 8 * asum[:, None]
 
         out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if SPLIT:
@@ -224,17 +262,17 @@ if triton is not None:
                     total += tl.load(ws_tile + j * M * N, mask=out_mask, other=0, cache_modifier=".cg")
                 tl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed")
                 _epilogue(total, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr,
-                          stride_cm, INT_ACC, GROUPED, HAS_BIAS)
+                          stride_cm, INT_ACC, GROUPED or ASYM, HAS_BIAS)
         else:
             _epilogue(acc, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, stride_cm,
-                      INT_ACC, GROUPED, HAS_BIAS)
+                      INT_ACC, GROUPED or ASYM, HAS_BIAS)
 
     @triton.jit
     def _epilogue(acc, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, stride_cm,
-                  INT_ACTS: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """y = acc (* s_w[col] without groups) (* s_x[row] for INT8 activations) (+ bias[col]), in float32."""
+                  INT_ACTS: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """y = acc (* s_w[col] unless already SCALED) (* s_x[row] for INT8 activations) (+ bias[col]), in float32."""
         y = acc.to(tl.float32)
-        if not GROUPED:
+        if not SCALED:
             y = y * tl.load(s_ptrs)[None, :]
         if INT_ACTS:
             y = y * tl.load(a_scale_ptr + rows)[:, None]
@@ -268,9 +306,10 @@ def _num_sms(device: str) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.startswith("cuda") else 132
 
 
-def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
-           p: _Problem, int4: bool, cfg: StreamConfig) -> None:
-    """Run ``_stream_kernel`` for ``out [M, N] = a [M, K] @ w.T`` (contiguous 2-D operands) with ``cfg``."""
+def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tensor | None, bias: Tensor | None,
+           out: Tensor, p: _Problem, int4: bool, cfg: StreamConfig) -> None:
+    """Run ``_stream_kernel`` for ``out [M, N] = a [M, K] @ w.T`` (contiguous 2-D operands) with ``cfg``;
+    ``w_min``: an asymmetric INT4 weight's group mins."""
     width = group_width_for(p)
     sub_k = width if width is not None else cfg.block_k
     split = min(split_k_for(p.n, p.k, cfg.block_n, cfg.block_k, cfg.waves, _num_sms(str(a.device))),
@@ -279,50 +318,57 @@ def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tens
     split = -(-p.k // k_per_split)  # rounding k_per_split up to whole K tiles may leave fewer splits
     ws, tickets = _workspace(a.device)
     grid = (triton.cdiv(p.n, cfg.block_n), split)
+    asym, int8_acts = w_min is not None, a.dtype == torch.int8
     _stream_kernel[grid](
-        a, s_x if s_x is not None else w_scale, w, w_scale, bias if bias is not None else out, out, ws, tickets,
-        p.m, p.n, p.k, p.n // p.g_out, p.g_in, a.stride(0), w.stride(0), out.stride(0), k_per_split,
-        INT4=int4, SUB_K=sub_k, SUBS=cfg.block_k // sub_k, GROUPED=width is not None, HAS_BIAS=bias is not None,
+        a, s_x if s_x is not None else w_scale, w, w_scale, w_min if asym else w_scale,
+        bias if bias is not None else out, out, ws, tickets,
+        p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0), k_per_split,
+        INT4=int4, ASYM=asym, OFFSET=8 if int4 and not (asym or int8_acts) else 0,
+        NEED_ASUM=int4 and (asym or int8_acts), SUB_K=sub_k, SUBS=cfg.block_k // sub_k, GROUPED=width is not None,
+        HAS_BIAS=bias is not None,
         EVEN_K=p.k % cfg.block_k == 0, SPLIT=split > 1, BLOCK_M=block_m_for(p.m), BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
-         p: _Problem, int4: bool, config: StreamConfig | None) -> Tensor:
+def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tensor | None, bias: Tensor | None,
+         out_dtype: torch.dtype, p: _Problem, int4: bool, config: StreamConfig | None) -> Tensor:
     out = torch.empty((*x.shape[:-1], p.n), dtype=out_dtype, device=x.device)
     a = x.reshape(p.m, p.k)
     a = a if a.stride(1) == 1 else a.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
     w_scale = w_scale.float().contiguous()
+    w_min = w_min.float().contiguous() if w_min is not None else None
     bias = bias.contiguous() if bias is not None else None
     out2d = out.view(p.m, p.n)
 
     def run(cfg: StreamConfig) -> None:
-        launch(a, s_x, w, w_scale, bias, out2d, p, int4, cfg)
+        launch(a, s_x, w, w_scale, w_min, bias, out2d, p, int4, cfg)
 
     if config is not None:  # forced (tests, sweeps): bypasses the tuner's cache
         run(config)
     else:
-        key = ("stream", block_m_for(p.m), p.n, p.k, group_width_for(p), int4, x.dtype, bias is not None,
-               out_dtype, x.device.index)
-        run(_pick_config(key, candidate_configs(p), run, x.device.index))  # persisted like the prefill GEMMs'
+        key = ("stream", block_m_for(p.m), p.n, p.k, group_width_for(p), int4, w_min is not None, x.dtype,
+               bias is not None, out_dtype, x.device.index)
+        run(_pick_config(key, candidate_configs(p, int4), run, x.device.index))  # persisted like the prefill GEMMs'
     return out
 
 
 def stream_int_linear(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                      out_dtype: torch.dtype, *, int4: bool, config: StreamConfig | None = None) -> Tensor:
+                      out_dtype: torch.dtype, *, int4: bool, config: StreamConfig | None = None,
+                      w_min: Tensor | None = None) -> Tensor:
     """int8_linear / int4_linear (M <= 64) through ``_stream_kernel``; ZQError where it does not apply."""
-    p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
+    p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4, w_min)
     _require_triton()
     if not stream_kernel_applies(p, int8_acts=True):
         raise ZQError(f"the weight-streaming GEMM takes M <= {MAX_M} and input-dim groups of a power-of-two width "
-                      f">= 64, got M={p.m}, group width {group_width_for(p)}; use triton_gemm.triton_int_linear")
+                      f">= 32, got M={p.m}, group width {group_width_for(p)}; use triton_gemm.triton_int_linear")
     s_x = x_scale.reshape(p.m).float().contiguous()
-    return _run(x_q, s_x, w, w_scale, bias, out_dtype, p, int4, config)
+    return _run(x_q, s_x, w, w_scale, w_min, bias, out_dtype, p, int4, config)
 
 
-def check_weight_only_args(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> _Problem:
+def check_weight_only_args(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                           w_min: Tensor | None = None) -> _Problem:
     """Validate weight_only_linear's operands (floating-point activations, INT8 or packed INT4 weights)."""
     if not x.is_floating_point():
         raise ZQError(f"weight_only_linear: activations must be floating point, got {x.dtype}")
@@ -332,7 +378,8 @@ def check_weight_only_args(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor |
     # The INT8 operand checks on shape-only stand-ins: the same shape and group rules.
     p = check_linear_args(torch.empty(x.shape, dtype=torch.int8, device="meta"),
                           torch.empty((*x.shape[:-1], 1), device="meta"), w.to("meta"), w_scale.to("meta"),
-                          None if bias is None else bias.to("meta"), int4=w.dtype == torch.uint8)
+                          None if bias is None else bias.to("meta"), int4=w.dtype == torch.uint8,
+                          w_min=None if w_min is None else w_min.to("meta"))
     if any(t.device != x.device for t in (w, w_scale, *([bias] if bias is not None else []))):
         raise ZQError("weight_only_linear: operands are on different devices; move the model and its inputs to "
                       "one device")
@@ -340,14 +387,14 @@ def check_weight_only_args(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor |
 
 
 def stream_weight_only_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, *,
-                              config: StreamConfig | None = None) -> Tensor:
+                              config: StreamConfig | None = None, w_min: Tensor | None = None) -> Tensor:
     """weight_only_linear (M <= 64, fp16 / bf16 activations) through ``_stream_kernel``."""
-    p = check_weight_only_args(x, w, w_scale, bias)
+    p = check_weight_only_args(x, w, w_scale, bias, w_min)
     _require_triton()
     if not stream_kernel_applies(p, int8_acts=False, act_dtype=x.dtype):
         raise ZQError(f"the weight-streaming GEMM takes M <= {MAX_M}, fp16/bf16 activations and input-dim groups "
-                      f"of a power-of-two width >= 64, got M={p.m}, {x.dtype}, group width {group_width_for(p)}")
-    return _run(x, None, w, w_scale, bias, x.dtype, p, w.dtype == torch.uint8, config)
+                      f"of a power-of-two width >= 32, got M={p.m}, {x.dtype}, group width {group_width_for(p)}")
+    return _run(x, None, w, w_scale, w_min, bias, x.dtype, p, w.dtype == torch.uint8, config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,12 +402,12 @@ def stream_weight_only_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tenso
 # ----------------------------------------------------------------------------------------------------
 
 def _int_linear_cuda(int4: bool) -> Callable[..., Tensor]:
-    def kernel(x_q, x_scale, w, w_scale, bias, out_dtype):
-        p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
+    def kernel(x_q, x_scale, w, w_scale, bias, out_dtype, w_min=None):
+        p = check_linear_args(x_q, x_scale, w, w_scale, bias, int4, w_min)
         _require_cuda("the Triton INT8 GEMM", x_q, x_scale, w, w_scale, *([bias] if bias is not None else []))
         if stream_kernel_applies(p, int8_acts=True):
-            return stream_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
-        return triton_gemm.triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4)
+            return stream_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4, w_min=w_min)
+        return triton_gemm.triton_int_linear(x_q, x_scale, w, w_scale, bias, out_dtype, int4=int4, w_min=w_min)
     return kernel
 
 
@@ -368,14 +415,15 @@ int8_linear_cuda = _int_linear_cuda(int4=False)
 int4_linear_cuda = _int_linear_cuda(int4=True)
 
 
-def weight_only_linear_cuda(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def weight_only_linear_cuda(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                            w_min: Tensor | None = None) -> Tensor:
     """M <= 64: the weight-streaming kernel; otherwise (and for float32 activations) the reference, whose
     cuBLAS GEMM is what prefill is bound by."""
-    p = check_weight_only_args(x, w, w_scale, bias)
+    p = check_weight_only_args(x, w, w_scale, bias, w_min)
     _require_cuda("the Triton weight-only GEMM", x, w, w_scale)
     if stream_kernel_applies(p, int8_acts=False, act_dtype=x.dtype):
-        return stream_weight_only_linear(x, w, w_scale, bias)
-    return F.linear(x, ops.dequantize_weight(w, w_scale, x.dtype), bias)
+        return stream_weight_only_linear(x, w, w_scale, bias, w_min=w_min)
+    return F.linear(x, ops.dequantize_weight(w, w_scale, x.dtype, w_min), bias)
 
 
 __all__ = [

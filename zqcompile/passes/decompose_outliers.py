@@ -49,10 +49,10 @@ def decompose_outliers(gm: GraphModule, ctx: CompileContext) -> PassResult:
         x, weight_node, bias = (list(linear.args) + [None])[:3]
         weight = get_attr_tensor(gm, weight_node)
         plan = linear.meta[META_PLAN]
-        q, scale = quantize_weight(weight.index_fill(1, columns.to(weight.device), 0), plan.weight_bits,
-                                   plan.group_size, plan.input_group_size)
+        q, scale, _ = quantize_weight(weight.index_fill(1, columns.to(weight.device), 0), plan.weight_bits,
+                                      plan.group_size, plan.input_group_size)  # symmetric: the recipe checked
         base = f"{weight_node.target}_int8_outliers{index}"
-        tensors = {"w": pack_int4(q) if plan.weight_bits == 4 else q, "scale": scale,
+        tensors = {"w": pack_int4(q, q.shape[1] // scale.shape[1]) if plan.weight_bits == 4 else q, "scale": scale,
                    "columns": columns.to(weight.device), "w_outlier": weight[:, columns].detach().to(torch.float16)}
         with gm.graph.inserting_before(linear):
             stored = []

@@ -10,7 +10,8 @@ three launches. The original tensors become views of the concatenation (nothing 
 compiled graph this executed copy shares its tensors with); the fused node records where its tensors came from
 (``meta[META_FUSED_FROM]``).
 
-Refuses (leaves out of a group) a GEMM whose layout differs from its siblings', whose weight/scale/bias is not
+An asymmetric INT4 GEMM's mins are concatenated like its scales. Refuses (leaves out of a group) a GEMM whose
+layout (asymmetry included) differs from its siblings', whose weight/scale/bias is not
 a graph constant, or whose output feeds anything but a reshape: a slice of the fused output is not contiguous,
 so an elementwise kernel after it would copy it first.
 """
@@ -30,21 +31,31 @@ zq = torch.ops.zq
 _GEMMS = (zq.int8_linear.default, zq.int4_linear.default)
 _RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 META_FUSED_FROM = "zq_fused_from"
-"""On a fused GEMM: {"weight" | "scale" | "bias": [(original attribute, first row, end row), ...]}."""
-FUSED_ARG_POSITION = WEIGHT_ARGS[zq.int8_linear.default]._asdict()
-"""Where each concatenated tensor is in the fused GEMM's arguments (the same for ``int4_linear``)."""
+"""On a fused GEMM: {"weight" | "scale" | "bias" | "w_min": [(original attribute, first row, end row), ...]}."""
+
+
+def _fused_args(node: Node) -> dict[str, int]:
+    """Where each tensor the fusion concatenates is in the GEMM's arguments: weight, scale, bias and, for an
+    asymmetric INT4 weight, its mins."""
+    positions = WEIGHT_ARGS[node.target]
+    found = {"weight": positions.weight, "scale": positions.scale, "bias": positions.bias}
+    if positions.min_arg(node.args) is not None:
+        found["w_min"] = positions.w_min
+    return found
 
 
 def _layout(gm: GraphModule, node: Node) -> tuple | None:
-    """What must agree between siblings: K, rows per scale group, input groups, dtypes; None if not fusible."""
-    weight, scale, bias = (node.args[position] for position in FUSED_ARG_POSITION.values())
-    if not all(is_stored(a) for a in (weight, scale, bias) if a is not None):
+    """What must agree between siblings: K, rows per scale group, input groups, dtypes, asymmetry; None if not
+    fusible."""
+    positions = _fused_args(node)
+    if not all(is_stored(node.args[p]) for p in positions.values() if node.args[p] is not None):
         return None
     if any(not is_op(user, *_RESHAPES) for user in node.users):
         return None
-    w, w_s = get_attr_tensor(gm, weight), get_attr_tensor(gm, scale)
+    w, w_s = get_attr_tensor(gm, node.args[positions["weight"]]), get_attr_tensor(gm, node.args[positions["scale"]])
+    bias = node.args[positions["bias"]]
     bias_dtype = None if bias is None else get_attr_tensor(gm, bias).dtype
-    return w.shape[1], w.dtype, w.shape[0] // w_s.shape[0], w_s.shape[1], w_s.dtype, bias_dtype
+    return w.shape[1], w.dtype, w.shape[0] // w_s.shape[0], w_s.shape[1], w_s.dtype, bias_dtype, "w_min" in positions
 
 
 def _concat(gm: GraphModule, parts: list[Node]) -> tuple[Node, list[tuple[str, int, int]]]:
@@ -73,7 +84,7 @@ def _fuse(gm: GraphModule, siblings: list[Node]) -> None:
     first = siblings[0]
     args, fused_from = list(first.args), {}
     with gm.graph.inserting_before(first):
-        for kind, position in FUSED_ARG_POSITION.items():
+        for kind, position in _fused_args(first).items():
             if first.args[position] is not None:  # the bias may be absent (for all siblings alike)
                 args[position], fused_from[kind] = _concat(gm, [n.args[position] for n in siblings])
         fused = gm.graph.call_function(first.target, tuple(args))
@@ -93,7 +104,7 @@ def fuse_sibling_linears(gm: GraphModule, ctx: CompileContext | None) -> PassRes
     groups: dict[tuple, list[Node]] = {}
     for node in gm.graph.nodes:
         if is_op(node, *_GEMMS) and (layout := _layout(gm, node)) is not None:
-            x_q, x_scale, _, _, _, out_dtype = node.args
+            x_q, x_scale, _, _, _, out_dtype = node.args[:6]
             groups.setdefault((node.target, x_q, x_scale, out_dtype, layout), []).append(node)
     counts: Counter = Counter()
     for siblings in groups.values():

@@ -28,13 +28,13 @@ from zqcompile.passes.calibration import Batches, run_node_major
 from zqcompile.passes.infra import (
     LINEAR, META_PLAN, META_ROUNDING, CompileContext, PassResult, get_attr_tensor, is_op, is_stored, replace_stored,
 )
-from zqcompile.quant import dequantize_weight_values, quantize_weight
+from zqcompile.quant import dequantize_weight_values
 from zqcompile.rounding import Layout, RoundedWeight, gptq_quantize, output_error
 
 
 def layout_of(linear: Node) -> Layout:
     plan = linear.meta[META_PLAN]
-    return Layout(plan.weight_bits, plan.group_size, plan.input_group_size)
+    return Layout(plan.weight_bits, plan.group_size, plan.input_group_size, plan.weight_symmetric)
 
 
 def quantized_readers(gm: GraphModule, x: Node) -> list[Node]:
@@ -74,18 +74,17 @@ def gptq_round_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
             weight_node = linear.args[1]
             weight = get_attr_tensor(gm, weight_node)
             layout = layout_of(linear)
-            nearest = dequantize_weight_values(*quantize_weight(weight, layout.bits, layout.group_size,
-                                                                layout.input_group_size))
+            nearest = dequantize_weight_values(*layout.quantize(weight))
             if shared_weight(gm, weight_node):
                 linear.meta[META_ROUNDING] = "rtn (gptq skipped: the weight is shared with another reader)"
                 counters["gptq.skipped_shared"] += 1
                 continue
-            q, scale = gptq_quantize(weight, hessian, layout)
-            rounded = dequantize_weight_values(q, scale).to(weight.dtype)
+            q, scale, w_min = gptq_quantize(weight, hessian, layout)
+            rounded = dequantize_weight_values(q, scale, w_min).to(weight.dtype)
             linear.meta[META_ROUNDING] = (f"gptq: output error {output_error(weight, nearest, hessian):.2e} (rtn) -> "
                                           f"{output_error(weight, rounded, hessian):.2e}")
             new = replace_stored(gm, linear, weight_node, rounded, "gptq")
-            ctx.rounded_weights[new.target] = RoundedWeight(q, scale, layout, weight)
+            ctx.rounded_weights[new.target] = RoundedWeight(q, scale, w_min, layout, weight)
             for env in envs:  # the readers run after this node: give them the rounded weight
                 env.pop(weight_node, None)
                 env[new] = rounded

@@ -26,7 +26,7 @@ from zqcompile.passes.gptq_round_weights import layout_of
 from zqcompile.passes.infra import (
     META_PLAN, META_ROUNDING, CompileContext, PassResult, get_attr_tensor, is_stored, linear_nodes, set_attr_tensor,
 )
-from zqcompile.quant import dequantize_weight_values, quantize_weight
+from zqcompile.quant import dequantize_weight_values
 from zqcompile.rounding import low_rank_factors
 
 LORC_DTYPE = torch.float16
@@ -45,11 +45,10 @@ def low_rank_correction(gm: GraphModule, ctx: CompileContext) -> PassResult:
         layout = layout_of(linear)
         rounded = ctx.rounded_weights.get(weight_node.target)
         if rounded is not None and rounded.layout == layout:
-            source, q, scale = rounded.source, rounded.q, rounded.scale
+            source, grid = rounded.source, (rounded.q, rounded.scale, rounded.w_min)
         else:
-            source = weight
-            q, scale = quantize_weight(weight, layout.bits, layout.group_size, layout.input_group_size)
-        error = source.detach().float() - dequantize_weight_values(q, scale)
+            source, grid = weight, layout.quantize(weight)
+        error = source.detach().float() - dequantize_weight_values(*grid)
         a, b = (f.to(LORC_DTYPE) for f in low_rank_factors(error, rank))
         base = f"{weight_node.target}_lorc{count}"
         set_attr_tensor(gm, f"{base}_a", a)

@@ -5,6 +5,7 @@ Matches
   ``zq.int8_linear(q, s, W_q, W_s, b)`` (int8 ``W_q``) or ``zq.int4_linear`` (packed uint8 ``W_q``): INT32
   accumulation with the dequantization ``acc * s[token] * W_s[col]`` (+ bias) in the GEMM epilogue;
 - ``linear(x, dequantize_weight(W_q, W_s), b)`` and emits ``zq.weight_only_linear(x, W_q, W_s, b)``.
+An asymmetric INT4 weight's mins (``dequantize_weight``'s last argument) become the GEMM's last argument.
 Refuses (leaves the linear as it is) anything else, e.g. FP linears the recipe keeps.
 """
 
@@ -26,12 +27,12 @@ def lower_linear_to_int8_gemm(gm: GraphModule, ctx: CompileContext) -> PassResul
         x, weight, bias = (list(linear.args) + [None])[:3]
         if not is_op(weight, zq.dequantize_weight.default):
             continue
-        w_q, w_s = weight.args[:2]
+        w_q, w_s, _, *w_min = weight.args
         if is_op(x, zq.dequantize_per_token.default):
             integer_op = zq.int4_linear if get_attr_tensor(gm, w_q).dtype == torch.uint8 else zq.int8_linear
-            target, args = integer_op.default, (x.args[0], x.args[1], w_q, w_s, bias, val_dtype(linear))
+            target, args = integer_op.default, (x.args[0], x.args[1], w_q, w_s, bias, val_dtype(linear), *w_min)
         else:
-            target, args = zq.weight_only_linear.default, (x, w_q, w_s, bias)
+            target, args = zq.weight_only_linear.default, (x, w_q, w_s, bias, *w_min)
         with gm.graph.inserting_before(linear):
             lowered = gm.graph.call_function(target, args)
         lowered.meta = dict(linear.meta)
