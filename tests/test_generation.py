@@ -127,6 +127,48 @@ def test_decode_steps_equal_the_whole_sequence_prefill(family, recipe):
     assert error.max() <= 1e-4
 
 
+class _EagerCapture:
+    """Stands in for a CUDA graph on the CPU with the real capture's side effects: ``capture_graph`` runs the
+    step once eagerly before capturing (that run writes the KV cache), and a replay re-runs it into the static
+    outputs."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+        self.outputs = [t.clone() for t in fn(*args)]  # the warm-up run
+
+    def replay(self) -> None:
+        for static, fresh in zip(self.outputs, self.fn(*self.args)):
+            static.copy_(fresh)
+
+
+def test_a_decode_step_captured_mid_generation_keeps_the_prompt_cache(monkeypatch):
+    """The decode graph is captured at the first decode step of a generation (no warmup): its eager warm-up run
+    writes placeholder keys/values at the cache position it finds, which must be the slot the step then writes
+    (a full 16-token prompt fills slots 0..15, so a warm-up at slot 0 would overwrite the first prompt token).
+    The steps must equal the eager runtime's exactly."""
+    from zqcompile import runtime
+
+    def capture(fn, args, *, pool, warmup_runs=1, side_stream=None):
+        graph = _EagerCapture(fn, args)
+        return graph, graph.outputs
+
+    monkeypatch.setattr(runtime, "capture_graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    generation = compiled("llama")[1].generation
+    ids = token_batch(3, 24, seed=1)
+    mask = torch.ones_like(ids)
+    positions = torch.arange(24).expand(3, 24)
+    logits = []
+    for steps_class in (runtime.EagerSteps, runtime.CUDAGraphSteps):
+        steps = steps_class(generation.executed_graph, generation.layout, torch.device("cpu"), POSITIONS)
+        with torch.no_grad():
+            out = [steps.prefill(ids[:, :16], mask[:, :16], positions[:, :16], 8).clone()]
+            out += [steps.decode(ids[:, t], positions[:, t]).clone() for t in range(16, 24)]
+        logits.append(torch.stack(out, 1))
+    assert (ids[:, 0] != 0).all()  # the placeholder token (0) differs from the prompt's first token
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+
+
 # ---- memory: one set of tensors --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w8a8-smooth"])
@@ -329,10 +371,11 @@ def test_cuda_graph_generation_captures_nothing_after_warmup(family):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_cuda_graph_decode_steps_equal_the_whole_sequence_prefill():
+@pytest.mark.parametrize("prompt", [4, 16])  # left-padded to the 16-slot bucket, and filling it
+def test_cuda_graph_decode_steps_equal_the_whole_sequence_prefill(prompt):
     model = llama_model().half().cuda()
     generation = zqcompile.compile(model, "w8a8").generation
-    batch, seq, prompt = 3, 64, 4
+    batch, seq = 3, 64
     ids = token_batch(batch, seq, seed=3).cuda()
     mask = torch.ones_like(ids)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)

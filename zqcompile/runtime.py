@@ -173,11 +173,13 @@ class CUDAGraphSteps:
     @torch.no_grad()
     @torch.inference_mode(False)
     def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # The slot first: a capture's eager warm-up run writes its (placeholder) keys and values at this slot,
+        # which the replay below overwrites; at any other slot it would corrupt a visible token's cache entry.
+        self.cache_position.fill_(self.slot)
         step = self._decode_step(self.bucket)
         step.input_ids[:self.batch, 0] = input_ids
         step.position_ids[:self.batch, 0] = position_ids
         self.mask[:self.bucket, self.slot] = 1
-        self.cache_position.fill_(self.slot)
         step.graph.replay()
         self.slot += 1
         return step.logits[:self.batch, -1]
