@@ -80,6 +80,8 @@ CONFIG_TABLE = (
     Config("W8A8-smooth", "w8a8-smooth", False,
            "alpha 0.7: chosen on Austen + WSJ perplexity (evaluation texts; see the note)"),
     Config("W8A8-rot", "w8a8-rot", False, "none (rotation: fixed seed, never tuned)"),
+    Config("W8A8-smooth-rot", "w8a8-smooth-rot", False,
+           "as W8A8-smooth (alpha 0.7, random-token calibration); rotation: fixed seed, never tuned"),
     Config("W4A8-PTQ", "w4a8", False, "INT4 MLP groups of 64: ZeroQuant's setting, not tuned"),
     Config("W4A8-rot", "w4a8-rot", False, "as W4A8-PTQ; rotation: fixed seed, never tuned"),
     Config("W4A8-LKD", "w4a8", True, "LKD on the model's own samples (4,096 tokens); lr/steps: LKD defaults"),

@@ -173,3 +173,33 @@ def test_rotation_keeps_no_unrotated_copy_of_the_weights():
     plain, rotated = zqcompile.compile(model, "w8a8"), zqcompile.compile(model, "w8a8-rot")
     # the same tensors: the norms' weights (now ones) and the rotated integer weights, nothing unrotated
     assert rotated.weight_memory().total == plain.weight_memory().total
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_smoothing_after_rotation_keeps_the_function(family):
+    """w8a8-smooth-rot: the rotation, then smoothing of what it leaves (BERT's LayerNorm outputs, which it cannot
+    rotate; a rotated Llama's norms), both folds exact: the FP graph still equals the Hugging Face model."""
+    model = TINY_MODELS[family]()
+    ids = token_batch(2, 12, seed=1)
+    inputs = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if family == "bert" else ())
+    captured = capture(model, None)
+    result = run_pipeline(captured.graph_module, preset("w8a8-smooth-rot"), stop_after="smooth",
+                          calibration_inputs=[inputs], source_model=model)
+    counters = result.context.counters
+    assert counters["rotate.online_hadamard"] == 4
+    assert counters["smooth.layernorm" if family == "bert" else "smooth.rmsnorm"] >= 4, counters
+    with torch.no_grad():
+        expected = logits_or_hidden(model(input_ids=ids))
+        got = graph_output(result.compiled, ids)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_smoothed_rotated_decoder_generates_from_the_forward_graphs_tensors():
+    model = TINY_MODELS["llama"](use_cache=True)
+    plant_outliers(model)
+    qmodel = zqcompile.compile(model, "w8a8-smooth-rot")
+    assert qmodel.context.counters["smooth.rmsnorm"] > 0 and qmodel.context.counters["rotate.norm_folded"] > 0
+    ids = token_batch(2, 8, seed=6)
+    with torch.no_grad():
+        first = qmodel.generate(ids, max_new_tokens=1)[:, -1]
+        assert torch.equal(first, qmodel(input_ids=ids).logits[:, -1].argmax(-1))

@@ -55,10 +55,23 @@ def _fits(kind: str, module: nn.Module) -> bool:
     return groups is None or _weight(module).shape[1] % groups == 0
 
 
-def _fake_weight(module: nn.Module, kind: str) -> torch.Tensor:
-    settings = KINDS[kind]
-    return dequantize_weight_values(*quantize_weight(_weight(module).detach().float(), settings["weight_bits"],
-                                                     settings["group_size"], settings["input_group_size"]))
+class QuantizedWeights:
+    """Each linear's weight quantized once per weight setting, as the compiler stores it (int8 values and scales:
+    a byte per weight; W8A8 and W8A16 share theirs): the errors and every bisection step read the same integers
+    instead of quantizing every weight again."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._stored: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+
+    def fake(self, name: str, kind: str) -> torch.Tensor:
+        """The dequantized weight [out, in] of linear ``name`` as ``kind`` stores it, float32."""
+        settings = KINDS[kind]
+        key = (name, settings["weight_bits"], settings["group_size"], settings["input_group_size"])
+        if key not in self._stored:
+            self._stored[key] = quantize_weight(_weight(self.model.get_submodule(name)).detach().float(),
+                                                *key[1:])
+        return dequantize_weight_values(*self._stored[key])
 
 
 def _fake_rows(x: torch.Tensor) -> torch.Tensor:
@@ -66,29 +79,31 @@ def _fake_rows(x: torch.Tensor) -> torch.Tensor:
     return (q.float() * scale).to(x.dtype)
 
 
-def output_errors(module: nn.Module, inputs: torch.Tensor) -> dict[str, float]:
+def output_errors(module: nn.Module, inputs: torch.Tensor,
+                  weights: QuantizedWeights | None = None, name: str = "") -> dict[str, float]:
     """Relative output error of one linear quantized as each kind that fits it, on its (flattened) calibration
-    inputs."""
+    inputs; ``weights`` (with the linear's ``name`` in it) reuses quantized weights."""
+    weights = weights or QuantizedWeights(module)
     x = inputs.float()
     reference = x @ _weight(module).detach().float().t()
     x_q = _fake_rows(x)
     errors = {}
     for kind in KINDS:
         if _fits(kind, module):
-            y = (x_q if KINDS[kind]["act_bits"] == 8 else x) @ _fake_weight(module, kind).t()
+            y = (x_q if KINDS[kind]["act_bits"] == 8 else x) @ weights.fake(name, kind).t()
             errors[kind] = ((y - reference).norm() / reference.norm().clamp_min(1e-12)).item()
     return errors
 
 
 @contextlib.contextmanager
-def simulated(model: nn.Module, plan: Mapping[str, str]) -> Iterator[None]:
+def simulated(model: nn.Module, plan: Mapping[str, str], weights: QuantizedWeights) -> Iterator[None]:
     """The model computing as the compiled one would with ``plan`` ({module: kind}; others stay FP)."""
     saved, hooks = {}, []
     try:
         for name, kind in plan.items():
             module = model.get_submodule(name)
             saved[name] = module.weight.data
-            fake = _fake_weight(module, kind)
+            fake = weights.fake(name, kind)
             module.weight.data = (fake.t() if is_conv1d(module) else fake).to(saved[name].dtype)
             if KINDS[kind]["act_bits"] == 8:
                 hooks.append(module.register_forward_pre_hook(lambda m, args: (_fake_rows(args[0]), *args[1:])))
@@ -117,8 +132,8 @@ def _record_inputs(model: nn.Module, names: list[str], ids: torch.Tensor) -> dic
 class _Loss:
     """The calibration loss increase of a plan against the FP model (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, decoder: bool):
-        self.model, self.ids, self.decoder = model, ids, decoder
+    def __init__(self, model: nn.Module, ids: torch.Tensor, decoder: bool, weights: QuantizedWeights):
+        self.model, self.ids, self.decoder, self.weights = model, ids, decoder, weights
         self.reference = self._outputs()
 
     def _outputs(self) -> torch.Tensor:
@@ -130,7 +145,7 @@ class _Loss:
         return -log_probs.gather(-1, self.ids[:, 1:, None]).mean()
 
     def increase(self, plan: Mapping[str, str]) -> float:
-        with simulated(self.model, plan):
+        with simulated(self.model, plan, self.weights):
             outputs = self._outputs()
         if self.decoder:  # a change either way counts: quantization noise can lower the loss on few tokens
             return abs(math.expm1((outputs - self.reference).item()))
@@ -160,9 +175,10 @@ def auto_recipe(model: nn.Module, sites: Mapping[str, LinearPlan], budget: float
     ids, source = distillation_data(model, config)
     names = [name for name, plan in sites.items() if plan.quantized]
     inputs = _record_inputs(model, names, ids)
-    errors = {name: output_errors(model.get_submodule(name), inputs[name]) for name in names}
+    weights = QuantizedWeights(model)
+    errors = {name: output_errors(model.get_submodule(name), inputs[name], weights, name) for name in names}
     del inputs
-    loss = _Loss(model, ids, decoder)
+    loss = _Loss(model, ids, decoder, weights)
     thresholds = sorted({e for by_kind in errors.values() for e in by_kind.values()})
     low, high = -1, len(thresholds) - 1  # thresholds[low] meets the budget (-1: only all-FP does)
     measured: dict[int, float] = {}

@@ -352,6 +352,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # beyond the paper; no constant to choose (the rotation's seed is fixed, never tuned).
     "w8a8-rot": {"rotate": True},
     "w4a8-rot": {"rotate": True, "overrides": [{"role": "mlp_*", "weight_bits": 4, "input_group_size": 64}]},
+    # both: the rotation first, then smoothing of what it leaves (a post-LN encoder's LayerNorm outputs, which
+    # rotation cannot reach); w8a8-smooth's alpha, nothing chosen anew. ACCURACY.md: MiniLM's cosine >= 0.999.
+    "w8a8-smooth-rot": {"smooth_alpha": 0.7, "rotate": True},
 }
 PRESETS = tuple(_PRESETS)
 
