@@ -289,12 +289,15 @@ if triton is not None:
     def _half_split_dot(acc, a_lo, a_hi, w_lo, w_hi):
         """acc + a_lo @ w_lo.T + a_hi @ w_hi.T, the weight halves [N, B] in the activations' MMA type. Halves
         narrower than one INT8 MMA (B < 32: groups of 32) are joined back into one [lo | hi] tile for one dot."""
+        # (one return after if/else: Triton 3.6, the GPU image's, compiles the code after a static if's return)
         if a_lo.shape[1] < 32:
             a = tl.reshape(tl.permute(tl.join(a_lo, a_hi), (0, 2, 1)), (a_lo.shape[0], 2 * a_lo.shape[1]))
             w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (w_lo.shape[0], 2 * w_lo.shape[1]))
-            return tl.dot(a, tl.trans(w), acc, out_dtype=acc.dtype)
-        acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=acc.dtype)
-        return tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=acc.dtype)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=acc.dtype)
+        else:
+            acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=acc.dtype)
+            acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=acc.dtype)
+        return acc
 
     @triton.jit
     def _int4_group_scaled(acc, part, asum, s_w, w_min_ptrs, ASYM: tl.constexpr):
@@ -303,8 +306,10 @@ if triton is not None:
         (asymmetric: ``part s_w + asum min``, the mins loaded from ``w_min_ptrs``, added in the reference's order)."""
         if ASYM:
             acc += part.to(tl.float32) * s_w[None, :]
-            return acc + asum.to(tl.float32)[:, None] * tl.load(w_min_ptrs)[None, :]
-        return acc + (part - 8 * asum[:, None]).to(tl.float32) * s_w[None, :]
+            acc += asum.to(tl.float32)[:, None] * tl.load(w_min_ptrs)[None, :]
+        else:
+            acc += (part - 8 * asum[:, None]).to(tl.float32) * s_w[None, :]
+        return acc
 
     @triton.jit
     def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):

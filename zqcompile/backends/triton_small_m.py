@@ -182,14 +182,16 @@ if triton is not None:
                                   _widen_nibbles(w_hi, a_hi, OFFSET))
             if NEED_ASUM:
                 asum += tl.sum(a_lo.to(asum.dtype), 1) + tl.sum(a_hi.to(asum.dtype), 1)
-            return acc, asum
-        if EVEN_K:
-            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok, other=0)
-            w = tl.load(w_ptrs + k)
-        else:
-            a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok & ((k + offs_k)[None, :] < K), other=0)
-            w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
-        return tl.dot(a, tl.trans(_widen(w, a)), acc, out_dtype=acc.dtype), asum
+        else:  # (no return inside a static if: Triton 3.6 compiles the code after it, see _half_split_dot)
+            if EVEN_K:
+                a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok, other=0)
+                w = tl.load(w_ptrs + k)
+            else:
+                a = tl.load(a_row_ptrs + (k + offs_k)[None, :], mask=a_rows_ok & ((k + offs_k)[None, :] < K),
+                            other=0)
+                w = tl.load(w_ptrs + k, mask=(k + offs_wk)[None, :] < K, other=0)
+            acc = tl.dot(a, tl.trans(_widen(w, a)), acc, out_dtype=acc.dtype)
+        return acc, asum
 
     @triton.jit
     def _stream_kernel(
