@@ -44,8 +44,8 @@ from common import (LLAMA_CONFIGS, Results, copy_bandwidth_gbps, cuda_rewrites, 
 
 PROMPT, NEW, EAGER_NEW, CACHE = 128, 128, 33, 256
 FP16_KEPT = {"base": "w8a8", "keep_fp": ["*"]}
-VARIANTS = {"fp16-zq": FP16_KEPT, "w8a8": "w8a8", "w8a16": "w8a16", "w4a8": "w4a8", "w8a8-rot": "w8a8-rot",
-            "w4a8-rot": "w4a8-rot"}
+VARIANTS = {"fp16-zq": FP16_KEPT, **{preset: preset for preset in (
+    "w8a8", "w8a16", "w4a8", "w4a16", "w8a8-rot", "w4a8-rot", "w4a8-asym", "w4a16-asym")}}
 
 
 def build(name: str, weights: str | None) -> torch.nn.Module:

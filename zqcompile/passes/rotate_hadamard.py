@@ -290,7 +290,8 @@ def rotate_hadamard(gm: GraphModule, ctx: CompileContext) -> PassResult:
         ctx.rotate_skipped["residual stream"] = stream.reason
     else:
         hidden = stream.embeddings[0].meta["val"].shape[-1]
-        rotator = _Rotator(gm, rotation_matrix(int(hidden)).float())  # float32: exact to ~1e-7, 4x faster
+        device = get_attr_tensor(gm, stream.embeddings[0].args[0]).device  # the model's (a CUDA model's) device
+        rotator = _Rotator(gm, rotation_matrix(int(hidden)).float().to(device))  # float32: exact to ~1e-7, 4x faster
         _rotate_stream(gm, stream, rotator)
         counters.update(rotator.counters)
     linears = [n for n in gm.graph.nodes if is_op(n, LINEAR)]
