@@ -259,8 +259,8 @@ def test_int4_half_split_kernels_on_gpu(m, width, asym):
     n, k = 1000, 4096 if width else 4032
     x_q, x_scale, x16, w, q, w_scale, w_min = (t if t is None else t.cuda()
                                                for t in int4_operands(m, n, k, width, asym, seed=m + n))
-    ref = int4_float64(x_q.cpu(), q, w_scale.cpu(), None if w_min is None else w_min.cpu()) * 2.0 ** -7
-    ref16 = int4_float64(x16.cpu(), q, w_scale.cpu(), None if w_min is None else w_min.cpu())
+    ref = int4_float64(x_q.cpu(), q.cpu(), w_scale.cpu(), None if w_min is None else w_min.cpu()) * 2.0 ** -7
+    ref16 = int4_float64(x16.cpu(), q.cpu(), w_scale.cpu(), None if w_min is None else w_min.cpu())
     p = triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, None, True, w_min)
     if m <= triton_small_m.MAX_M:
         for cfg in candidate_configs(p, int4=True):
