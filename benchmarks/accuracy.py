@@ -94,6 +94,10 @@ CONFIG_TABLE = (
     # the survey's methods (issue 18): GPTQ/AWQ/LoRC/LLM.int8() calibrate on 4,096 tokens SmolLM2 samples itself
     Config("W4A16-GPTQ", {"base": "w4a16", "weight_rounding": "gptq"}, False, SELF_DATA),
     Config("W4A16-AWQ", {"base": "w4a16", "weight_rounding": "awq"}, False, SELF_DATA + "; AWQ's alpha grid"),
+    Config("W4A16-asym-GPTQ", {"base": "w4a16-asym", "weight_rounding": "gptq"}, False,
+           SELF_DATA + "; asymmetric groups of 32 (the GGUF's Q4_1 block), not tuned"),
+    Config("W4A16-AWQ-asym", {"base": "w4a16-asym", "weight_rounding": "awq"}, False,
+           SELF_DATA + "; AWQ's alpha grid; asymmetric groups of 32 (the GGUF's Q4_1 block), not tuned"),
     Config("W4A8-GPTQ", {"base": "w4a8", "weight_rounding": "gptq"}, False, SELF_DATA),
     Config("W4A8-rot-GPTQ", {"base": "w4a8-rot", "weight_rounding": "gptq"}, False,
            SELF_DATA + "; rotation: fixed seed"),
