@@ -18,13 +18,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.passes.infra import CompileContext, PassResult, is_op
+from zqcompile.passes.patterns import SDPA, sdpa_mask, set_sdpa_mask
 
-_SDPA = torch.ops.aten.scaled_dot_product_attention.default
-_MASK_ARG = 3
 
 
 def _bool_mask(node: Node) -> Node | None:
-    mask = node.kwargs.get("attn_mask", node.args[_MASK_ARG] if len(node.args) > _MASK_ARG else None)
+    mask = sdpa_mask(node)
     if not isinstance(mask, Node) or "val" not in mask.meta or "val" not in node.args[0].meta:
         return None
     return mask if mask.meta["val"].dtype == torch.bool else None
@@ -34,7 +33,7 @@ def additive_attention_mask(gm: GraphModule, ctx: CompileContext | None) -> Pass
     additive: dict[tuple[Node, torch.dtype], Node] = {}
     counts: Counter = Counter()
     for node in list(gm.graph.nodes):
-        if not is_op(node, _SDPA) or (mask := _bool_mask(node)) is None:
+        if not is_op(node, SDPA) or (mask := _bool_mask(node)) is None:
             continue
         dtype = node.args[0].meta["val"].dtype
         if (mask, dtype) not in additive:
@@ -43,9 +42,6 @@ def additive_attention_mask(gm: GraphModule, ctx: CompileContext | None) -> Pass
             with gm.graph.inserting_after(scores):
                 additive[mask, dtype] = gm.graph.call_function(torch.ops.aten.to.dtype, (scores, dtype))
             counts["additive_attention_mask.masks"] += 1
-        if "attn_mask" in node.kwargs:
-            node.update_kwarg("attn_mask", additive[mask, dtype])
-        else:
-            node.update_arg(_MASK_ARG, additive[mask, dtype])
+        set_sdpa_mask(node, additive[mask, dtype])
         counts["additive_attention_mask.sdpa"] += 1
     return PassResult(gm, bool(counts), counts)

@@ -29,10 +29,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.passes.infra import CompileContext, PassResult, is_op
+from zqcompile.passes.patterns import SDPA, sdpa_mask, set_sdpa_mask
 
 aten = torch.ops.aten
-_SDPA = aten.scaled_dot_product_attention.default
-_MASK_ARG = 3
 _AND = (aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default)
 _FILLED = {aten.new_ones.default: None, aten.ones.default: None, aten.full.default: 1, aten.new_full.default: 2}
 # ops whose every output element is an element of their first input (values kept, positions rearranged)
@@ -89,14 +88,14 @@ def _all_true(node: Any) -> bool:
 
 
 def _mask(node: Node) -> Node | None:
-    mask = node.kwargs.get("attn_mask", node.args[_MASK_ARG] if len(node.args) > _MASK_ARG else None)
+    mask = sdpa_mask(node)
     return mask if _is_bool(mask) else None
 
 
 def broadcast_padding_mask(gm: GraphModule, ctx: CompileContext | None) -> PassResult:
     counts: Counter = Counter()
     for node in list(gm.graph.nodes):
-        if not is_op(node, _SDPA) or (mask := _mask(node)) is None:
+        if not is_op(node, SDPA) or (mask := _mask(node)) is None:
             continue
         combined = mask.args[0] if is_op(mask, aten.expand.default) else mask
         if not is_op(combined, *_AND):
@@ -108,9 +107,6 @@ def broadcast_padding_mask(gm: GraphModule, ctx: CompileContext | None) -> PassR
                 ctx.target_skipped[combined.name] = ("broadcast_padding_mask: neither operand of the mask's `and` is "
                                                      "proven all True")
             continue
-        if "attn_mask" in node.kwargs:
-            node.update_kwarg("attn_mask", kept)
-        else:
-            node.update_arg(_MASK_ARG, kept)
+        set_sdpa_mask(node, kept)
         counts["broadcast_padding_mask.sdpa"] += 1
     return PassResult(gm, bool(counts), counts)

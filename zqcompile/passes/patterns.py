@@ -105,6 +105,24 @@ def same_shape(a: object, b: object) -> bool:
             and [str(d) for d in a.meta["val"].shape] == [str(d) for d in b.meta["val"].shape])
 
 
+SDPA = aten.scaled_dot_product_attention.default
+_SDPA_MASK_POSITION = 3
+
+
+def sdpa_mask(node: Node) -> object:
+    """The ``attn_mask`` of an SDPA node, given by position or by keyword (None when absent)."""
+    args = node.args
+    return node.kwargs.get("attn_mask", args[_SDPA_MASK_POSITION] if len(args) > _SDPA_MASK_POSITION else None)
+
+
+def set_sdpa_mask(node: Node, mask: Node) -> None:
+    """Give an SDPA node ``mask`` as its ``attn_mask``, where the node has it (keyword or position)."""
+    if "attn_mask" in node.kwargs:
+        node.update_kwarg("attn_mask", mask)
+    else:
+        node.update_arg(_SDPA_MASK_POSITION, mask)
+
+
 # ops that only move or re-view their first argument's values
 LAYOUT_OPS = frozenset({
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
