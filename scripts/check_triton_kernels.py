@@ -4,7 +4,8 @@ The CPU tests run the kernels in Triton's interpreter, which does not go through
 kernel can pass them and still fail to compile on the GPU image's (older) Triton, as Triton 3.6 does with a
 ``return`` inside a static ``if`` followed by more code. This script intercepts every launch of the small-M and
 tiled kernels over their candidate configs (INT8 / INT4, symmetric / asymmetric, per-channel and grouped,
-INT8 and fp16 activations, decode and prefill M) and compiles it to a cubin for an H100/H200 instead of running it.
+INT8 and fp16 activations, decode and prefill M; the LLM.int8() outlier GEMM and its row quantization with fp16,
+bf16 and fp32 activations) and compiles it to a cubin for an H100/H200 instead of running it.
 To check against the GPU image's Triton (3.6), install that version into a separate folder and put it first:
 
     pip download triton==3.6.0 --no-deps -d /tmp/triton36
@@ -27,12 +28,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as compile_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zqcompile.backends import triton_gemm, triton_small_m  # noqa: E402
+from zqcompile.backends import triton_gemm, triton_outlier, triton_small_m  # noqa: E402
 from zqcompile.backends.triton_gemm import _Problem  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {torch.int8: "*i8", torch.uint8: "*u8", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-                 torch.float32: "*fp32", torch.int32: "*i32"}
+                 torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
 
 
 class CompileInsteadOfLaunch:
@@ -66,6 +67,8 @@ def main() -> int:
     results: dict[tuple, str | None] = {}
     triton_small_m._stream_kernel = CompileInsteadOfLaunch(triton_small_m._stream_kernel, results)
     triton_gemm._int_linear_kernel = CompileInsteadOfLaunch(triton_gemm._int_linear_kernel, results)
+    for name in ("_outlier_linear_kernel", "_quantize_inliers_kernel"):
+        setattr(triton_outlier, name, CompileInsteadOfLaunch(getattr(triton_outlier, name), results))
     triton_small_m._num_sms = lambda device: 132
     triton_small_m._workspace = lambda device: (torch.empty(1, dtype=torch.int32), torch.empty(1, dtype=torch.int32))
     n, k = 256, 512
@@ -87,6 +90,18 @@ def main() -> int:
         if acts == torch.int8:
             for cfg in triton_gemm.candidate_configs(m, k, width, tma=False)[:2]:
                 triton_gemm._launch(a, s_x, w, scale, w_min, None, out, p, int4, cfg)
+    columns = torch.empty(5, dtype=torch.int64)
+    for int4, width, x_dtype, m in itertools.product((False, True), (None, 64), (torch.float16, torch.bfloat16,
+                                                                                 torch.float32), (1, 200)):
+        g_in = k // width if width else 1
+        p = _Problem(m, n, k, n, g_in)
+        x = torch.empty(m, k, dtype=x_dtype)
+        q, s_x = triton_outlier.quantize_inliers(x, columns)
+        w = torch.empty(n, k // 2 if int4 else k, dtype=torch.uint8 if int4 else torch.int8)
+        for cfg in triton_gemm.candidate_configs(m, k, width)[:2]:
+            triton_outlier.launch(q, s_x, w, torch.empty(n, g_in), torch.empty(n, dtype=x_dtype),
+                                  torch.empty(m, n, dtype=x_dtype), x, columns,
+                                  torch.empty(n, 5, dtype=torch.float16), p, cfg)
     failed = {key: err for key, err in results.items() if err is not None}
     print(f"Triton {triton.__version__}: {len(results) - len(failed)} kernel variants compiled for sm_90, "
           f"{len(failed)} failed")

@@ -1,5 +1,6 @@
 """What the tests import: tiny random-weight models of each supported family, small numeric helpers, the
-real-data directory, and the pieces the pass tests use to build and run hand-made graphs.
+real-data directory, a runner for Triton kernels under Triton's interpreter, and the pieces the pass tests use to
+build and run hand-made graphs.
 
 The tiny models are real transformers architectures built from small configs (hidden 64, 2 layers, vocab
 128) with fixed seeds, so they compile in about a second and their numbers are reproducible. Decoders have
@@ -10,6 +11,11 @@ Fixtures (``compiled_tiny``, ``data_dir``) live in conftest.py; everything a tes
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -164,3 +170,16 @@ def two_layer_attention_reference(q, k, v, keep) -> torch.Tensor:
     scale = q.shape[-1] ** 0.5
     h = torch.softmax(q @ k.transpose(-1, -2) / scale + bias, -1) @ v
     return torch.softmax(h @ k.transpose(-1, -2) / scale + bias, -1) @ v
+
+
+def run_in_triton_interpreter(module: str, function: str, result: Path) -> dict:
+    """``tests/<module>.py``'s ``function()`` run in a child process under Triton's interpreter (TRITON_INTERPRET=1
+    must be set before Triton is first imported, so a test process cannot switch it on), its result through
+    ``result`` (a torch.save file)."""
+    tests = Path(__file__).resolve().parent
+    code = f"import torch, {module} as t; torch.save(t.{function}(), {str(result)!r})"
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(result)

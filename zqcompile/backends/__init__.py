@@ -40,18 +40,20 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 def register_cuda_kernels() -> dict[str, str]:
     """Make the zq ops run the GPU kernels on CUDA tensors (idempotent): Numba for the fused activation-quant
-    ops, Triton (or the torch._int_mm fallback) for the integer GEMMs and, with Triton, the weight-only GEMM.
+    ops, Triton (or the torch._int_mm fallback) for the integer GEMMs and, with Triton, the weight-only GEMM and
+    the LLM.int8() outlier GEMM (without Triton that op runs its reference).
     Returns which GEMM path is in use."""
     from zqcompile.backends import numba_cuda, triton_gemm
 
     numba_cuda.register_cuda_kernels()
     gemm = triton_gemm.register_cuda_kernels()
     _CUDA_KERNEL_OPS.update((*numba_cuda.OPS, "int8_linear", "int4_linear"))
-    if gemm == "triton":  # decode-size (M <= 64) kernels in front of the prefill GEMMs, and the weight-only GEMM
-        from zqcompile.backends import triton_small_m
+    if gemm == "triton":  # decode-size (M <= 64) GEMMs in front, the weight-only and LLM.int8() outlier GEMMs
+        from zqcompile.backends import triton_outlier, triton_small_m
 
         triton_small_m.register_cuda_kernels()
-        _CUDA_KERNEL_OPS.add("weight_only_linear")
+        triton_outlier.register_cuda_kernels()
+        _CUDA_KERNEL_OPS.update(("weight_only_linear", "outlier_int8_linear"))
     return {"activation_quant": "numba", "gemm": gemm}
 
 
