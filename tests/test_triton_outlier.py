@@ -50,7 +50,7 @@ def float64_outlier_reference(x, w, w_scale, columns, w_outlier, bias) -> tuple[
     x, w, w_scale, columns, w_outlier = (t.cpu() for t in (x, w, w_scale, columns, w_outlier))
     q, s = quantize_rows(x.index_fill(-1, columns, 0))
     w_in = dequantize_weight_values(unpack_weight(w, w_scale), w_scale).double()
-    x_out, w_out = x[:, columns].double(), w_outlier.double()
+    x_out, w_out = x[:, columns].double(), w_outlier.to(x.dtype).double()  # the op computes in x's dtype
     b = bias.double().cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     y = (q.double() @ w_in.T) * s.double() + x_out @ w_out.T + b
     return y, (q.double().abs() @ w_in.abs().T) * s.double() + x_out.abs() @ w_out.abs().T + b.abs()

@@ -210,6 +210,7 @@ def triton_outlier_linear(x: Tensor, w: Tensor, w_scale: Tensor, columns: Tensor
         return out
     x2d = x.reshape(p.m, p.k)
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
+    columns = columns.contiguous()
     q, s_x = quantize_inliers(x2d, columns)
     group_width = p.k // p.g_in if p.g_in > 1 else None
     candidates = candidate_configs(p.m, p.k, group_width) if config is None else [config]
