@@ -16,8 +16,10 @@ For each N x K (Llama-7B's 4096x4096 and 11008x4096) and M in ``--ms`` it times,
 * ``outlier 1% reference``: the op's reference implementation in torch (what the GPU ran before this kernel).
 
 Every variant is first checked against its reference op on the same tensors (relative error <= ``--max-rel-err``;
-fp16 against the float64 product); a variant that fails the check is reported, not timed. Configs are autotuned
-on the first call. ``--e2e`` adds one end-to-end number: prefill (B=8, S=128) of a random-weight decoder of
+fp16 against the float64 product); a variant that fails the check is reported, not timed (``gemm_sweep.measure``:
+10 calls per graph, median of 30 replays). Configs are autotuned on the first call, unless ``ZQ_TRITON_AUTOTUNE=0``
+(every kernel then runs the first candidate of its M bucket: a run in seconds instead of minutes of tuning).
+``--e2e`` adds one end-to-end number: prefill (B=8, S=128) of a random-weight decoder of
 ``common.LLAMA_CONFIGS`` compiled with ``w8a8`` and with ``outlier_threshold`` (the outlier columns calibrated on
 8 x 128 random tokens; how many columns the threshold selected is reported: after a random-weight model's RMSNorms
 the activations are about N(0, 1), whose maximum over 1,024 tokens passes 4.5 in about 1% of the channels), each
@@ -42,18 +44,16 @@ import torch
 import torch.nn.functional as F
 
 import zqcompile
-from common import (
-    LLAMA_CONFIGS, SEQ, Results, default_out_dir, gpt_decoder, rel_err, table, time_in_graph_ms, time_ms, token_inputs,
-)
+from common import LLAMA_CONFIGS, SEQ, Results, default_out_dir, gpt_decoder, rel_err, table, time_ms, token_inputs
+from gemm_sweep import measure
 from zqcompile import ops
-from zqcompile.backends import reference_kernels, register_cuda_kernels
+from zqcompile.backends import reference_kernels, register_cuda_kernels, triton_gemm
 from zqcompile.quant import quantize_rows, quantize_weight
 
 SHAPES = "4096x4096,11008x4096"  # N x K
 MS = "1,16,128,1024"
 SHARES = "0.5,1,2"  # outlier columns, percent of K
 L2_CYCLE_BYTES = 3 * 50 * 2**20
-CALLS, REPS = 12, 20
 
 
 def weight_sets(n: int, k: int, columns: list[torch.Tensor], g: torch.Generator) -> list[dict[str, Any]]:
@@ -61,7 +61,7 @@ def weight_sets(n: int, k: int, columns: list[torch.Tensor], g: torch.Generator)
     set the INT8 weight with those columns zeroed plus their FP16 copy; enough copies to cycle through
     ``L2_CYCLE_BYTES`` of INT8 weights."""
     sets = []
-    for _ in range(max(1, min(12, -(-L2_CYCLE_BYTES // (n * k))))):
+    for _ in range(max(1, min(10, -(-L2_CYCLE_BYTES // (n * k))))):
         w = torch.randn(n, k, device="cuda", generator=g) / k ** 0.5
         q, s, _ = quantize_weight(w, 8)
         outliers = []
@@ -70,19 +70,6 @@ def weight_sets(n: int, k: int, columns: list[torch.Tensor], g: torch.Generator)
             outliers.append((q_o, s_o, cols, w[:, cols].half()))
         sets.append({"fp16": w.half(), "int8": (q, s), "outliers": outliers})
     return sets
-
-
-def measure(fn: Callable[[], torch.Tensor], ref: torch.Tensor, max_err: float) -> dict[str, Any]:
-    """Check one call of ``fn`` against ``ref``, then time it; a failure becomes an error entry."""
-    try:
-        err = rel_err(fn(), ref)
-        if not err <= max_err:
-            return {"status": "wrong", "rel_err": err}
-        return {"status": "ok", "rel_err": err, "us": time_in_graph_ms(fn, calls=CALLS, reps=REPS) * 1e3}
-    except Exception as exc:  # noqa: BLE001 - a variant that cannot run is a result too
-        torch.cuda.synchronize()
-        return {"status": "failed", "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                "trace": traceback.format_exc()[-2000:]}
 
 
 def bench_shape(res: Results, m: int, n: int, k: int, shares: list[float], max_err: float) -> None:
@@ -205,7 +192,9 @@ def main() -> None:
         bench_shape(res, m, n, k, shares, args.max_rel_err)
     if args.e2e:
         bench_e2e(res, args.e2e, args.threshold, args.max_rel_err)
-    res.data["notes"].append(f"wall time {time.perf_counter() - t0:.0f} s, S={SEQ} for --e2e")
+    res.data["notes"].append(f"wall time {time.perf_counter() - t0:.0f} s, S={SEQ} for --e2e; GEMM configs "
+                             + ("autotuned" if triton_gemm.AUTOTUNE else "untuned: the first candidate of each M "
+                                "bucket, for every kernel (ZQ_TRITON_AUTOTUNE=0)"))
     res.save()
     print(res.markdown())
 

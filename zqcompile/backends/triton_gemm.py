@@ -331,24 +331,24 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _tile_offsets(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """(offs_m, offs_n, rows, cols) of an output tile: its row and column indices, and the same wrapped onto
-        valid ones (``% M``, ``% N``) so that the main loop and the epilogue load without M/N masks; the store
-        drops the wrapped ones."""
+    def _int_linear_tile(
+        tile_id, a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr,
+        M, N, K, rows_per_scale, g_in, group, stride_am, stride_wn,
+        INT4: tl.constexpr, ASYM: tl.constexpr, GROUPED: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """The tiled kernel up to its store, for output tile ``tile_id``: (offs_m, offs_n, rows, cols, y) with y the
+        float32 tile ``sum_g acc_g * s_w[col, g] * s_x[row] + bias`` (INT4: offset / min corrected per group),
+        ``offs_*`` its indices and ``rows`` / ``cols`` the same wrapped onto valid ones (for loads without masks;
+        the store drops them). triton_outlier's kernel adds its outlier product to y before storing."""
         pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        return offs_m, offs_n, offs_m % M, offs_n % N
-
-    @triton.jit
-    def _int_tile_scaled(a_ptr, w_ptr, w_scale_ptr, w_min_ptr, rows, cols, M, K, rows_per_scale, g_in, group,
-                         stride_am, stride_wn, INT4: tl.constexpr, ASYM: tl.constexpr, GROUPED: tl.constexpr,
-                         TILES_PER_GROUP: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The tiled kernel's main loop for the output tile ``rows`` x ``cols`` (wrapped, see _tile_offsets): the
-        INT32 products of the activations and the INT8 / INT4 weight, each input group's scaled by its weight
-        scale (and corrected for INT4's offset or min), summed in float32: ``sum_g acc_g * s_w[col, g]``."""
-        BLOCK_M: tl.constexpr = rows.shape[0]
-        BLOCK_N: tl.constexpr = cols.shape[0]
+        # Out-of-range rows/cols wrap onto valid ones so the main loop loads without M/N masks; the
+        # store drops them.
+        rows = offs_m % M
+        cols = offs_n % N
         W_STEP: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K  # weight bytes per row per K tile
         offs_k = tl.arange(0, BLOCK_K)
         offs_wk = tl.arange(0, W_STEP)
@@ -391,7 +391,7 @@ if triton is not None:
                 acc = _int4_group_scaled(acc, part, asum, s_w, w_min_ptrs, ASYM)
             else:
                 acc = part.to(tl.float32) * s_w[None, :]
-        return acc
+        return offs_m, offs_n, rows, cols, _scale_rows_add_bias(acc, rows, cols, a_scale_ptr, bias_ptr, HAS_BIAS)
 
     @triton.jit
     def _int_linear_kernel(
@@ -401,10 +401,10 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        offs_m, offs_n, rows, cols = _tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = _int_tile_scaled(a_ptr, w_ptr, w_scale_ptr, w_min_ptr, rows, cols, M, K, rows_per_scale, g_in, group,
-                               stride_am, stride_wn, INT4, ASYM, GROUPED, TILES_PER_GROUP, EVEN_K, BLOCK_K)
-        acc = _scale_rows_add_bias(acc, rows, cols, a_scale_ptr, bias_ptr, HAS_BIAS)
+        offs_m, offs_n, _, _, acc = _int_linear_tile(
+            tl.program_id(0), a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, M, N, K, rows_per_scale,
+            g_in, group, stride_am, stride_wn, INT4, ASYM, GROUPED, TILES_PER_GROUP, HAS_BIAS, EVEN_K, BLOCK_M,
+            BLOCK_N, BLOCK_K, GROUP_M)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 

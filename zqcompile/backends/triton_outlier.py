@@ -11,7 +11,7 @@ is two launches:
    whole row before any of it is quantized, so it cannot live in the GEMM's K loop without every column tile
    redoing it. The row of the output first serves as the keep mask (ones, then zeros scattered at the outlier
    columns), so the mask costs no launch and no buffer.
-2. ``_outlier_linear_kernel``: the tiled INT8 GEMM's main loop (``triton_gemm._int_tile_scaled``: INT8 or INT4
+2. ``_outlier_linear_kernel``: the tiled INT8 GEMM's main loop (``triton_gemm._int_linear_tile``: INT8 or INT4
    weights, per-channel, output-row or input-dim groups), its epilogue ``* s_x[row] + bias``, then the outlier
    product added to the same float32 tile on the tensor cores: the ``C`` columns gathered from ``x`` by their
    indices (``BLOCK_C`` at a time), times the tile's rows of ``w_outlier`` widened to x's dtype, accumulated in
@@ -44,7 +44,7 @@ triton = triton_gemm.triton
 if triton is not None:
     import triton.language as tl
 
-    from zqcompile.backends.triton_gemm import _int_tile_scaled, _scale_rows_add_bias, _tile_offsets
+    from zqcompile.backends.triton_gemm import _int_linear_tile
 
     _ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + R - R rounds |v| < 2**22 to an integer, half to even
     _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -109,10 +109,11 @@ if triton is not None:
         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        offs_m, offs_n, rows, cols = _tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = _int_tile_scaled(a_ptr, w_ptr, w_scale_ptr, w_scale_ptr, rows, cols, M, K, rows_per_scale, g_in, group,
-                               stride_am, stride_wn, INT4, False, GROUPED, TILES_PER_GROUP, EVEN_K, BLOCK_K)
-        acc = _scale_rows_add_bias(acc, rows, cols, a_scale_ptr, bias_ptr, HAS_BIAS)
+        offs_m, offs_n, rows, cols, acc = _int_linear_tile(
+            tl.program_id(0), a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, rows_per_scale,
+            g_in, group, stride_am, stride_wn, INT4, False, GROUPED, TILES_PER_GROUP, HAS_BIAS, EVEN_K, BLOCK_M,
+            BLOCK_N, BLOCK_K, GROUP_M)
+        # LLM.int8()'s outlier columns: gathered from x, times their FP16 weight, added to the float32 tile
         offs_c = tl.arange(0, BLOCK_C)
         x_rows = x_ptr + rows[:, None] * stride_xm
         wo_rows = wo_ptr + cols[:, None] * stride_won
