@@ -7,8 +7,8 @@ float64 product of the same integers and within two of the reference op: no outl
 of K tiles, more than one ``BLOCK_C`` step of them, INT8 and packed INT4 weights with input-dim groups, fp16 / fp32
 activations (the interpreter multiplies bf16 as raw bits), a ragged K; the outlier product alone bit-exact.
 GPU (skipped without one; bf16 too): every tiled config at Llama-7B's 4096 x 4096, the registered kernel against
-the reference kernel at decode and prefill M, a CUDA-graph replay, and a tiny Llama compiled with
-``outlier_threshold`` against the reference kernels.
+the reference kernel at decode and prefill M, non-finite activations, a CUDA-graph replay, and a tiny Llama
+compiled with ``outlier_threshold`` against the reference kernels.
 """
 
 from __future__ import annotations
@@ -224,6 +224,22 @@ def test_registered_kernel_matches_the_reference_kernel(m, int4, g_in, share, x_
 def test_outlier_product_alone_is_bit_exact_on_gpu():
     y = triton_outlier.triton_outlier_linear(*outlier_only_operands("cuda"), None, torch.float16)
     assert y.any() and torch.equal(y.cpu(), ops.outlier_int8_linear(*outlier_only_operands(), None, torch.float16))
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_non_finite_activations_poison_their_row_only_on_gpu():
+    """NaN in a kept column, -Inf in a kept column, NaN in an outlier column: those rows non-finite, as in the
+    reference op; the other rows equal to the clean input's."""
+    x, *rest = outlier_operands(5, 256, 512, [3, 300], seed=4, device="cuda")
+    poisoned = x.clone()
+    poisoned[1, 10], poisoned[2, 11], poisoned[3, 300] = float("nan"), float("-inf"), float("nan")
+    y, clean = (triton_outlier.triton_outlier_linear(t, *rest, torch.float16) for t in (poisoned, x))
+    with reference_kernels():
+        ref = ops.outlier_int8_linear(poisoned, *rest, torch.float16)
+    assert (~torch.isfinite(y)).all(1).tolist() == [False, True, True, True, False]
+    assert torch.equal(torch.isfinite(y), torch.isfinite(ref))
+    assert torch.equal(y[[0, 4]], clean[[0, 4]])
 
 
 @needs_gpu
