@@ -84,7 +84,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             in_k = k0 + offs_k < K
             keep = tl.load(q_row + k0 + offs_k, mask=in_k, other=0) != 0
-            v = tl.abs(tl.load(x_row + k0 + offs_k, mask=keep, other=0).to(tl.float32))
+            v = tl.where(keep, tl.abs(tl.load(x_row + k0 + offs_k, mask=in_k, other=0).to(tl.float32)), 0.0)
             absmax = tl.maximum(absmax, v)
             bad += tl.where(v <= _FLT_MAX, 0, 1)
         scale = tl.math.div_rn(tl.max(absmax, 0), 127.0)
@@ -96,7 +96,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             in_k = k0 + offs_k < K
             keep = tl.load(q_row + k0 + offs_k, mask=in_k, other=0) != 0
-            v = tl.math.div_rn(tl.load(x_row + k0 + offs_k, mask=keep, other=0).to(tl.float32), scale)
+            v = tl.math.div_rn(tl.load(x_row + k0 + offs_k, mask=in_k, other=0).to(tl.float32), scale)
             v = tl.minimum(tl.maximum(v, -127.0), 127.0)  # rounding after the clamp: the same, 127 is an integer
             q = tl.where(keep & (bad_row == 0), (v + _ROUNDER) - _ROUNDER, 0.0)
             tl.store(q_row + k0 + offs_k, q.to(tl.int8), mask=in_k)
