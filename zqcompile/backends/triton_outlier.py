@@ -15,7 +15,10 @@ is two launches:
    weights, per-channel, output-row or input-dim groups), its epilogue ``* s_x[row] + bias``, then the outlier
    product added to the same float32 tile on the tensor cores: the ``C`` columns gathered from ``x`` by their
    indices (``BLOCK_C`` at a time), times the tile's rows of ``w_outlier`` widened to x's dtype, accumulated in
-   float32 (IEEE float32 for float32 activations, no TF32), before the single store in ``out_dtype``.
+   float32 (IEEE float32 for float32 activations, no TF32), before the single store in ``out_dtype``. Every
+   config's shared memory is the plain GEMM's; with fp16 / bf16 activations no config spills registers (ptxas for
+   sm_90; 8 bytes at the 32x64x256 tile), with float32 ones (an fp32 CUDA model) the large tiles spill: correct,
+   slower.
 
 Rounding against the reference: the reference rounds the INT8 part to ``out_dtype``, the outlier product to x's
 dtype, then their sum to ``out_dtype``; the kernel adds both in float32 and rounds once, so the two differ by up to
