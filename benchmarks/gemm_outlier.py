@@ -22,7 +22,8 @@ fp16 against the float64 product); a variant that fails the check is reported, n
 ``--e2e`` adds one end-to-end number: prefill (B=8, S=128) of a random-weight decoder of
 ``common.LLAMA_CONFIGS`` compiled with ``w8a8`` and with ``outlier_threshold`` (the outlier columns calibrated on
 8 x 128 random tokens; how many columns the threshold selected is reported: after a random-weight model's RMSNorms
-the activations are about N(0, 1), whose maximum over 1,024 tokens passes 4.5 in about 1% of the channels), each
+the activations are about N(0, 1), whose maximum over 1,024 tokens passes 4.3 in 1-2% of the channels: 2-11 of 576
+in the q/k/v and gate/up inputs of a 2-layer copy of ``smollm2``, none in the o_proj / down_proj inputs), each
 checked against the reference kernels.
 
 Results go to ``--out`` (default ``$OUT`` or benchmarks/results/) as ``gemm_outlier.json`` / ``.md``, rewritten after
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--shares", default=SHARES, help="outlier columns in percent of K")
     parser.add_argument("--max-rel-err", type=float, default=1e-2)
     parser.add_argument("--e2e", default=None, help=f"a decoder of common.LLAMA_CONFIGS ({', '.join(LLAMA_CONFIGS)})")
-    parser.add_argument("--threshold", type=float, default=4.5, help="outlier_threshold for --e2e")
+    parser.add_argument("--threshold", type=float, default=4.3, help="outlier_threshold for --e2e")
     parser.add_argument("--budget-s", type=float, default=1e9)
     args = parser.parse_args()
     if not torch.cuda.is_available():
