@@ -51,7 +51,8 @@ if triton is not None:
 
     _ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + R - R rounds |v| < 2**22 to an integer, half to even
     _FLT_MAX = tl.constexpr(3.4028234663852886e38)
-    _NAN = tl.constexpr(float("nan"))
+    # NaN by its bits: a NaN constexpr global fails Triton's "global changed since compile" check (NaN != NaN).
+    _NAN_BITS = tl.constexpr(0x7FC00000)
 
 QUANT_BLOCK_K = 1024
 """Columns of a row that ``_quantize_inliers_kernel`` handles per step."""
@@ -93,7 +94,7 @@ if triton is not None:
         scale = tl.math.div_rn(tl.max(absmax, 0), 127.0)
         scale = tl.where(scale == 0, 1.0, scale)
         bad_row = tl.sum(bad, 0)
-        tl.store(s_ptr + row, tl.where(bad_row == 0, scale, _NAN))
+        tl.store(s_ptr + row, tl.where(bad_row == 0, scale, tl.full((), _NAN_BITS, tl.int32).to(tl.float32, bitcast=True)))
         # Each element is read as mask and rewritten as its value by the same thread; a value another thread may
         # already have written reads back as the same decision (a zero is a zero either way).
         for k0 in range(0, K, BLOCK_K):
