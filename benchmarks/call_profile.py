@@ -6,7 +6,8 @@ For each batch size, after the graph is captured and warmed:
   against a bare ``graph.replay()`` of the same captured graph: the difference is what the Python wrapper adds;
 * host time per call (``perf_counter``, no profiler), split at the replay: before it (input checks, bucketing, the
   copy into the graph's buffers: on the latency path, the GPU idles meanwhile), the replay launch, and after it
-  (output copies and the HF output object: overlapped with the graph's GPU work);
+  (output copies and the HF output object, overlapped with the graph's GPU work, then the read-back of the index
+  guard's flag, which waits for the graph to finish: this part includes GPU time);
 * ``torch.profiler`` over ``--calls`` calls and over as many bare replays: the CUDA kernels and memory copies of the
   calls minus those of the replays (what runs outside the graph), and the CUDA runtime calls per call
   (kernel launches, copies, synchronisations) outside the replay.
