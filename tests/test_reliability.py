@@ -62,6 +62,28 @@ def test_token_ids_checked_inside_the_graph_raise_as_the_host_check_does(compile
     assert not qmodel.runner.index_guard.flag.item()
 
 
+class EmbedThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.fc(self.embed(ids))
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_plain_module_indices_are_checked(guarded):
+    """A plain module's input that indexes an embedding is checked like a text model's token ids, by the host or
+    by the graph's index guard."""
+    qmodel = zqcompile.compile(EmbedThenLinear(), "w8a8", example_inputs=(torch.zeros(2, 3, dtype=torch.long),))
+    if guarded:
+        object.__setattr__(qmodel, "runner", _GuardedReplay(qmodel.graph_module, embedding_rows(qmodel.graph_module)))
+    with pytest.raises(ZQError, match=r"input 0 holds values in \[0, 10\], .* has 10 rows \(valid values 0..9\)"):
+        qmodel(torch.tensor([[0, 10, 3], [1, 2, 3]]))
+    ids = torch.tensor([[0, 9, 3]])
+    assert torch.equal(qmodel(ids), qmodel.graph_module(ids))
+
+
 def test_bad_token_type_ids_and_masks(compiled_tiny):
     _, qmodel = compiled_tiny("bert", "w8a8")
     ids = token_batch(2, 5)

@@ -98,7 +98,8 @@ class QuantizedModel(nn.Module):
         """``graph_inputs`` but for the values of the index inputs: the tensors, and (name, value, embedding rows) of
         each index input the caller gave, for ``_check_indices``."""
         if self.input_names is None:
-            tensors, indices = self._plain_inputs(args, kwargs), []
+            tensors = self._plain_inputs(args, kwargs)
+            indices = [(f"input {index}", tensors[index], rows) for index, rows in self._embedding_rows.items()]
         else:
             tensors, indices = self._hf_inputs(args, kwargs)
         check_guards(self.graph_module.meta.get(GUARDS_META, ()), tensors, self.model_class)
