@@ -65,28 +65,28 @@ class _FakeGraph:
 
 
 def test_timer_sizes_the_graph_and_cuts_slower_candidates_short(monkeypatch):
-    """One launch takes ``per_launch`` ms (the fake replay's time is launches x that): the graph is sized to about
+    """One launch takes ``per_launch`` ms (a fake replay takes launches x that): the graph is sized to about
     TIMING_MS, a candidate is timed TIMING_REPLAYS times, or twice when both are SLOWER_CUT x slower than the best."""
     per_launch = {"value": 0.0}
     graphs, replays = [], []
     monkeypatch.setattr(autotune, "_graph_of", lambda fn, launches: graphs.append(launches) or _FakeGraph(launches))
 
-    def replay_ms(graph):
-        replays.append(graph.launches)
-        return graph.launches * per_launch["value"]
-    monkeypatch.setattr(autotune, "_replay_ms", replay_ms)
+    def replays_ms(graph, count):
+        replays.append((graph.launches, count))
+        return [graph.launches * per_launch["value"]] * count
+    monkeypatch.setattr(autotune, "_replays_ms", replays_ms)
 
     per_launch["value"] = 0.01
     assert autotune._time_launches(lambda: None, best_ms=None) == pytest.approx(0.01)
-    assert graphs == [1, 100] and replays == [1] + [100] * autotune.TIMING_REPLAYS
+    assert graphs == [1, 100] and replays == [(1, 1), (100, 2), (100, autotune.TIMING_REPLAYS - 2)]
     graphs.clear(), replays.clear()
-    per_launch["value"] = 0.5  # a large kernel: two launches per timed graph, then 2 replays (slower than the cut)
+    per_launch["value"] = 0.5  # a large kernel: two launches per timed graph, 2 replays (slower than the cut)
     assert autotune._time_launches(lambda: None, best_ms=0.3) == pytest.approx(0.5)
-    assert graphs == [1, 2] and replays == [1, 2, 2]
+    assert graphs == [1, 2] and replays == [(1, 1), (2, 2)]
     graphs.clear(), replays.clear()
     per_launch["value"] = 1e-5  # tiny: bounded launches per graph
     autotune._time_launches(lambda: None, best_ms=1.0)
-    assert graphs == [1, autotune.MAX_LAUNCHES]
+    assert graphs == [1, autotune.MAX_LAUNCHES] and replays[-1] == (autotune.MAX_LAUNCHES, autotune.TIMING_REPLAYS - 2)
 
 
 def test_compile_time_is_counted(monkeypatch, no_streams):

@@ -13,8 +13,8 @@ shapes, plus an ``empty_cache`` per capture). Here:
   host's cores. A Triton binary depends on the config, the constexprs and the integer arguments' divisibility by
   16, not on M, N, K themselves, so later shapes find most candidates compiled (Triton's in-memory cache).
 - **Timing leanly**: a CUDA graph of ``n`` back-to-back launches, ``n`` sized so that one replay takes about
-  ``TIMING_MS`` of GPU time; the median of ``TIMING_REPLAYS`` replays, cut short once two replays are both
-  ``SLOWER_CUT`` times slower than the best candidate so far (it cannot win). Graphs are captured with
+  ``TIMING_MS`` of GPU time; the median of ``TIMING_REPLAYS`` replays queued back to back, cut short once the first
+  two are both ``SLOWER_CUT`` times slower than the best candidate so far (it cannot win). Graphs are captured with
   ``capture_begin`` / ``capture_end`` directly: ``torch.cuda.graph`` empties the caching allocator on entry.
 
 Candidates that do not fit the GPU (Triton's ``OutOfResources``, e.g. too much shared memory) are dropped.
@@ -94,25 +94,26 @@ def _graph_of(fn: Callable[[], None], launches: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+def _replays_ms(graph: torch.cuda.CUDAGraph, count: int) -> list[float]:
+    """GPU milliseconds of ``count`` back-to-back replays. One untimed replay first keeps the GPU busy while the
+    host queues the timed ones, so no sample includes the host's launch latency (for graphs of more than it)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
     graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+    for index in range(count):
+        events[index].record()
+        graph.replay()
+    events[count].record()
+    events[count].synchronize()
+    return [start.elapsed_time(end) for start, end in zip(events, events[1:])]
 
 
 def _time_launches(fn: Callable[[], None], best_ms: float | None) -> float:
-    """Milliseconds per ``fn()`` launch, from graph replays on the current (non-default) stream."""
-    single = _graph_of(fn, 1)
-    single.replay()
-    launches = max(1, min(MAX_LAUNCHES, round(TIMING_MS / max(_replay_ms(single), 1e-3))))
+    """Milliseconds per ``fn()`` launch, from graph replays on the current (non-default) stream: 2 replays, then
+    the rest of ``TIMING_REPLAYS`` unless both were ``SLOWER_CUT`` times slower than ``best_ms``."""
+    single_ms = _replays_ms(_graph_of(fn, 1), 1)[0]  # with the launch latency: sizes the graph on the safe side
+    launches = max(1, min(MAX_LAUNCHES, round(TIMING_MS / max(single_ms, 1e-3))))
     graph = _graph_of(fn, launches)
-    graph.replay()  # the first replay uploads the graph
-    samples: list[float] = []
-    for _ in range(TIMING_REPLAYS):
-        samples.append(_replay_ms(graph) / launches)
-        if best_ms is not None and len(samples) >= 2 and min(samples) > SLOWER_CUT * best_ms:
-            break
+    samples = [ms / launches for ms in _replays_ms(graph, 2)]
+    if best_ms is None or min(samples) <= SLOWER_CUT * best_ms:
+        samples += [ms / launches for ms in _replays_ms(graph, TIMING_REPLAYS - 2)]
     return statistics.median(samples)
