@@ -32,6 +32,7 @@ keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -168,8 +169,7 @@ def compile_and_warm(name: str, args: argparse.Namespace) -> tuple[Any, dict[str
     start = time.perf_counter()
     qmodel = zqcompile.compile(model, "w8a8", buckets=Buckets(BATCH_BUCKETS, default_seq_lens(MAX_TOKENS)))
     compiled = time.perf_counter()
-    stats = tuning_cache.STATS
-    tuned, loaded, tuning_s, compile_s = stats.tuned, stats.loaded, stats.seconds, stats.compile_seconds
+    before = dataclasses.replace(tuning_cache.STATS)
     if args.shapes:  # one warmup per shape, largest first, so that the smaller graphs reuse the pool's memory
         shapes = sorted(bucket_shapes(args.shapes), key=lambda bs: bs[0] * bs[1], reverse=True)
         captures = sum(qmodel.warmup([batch], [seq], progress=False) for batch, seq in shapes)
@@ -177,10 +177,10 @@ def compile_and_warm(name: str, args: argparse.Namespace) -> tuple[Any, dict[str
         captures = qmodel.warmup(progress=False)
     torch.cuda.synchronize()
     return qmodel, {"compile_s": round(compiled - start, 1), "warmup_s": round(time.perf_counter() - compiled, 1),
-                    "graphs": captures, "tuned": tuning_cache.STATS.tuned - tuned,
-                    "tuning_loaded": tuning_cache.STATS.loaded - loaded,
-                    "tuning_s": round(tuning_cache.STATS.seconds - tuning_s, 1),
-                    "tuning_compile_s": round(tuning_cache.STATS.compile_seconds - compile_s, 1)}
+                    "graphs": captures, "tuned": tuning_cache.STATS.tuned - before.tuned,
+                    "tuning_loaded": tuning_cache.STATS.loaded - before.loaded,
+                    "tuning_s": round(tuning_cache.STATS.seconds - before.seconds, 1),
+                    "tuning_compile_s": round(tuning_cache.STATS.compile_seconds - before.compile_seconds, 1)}
 
 
 def bench_zq(res: Results, name: str, requests: list, args: argparse.Namespace) -> None:
