@@ -6,10 +6,13 @@ For each batch size, after the graph is captured and warmed:
   against a bare ``graph.replay()`` of the same captured graph: the difference is what the Python wrapper adds;
 * host time per call (``perf_counter``, no profiler), split at the replay: before it (input checks, bucketing, the
   copy into the graph's buffers: on the latency path, the GPU idles meanwhile), the replay launch, and after it
-  (output copies and the HF output object: overlapped with the graph's GPU work);
+  (output copies and the HF output object, overlapped with the graph's GPU work, then the read-back of the index
+  guard's flag, which waits for the graph to finish: this part includes GPU time);
 * ``torch.profiler`` over ``--calls`` calls and over as many bare replays: the CUDA kernels and memory copies of the
   calls minus those of the replays (what runs outside the graph), and the CUDA runtime calls per call
-  (kernel launches, copies, synchronisations) outside the replay.
+  (kernel launches, copies, synchronisations) outside the replay;
+* then a call with an out-of-vocabulary token id, which the graph's index guard must turn into a ZQError (not a
+  device-side assert), and a call after it, whose output must equal the earlier one's (the CUDA context survived).
 
     PYTHONPATH=. python benchmarks/call_profile.py --batches 1,32     # < 60 s on an H200 with a warm tuning cache
 """
@@ -142,7 +145,22 @@ def main() -> None:
             "kernels_outside": outside(full_device, bare_device, args.calls),
             "runtime_outside": outside(full_runtime, bare_runtime, args.calls),
         })
+        res.data["notes"].append(f"B={batch}: {bad_id_check(qmodel, inputs, model.config.vocab_size)}")
     print(res.markdown())
+
+
+def bad_id_check(qmodel: Any, inputs: dict[str, torch.Tensor], vocab: int) -> str:
+    """What an out-of-vocabulary id does: the ZQError expected, then a good call equal to one made before it."""
+    before = qmodel(**inputs).last_hidden_state
+    bad = {**inputs, "input_ids": inputs["input_ids"].clone()}
+    bad["input_ids"][0, -1] = vocab
+    try:
+        qmodel(**bad)
+        outcome = "out-of-vocabulary id: NO error raised"
+    except zqcompile.ZQError as err:
+        outcome = f"out-of-vocabulary id: ZQError ({str(err)[:80]}...)"
+    same = torch.equal(qmodel(**inputs).last_hidden_state, before)
+    return f"{outcome}; the next call {'equals' if same else 'DIFFERS FROM'} the one before"
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -168,7 +169,7 @@ def compile_and_warm(name: str, args: argparse.Namespace) -> tuple[Any, dict[str
     start = time.perf_counter()
     qmodel = zqcompile.compile(model, "w8a8", buckets=Buckets(BATCH_BUCKETS, default_seq_lens(MAX_TOKENS)))
     compiled = time.perf_counter()
-    tuned, loaded, tuning_s = tuning_cache.STATS.tuned, tuning_cache.STATS.loaded, tuning_cache.STATS.seconds
+    before = dataclasses.replace(tuning_cache.STATS)
     if args.shapes:  # one warmup per shape, largest first, so that the smaller graphs reuse the pool's memory
         shapes = sorted(bucket_shapes(args.shapes), key=lambda bs: bs[0] * bs[1], reverse=True)
         captures = sum(qmodel.warmup([batch], [seq], progress=False) for batch, seq in shapes)
@@ -176,9 +177,10 @@ def compile_and_warm(name: str, args: argparse.Namespace) -> tuple[Any, dict[str
         captures = qmodel.warmup(progress=False)
     torch.cuda.synchronize()
     return qmodel, {"compile_s": round(compiled - start, 1), "warmup_s": round(time.perf_counter() - compiled, 1),
-                    "graphs": captures, "tuned": tuning_cache.STATS.tuned - tuned,
-                    "tuning_loaded": tuning_cache.STATS.loaded - loaded,
-                    "tuning_s": round(tuning_cache.STATS.seconds - tuning_s, 1)}
+                    "graphs": captures, "tuned": tuning_cache.STATS.tuned - before.tuned,
+                    "tuning_loaded": tuning_cache.STATS.loaded - before.loaded,
+                    "tuning_s": round(tuning_cache.STATS.seconds - before.seconds, 1),
+                    "tuning_compile_s": round(tuning_cache.STATS.compile_seconds - before.compile_seconds, 1)}
 
 
 def bench_zq(res: Results, name: str, requests: list, args: argparse.Namespace) -> None:
@@ -275,10 +277,12 @@ def render(data: dict[str, Any]) -> str:
     """The command and tables of one run (``Results`` adds the environment line, notes and errors)."""
     lines = [f"command: `{data['command']}`", "", f"stream: {data['stream']}", ""]
     lines += table(["model", "variant", "requests", "p50 ms", "p99 ms", "worst bucket p99/p50", "sentences/s",
-                    "warm-up s (tuning s)", "captures / tunings in stream"],
+                    "warm-up s (tuning s, of it compiling)", "captures / tunings in stream"],
                    [[r["model"], r["variant"], r["requests"], r["p50_ms"], r["p99_ms"],
                      f"{r['worst_bucket_p99_over_p50']} ({r['worst_bucket']})", r["throughput_sent_per_s"],
-                     f"{r.get('warm_warmup_s', '-')}" + (f" ({r['warm_tuning_s']})" if "warm_tuning_s" in r else ""),
+                     f"{r.get('warm_warmup_s', '-')}" + (f" ({r['warm_tuning_s']}, compiling "
+                                                          f"{r.get('warm_tuning_compile_s', '?')})"
+                                                          if "warm_tuning_s" in r else ""),
                      f"{r['captures_during_stream']} / {r['tuning_runs_during_stream']}"
                      if "captures_during_stream" in r else "-"] for r in data["rows"]])
     lines += table(["model", "graphs", "graph pool reserved MB", "pool allocated (static outputs) MB",

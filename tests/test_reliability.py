@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import zqcompile
 from helpers import TINY_HIDDEN, TINY_VOCAB, make_tiny_bert, make_tiny_mlp, token_batch
+from zqcompile.backends.cuda_graphs import CUDAGraphRunner
 from zqcompile.errors import ZQError
+from zqcompile.passes.infra import embedding_rows
 
 
 @pytest.mark.parametrize("make_ids, message", [
@@ -22,6 +26,62 @@ def test_bad_token_ids(compiled_tiny, make_ids, message):
     _, qmodel = compiled_tiny("bert", "w8a8")
     with pytest.raises(ZQError, match=message):
         qmodel(input_ids=make_ids(token_batch(2, 5)))
+
+
+class _GuardedReplay:
+    """A CUDAGraphRunner whose captured function (the index guard, then the graph) runs directly instead of from a
+    CUDA graph: the guard's tensor ops are those a replay runs."""
+
+    def __init__(self, graph, index_rows):
+        self.runner = CUDAGraphRunner(graph, index_rows=index_rows)
+        self.index_guard = self.runner.index_guard
+
+    def __call__(self, *inputs):
+        return self.runner._guarded_forward(*inputs)  # noqa: SLF001 - what a replay runs
+
+
+@pytest.mark.parametrize("bad", [
+    {"input_ids": token_batch(2, 5) + TINY_VOCAB}, {"input_ids": token_batch(2, 5) - TINY_VOCAB},
+    {"input_ids": token_batch(2, 5), "token_type_ids": torch.full((2, 5), 5)},
+])
+def test_token_ids_checked_inside_the_graph_raise_as_the_host_check_does(compiled_tiny, bad):
+    """With CUDA graphs the ids are clamped and flagged inside the graph and the error raised after the replay: the
+    same ZQError as the host check's; in-range ids give the graph's outputs; the flag is reset for the next call."""
+    _, host_checked = compiled_tiny("bert", "w8a8")
+    qmodel = copy.copy(host_checked)
+    object.__setattr__(qmodel, "runner", _GuardedReplay(qmodel.graph_module, embedding_rows(qmodel.graph_module)))
+    with pytest.raises(ZQError) as expected:
+        host_checked(**bad)
+    with pytest.raises(ZQError) as got:
+        qmodel(**bad)
+    assert str(got.value) == str(expected.value) and "use the model's own tokenizer" in str(got.value)
+    ids = token_batch(3, 7, seed=1)
+    good = {"input_ids": ids, "token_type_ids": torch.ones_like(ids)}
+    for out, reference in zip(qmodel(**good).values(), qmodel.graph_module(*qmodel.graph_inputs(**good))):
+        assert torch.equal(out, reference)
+    assert not qmodel.runner.index_guard.flag.item()
+
+
+class EmbedThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.fc(self.embed(ids))
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_plain_module_indices_are_checked(guarded):
+    """A plain module's input that indexes an embedding is checked like a text model's token ids, by the host or
+    by the graph's index guard."""
+    qmodel = zqcompile.compile(EmbedThenLinear(), "w8a8", example_inputs=(torch.zeros(2, 3, dtype=torch.long),))
+    if guarded:
+        object.__setattr__(qmodel, "runner", _GuardedReplay(qmodel.graph_module, embedding_rows(qmodel.graph_module)))
+    with pytest.raises(ZQError, match=r"input 0 holds values in \[0, 10\], .* has 10 rows \(valid values 0..9\)"):
+        qmodel(torch.tensor([[0, 10, 3], [1, 2, 3]]))
+    ids = torch.tensor([[0, 9, 3]])
+    assert torch.equal(qmodel(ids), qmodel.graph_module(ids))
 
 
 def test_bad_token_type_ids_and_masks(compiled_tiny):

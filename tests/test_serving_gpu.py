@@ -16,7 +16,8 @@ import zqcompile
 from zqcompile.backends import triton_gemm, tuning_cache
 from zqcompile.backends.cuda_graphs import CUDAGraphRunner
 
-from helpers import TINY_MODELS, token_batch
+from helpers import TINY_MODELS, TINY_VOCAB, token_batch
+from zqcompile.errors import ZQError
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -45,6 +46,30 @@ def test_after_warmup_a_stream_of_shapes_neither_captures_nor_tunes():
     report = qmodel.memory_report()
     assert report.graphs == 6 and report.pool_reserved >= report.pool_allocated > 0
     assert "6 CUDA graphs in one memory pool" in str(report)
+
+
+def test_out_of_range_token_ids_raise_after_the_replay_and_the_gpu_keeps_working():
+    """The CUDA graphs clamp the ids and flag them (no read-back before the replay): a bad id raises the ZQError of
+    the host check, on the call that captures the shape and on a replay alike, and never reaches the embedding's
+    gather (a device-side assert there would kill the CUDA context: the calls after it would fail)."""
+    model = TINY_MODELS["bert"]().half().cuda()
+    qmodel = zqcompile.compile(model, "w8a8", buckets={"batch_sizes": [2], "seq_lens": [16]})
+    ids = token_batch(2, 9).cuda()
+    types = torch.zeros_like(ids)
+    reference = qmodel.executed_graph(*qmodel.graph_inputs(input_ids=ids, token_type_ids=types))[0][:, :9]
+    too_large, negative = ids.clone(), types.clone()
+    too_large[1, 3] = TINY_VOCAB
+    negative[0, 0] = -1
+    range_and_fix = rf"input_ids holds values in \[\d+, {TINY_VOCAB}\].*valid values 0\.\.{TINY_VOCAB - 1}"
+    with pytest.raises(ZQError, match=range_and_fix):
+        qmodel(input_ids=too_large, token_type_ids=types)  # the first call of the bucket: capture, then replay
+    assert qmodel.runner.captures == 1
+    with pytest.raises(ZQError, match=r"token_type_ids holds values in \[-1, 0\].*use the model's own tokenizer"):
+        qmodel(input_ids=ids, token_type_ids=negative)  # a replay
+    for _ in range(2):  # the flag was reset: good ids run, and give the graph's eager outputs
+        got = qmodel(input_ids=ids, token_type_ids=types).last_hidden_state
+        assert _rel_err(got, reference) <= FP16_RTOL
+    torch.cuda.synchronize()  # no device-side assert pending
 
 
 def test_graphs_share_one_memory_pool():

@@ -19,6 +19,7 @@ from zqcompile.generation import compile_generation
 from zqcompile.generation import restore as restore_generation
 from zqcompile.kv_cache import capture_static_cache, is_causal_lm
 from zqcompile.model import QuantizedModel
+from zqcompile.passes.infra import embedding_rows
 from zqcompile.pipeline import run_pipeline, run_target_phases
 from zqcompile.recipe import LKDConfig, Recipe, load_recipe
 from zqcompile.serialize import GENERATION, read_saved
@@ -111,8 +112,9 @@ def compile(model: nn.Module, recipe: Recipe | str | os.PathLike | Mapping[str, 
             model.train(was_training)
     shape_buckets = resolve_buckets(buckets, backend=backend, input_names=captured.input_names,
                                     max_seq_len=captured.max_seq_len, graph_module=result.compiled)
-    quantized = QuantizedModel(result.compiled, captured, recipe, result.context, backend,
-                               runner=build_runner(result.executed, backend, cuda_graphs), buckets=shape_buckets)
+    runner = build_runner(result.executed, backend, cuda_graphs, embedding_rows(result.compiled))
+    quantized = QuantizedModel(result.compiled, captured, recipe, result.context, backend, runner=runner,
+                               buckets=shape_buckets)
     quantized.lkd_result = result.context.lkd_result
     if generator is not None:
         quantized.generation = generator
@@ -146,7 +148,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device | None = No
     compiled = saved.captured.graph_module
     executed = run_target_phases(compiled, saved.context, saved.backend)
     qmodel = QuantizedModel(compiled, saved.captured, saved.recipe, saved.context, saved.backend,
-                            runner=build_runner(executed, saved.backend, None))
+                            runner=build_runner(executed, saved.backend, None, embedding_rows(compiled)))
     qmodel.source_model = saved.source_model
     graphs = dict(saved.extra_graphs)
     if saved.generation is not None:

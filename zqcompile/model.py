@@ -90,9 +90,20 @@ class QuantizedModel(nn.Module):
     def graph_inputs(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         """The flat tensors the graph takes, from the user's arguments (HF keyword/positional style), after
         checking them: a call the graph cannot run correctly is a ZQError, never a wrong or raw failure."""
-        tensors = self._plain_inputs(args, kwargs) if self.input_names is None else self._hf_inputs(args, kwargs)
-        check_guards(self.graph_module.meta.get(GUARDS_META, ()), tensors, self.model_class)
+        tensors, indices = self._checked_inputs(args, kwargs)
+        self._check_indices(indices)
         return tensors
+
+    def _checked_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[tuple[str, torch.Tensor, int]]]:
+        """``graph_inputs`` but for the values of the index inputs: the tensors, and (name, value, embedding rows) of
+        each index input the caller gave, for ``_check_indices``."""
+        if self.input_names is None:
+            tensors = self._plain_inputs(args, kwargs)
+            indices = [(f"input {index}", tensors[index], rows) for index, rows in self._embedding_rows.items()]
+        else:
+            tensors, indices = self._hf_inputs(args, kwargs)
+        check_guards(self.graph_module.meta.get(GUARDS_META, ()), tensors, self.model_class)
+        return tensors, indices
 
     def _plain_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
         if kwargs:
@@ -114,7 +125,7 @@ class QuantizedModel(nn.Module):
             self._check_device(arg, f"input {index}")
         return args
 
-    def _hf_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    def _hf_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], list]:
         if len(args) > len(self.input_names):
             raise ZQError(f"compiled {self.model_class} takes at most {len(self.input_names)} positional inputs "
                           f"{list(self.input_names)}, got {len(args)}")
@@ -142,14 +153,15 @@ class QuantizedModel(nn.Module):
             _check_integer(value, name)
             if index in self._embedding_rows and given is not None:  # the zeros made here are valid indices
                 indices.append((name, value, self._embedding_rows[index]))
-            tensors.append(value.to(self.example_inputs[index].dtype))
-        self._check_indices(indices)
-        return tuple(tensors)
+            dtype = self.example_inputs[index].dtype
+            tensors.append(value if value.dtype == dtype else value.to(dtype))  # a no-op .to() still costs a dispatch
+        return tuple(tensors), indices
 
     def _check_indices(self, indices: list[tuple[str, torch.Tensor, int]]) -> None:
         """ZQError when an input that indexes an embedding holds a value outside its rows: a CUDA index error would
         kill the process's CUDA context. One reduction per such input and one read back to the host for all of them
-        (a single synchronisation on the GPU)."""
+        (on the GPU a synchronisation: the forward leaves the check to its CUDA graphs' IndexGuard where they
+        have one, and calls this only when that flagged a value)."""
         if not indices:
             return
         bounds = torch.stack([bound for _, value, _ in indices for bound in torch.aminmax(value)]).tolist()
@@ -183,11 +195,18 @@ class QuantizedModel(nn.Module):
                           f"with .to({str(self.device)!r}) ({name})")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        run, inputs = self.runner, self.graph_inputs(*args, **kwargs)
+        run, (inputs, indices) = self.runner, self._checked_inputs(args, kwargs)
+        guard = getattr(run, "index_guard", None)  # checks the index values inside the graph (cuda_graphs.py)
+        if guard is None:
+            self._check_indices(indices)
         outputs = run(*inputs) if self.buckets is None else self.buckets(run, inputs)
-        if self.output_type is None:
-            return outputs
-        return self.output_type(**dict(zip(self.output_keys, outputs)))
+        if self.output_type is not None:
+            outputs = self.output_type(**dict(zip(self.output_keys, outputs)))
+        # After the replay and the host's work on the outputs: the read-back waits for the GPU here, not before the
+        # launch. Outputs computed from clamped ids are never returned; the host check names the values.
+        if guard is not None and guard.tripped():
+            self._check_indices(indices)
+        return outputs
 
     def train(self, mode: bool = True) -> QuantizedModel:
         """``eval()`` is a no-op (the compiled graph is inference-only: dropout was removed, and torch.export's

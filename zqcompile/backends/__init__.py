@@ -10,7 +10,7 @@ the pipeline makes the graph each target executes (pipeline.TARGET_PHASES).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -75,10 +75,12 @@ def reference_kernels() -> Iterator[None]:
         yield
 
 
-def build_runner(executed: torch.fx.GraphModule, backend: str, cuda_graphs: bool | None) -> Callable[..., Any]:
+def build_runner(executed: torch.fx.GraphModule, backend: str, cuda_graphs: bool | None,
+                 index_rows: Mapping[int, int] | None = None) -> Callable[..., Any]:
     """What calls the executed graph (the pipeline's graph for this backend's target): the graph itself or, for the
     cuda backend, a CUDA-graph runner replaying it. For ``backend='cuda'`` this registers the GPU kernels;
-    ``cuda_graphs`` defaults to on there."""
+    ``cuda_graphs`` defaults to on there. ``index_rows`` (input position -> rows of the embedding it indexes): the
+    runner's graphs clamp those inputs and flag out-of-range values (cuda_graphs.IndexGuard)."""
     if backend != "cuda":
         if cuda_graphs:
             raise ZQError(f"cuda_graphs=True needs backend='cuda' (a CUDA model), the backend is {backend!r}; "
@@ -87,4 +89,4 @@ def build_runner(executed: torch.fx.GraphModule, backend: str, cuda_graphs: bool
     register_cuda_kernels()
     from zqcompile.backends.cuda_graphs import CUDAGraphRunner
 
-    return executed if cuda_graphs is False else CUDAGraphRunner(executed)
+    return executed if cuda_graphs is False else CUDAGraphRunner(executed, index_rows=index_rows)

@@ -7,8 +7,11 @@ only copies the inputs into that graph's static buffers and replays it. It is th
 project: the encoder path (``QuantizedModel`` with shape buckets) and decode runtimes use it the same way.
 
 API:
-- ``CUDAGraphRunner(forward, *, max_graphs=128, warmup_runs=WARMUP_RUNS, pool=None, copy_outputs=True)``.
+- ``CUDAGraphRunner(forward, *, max_graphs=128, warmup_runs=WARMUP_RUNS, pool=None, copy_outputs=True,
+  index_rows=None)``.
 - ``runner(*inputs)``: replay the graph of this signature (capturing it first if new).
+- ``runner.index_guard``: with ``index_rows`` (input position -> rows of the embedding table it indexes), an
+  ``IndexGuard`` run inside every graph before the forward (see below); ``None`` without.
 - ``runner.warmup(input_tuples, progress=True) -> int``: capture every new signature ahead of traffic, with a
   progress bar; returns how many graphs it captured.
 - ``runner.captures`` (graphs captured so far), ``runner.eager_calls`` (calls run without a graph because the
@@ -34,13 +37,21 @@ cost an eager forward (40-55 ms at BERT-base sizes) per captured shape. The runn
 under ``torch.no_grad()``, and outside inference mode even when called inside it (a graph captured from an
 inference-mode call would otherwise hold inference tensors as its static inputs, which a later call outside
 inference mode may not write).
+
+Token ids out of an embedding's range: on the GPU the gather would fail with a device-side assert, which kills
+the process's CUDA context, and checking the ids on the host before the replay costs a device-to-host
+synchronisation on every call (the GPU idles while the host reads the result back and launches the graph). With
+``index_rows``, the graph itself clamps each index input into its table and records in a flag on the device
+whether it had to (``IndexGuard``); the caller reads the flag after the replay (``index_guard.tripped()``, one
+read-back once the GPU work is done) and raises then, discarding the outputs, which were computed from
+clamped ids.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -86,14 +97,50 @@ def _signature(inputs: Sequence[Any]) -> tuple:
     return tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else ("const", x) for x in inputs)
 
 
+class IndexGuard:
+    """Clamps the index inputs of a forward into their embedding tables and flags, on their device, that it had to:
+    the work is tensor ops, so it runs inside a captured graph (no host synchronisation before the replay)."""
+
+    def __init__(self, rows: Mapping[int, int]):
+        self.rows = dict(rows)  # input position -> rows of the table it indexes
+        self.flag: torch.Tensor | None = None  # made outside any capture, by prepare()
+
+    def prepare(self, device: torch.device) -> None:
+        """Allocate the flag on ``device`` (the runner calls it before a capture: a graph must not allocate the flag
+        in its pool)."""
+        if self.flag is None or self.flag.device != device:
+            self.flag = torch.zeros((), dtype=torch.bool, device=device)
+
+    def __call__(self, inputs: Sequence[Any]) -> list[Any]:
+        """``inputs`` with every index input clamped to ``[0, rows)``; ORs "some value was out of range" into the
+        flag (four tensor ops per index input)."""
+        inputs = list(inputs)
+        self.prepare(inputs[next(iter(self.rows))].device)
+        for position, rows in self.rows.items():
+            ids = inputs[position]
+            inputs[position] = clamped = ids.clamp(0, rows - 1)
+            self.flag.logical_or_(clamped.ne(ids).any())
+        return inputs
+
+    def tripped(self) -> bool:
+        """Whether an index was out of range in a run since the last reset; resets the flag. Reads it back: waits
+        for the work queued on the current stream so far."""
+        if self.flag is None or not self.flag.item():
+            return False
+        self.flag.zero_()
+        return True
+
+
 class CUDAGraphRunner:
     """Calls ``forward(*inputs)`` through CUDA graphs captured per input signature into one memory pool."""
 
     def __init__(self, forward: Callable[..., Any], *, max_graphs: int = DEFAULT_MAX_GRAPHS,
-                 warmup_runs: int = WARMUP_RUNS, pool: tuple | None = None, copy_outputs: bool = True):
+                 warmup_runs: int = WARMUP_RUNS, pool: tuple | None = None, copy_outputs: bool = True,
+                 index_rows: Mapping[int, int] | None = None):
         if max_graphs < 1:
             raise ZQError(f"max_graphs must be at least 1, got {max_graphs}")
         self.forward = forward
+        self.index_guard = IndexGuard(index_rows) if index_rows else None
         self.max_graphs = max_graphs
         self.warmup_runs = warmup_runs
         self.copy_outputs = copy_outputs
@@ -171,12 +218,18 @@ class CUDAGraphRunner:
                           f"{_signature(inputs)} run without a graph (slower); use shape buckets or raise max_graphs",
                           stacklevel=3)
         self.eager_calls += 1
-        return self.forward(*inputs)
+        return self._guarded_forward(*inputs)
+
+    def _guarded_forward(self, *inputs: Any) -> Any:
+        """What a graph runs: the forward, after the index guard where there is one."""
+        return self.forward(*(inputs if self.index_guard is None else self.index_guard(inputs)))
 
     def _capture(self, inputs: Sequence[Any]) -> _Captured:
         static_inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
         self._side_stream = self._side_stream or torch.cuda.Stream()
-        graph, static_outputs = capture_graph(self.forward, static_inputs, pool=self.pool,
+        if self.index_guard is not None:
+            self.index_guard.prepare(static_inputs[next(iter(self.index_guard.rows))].device)
+        graph, static_outputs = capture_graph(self._guarded_forward, static_inputs, pool=self.pool,
                                               warmup_runs=self.warmup_runs, side_stream=self._side_stream)
         self.captures += 1
         entry = _Captured(graph, static_inputs, static_outputs)

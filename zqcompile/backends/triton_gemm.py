@@ -45,15 +45,13 @@ import torch
 from torch import Tensor
 
 from zqcompile import ops
-from zqcompile.backends import tuning_cache
+from zqcompile.backends import autotune, tuning_cache
 from zqcompile.errors import ZQError
 from zqcompile.quant import expand_weight_scale, unpack_weight
 
 try:
     import triton
     import triton.language as tl
-    from triton.runtime.errors import OutOfResources
-    from triton.testing import do_bench_cudagraph
     from triton.tools.tensor_descriptor import TensorDescriptor
 except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break importing zqcompile
     triton = None
@@ -507,7 +505,8 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
     Never tunes during CUDA-graph capture (timing synchronizes the device): a shape first seen inside a
     capture gets the default config, uncached, so a later eager call can still tune it. Candidates are timed
     as CUDA-graph replays, the way zqcompile runs them: timed eagerly, the host cost of each launch (about
-    0.1 ms more for the TMA kernel's descriptors) hides the device time of all but the largest GEMMs.
+    0.1 ms more for the TMA kernel's descriptors) hides the device time of all but the largest GEMMs; the
+    candidates are compiled concurrently first (autotune.py).
     Results persist in the on-disk tuning cache of ``device_index``'s GPU (tuning_cache.py): a key found
     there, chosen from the same candidates, is not timed again.
     """
@@ -538,13 +537,7 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
 
 
 def _time_candidates(candidates: list[GemmConfig], run: Callable[[GemmConfig], None]) -> dict[GemmConfig, float]:
-    timings: dict[GemmConfig, float] = {}
-    for cfg in candidates:
-        try:
-            timings[cfg] = do_bench_cudagraph(lambda: run(cfg), rep=10, return_mode="median")
-        except OutOfResources:  # e.g. too much shared memory on a smaller GPU
-            continue
-    return timings
+    return autotune.time_candidates(candidates, run)  # compiled concurrently, timed as graph replays
 
 
 def _stored_config(disk: tuning_cache.TuningCache, key: tuple, candidates: list[GemmConfig]) -> GemmConfig | None:

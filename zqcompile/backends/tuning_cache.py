@@ -34,6 +34,7 @@ class TuningStats:
     tuned: int = 0  # shapes timed on the GPU
     loaded: int = 0  # shapes whose config came from the disk cache
     seconds: float = 0.0  # wall time spent timing candidates (with compiling them), of the shapes tuned
+    compile_seconds: float = 0.0  # of which running each candidate once first (compiling it; autotune.py)
 
 
 STATS = TuningStats()

@@ -1,0 +1,97 @@
+"""Compiling and timing the GEMM candidates (zqcompile/backends/autotune.py) on the CPU: the first runs (compiles)
+are concurrent, the timer sizes its graphs and cuts clearly slower candidates short. The GPU pieces (streams, CUDA
+graphs, events) are replaced by fakes that record what the code asked of them."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+from zqcompile.backends import autotune, triton_gemm, tuning_cache
+
+
+class _FakeStream:
+    device = -1  # torch.cuda.device(-1) does nothing
+
+    def wait_stream(self, other):
+        pass
+
+
+CALLERS_STREAM = _FakeStream()
+
+
+@pytest.fixture
+def no_streams(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: CALLERS_STREAM)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    streams = []
+
+    def stream(s):
+        streams.append(s)
+        return contextlib.nullcontext()
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    return streams
+
+
+def test_first_runs_compile_the_other_candidates_concurrently(monkeypatch, no_streams):
+    monkeypatch.setattr(autotune, "COMPILE_THREADS", 4)
+    candidates = triton_gemm.candidate_configs(4096, 768, None, tma=True)[:5]
+    together = threading.Barrier(4, timeout=30)  # the 4 after the first: passes only if they run at the same time
+    order, caller = [], threading.get_ident()
+
+    def run(cfg):
+        order.append(cfg)
+        if cfg == candidates[0]:
+            assert threading.get_ident() == caller  # alone, before any other
+            return
+        together.wait()
+        if cfg == candidates[2]:
+            raise autotune.OutOfResources(300_000, 232_448, "shared memory")
+
+    assert autotune.first_runs(candidates, run) == [c for c in candidates if c != candidates[2]]
+    assert order[0] == candidates[0] and sorted(map(repr, order)) == sorted(map(repr, candidates))
+    assert all(stream is CALLERS_STREAM for stream in no_streams)  # every run on the caller's stream and device
+
+
+class _FakeGraph:
+    def __init__(self, launches):
+        self.launches = launches
+
+    def replay(self):
+        pass
+
+
+def test_timer_sizes_the_graph_and_cuts_slower_candidates_short(monkeypatch):
+    """One launch takes ``per_launch`` ms (a fake replay takes launches x that): the graph is sized to about
+    TIMING_MS, a candidate is timed TIMING_REPLAYS times, or twice when both are SLOWER_CUT x slower than the best."""
+    per_launch = {"value": 0.0}
+    graphs, replays = [], []
+    monkeypatch.setattr(autotune, "_graph_of", lambda fn, launches: graphs.append(launches) or _FakeGraph(launches))
+
+    def replays_ms(graph, count):
+        replays.append((graph.launches, count))
+        return [graph.launches * per_launch["value"]] * count
+    monkeypatch.setattr(autotune, "_replays_ms", replays_ms)
+
+    per_launch["value"] = 0.01
+    assert autotune._time_launches(lambda: None, best_ms=None) == pytest.approx(0.01)
+    assert graphs == [1, 100] and replays == [(1, 1), (100, 2), (100, autotune.TIMING_REPLAYS - 2)]
+    graphs.clear(), replays.clear()
+    per_launch["value"] = 0.5  # a large kernel: two launches per timed graph, 2 replays (slower than the cut)
+    assert autotune._time_launches(lambda: None, best_ms=0.3) == pytest.approx(0.5)
+    assert graphs == [1, 2] and replays == [(1, 1), (2, 2)]
+    graphs.clear(), replays.clear()
+    per_launch["value"] = 1e-5  # tiny: bounded launches per graph
+    autotune._time_launches(lambda: None, best_ms=1.0)
+    assert graphs == [1, autotune.MAX_LAUNCHES] and replays[-1] == (autotune.MAX_LAUNCHES, autotune.TIMING_REPLAYS - 2)
+
+
+def test_compile_time_is_counted(monkeypatch, no_streams):
+    monkeypatch.setattr(tuning_cache, "STATS", tuning_cache.TuningStats())
+    monkeypatch.setattr(autotune, "_time_launches", lambda fn, best: 1.0)
+    candidates = triton_gemm.candidate_configs(64, 768, None)
+    assert autotune.time_candidates(candidates, lambda cfg: None) == {cfg: 1.0 for cfg in candidates}
+    assert tuning_cache.STATS.compile_seconds > 0

@@ -1,0 +1,119 @@
+"""Compiling and timing a GEMM's candidate configs: the measuring half of the Triton GEMMs' tuner
+(``triton_gemm._pick_config`` decides what to time and keeps the choice).
+
+A cold warm-up of BERT-base's 63 buckets tunes 40 GEMM shapes with 5-17 candidates each, and the tuner used to
+spend 47 s of a 63 s warm-up there (H200): every candidate compiled one after the other, then timed by Triton's
+``do_bench_cudagraph(rep=10)``, ten replays of a 10 ms graph (about 100 ms of GPU time per candidate at the large
+shapes, plus an ``empty_cache`` per capture). Here:
+
+- **Compiling concurrently**: each candidate runs once before timing, which compiles it. The first runs in the
+  caller's thread (so that state a kernel creates on first use, such as a split-K workspace, is made once); the
+  others run in a thread pool. Triton's compiler releases the GIL in its MLIR / LLVM passes and runs ``ptxas`` as
+  a subprocess (its own ``AsyncCompileMode`` compiles in threads the same way), so the compiles overlap on the
+  host's cores. A Triton binary depends on the config, the constexprs and the integer arguments' divisibility by
+  16, not on M, N, K themselves, so later shapes find most candidates compiled (Triton's in-memory cache).
+- **Timing leanly**: a CUDA graph of ``n`` back-to-back launches, ``n`` sized so that one replay takes about
+  ``TIMING_MS`` of GPU time; the median of ``TIMING_REPLAYS`` replays queued back to back, cut short once the first
+  two are both ``SLOWER_CUT`` times slower than the best candidate so far (it cannot win). Graphs are captured with
+  ``capture_begin`` / ``capture_end`` directly: ``torch.cuda.graph`` empties the caching allocator on entry.
+
+Candidates that do not fit the GPU (Triton's ``OutOfResources``, e.g. too much shared memory) are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Hashable, Sequence, TypeVar
+
+import torch
+
+try:
+    from triton.runtime.errors import OutOfResources
+except Exception:  # noqa: BLE001 - no (working) Triton: nothing is ever tuned, see triton_gemm._require_triton
+    OutOfResources = RuntimeError
+
+from zqcompile.backends import tuning_cache
+
+Config = TypeVar("Config", bound=Hashable)
+
+COMPILE_THREADS = min(16, os.cpu_count() or 1)  # concurrent first runs (compiles) of a shape's candidates
+TIMING_MS = 1.0  # GPU time of one timed graph replay
+TIMING_REPLAYS = 5  # timed replays per candidate; the median is its time
+MAX_LAUNCHES = 256  # launches per timed graph, for the smallest kernels
+SLOWER_CUT = 1.25  # stop timing a candidate once two replays are both this much slower than the best so far
+
+
+def time_candidates(candidates: Sequence[Config], run: Callable[[Config], None]) -> dict[Config, float]:
+    """Milliseconds per launch of ``run(cfg)`` for every candidate that fits this GPU (the clearly slower ones
+    timed with fewer replays). Compile time goes to ``tuning_cache.STATS.compile_seconds``."""
+    start = time.perf_counter()
+    fitting = first_runs(candidates, run)
+    tuning_cache.STATS.compile_seconds += time.perf_counter() - start
+    stream = torch.cuda.Stream()  # captures need a stream other than the legacy default one
+    stream.wait_stream(torch.cuda.current_stream())
+    timings: dict[Config, float] = {}
+    with torch.cuda.stream(stream):
+        for cfg in fitting:
+            timings[cfg] = _time_launches(lambda: run(cfg), min(timings.values(), default=None))
+    torch.cuda.current_stream().wait_stream(stream)
+    return timings
+
+
+def first_runs(candidates: Sequence[Config], run: Callable[[Config], None]) -> list[Config]:
+    """Run every candidate once (compiling it), the first in this thread and the others concurrently in a pool of
+    ``COMPILE_THREADS`` threads, all on the caller's stream; returns the candidates that fit the GPU, in order."""
+    stream = torch.cuda.current_stream()
+
+    def fits(cfg: Config) -> bool:
+        try:
+            with torch.cuda.device(stream.device), torch.cuda.stream(stream):  # a pool thread starts on device 0
+                run(cfg)
+        except OutOfResources:
+            return False
+        return True
+
+    if not candidates:
+        return []
+    ok = [fits(candidates[0])]
+    with ThreadPoolExecutor(max(1, min(COMPILE_THREADS, len(candidates) - 1))) as pool:
+        ok += pool.map(fits, candidates[1:])
+    return [cfg for cfg, fit in zip(candidates, ok) if fit]
+
+
+def _graph_of(fn: Callable[[], None], launches: int) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin()
+    try:
+        for _ in range(launches):
+            fn()
+    finally:
+        graph.capture_end()
+    return graph
+
+
+def _replays_ms(graph: torch.cuda.CUDAGraph, count: int) -> list[float]:
+    """GPU milliseconds of ``count`` back-to-back replays. One untimed replay first keeps the GPU busy while the
+    host queues the timed ones, so no sample includes the host's launch latency (for graphs of more than it)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
+    graph.replay()
+    for index in range(count):
+        events[index].record()
+        graph.replay()
+    events[count].record()
+    events[count].synchronize()
+    return [start.elapsed_time(end) for start, end in zip(events, events[1:])]
+
+
+def _time_launches(fn: Callable[[], None], best_ms: float | None) -> float:
+    """Milliseconds per ``fn()`` launch, from graph replays on the current (non-default) stream: 2 replays, then
+    the rest of ``TIMING_REPLAYS`` unless both were ``SLOWER_CUT`` times slower than ``best_ms``."""
+    single_ms = _replays_ms(_graph_of(fn, 1), 1)[0]  # with the launch latency: sizes the graph on the safe side
+    launches = max(1, min(MAX_LAUNCHES, round(TIMING_MS / max(single_ms, 1e-3))))
+    graph = _graph_of(fn, launches)
+    samples = [ms / launches for ms in _replays_ms(graph, 2)]
+    if best_ms is None or min(samples) <= SLOWER_CUT * best_ms:
+        samples += [ms / launches for ms in _replays_ms(graph, TIMING_REPLAYS - 2)]
+    return statistics.median(samples)
