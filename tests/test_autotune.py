@@ -16,8 +16,14 @@ from zqcompile.backends import autotune, triton_gemm, tuning_cache
 class _FakeStream:
     device = -1  # torch.cuda.device(-1) does nothing
 
+    def __init__(self):
+        self.synchronized_in = set()  # threads that synchronized on this stream
+
     def wait_stream(self, other):
         pass
+
+    def synchronize(self):
+        self.synchronized_in.add(threading.get_ident())
 
 
 CALLERS_STREAM = _FakeStream()
@@ -43,6 +49,8 @@ def test_first_runs_compile_the_other_candidates_concurrently(monkeypatch, no_st
     order, caller = [], threading.get_ident()
 
     def run(cfg):
+        # The thread's CUDA context is bound (a stream synchronization) before its first launch.
+        assert threading.get_ident() in CALLERS_STREAM.synchronized_in
         order.append(cfg)
         if cfg == candidates[0]:
             assert threading.get_ident() == caller  # alone, before any other

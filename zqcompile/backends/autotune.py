@@ -70,6 +70,10 @@ def first_runs(candidates: Sequence[Config], run: Callable[[Config], None]) -> l
     def fits(cfg: Config) -> bool:
         try:
             with torch.cuda.device(stream.device), torch.cuda.stream(stream):  # a pool thread starts on device 0
+                # A pool thread has no current CUDA context until a runtime call needs one (switching to device 0
+                # from "device 0" calls nothing), and Triton's TMA descriptors are made with the driver API, which
+                # then fails with "invalid device context" (seen on the H200). A stream synchronization binds it.
+                stream.synchronize()
                 run(cfg)
         except OutOfResources:
             return False
