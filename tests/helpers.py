@@ -164,3 +164,25 @@ def two_layer_attention_reference(q, k, v, keep) -> torch.Tensor:
     scale = q.shape[-1] ** 0.5
     h = torch.softmax(q @ k.transpose(-1, -2) / scale + bias, -1) @ v
     return torch.softmax(h @ k.transpose(-1, -2) / scale + bias, -1) @ v
+
+
+def cuda_target_runs(qmodel, ctx_factory, batch: int = 2, seq: int = 8, cache_len: int = 16):
+    """The cuda target phases of a compiled decoder's forward and generation graphs, run on the CPU (they are graph
+    work): for each graph, ``(executed graph, its context, outputs of the compiled graph, outputs of the executed
+    one, caches written by each)`` on the same tokens (a prefill of ``seq`` over a ``cache_len`` cache)."""
+    from zqcompile.pipeline import run_target_phases
+    ids = token_batch(batch, seq)
+    generation = qmodel.generation
+    cache_inputs = (ids, torch.ones(batch, cache_len, dtype=torch.long), torch.arange(seq).expand(batch, seq),
+                    torch.arange(seq))
+    runs = []
+    for gm, inputs in ((qmodel.graph_module, qmodel.graph_inputs(ids, torch.ones_like(ids))),
+                       (generation.graph_module, cache_inputs)):
+        ctx = ctx_factory()
+        executed = run_target_phases(gm, ctx, "cuda")
+        caches = [() if gm is qmodel.graph_module else tuple(generation.layout.allocate(batch, cache_len, "cpu"))
+                  for _ in range(2)]
+        with torch.no_grad():
+            expected, got = gm(*inputs, *caches[0]), executed(*inputs, *caches[1])
+        runs.append((executed, ctx, expected, got, caches))
+    return runs

@@ -187,6 +187,18 @@ else:
         assert torch.equal(from_numba(h, dtype), x + residual)
         check_quant(q, scale, ref[1], ref[2])
 
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("rows,k", SHAPES)
+    def test_add_rmsnorm_matches_reference(dtype, rows, k):
+        """The final norm (not quantized): the sum bit for bit, the norm within the float tolerance."""
+        x, residual = randn(rows, k, dtype=dtype, seed=22), randn(rows, k, dtype=dtype, seed=23)
+        weight = randn(k, dtype=dtype, seed=24, scale=1.0)
+        ref = ops.add_rmsnorm(x, residual, weight, 1e-6)
+        h, y = (to_numba(torch.full((rows, k), float("nan"), dtype=dtype)) for _ in range(2))
+        kernels.add_rmsnorm(to_numba(x), to_numba(residual), to_numba(weight), 1e-6, h, y, threads=THREADS)
+        assert torch.equal(from_numba(h, dtype), ref[0])
+        check_float(y, ref[1])
+
     # ---- gelu_quant / relu_quant / silu_mul_quant / gelu_mul_quant --------------------------------------
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("approximate", ["none", "tanh"])

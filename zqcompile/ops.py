@@ -213,7 +213,7 @@ def add_rmsnorm_quant(x: Tensor, residual: Tensor, weight: Tensor, eps: float, w
     """A pre-norm decoder's residual add and the next RMSNorm's quantized output: ``(h, q, scale)`` with
     ``h = x + residual`` (x's dtype: the residual stream the next add reads) and ``q, scale`` the per-token INT8
     of ``rmsnorm_quant(h, weight, eps, weight_first)``'s normalised value, which itself is not returned (the cuda
-    target fuses this where only its quantization is read: passes/fuse_add_rmsnorm_quant.py)."""
+    target fuses this where only its quantization is read: passes/fuse_residual_rmsnorm.py)."""
     h = x + residual
     return (h, *quantize_rows(_rms_normalize(h, weight, eps, weight_first)))
 
@@ -221,6 +221,19 @@ def add_rmsnorm_quant(x: Tensor, residual: Tensor, weight: Tensor, eps: float, w
 @add_rmsnorm_quant.register_fake
 def _(x, residual, weight, eps, weight_first=False):
     return (torch.empty_like(x), *_quant_like(x))
+
+
+@torch.library.custom_op(f"{_LIB}::add_rmsnorm", mutates_args=())
+def add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """A decoder's last residual add and its final (Llama) RMSNorm, not quantized (the LM head reads it in floating
+    point): ``(h, y)`` with ``h = x + residual`` (x's dtype) and ``y = rmsnorm_quant(h, weight, eps)[0]``."""
+    h = x + residual
+    return h, _rms_normalize(h, weight, eps, False)
+
+
+@add_rmsnorm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::gelu_quant", mutates_args=())

@@ -26,7 +26,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.passes.infra import CompileContext, PassResult, call_with_value, is_op
-from zqcompile.passes.patterns import SDPA, Miss, Rule, apply_rules, through_layout
+from zqcompile.passes.patterns import SDPA, Miss, Rule, apply_target_rules, through_layout
 
 aten = torch.ops.aten
 _ROTARY = torch.ops.zq.rotary_embedding.default
@@ -97,7 +97,4 @@ RULES = (Rule("rotary_and_cache_write", match_cache_write, lambda gm, ctx, node,
 
 def fuse_kv_cache_write(gm: GraphModule, ctx: CompileContext | None) -> PassResult:
     sdpa = [n for n in gm.graph.nodes if is_op(n, SDPA)]
-    applied = apply_rules(gm, ctx, sdpa, RULES, "fuse_kv_cache_write", uncovered=lambda node: "")
-    if ctx is not None:
-        ctx.target_skipped.update({name: f"fuse_kv_cache_write: {why}" for name, why in applied.misses.items() if why})
-    return PassResult(gm, bool(applied.counters), applied.counters)
+    return apply_target_rules(gm, ctx, sdpa, RULES, "fuse_kv_cache_write")

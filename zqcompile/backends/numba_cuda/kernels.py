@@ -633,10 +633,11 @@ def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bo
 
 
 @_built
-def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool, add_residual: bool, k: int,
-                    vec: int, threads: int, rows: int, reduction: str):
-    """weight * RMSNorm(x) into y and its INT8; with ``add_residual``, h = x + residual (x's dtype) goes into y
-    instead, the norm is that of h and only its INT8 is written (y_codec: the norm's dtype, rounding only)."""
+def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool, add_residual: bool, write_y: bool,
+                    quantize: bool, k: int, vec: int, threads: int, rows: int, reduction: str):
+    """y = weight * RMSNorm(x) (y_codec: its dtype) and its INT8 (q, scale); with ``add_residual`` the norm is that
+    of h = x + residual (x's dtype), which goes into h. ``write_y`` / ``quantize``: whether y / the INT8 are written
+    (``rmsnorm_quant``: y and INT8; ``add_rmsnorm_quant``: h and INT8; ``add_rmsnorm``: h and y)."""
     kit = _row_kit(k, vec, threads, rows, reduction)
     load_x = kit.make_load(_CODECS[x_codec][0])
     _, round_x, insert_x = _CODECS[x_codec]
@@ -648,9 +649,9 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool
     slots, scratch_len, per_thread, full, words = kit.slots, kit.scratch_len, kit.per_thread, kit.full, kit.words
 
     @cuda.jit
-    def kernel(x, residual, weight, eps, y, q, scale):
+    def kernel(x, residual, weight, eps, h, y, q, scale):
         t = cuda.threadIdx.x
-        base, store = position(scale.shape[0])
+        base, store = position(x.shape[0] // words)
         scratch = cuda.shared.array(scratch_len, float32)
         vals = cuda.local.array(slots, float32)
         load_x(x, base, t, vals)
@@ -660,13 +661,13 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool
             for u in range(per_thread):
                 w = t + u * threads
                 if u < full or w < words:
-                    word = zero_word(y)
-                    for h in range(vec):
-                        v = round_x(vals[u * vec + h] + res[u * vec + h])  # x + residual is a tensor of x's dtype
-                        vals[u * vec + h] = v
-                        word = insert_x(word, v, h)
+                    word = zero_word(h)
+                    for e in range(vec):
+                        v = round_x(vals[u * vec + e] + res[u * vec + e])  # x + residual is a tensor of x's dtype
+                        vals[u * vec + e] = v
+                        word = insert_x(word, v, e)
                     if store:
-                        y[uint64(base + w)] = word
+                        h[uint64(base + w)] = word
         squares = _ZERO
         for e in range(slots):
             squares += vals[e] * vals[e]
@@ -678,18 +679,18 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool
                 for part in range(y_ratio):  # y may be float32 in narrower words than x
                     word = zero_word(y)
                     for hh in range(y_vec):
-                        h = part * y_vec + hh
-                        normed = vals[u * vec + h] * rstd
+                        e = part * y_vec + hh
+                        normed = vals[u * vec + e] * rstd
                         if not weight_first:
                             normed = round_x(normed)  # Llama casts to x's dtype before the weight, Gemma after
-                        v = round_y(weight_at(weight, w, h) * normed)
-                        if not add_residual:
-                            word = insert_y(word, v, hh)
-                        vals[u * vec + h] = v
+                        v = round_y(weight_at(weight, w, e) * normed)
+                        word = insert_y(word, v, hh)
+                        vals[u * vec + e] = v
                         absmax = _max_nan(absmax, fabs(v))
-                    if store and not add_residual:
+                    if store and write_y:
                         y[uint64(base * y_ratio + w * y_ratio + part)] = word
-        quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
+        if quantize:
+            quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
 
@@ -918,12 +919,15 @@ class _Launch:
 
     def __init__(self, x: Any, q: Any, scale: Any, arrays: list[Any], options: dict[str, Any], block: int = 0
                  ) -> None:
-        _check_outputs(x, q, scale)
+        if q is not None or scale is not None:  # None: a kernel that does not quantize
+            _check_outputs(x, q, scale)
+        elif not _contiguous(x):
+            raise ZQError("the Numba kernels take C-contiguous [rows, K] arrays; call .contiguous() first")
         if not all(_contiguous(a) for a in arrays):  # a word view of a strided array would be a copy
             raise ZQError("the Numba kernels take C-contiguous arrays (y, residual, weight, bias, up); call "
                           ".contiguous() first")
         self.k = x.shape[1]
-        self.vec = _pick_vec([x, q, *arrays], self.k, options.get("vec"))
+        self.vec = _pick_vec([x, *(a for a in (q, *arrays) if a is not None)], self.k, options.get("vec"))
         self.rows, self.threads, self.rows_per_block, self.reduction = _launch_config(
             x, options.get("threads"), options.get("rows_per_block"), options.get("reduction"), self.vec)
         if _hadamard_len(self.k, self.rows_per_block, block) > MAX_HADAMARD_ROW:
@@ -995,7 +999,7 @@ def rmsnorm_quant(x, weight, eps: float, y, q, scale, *, weight_first: bool = Fa
     product (Llama), or with ``weight_first`` only the product is (Gemma's float32 ``1 + w``)."""
     if tuple(y.shape) != tuple(x.shape):
         raise ZQError(f"y has shape {tuple(y.shape)}, expected {tuple(x.shape)}")
-    _rmsnorm(x, None, weight, eps, y, codec_of(y, "y"), q, scale, weight_first, options)
+    _rmsnorm(x, None, weight, eps, None, y, codec_of(y, "y"), q, scale, weight_first, options)
 
 
 def add_rmsnorm_quant(x, residual, weight, eps: float, h, q, scale, *, weight_first: bool = False,
@@ -1005,17 +1009,30 @@ def add_rmsnorm_quant(x, residual, weight, eps: float, h, q, scale, *, weight_fi
     ``1 + w`` with ``weight_first``)."""
     _same_type(x, residual, "residual")
     _same_type(x, h, "h")
-    _rmsnorm(x, residual, weight, eps, h, codec_of(x, "x"), q, scale, weight_first, options)
+    _rmsnorm(x, residual, weight, eps, h, None, codec_of(x, "x"), q, scale, weight_first, options)
 
 
-def _rmsnorm(x, residual, weight, eps: float, y, y_codec: str, q, scale, weight_first: bool,
+def add_rmsnorm(x, residual, weight, eps: float, h, y, **options: Any) -> None:
+    """h = x + residual in x's dtype, y = weight * RMSNorm(h) (Llama's) in y's dtype; nothing quantized."""
+    _same_type(x, residual, "residual")
+    _same_type(x, h, "h")
+    if tuple(y.shape) != tuple(x.shape):
+        raise ZQError(f"y has shape {tuple(y.shape)}, expected {tuple(x.shape)}")
+    _rmsnorm(x, residual, weight, eps, h, y, codec_of(y, "y"), None, None, False, options)
+
+
+def _rmsnorm(x, residual, weight, eps: float, h, y, y_codec: str, q, scale, weight_first: bool,
              options: dict[str, Any]) -> None:
+    """The launch of every RMSNorm kernel: None for the outputs it does not write (h without a residual, y, or q and
+    scale without the quantization)."""
     weight = _vector(weight, x.shape[1], "weight")
-    launch = _Launch(x, q, scale, [weight, y] + ([] if residual is None else [residual]), options)
+    written = [a for a in (h, y, residual) if a is not None]
+    launch = _Launch(x, q, scale, [weight, *written], options)
     kernel = _rmsnorm_kernel(codec_of(x, "x"), codec_of(weight, "weight"), y_codec, weight_first,
-                             residual is not None, *launch.geometry())
-    launch.run(kernel, launch.words(x), launch.words(x if residual is None else residual), launch.words(weight),
-               np.float32(eps), launch.words(y), launch.words(q), scale)
+                             residual is not None, y is not None, q is not None, *launch.geometry())
+    # an output the kernel does not write is given a placeholder it only reads: x (never an alias of an output)
+    launch.run(kernel, *(launch.words(x if a is None else a) for a in (x, residual, weight)), np.float32(eps),
+               *(launch.words(x if a is None else a) for a in (h, y, q)), x if scale is None else scale)
 
 
 def gelu_quant(x, bias, approximate: str, q, scale, **options: Any) -> None:

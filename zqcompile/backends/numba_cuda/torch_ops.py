@@ -1,6 +1,6 @@
 """Torch-facing wrappers of the Numba kernels: the "cuda" kernels of the fused zq activation-quant ops (the
-online-Hadamard ones and ``add_rmsnorm_quant`` included) and of ``zq.rotary_embedding`` (with the KV-cache write:
-``rotary_embedding_kv_cache``).
+online-Hadamard ones and ``add_rmsnorm_quant`` included), of ``zq.add_rmsnorm`` (a decoder's final norm) and of
+``zq.rotary_embedding`` (with the KV-cache write: ``rotary_embedding_kv_cache``).
 
 Each wrapper takes the op's torch CUDA tensors, views them zero-copy as Numba device arrays
 (``__cuda_array_interface__``; bfloat16 as its int16 bits, see ``kernels``), allocates the outputs with
@@ -158,6 +158,17 @@ def add_rmsnorm_quant(x: Tensor, residual: Tensor, weight: Tensor, eps: float, w
     kernels.add_rmsnorm_quant(_nb(x2), _nb(_rows(residual)), _nb(weight.contiguous()), eps, _nb(h), _nb(q),
                               _nb(scale), weight_first=weight_first, stream=_stream(), **LAUNCH_OPTIONS)
     return (h.view(x.shape), *_shaped(x, q, scale))
+
+
+def add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    if not _kernel_ok(x, residual, weight) or residual.dtype != x.dtype or residual.shape != x.shape:
+        return _reference(ops.add_rmsnorm, x, residual, weight, eps)
+    x2 = _rows(x)
+    h = torch.empty_like(x2)
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    kernels.add_rmsnorm(_nb(x2), _nb(_rows(residual)), _nb(weight.contiguous()), eps, _nb(h), _nb(y),
+                        stream=_stream(), **LAUNCH_OPTIONS)
+    return h.view(x.shape), y.view(x.shape)
 
 
 def gelu_quant(x: Tensor, bias: Tensor | None, approximate: str) -> tuple[Tensor, Tensor]:
