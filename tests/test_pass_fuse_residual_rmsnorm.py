@@ -149,28 +149,7 @@ def test_the_cuda_target_of_a_tiny_llama_fuses_every_residual_norm_exactly():
             assert torch.equal(a, b)
 
 
-# ---- GPU: the Numba kernel ---------------------------------------------------------------------------------
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("weight_first", [False, True])
-def test_add_rmsnorm_kernel_matches_the_reference_on_gpu(dtype, weight_first):
-    """Decode (one row) and prefill rows of Llama-7B's width: the sum bit for bit, scales to 1e-6, INT8 values
-    within one step on at most 1% (the kernel multiplies by 1 / scale, see kernels.py)."""
-    zqcompile.backends.register_cuda_kernels()
-    g = torch.Generator().manual_seed(3)
-    weight = (torch.rand(4096, generator=g) + 0.5).to(torch.float32 if weight_first else dtype).cuda()
-    for rows in (1, 3 * 129):
-        x, residual = ((torch.randn(rows, 4096, generator=g) * 4).to(dtype).cuda() for _ in range(2))
-        got = ops.add_rmsnorm_quant(x, residual, weight, 1e-5, weight_first)
-        with ops.add_rmsnorm_quant.set_kernel_enabled("cuda", False):
-            ref = ops.add_rmsnorm_quant(x, residual, weight, 1e-5, weight_first)
-        assert torch.equal(got[0], ref[0])
-        torch.testing.assert_close(got[2], ref[2], rtol=1e-6, atol=0)
-        diff = (got[1].int() - ref[1].int()).abs()
-        assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01
-
+# ---- GPU: the Numba kernel (add_rmsnorm_quant's: tests/test_gpu_backend.py, with the other fused ops) ----------
 
 @pytest.mark.gpu
 @needs_gpu
