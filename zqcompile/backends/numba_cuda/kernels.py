@@ -1156,6 +1156,8 @@ def _rotary_kernel(codec: str, half: int, to_cache: bool):
         else:
             at, b, h, s = source(j, int64(heads_k), int64(seq), k_sb, k_sh, k_ss)
         slot = slots[s] if to_cache else s
+        if slot < 0 or slot >= out_len:  # a slot outside the cache (index_copy_ raises): written nowhere, not past it
+            return
         o_lo = uint64(((b * heads_k + h) * out_len + slot) * dim + d)
         if is_value:  # to the cache as it is
             v_out[o_lo] = v[at]
