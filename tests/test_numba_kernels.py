@@ -513,6 +513,19 @@ else:
         assert torch.equal(from_numba(key_cache, dtype).reshape(caches[0].shape), ref_caches[0])
         assert torch.equal(from_numba(value_cache, dtype).reshape(caches[1].shape), ref_caches[1])
 
+    def test_rotary_embedding_writes_no_key_or_value_outside_the_cache():
+        """Slot 8 of an 8-slot cache (index_copy_ raises there): that position is written nowhere, slot 7 is."""
+        q, k, v, cos, sin = rotary_inputs(torch.float32, 2, seq=2)
+        caches = [torch.zeros(2, 2, 8, 16) for _ in range(2)]
+        expected = [t.clone() for t in caches]
+        ops.rotary_embedding_kv_cache(q[:, :, :1], k[:, :, :1], v[:, :, :1], cos[:, :, :1], sin[:, :, :1],
+                                      *expected, torch.tensor([7]))
+        key_cache, value_cache = (t.numpy().reshape(-1).copy() for t in caches)
+        kernels.rotary_embedding(heads(q), heads(k), *(to_numba(t).reshape(-1, 16) for t in (cos, sin)), nan_like(q),
+                                 key_cache, 2, 2, v=heads(v), v_out=value_cache, slots=np.array([7, 8]))
+        assert torch.equal(torch.from_numpy(key_cache).view(2, 2, 8, 16), expected[0])
+        assert torch.equal(torch.from_numpy(value_cache).view(2, 2, 8, 16), expected[1])
+
     def test_rotary_embedding_refuses_an_odd_head_dim_a_cos_of_the_wrong_length_and_half_a_cache_write():
         q, k = (kernels.Heads(np.ones(n * 7, np.float32), n, (n * 7, 7, 7)) for n in (2, 1))
         with pytest.raises(ZQError, match="even length"):
