@@ -172,6 +172,7 @@ def two_layer_attention_reference(q, k, v, keep) -> torch.Tensor:
     return torch.softmax(h @ k.transpose(-1, -2) / scale + bias, -1) @ v
 
 
+<<<<<<< HEAD
 def run_in_triton_interpreter(module: str, function: str, result: Path) -> dict:
     """``tests/<module>.py``'s ``function()`` run in a child process under Triton's interpreter (TRITON_INTERPRET=1
     must be set before Triton is first imported, so a test process cannot switch it on), its result through
@@ -183,3 +184,25 @@ def run_in_triton_interpreter(module: str, function: str, result: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(result)
+=======
+def cuda_target_runs(qmodel, ctx_factory, batch: int = 2, seq: int = 8, cache_len: int = 16):
+    """The cuda target phases of a compiled decoder's forward and generation graphs, run on the CPU (they are graph
+    work): for each graph, ``(executed graph, its context, outputs of the compiled graph, outputs of the executed
+    one, caches written by each)`` on the same tokens (a prefill of ``seq`` over a ``cache_len`` cache)."""
+    from zqcompile.pipeline import run_target_phases
+    ids = token_batch(batch, seq)
+    generation = qmodel.generation
+    cache_inputs = (ids, torch.ones(batch, cache_len, dtype=torch.long), torch.arange(seq).expand(batch, seq),
+                    torch.arange(seq))
+    runs = []
+    for gm, inputs in ((qmodel.graph_module, qmodel.graph_inputs(ids, torch.ones_like(ids))),
+                       (generation.graph_module, cache_inputs)):
+        ctx = ctx_factory()
+        executed = run_target_phases(gm, ctx, "cuda")
+        caches = [() if gm is qmodel.graph_module else tuple(generation.layout.allocate(batch, cache_len, "cpu"))
+                  for _ in range(2)]
+        with torch.no_grad():
+            expected, got = gm(*inputs, *caches[0]), executed(*inputs, *caches[1])
+        runs.append((executed, ctx, expected, got, caches))
+    return runs
+>>>>>>> s3-glue

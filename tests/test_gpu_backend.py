@@ -103,6 +103,10 @@ def _op_cases(dtype):
         (ops.add_layernorm_quant, (x, r, w, b, 1e-12)),
         (ops.rmsnorm_quant, (x, w, 1e-6)),
         (ops.rmsnorm_quant, (x, w.float(), 1e-6)),
+        (ops.add_rmsnorm_quant, (x, r, w, 1e-6)),  # returns (x + r, q, scale): the sum is compared as the float output
+        (ops.add_rmsnorm_quant, (x, r, w.float() + 1, 1e-6, True)),
+        (ops.add_rmsnorm_quant, (*(_randn(3, 4096, dtype=dtype, seed=seed) for seed in (12, 13)),
+                                 _randn(4096, dtype=dtype, seed=14, scale=1.0), 1e-5)),  # Llama-7B rows
         (ops.gelu_quant, (h, None, "none")),
         (ops.gelu_quant, (h, hb, "tanh")),
         (ops.silu_mul_quant, (h, _randn(4, 33, 3072, dtype=dtype, seed=7))),

@@ -173,6 +173,32 @@ else:
         check_float(y, expected)
         check_quant(q, scale, ref[1], ref[2])
 
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("weight_first", [False, True])
+    @pytest.mark.parametrize("vec", [None, 1])
+    def test_add_rmsnorm_quant_matches_reference(dtype, weight_first, vec):
+        """The residual sum bit for bit (x's dtype), the INT8 of the norm of that sum as the reference."""
+        x, residual = randn(3, 40, dtype=dtype, seed=19), randn(3, 40, dtype=dtype, seed=20)
+        weight = randn(40, dtype=torch.float32 if weight_first else dtype, seed=21, scale=1.0)
+        ref = ops.add_rmsnorm_quant(x, residual, weight, 1e-6, weight_first)
+        h, q, scale = outputs(3, 40, dtype)
+        kernels.add_rmsnorm_quant(to_numba(x), to_numba(residual), to_numba(weight), 1e-6, h, q, scale,
+                                  weight_first=weight_first, threads=THREADS, vec=vec)
+        assert torch.equal(from_numba(h, dtype), x + residual)
+        check_quant(q, scale, ref[1], ref[2])
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("rows,k", SHAPES)
+    def test_add_rmsnorm_matches_reference(dtype, rows, k):
+        """The final norm (not quantized): the sum bit for bit, the norm within the float tolerance."""
+        x, residual = randn(rows, k, dtype=dtype, seed=22), randn(rows, k, dtype=dtype, seed=23)
+        weight = randn(k, dtype=dtype, seed=24, scale=1.0)
+        ref = ops.add_rmsnorm(x, residual, weight, 1e-6)
+        h, y = (to_numba(torch.full((rows, k), float("nan"), dtype=dtype)) for _ in range(2))
+        kernels.add_rmsnorm(to_numba(x), to_numba(residual), to_numba(weight), 1e-6, h, y, threads=THREADS)
+        assert torch.equal(from_numba(h, dtype), ref[0])
+        check_float(y, ref[1])
+
     # ---- gelu_quant / relu_quant / silu_mul_quant / gelu_mul_quant --------------------------------------
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -438,25 +464,77 @@ else:
                 assert -(-k // threads) <= kernels.MAX_PER_THREAD
         assert kernels.launch_shape(768, 4) == (32, 4) and kernels.launch_shape(3072, 4) == (128, 1)
 
+    def heads(t: torch.Tensor) -> kernels.Heads:
+        """A (possibly strided) [B, H, S, D] tensor as the rotary kernel reads it in place: its elements from the
+        first on as a flat array, and its strides."""
+        t = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        span = 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+        return kernels.Heads(t.as_strided((span,), (1,)).numpy().copy(), t.shape[1], tuple(t.stride()[:3]))
+
+    def rotary_inputs(dtype: torch.dtype, cos_batch: int, seq: int = 3, batch: int = 2, dim: int = 16):
+        """q (4 heads), k and v (2 heads) as strided views of one projection output [B, S, 8 * D], cos and sin."""
+        g = torch.Generator().manual_seed(11)
+        qkv = torch.randn(batch, seq, 8 * dim, generator=g).to(dtype)
+        q, k, v = (t.view(batch, seq, -1, dim).transpose(1, 2) for t in qkv.split([4 * dim, 2 * dim, 2 * dim], -1))
+        angles = torch.rand(cos_batch, 1, seq, dim // 2, generator=g).repeat(1, 1, 1, 2) * 6
+        return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def nan_like(t: torch.Tensor) -> np.ndarray:
+        return to_numba(torch.full(t.shape, float("nan"), dtype=t.dtype)).reshape(-1)
+
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("cos_batch", [1, 2])
-    def test_rotary_embedding_equals_the_reference_bit_for_bit(dtype, cos_batch):
-        """Queries (4 heads) and keys (2 heads) in one launch; cos/sin per sequence or shared by the batch."""
-        g = torch.Generator().manual_seed(11)
-        batch, seq, dim = 2, 3, 16
-        q, k = (torch.randn(batch, heads, seq, dim, generator=g).to(dtype) for heads in (4, 2))
-        angles = torch.rand(cos_batch, 1, seq, dim // 2, generator=g).repeat(1, 1, 1, 2) * 6
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    def test_rotary_embedding_reads_strided_heads_and_equals_the_reference_bit_for_bit(dtype, cos_batch):
+        """Queries (4 heads) and keys (2 heads), strided views of one projection, in one launch; cos/sin per
+        sequence or shared by the batch."""
+        q, k, _, cos, sin = rotary_inputs(dtype, cos_batch)
         ref_q, ref_k = ops.rotary_embedding(q, k, cos, sin)
-        q_out, k_out = (to_numba(torch.full(t.shape, float("nan"), dtype=dtype)).reshape(-1, dim) for t in (q, k))
-        kernels.rotary_embedding(*(to_numba(t).reshape(-1, dim) for t in (q, k, cos, sin)), q_out, k_out, 4, 2, seq)
+        q_out, k_out = nan_like(q), nan_like(k)
+        kernels.rotary_embedding(heads(q), heads(k), *(to_numba(t).reshape(-1, 16) for t in (cos, sin)), q_out,
+                                 k_out, 2, 3)
         assert torch.equal(from_numba(q_out, dtype).reshape(q.shape), ref_q)
         assert torch.equal(from_numba(k_out, dtype).reshape(k.shape), ref_k)
 
-    def test_rotary_embedding_refuses_an_odd_head_dim_and_a_cos_of_the_wrong_length():
-        q, k = np.ones((4, 7), np.float32), np.ones((2, 7), np.float32)
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("seq, slots", [(3, [4, 5, 6]), (1, [7])], ids=["prefill", "decode"])
+    def test_rotary_embedding_writes_keys_and_values_into_the_cache_as_the_reference(dtype, seq, slots):
+        """The rotated keys and the values at their slots of the [B, 2, 8, D] cache, every other slot untouched."""
+        q, k, v, cos, sin = rotary_inputs(dtype, 2, seq=seq)
+        g = torch.Generator().manual_seed(12)
+        caches = [torch.randn(2, 2, 8, 16, generator=g).to(dtype) for _ in range(2)]
+        positions = torch.tensor(slots)
+        ref_caches = [t.clone() for t in caches]
+        ref_q = ops.rotary_embedding_kv_cache(q, k, v, cos, sin, *ref_caches, positions)
+        q_out = nan_like(q)
+        key_cache, value_cache = (to_numba(t).reshape(-1) for t in caches)
+        kernels.rotary_embedding(heads(q), heads(k), *(to_numba(t).reshape(-1, 16) for t in (cos, sin)), q_out,
+                                 key_cache, 2, seq, v=heads(v), v_out=value_cache, slots=positions.numpy())
+        assert torch.equal(from_numba(q_out, dtype).reshape(q.shape), ref_q)
+        assert torch.equal(from_numba(key_cache, dtype).reshape(caches[0].shape), ref_caches[0])
+        assert torch.equal(from_numba(value_cache, dtype).reshape(caches[1].shape), ref_caches[1])
+
+    def test_rotary_embedding_writes_no_key_or_value_outside_the_cache():
+        """Slot 8 of an 8-slot cache (index_copy_ raises there): that position is written nowhere, slot 7 is."""
+        q, k, v, cos, sin = rotary_inputs(torch.float32, 2, seq=2)
+        caches = [torch.zeros(2, 2, 8, 16) for _ in range(2)]
+        expected = [t.clone() for t in caches]
+        ops.rotary_embedding_kv_cache(q[:, :, :1], k[:, :, :1], v[:, :, :1], cos[:, :, :1], sin[:, :, :1],
+                                      *expected, torch.tensor([7]))
+        key_cache, value_cache = (t.numpy().reshape(-1).copy() for t in caches)
+        kernels.rotary_embedding(heads(q), heads(k), *(to_numba(t).reshape(-1, 16) for t in (cos, sin)), nan_like(q),
+                                 key_cache, 2, 2, v=heads(v), v_out=value_cache, slots=np.array([7, 8]))
+        assert torch.equal(torch.from_numpy(key_cache).view(2, 2, 8, 16), expected[0])
+        assert torch.equal(torch.from_numpy(value_cache).view(2, 2, 8, 16), expected[1])
+
+    def test_rotary_embedding_refuses_an_odd_head_dim_a_cos_of_the_wrong_length_and_half_a_cache_write():
+        q, k = (kernels.Heads(np.ones(n * 7, np.float32), n, (n * 7, 7, 7)) for n in (2, 1))
         with pytest.raises(ZQError, match="even length"):
-            kernels.rotary_embedding(q, k, q[:1], q[:1], q.copy(), k.copy(), 2, 1, 2)
-        q, k = np.ones((4, 8), np.float32), np.ones((2, 8), np.float32)
+            kernels.rotary_embedding(q, k, np.ones((2, 7), np.float32), np.ones((2, 7), np.float32),
+                                     q.flat.copy(), k.flat.copy(), 1, 1)
+        q, k = (kernels.Heads(np.ones(n * 16, np.float32), n, (n * 16, 8, 8)) for n in (2, 1))
+        cos = np.ones((3, 8), np.float32)
         with pytest.raises(ZQError, match="rows"):
-            kernels.rotary_embedding(q, k, q[:3], q[:3], q.copy(), k.copy(), 2, 1, 2)
+            kernels.rotary_embedding(q, k, cos, cos, q.flat.copy(), k.flat.copy(), 1, 2)
+        with pytest.raises(ZQError, match="or none of them"):
+            kernels.rotary_embedding(q, k, cos[:2], cos[:2], q.flat.copy(), k.flat.copy(), 1, 2,
+                                     slots=np.arange(2))

@@ -331,6 +331,12 @@ def _opcheck_cases():
         "hadamard_quant": (x, 16),
         "silu_mul_hadamard_quant": (x, x + 1, 32),
         "gelu_mul_hadamard_quant": (x, x + 1, "none", 8),
+        "add_rmsnorm_quant": (x, x * 2, weight, 1e-6),
+        "add_rmsnorm_quant_weight_first": (x, x * 2, weight, 1e-6, True),
+        "add_rmsnorm": (x, x * 2, weight, 1e-6),
+        "rotary_embedding_kv_cache": (x.view(2, 4, 3, 8), x.view(2, 4, 3, 8)[:, :2], x.view(2, 4, 3, 8)[:, 2:],
+                                      x[:, None, :, :8], x[:, None, :, 8:16], torch.zeros(2, 2, 5, 8),
+                                      torch.zeros(2, 2, 5, 8), torch.tensor([0, 3, 4])),
     }
 
 

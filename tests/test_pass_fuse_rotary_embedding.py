@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 import zqcompile
-from helpers import apply_pass, count_ops, make_tiny_llama, op_targets, token_batch
+from helpers import apply_pass, count_ops, cuda_target_runs, make_tiny_llama, op_targets
 from zqcompile import ops
 from zqcompile.passes import CompileContext, cleanup, fuse_rotary_embedding
-from zqcompile.pipeline import run_target_phases
 from zqcompile.recipe import load_recipe
 
 ROTARY = torch.ops.zq.rotary_embedding.default
@@ -115,22 +114,10 @@ def test_the_cuda_target_of_a_tiny_decoder_rotates_and_attends_exactly():
     work): every layer's rotary embedding fused and its attention over the stored KV heads, the same logits
     (Qwen2's rotary embedding is the same transformers function; its capture is tested with the GQA pass)."""
     model = make_tiny_llama()
-    qmodel = zqcompile.compile(model, "w8a8", max_cache_len=16)
     layers = model.config.num_hidden_layers
-    ids = token_batch(2, 8)
-    generation = qmodel.generation
-    cache_inputs = (ids, torch.ones(2, 16, dtype=torch.long), torch.arange(8).expand(2, 8), torch.arange(8))
-    for gm, inputs in ((qmodel.graph_module, qmodel.graph_inputs(ids, torch.ones_like(ids))),
-                       (generation.graph_module, cache_inputs)):
-        ctx = _context()
-        executed = run_target_phases(gm, ctx, "cuda")
+    for _, ctx, expected, got, _ in cuda_target_runs(zqcompile.compile(model, "w8a8", max_cache_len=16), _context):
         assert ctx.counters["fuse_rotary_embedding.pairs"] == layers
         assert ctx.counters["grouped_query_attention.fold_query_heads"] == layers and ctx.target_skipped == {}
-        extra = () if gm is qmodel.graph_module else tuple(generation.layout.allocate(2, 16, "cpu"))
-        with torch.no_grad():
-            expected = gm(*inputs, *extra)
-            extra = () if gm is qmodel.graph_module else tuple(generation.layout.allocate(2, 16, "cpu"))
-            got = executed(*inputs, *extra)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 

@@ -191,16 +191,49 @@ def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float, weight_first: bool = Fa
     promoted dtype). Gemma (``weight_first=True``, weight = the stored ``1 + w`` in float32): normalised value
     times weight in float32, then cast to x's dtype.
     """
+    y = _rms_normalize(x, weight, eps, weight_first)
+    return (y, *quantize_rows(y))
+
+
+def _rms_normalize(x: Tensor, weight: Tensor, eps: float, weight_first: bool) -> Tensor:
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = (normed * weight.float()).to(x.dtype) if weight_first else weight * normed.to(x.dtype)
-    return (y, *quantize_rows(y))
+    return (normed * weight.float()).to(x.dtype) if weight_first else weight * normed.to(x.dtype)
 
 
 @rmsnorm_quant.register_fake
 def _(x, weight, eps, weight_first=False):
     dtype = x.dtype if weight_first else torch.promote_types(x.dtype, weight.dtype)
     return (torch.empty_like(x, dtype=dtype), *_quant_like(x))
+
+
+@torch.library.custom_op(f"{_LIB}::add_rmsnorm_quant", mutates_args=())
+def add_rmsnorm_quant(x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_first: bool = False
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """A pre-norm decoder's residual add and the next RMSNorm's quantized output: ``(h, q, scale)`` with
+    ``h = x + residual`` (x's dtype: the residual stream the next add reads) and ``q, scale`` the per-token INT8
+    of ``rmsnorm_quant(h, weight, eps, weight_first)``'s normalised value, which itself is not returned (the cuda
+    target fuses this where only its quantization is read: passes/fuse_residual_rmsnorm.py)."""
+    h = x + residual
+    return (h, *quantize_rows(_rms_normalize(h, weight, eps, weight_first)))
+
+
+@add_rmsnorm_quant.register_fake
+def _(x, residual, weight, eps, weight_first=False):
+    return (torch.empty_like(x), *_quant_like(x))
+
+
+@torch.library.custom_op(f"{_LIB}::add_rmsnorm", mutates_args=())
+def add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """A decoder's last residual add and its final (Llama) RMSNorm, not quantized (the LM head reads it in floating
+    point): ``(h, y)`` with ``h = x + residual`` (x's dtype) and ``y = rmsnorm_quant(h, weight, eps)[0]``."""
+    h = x + residual
+    return h, _rms_normalize(h, weight, eps, False)
+
+
+@add_rmsnorm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::gelu_quant", mutates_args=())
@@ -382,10 +415,28 @@ def _(q, k, cos, sin):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
+@torch.library.custom_op(f"{_LIB}::rotary_embedding_kv_cache", mutates_args=("key_cache", "value_cache"))
+def rotary_embedding_kv_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
+                              value_cache: Tensor, cache_position: Tensor) -> Tensor:
+    """``rotary_embedding(q, k, cos, sin)`` with the rotated keys and the values ``v`` [B, Hk, S, D] written into the
+    static KV cache ``[B, Hk, L, D]`` at slots ``cache_position`` [S] (``index_copy_`` along dim 2, in place, as
+    zqcompile/kv_cache.py writes it); returns the rotated queries (contiguous)."""
+    q_out, k_out = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    key_cache.index_copy_(2, cache_position, k_out)
+    value_cache.index_copy_(2, cache_position, v)
+    return q_out
+
+
+@rotary_embedding_kv_cache.register_fake
+def _(q, k, v, cos, sin, key_cache, value_cache, cache_position):
+    return q.new_empty(q.shape)
+
+
 ACTIVATION_QUANT_OPS = {
     torch.ops.zq.quantize_per_token.default, torch.ops.zq.layernorm_quant.default,
     torch.ops.zq.add_layernorm_quant.default, torch.ops.zq.rmsnorm_quant.default,
-    torch.ops.zq.gelu_quant.default, torch.ops.zq.silu_mul_quant.default, torch.ops.zq.gelu_mul_quant.default,
+    torch.ops.zq.add_rmsnorm_quant.default, torch.ops.zq.gelu_quant.default, torch.ops.zq.silu_mul_quant.default,
+    torch.ops.zq.gelu_mul_quant.default,
     torch.ops.zq.relu_quant.default, torch.ops.zq.hadamard_quant.default,
     torch.ops.zq.silu_mul_hadamard_quant.default, torch.ops.zq.gelu_mul_hadamard_quant.default,
 }

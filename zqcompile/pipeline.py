@@ -26,10 +26,10 @@ from zqcompile.errors import ZQError
 from zqcompile.lkd import LKDResult
 from zqcompile.passes import (
     CompileContext, additive_attention_mask, annotate_roles, awq_scale_weights, broadcast_padding_mask,
-    calibrate_activations, canonicalize_conv1d, cleanup, decompose_outliers, distill_blocks, fuse_quant_into_elementwise,
-    fuse_rotary_embedding, fuse_sibling_linears, gptq_round_weights, grouped_query_attention, insert_activation_quant,
-    low_rank_correction, lower_linear_to_int8_gemm, plan_linears, quantize_weights, remove_dropout,
-    remove_tensor_asserts, rotate_hadamard, run_passes, smooth_activations,
+    calibrate_activations, canonicalize_conv1d, cleanup, decompose_outliers, distill_blocks, fuse_kv_cache_write,
+    fuse_quant_into_elementwise, fuse_residual_rmsnorm, fuse_rotary_embedding, fuse_sibling_linears, gptq_round_weights,
+    grouped_query_attention, insert_activation_quant, low_rank_correction, lower_linear_to_int8_gemm, plan_linears,
+    quantize_weights, remove_dropout, remove_tensor_asserts, rotate_hadamard, run_passes, smooth_activations,
 )
 from zqcompile.passes.infra import PassFn, delete_attr, replace_attr_tensor
 from zqcompile.recipe import Recipe
@@ -68,9 +68,11 @@ PHASE_NAMES = tuple(name for name, _ in PHASES)
 TARGET_PHASES: dict[str, tuple[tuple[str, tuple[PassFn, ...]], ...]] = {
     "cpu": (),
     # rewrites that pay off with the GPU kernels; the compiled graph keeps one GEMM per linear layer, the plain
-    # rotary embedding and the repeat_kv attention (what ONNX export and the CPU reference run)
+    # rotary embedding, residual adds and cache writes, and the repeat_kv attention (what ONNX export and the CPU
+    # reference run)
     "cuda": (("cuda_graph_rewrites", (fuse_sibling_linears, fuse_rotary_embedding, grouped_query_attention,
-                                      broadcast_padding_mask, additive_attention_mask, cleanup)),),
+                                      fuse_kv_cache_write, fuse_residual_rmsnorm, broadcast_padding_mask,
+                                      additive_attention_mask, cleanup)),),
 }
 ALWAYS_RUN = (cleanup,)  # target passes that a selection (``target_passes``) cannot leave out
 

@@ -10,7 +10,9 @@ from zqcompile.passes.canonicalize_conv1d import canonicalize_conv1d
 from zqcompile.passes.cleanup import cleanup
 from zqcompile.passes.decompose_outliers import decompose_outliers
 from zqcompile.passes.distill_blocks import distill_blocks
+from zqcompile.passes.fuse_kv_cache_write import fuse_kv_cache_write
 from zqcompile.passes.fuse_quant_into_elementwise import fuse_quant_into_elementwise
+from zqcompile.passes.fuse_residual_rmsnorm import fuse_residual_rmsnorm
 from zqcompile.passes.fuse_rotary_embedding import fuse_rotary_embedding
 from zqcompile.passes.fuse_sibling_linears import fuse_sibling_linears
 from zqcompile.passes.gptq_round_weights import gptq_round_weights
@@ -33,5 +35,5 @@ __all__ = [
     "quantize_weights",
     "insert_activation_quant", "fuse_quant_into_elementwise", "lower_linear_to_int8_gemm", "cleanup",
     "fuse_sibling_linears", "additive_attention_mask", "grouped_query_attention", "fuse_rotary_embedding",
-    "broadcast_padding_mask",
+    "broadcast_padding_mask", "fuse_residual_rmsnorm", "fuse_kv_cache_write",
 ]

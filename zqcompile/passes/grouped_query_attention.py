@@ -38,7 +38,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from zqcompile.passes.infra import CompileContext, PassResult, call_with_value, is_op
-from zqcompile.passes.patterns import Miss, Rule, apply_rules, recorded_shape
+from zqcompile.passes.patterns import Miss, Rule, apply_target_rules, recorded_shape
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
@@ -182,8 +182,4 @@ def grouped_query_attention(gm: GraphModule, ctx: CompileContext | None) -> Pass
     rules = (Rule("fold_query_heads", folded, lambda gm, ctx, node, m: _emit_folded(gm, folded_masks, m)),
              Rule("enable_gqa", causal, lambda gm, ctx, node, m: _emit_enable_gqa(gm, m)))
     sdpa = [n for n in gm.graph.nodes if is_op(n, _SDPA)]
-    applied = apply_rules(gm, ctx, sdpa, rules, "grouped_query_attention", uncovered=lambda node: "")
-    if ctx is not None:
-        ctx.target_skipped.update({name: f"grouped_query_attention: {why}" for name, why in applied.misses.items()
-                                   if why})
-    return PassResult(gm, bool(applied.counters), applied.counters)
+    return apply_target_rules(gm, ctx, sdpa, rules, "grouped_query_attention")

@@ -28,7 +28,7 @@ from typing import Callable, Generic, Iterable, Sequence, TypeVar
 import torch
 from torch.fx import GraphModule, Node
 
-from zqcompile.passes.infra import CompileContext, is_op, is_stored, single_user
+from zqcompile.passes.infra import CompileContext, PassResult, is_op, is_stored, single_user
 
 aten = torch.ops.aten
 M = TypeVar("M")
@@ -78,6 +78,16 @@ def apply_rules(gm: GraphModule, ctx: CompileContext, nodes: Iterable[Node], rul
         else:
             applied.misses[node.name] = "; ".join(reasons) or uncovered(node)
     return applied
+
+
+def apply_target_rules(gm: GraphModule, ctx: CompileContext | None, nodes: Iterable[Node], rules: Sequence[Rule],
+                       prefix: str) -> PassResult:
+    """:func:`apply_rules` for a target pass (``pipeline.TARGET_PHASES``): the reasons of the nodes its rules
+    recognised but left alone go to ``ctx.target_skipped`` as ``"<prefix>: <reasons>"`` (``inspect`` prints them)."""
+    applied = apply_rules(gm, ctx, nodes, rules, prefix, uncovered=lambda node: "")
+    if ctx is not None:
+        ctx.target_skipped.update({name: f"{prefix}: {why}" for name, why in applied.misses.items() if why})
+    return PassResult(gm, bool(applied.counters), applied.counters)
 
 
 # ---- small matchers ---------------------------------------------------------------------------------

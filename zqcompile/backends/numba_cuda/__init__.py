@@ -1,9 +1,10 @@
 """Numba-CUDA kernels for the fused "elementwise + per-token INT8 quantization" zq ops.
 
 ``register_cuda_kernels()`` makes them the CUDA implementations of ``torch.ops.zq.quantize_per_token``,
-``layernorm_quant``, ``add_layernorm_quant``, ``rmsnorm_quant``, ``gelu_quant``, ``relu_quant``, ``silu_mul_quant``,
-``gelu_mul_quant``, the same with the online Hadamard (``hadamard_quant``, ``silu_mul_hadamard_quant``,
-``gelu_mul_hadamard_quant``) and ``rotary_embedding``
+``layernorm_quant``, ``add_layernorm_quant``, ``rmsnorm_quant``, ``add_rmsnorm_quant``, ``add_rmsnorm`` (not
+quantized: a decoder's final norm), ``gelu_quant``, ``relu_quant``, ``silu_mul_quant``, ``gelu_mul_quant``, the same
+with the online Hadamard (``hadamard_quant``, ``silu_mul_hadamard_quant``, ``gelu_mul_hadamard_quant``),
+``rotary_embedding`` and ``rotary_embedding_kv_cache``
 (the CPU reference in zqcompile/ops.py stays the implementation on every other device).
 
 Modules: ``kernels`` holds the device code and a launch layer that takes any array that Numba can view
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 from zqcompile.backends.numba_cuda import _numpy_compat  # noqa: F401  (must precede any numba.cuda import)
 
-OPS = ("quantize_per_token", "layernorm_quant", "add_layernorm_quant", "rmsnorm_quant", "gelu_quant", "relu_quant",
-       "silu_mul_quant", "gelu_mul_quant", "hadamard_quant", "silu_mul_hadamard_quant", "gelu_mul_hadamard_quant",
-       "rotary_embedding")
+OPS = ("quantize_per_token", "layernorm_quant", "add_layernorm_quant", "rmsnorm_quant", "add_rmsnorm_quant",
+       "add_rmsnorm", "gelu_quant", "relu_quant", "silu_mul_quant", "gelu_mul_quant", "hadamard_quant",
+       "silu_mul_hadamard_quant", "gelu_mul_hadamard_quant", "rotary_embedding", "rotary_embedding_kv_cache")
 
 _registered = False
 

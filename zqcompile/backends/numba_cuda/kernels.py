@@ -633,11 +633,14 @@ def _layernorm_kernel(x_codec: str, w_codec: str, b_codec: str, add_residual: bo
 
 
 @_built
-def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool, k: int, vec: int, threads: int,
-                    rows: int, reduction: str):
+def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool, add_residual: bool, write_y: bool,
+                    quantize: bool, k: int, vec: int, threads: int, rows: int, reduction: str):
+    """y = weight * RMSNorm(x) (y_codec: its dtype) and its INT8 (q, scale); with ``add_residual`` the norm is that
+    of h = x + residual (x's dtype), which goes into h. ``write_y`` / ``quantize``: whether y / the INT8 are written
+    (``rmsnorm_quant``: y and INT8; ``add_rmsnorm_quant``: h and INT8; ``add_rmsnorm``: h and y)."""
     kit = _row_kit(k, vec, threads, rows, reduction)
     load_x = kit.make_load(_CODECS[x_codec][0])
-    round_x = _CODECS[x_codec][1]
+    _, round_x, insert_x = _CODECS[x_codec]
     weight_at = kit.make_param(_CODECS[w_codec][0], _word_vec(w_codec, vec))
     _, round_y, insert_y = _CODECS[y_codec]
     y_vec = _word_vec(y_codec, vec)
@@ -646,12 +649,25 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool
     slots, scratch_len, per_thread, full, words = kit.slots, kit.scratch_len, kit.per_thread, kit.full, kit.words
 
     @cuda.jit
-    def kernel(x, weight, eps, y, q, scale):
+    def kernel(x, residual, weight, eps, h, y, q, scale):
         t = cuda.threadIdx.x
-        base, store = position(scale.shape[0])
+        base, store = position(x.shape[0] // words)
         scratch = cuda.shared.array(scratch_len, float32)
         vals = cuda.local.array(slots, float32)
         load_x(x, base, t, vals)
+        if add_residual:
+            res = cuda.local.array(slots, float32)
+            load_x(residual, base, t, res)
+            for u in range(per_thread):
+                w = t + u * threads
+                if u < full or w < words:
+                    word = zero_word(h)
+                    for e in range(vec):
+                        v = round_x(vals[u * vec + e] + res[u * vec + e])  # x + residual is a tensor of x's dtype
+                        vals[u * vec + e] = v
+                        word = insert_x(word, v, e)
+                    if store:
+                        h[uint64(base + w)] = word
         squares = _ZERO
         for e in range(slots):
             squares += vals[e] * vals[e]
@@ -663,17 +679,18 @@ def _rmsnorm_kernel(x_codec: str, w_codec: str, y_codec: str, weight_first: bool
                 for part in range(y_ratio):  # y may be float32 in narrower words than x
                     word = zero_word(y)
                     for hh in range(y_vec):
-                        h = part * y_vec + hh
-                        normed = vals[u * vec + h] * rstd
+                        e = part * y_vec + hh
+                        normed = vals[u * vec + e] * rstd
                         if not weight_first:
                             normed = round_x(normed)  # Llama casts to x's dtype before the weight, Gemma after
-                        v = round_y(weight_at(weight, w, h) * normed)
+                        v = round_y(weight_at(weight, w, e) * normed)
                         word = insert_y(word, v, hh)
-                        vals[u * vec + h] = v
+                        vals[u * vec + e] = v
                         absmax = _max_nan(absmax, fabs(v))
-                    if store:
+                    if store and write_y:
                         y[uint64(base * y_ratio + w * y_ratio + part)] = word
-        quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
+        if quantize:
+            quantize_store(vals, block_max(scratch, absmax), q, scale, base, t, store)
     return kernel
 
 
@@ -902,12 +919,15 @@ class _Launch:
 
     def __init__(self, x: Any, q: Any, scale: Any, arrays: list[Any], options: dict[str, Any], block: int = 0
                  ) -> None:
-        _check_outputs(x, q, scale)
+        if q is not None or scale is not None:  # None: a kernel that does not quantize
+            _check_outputs(x, q, scale)
+        elif not _contiguous(x):
+            raise ZQError("the Numba kernels take C-contiguous [rows, K] arrays; call .contiguous() first")
         if not all(_contiguous(a) for a in arrays):  # a word view of a strided array would be a copy
             raise ZQError("the Numba kernels take C-contiguous arrays (y, residual, weight, bias, up); call "
                           ".contiguous() first")
         self.k = x.shape[1]
-        self.vec = _pick_vec([x, q, *arrays], self.k, options.get("vec"))
+        self.vec = _pick_vec([x, *(a for a in (q, *arrays) if a is not None)], self.k, options.get("vec"))
         self.rows, self.threads, self.rows_per_block, self.reduction = _launch_config(
             x, options.get("threads"), options.get("rows_per_block"), options.get("reduction"), self.vec)
         if _hadamard_len(self.k, self.rows_per_block, block) > MAX_HADAMARD_ROW:
@@ -977,15 +997,42 @@ def layernorm_quant(x, weight, bias, eps: float, y, q, scale, *, residual=None, 
 def rmsnorm_quant(x, weight, eps: float, y, q, scale, *, weight_first: bool = False, **options: Any) -> None:
     """y = weight * RMSNorm(x) in y's dtype; q, scale of y. The normalised value is cast to x's dtype before the
     product (Llama), or with ``weight_first`` only the product is (Gemma's float32 ``1 + w``)."""
-    k = x.shape[1]
     if tuple(y.shape) != tuple(x.shape):
         raise ZQError(f"y has shape {tuple(y.shape)}, expected {tuple(x.shape)}")
-    weight = _vector(weight, k, "weight")
-    launch = _Launch(x, q, scale, [weight, y], options)
-    kernel = _rmsnorm_kernel(codec_of(x, "x"), codec_of(weight, "weight"), codec_of(y, "y"), weight_first,
-                             *launch.geometry())
-    launch.run(kernel, launch.words(x), launch.words(weight), np.float32(eps), launch.words(y), launch.words(q),
-               scale)
+    _rmsnorm(x, None, weight, eps, None, y, codec_of(y, "y"), q, scale, weight_first, options)
+
+
+def add_rmsnorm_quant(x, residual, weight, eps: float, h, q, scale, *, weight_first: bool = False,
+                      **options: Any) -> None:
+    """h = x + residual in x's dtype; q, scale = per-token INT8 of weight * RMSNorm(h), normalised as
+    :func:`rmsnorm_quant` with its result rounded to x's dtype (the weight has x's dtype, or is Gemma's float32
+    ``1 + w`` with ``weight_first``)."""
+    _same_type(x, residual, "residual")
+    _same_type(x, h, "h")
+    _rmsnorm(x, residual, weight, eps, h, None, codec_of(x, "x"), q, scale, weight_first, options)
+
+
+def add_rmsnorm(x, residual, weight, eps: float, h, y, **options: Any) -> None:
+    """h = x + residual in x's dtype, y = weight * RMSNorm(h) (Llama's) in y's dtype; nothing quantized."""
+    _same_type(x, residual, "residual")
+    _same_type(x, h, "h")
+    if tuple(y.shape) != tuple(x.shape):
+        raise ZQError(f"y has shape {tuple(y.shape)}, expected {tuple(x.shape)}")
+    _rmsnorm(x, residual, weight, eps, h, y, codec_of(y, "y"), None, None, False, options)
+
+
+def _rmsnorm(x, residual, weight, eps: float, h, y, y_codec: str, q, scale, weight_first: bool,
+             options: dict[str, Any]) -> None:
+    """The launch of every RMSNorm kernel: None for the outputs it does not write (h without a residual, y, or q and
+    scale without the quantization)."""
+    weight = _vector(weight, x.shape[1], "weight")
+    written = [a for a in (h, y, residual) if a is not None]
+    launch = _Launch(x, q, scale, [weight, *written], options)
+    kernel = _rmsnorm_kernel(codec_of(x, "x"), codec_of(weight, "weight"), y_codec, weight_first,
+                             residual is not None, y is not None, q is not None, *launch.geometry())
+    # an output the kernel does not write is given a placeholder it only reads: x (never an alias of an output)
+    launch.run(kernel, *(launch.words(x if a is None else a) for a in (x, residual, weight)), np.float32(eps),
+               *(launch.words(x if a is None else a) for a in (h, y, q)), x if scale is None else scale)
 
 
 def gelu_quant(x, bias, approximate: str, q, scale, **options: Any) -> None:
@@ -1041,70 +1088,124 @@ def _gated_quant(gate, up, activation: str, q, scale, options: dict[str, Any], b
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rotary position embedding (zq.rotary_embedding): elementwise, one thread per pair (d, d + D/2) of a row of
-# the queries or of the keys, both in one launch
+# Rotary position embedding (zq.rotary_embedding, zq.rotary_embedding_kv_cache): elementwise, one thread per pair
+# (d, d + D/2) of a row of the queries, of the keys or (with the cache write) of the values, all in one launch.
+# The inputs are read where they lie (the projections' strided views: no copy first); the rotated queries are
+# written contiguous, the rotated keys contiguous or into the static KV cache at their slots, with the values.
 # ----------------------------------------------------------------------------------------------------
 
 ROTARY_THREADS = 128
 
 
+class Heads(NamedTuple):
+    """A ``[B, heads, S, D]`` tensor whose last dim is contiguous: element (b, h, s, d) is
+    ``flat[b * strides[0] + h * strides[1] + s * strides[2] + d]`` (``flat``: a 1-D array of its elements)."""
+
+    flat: Any
+    heads: int
+    strides: tuple[int, int, int]
+
+
 @_built
-def _rotary_kernel(codec: str, half: int):
+def _rotary_kernel(codec: str, half: int, to_cache: bool):
     decode, round_x, insert = _CODECS[codec]
     dim = 2 * half
 
     @cuda.jit(device=True)
-    def rotate(x, cos, sin, out, row, c_row, d):
+    def rotate(x, x_lo, cos, sin, c_lo, out, o_lo):
         """out = x * cos + rotate_half(x) * sin at columns d and d + half; each product and the sum rounded to
         the storage type, as eager torch computes the unfused expression."""
-        lo, c_lo = uint64(row * dim + d), uint64(c_row * dim + d)
-        hi, c_hi = lo + uint64(half), c_lo + uint64(half)
-        x1, x2 = decode(x[lo], 0), decode(x[hi], 0)
+        x1, x2 = decode(x[x_lo], 0), decode(x[x_lo + uint64(half)], 0)
+        c_hi = c_lo + uint64(half)
         y1 = round_x(round_x(x1 * decode(cos[c_lo], 0)) + round_x(-x2 * decode(sin[c_lo], 0)))
         y2 = round_x(round_x(x2 * decode(cos[c_hi], 0)) + round_x(x1 * decode(sin[c_hi], 0)))
-        out[lo] = insert(zero_word(out), y1, 0)
-        out[hi] = insert(zero_word(out), y2, 0)
+        out[o_lo] = insert(zero_word(out), y1, 0)
+        out[o_lo + uint64(half)] = insert(zero_word(out), y2, 0)
+
+    @cuda.jit(device=True)
+    def source(j, heads, seq, sb, sh, ss):
+        """(offset of pair j's first element in a strided [B, heads, S, D] input, b, h, s)."""
+        row = j // half
+        b = row // (heads * seq)
+        rest = row - b * heads * seq
+        h = rest // seq
+        s = rest - h * seq
+        return uint64(b * sb + h * sh + s * ss + (j - row * half)), b, h, s
 
     @cuda.jit
-    def kernel(q, k, cos, sin, q_out, k_out, q_rows, k_rows, heads_q, heads_k, seq, cos_batch):
+    def kernel(q, k, v, cos, sin, q_out, k_out, v_out, slots, batch, seq, heads_q, heads_k, q_sb, q_sh, q_ss, k_sb,
+               k_sh, k_ss, v_sb, v_sh, v_ss, out_len, cos_batch):
         i = int64(cuda.grid(1))
-        q_pairs = int64(q_rows) * half
+        q_pairs = int64(batch) * heads_q * seq * half
+        k_pairs = int64(batch) * heads_k * seq * half
         if i < q_pairs:
-            j, heads = i, int64(heads_q)
-        elif i < q_pairs + int64(k_rows) * half:
-            j, heads = i - q_pairs, int64(heads_k)
-        else:
+            at, b, h, s = source(i, int64(heads_q), int64(seq), q_sb, q_sh, q_ss)
+            d = i % half
+            rotate(q, at, cos, sin, uint64(((b if cos_batch > 1 else 0) * seq + s) * dim + d), q_out,
+                   uint64(i // half * dim + d))
             return
-        row = j // half
-        d = j - row * half
-        c_row = (row // (heads * seq) if cos_batch > 1 else 0) * seq + row % seq  # row = (b * heads + h) * seq + s
-        if i < q_pairs:
-            rotate(q, cos, sin, q_out, row, c_row, d)
+        j = i - q_pairs
+        if j >= (2 * k_pairs if to_cache else k_pairs):
+            return
+        is_value = j >= k_pairs
+        if is_value:
+            j -= k_pairs
+        d = j % half
+        if is_value:
+            at, b, h, s = source(j, int64(heads_k), int64(seq), v_sb, v_sh, v_ss)
         else:
-            rotate(k, cos, sin, k_out, row, c_row, d)
+            at, b, h, s = source(j, int64(heads_k), int64(seq), k_sb, k_sh, k_ss)
+        slot = slots[s] if to_cache else s
+        if slot < 0 or slot >= out_len:  # a slot outside the cache (index_copy_ raises): written nowhere, not past it
+            return
+        o_lo = uint64(((b * heads_k + h) * out_len + slot) * dim + d)
+        if is_value:  # to the cache as it is
+            v_out[o_lo] = v[at]
+            v_out[o_lo + uint64(half)] = v[at + uint64(half)]
+        else:
+            rotate(k, at, cos, sin, uint64(((b if cos_batch > 1 else 0) * seq + s) * dim + d), k_out, o_lo)
     return kernel
 
 
-def rotary_embedding(q, k, cos, sin, q_out, k_out, heads_q: int, heads_k: int, seq: int, **options: Any) -> None:
-    """q_out, k_out = ``x * cos + rotate_half(x) * sin`` of the rows of q [B * heads_q * seq, D] and k
-    [B * heads_k * seq, D] (C-contiguous, one dtype); cos and sin are [Bc * seq, D] with Bc = B or 1 (row
-    ``b * seq + s`` rotates the rows of batch b and position s). Keyword: stream."""
-    dim = q.shape[1]
-    if dim % 2 or tuple(k.shape[1:]) != (dim,) or tuple(cos.shape) != tuple(sin.shape) or cos.shape[1] != dim:
-        raise ZQError(f"rotary_embedding takes rows of one even length D: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                      f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    batch = q.shape[0] // (heads_q * seq) if heads_q * seq else 0
+def rotary_embedding(q: Heads, k: Heads, cos, sin, q_out, k_out, batch: int, seq: int, *, v: Heads | None = None,
+                     v_out=None, slots=None, **options: Any) -> None:
+    """``x * cos + rotate_half(x) * sin`` of the queries q and the keys k (:class:`Heads`, one dtype, head dim D);
+    cos and sin are C-contiguous ``[Bc * seq, D]`` with Bc = batch or 1 (row ``b * seq + s`` rotates batch b,
+    position s). q_out gets the rotated queries as a C-contiguous ``[batch, heads_q, seq, D]``. Without ``slots``
+    k_out gets the rotated keys the same way; with ``slots`` (int64 ``[seq]``), k_out and v_out are the C-contiguous
+    KV cache ``[batch, heads_k, L, D]`` and the rotated keys and the values ``v`` are written at slots ``slots[s]``.
+    Keyword: stream."""
+    dim = cos.shape[1] if len(cos.shape) == 2 else 0
+    if dim % 2 or dim == 0 or tuple(cos.shape) != tuple(sin.shape):
+        raise ZQError(f"rotary_embedding takes rows of one even length D: cos {tuple(cos.shape)}, sin "
+                      f"{tuple(sin.shape)}")
     if cos.shape[0] not in (seq, batch * seq):
         raise ZQError(f"cos/sin have {cos.shape[0]} rows; expected seq ({seq}) or batch * seq ({batch * seq})")
-    for name, a in (("k", k), ("cos", cos), ("sin", sin)):
-        _same_type(q, a, name, shape=False)
-    for name, a in (("q_out", q_out), ("k_out", k_out)):
-        _same_type(q if name == "q_out" else k, a, name)
-    if not all(_contiguous(a) for a in (q, k, cos, sin, q_out, k_out)):
-        raise ZQError("rotary_embedding takes C-contiguous arrays; call .contiguous() first")
-    total = (q.shape[0] + k.shape[0]) * (dim // 2)
+    to_cache = slots is not None
+    if to_cache != (v is not None) or to_cache != (v_out is not None):
+        raise ZQError("rotary_embedding writes to the KV cache with the values v, v_out and slots, or none of them")
+    heads_k = k.heads
+    sizes = {"q_out": (q_out, batch * q.heads * seq * dim)}
+    sizes.update({"v_out": (v_out, k_out.size)} if to_cache else {"k_out": (k_out, batch * heads_k * seq * dim)})
+    for name, (a, size) in sizes.items():
+        if a.size != size:
+            raise ZQError(f"{name} must hold {size} elements, got {a.size}")
+    out_len = k_out.size // (batch * heads_k * dim) if to_cache and batch * heads_k else seq
+    if to_cache and (k_out.size != batch * heads_k * out_len * dim or tuple(slots.shape) != (seq,)):
+        raise ZQError(f"the KV cache must be [{batch}, {heads_k}, L, {dim}] and slots [{seq}], got {k_out.size} "
+                      f"elements and slots {tuple(slots.shape)}")
+    arrays = [q.flat, k.flat, cos, sin, q_out, k_out, *((v.flat, v_out) if to_cache else ())]
+    for name, a in zip(("q", "k", "cos", "sin", "q_out", "k_out", "v", "v_out"), arrays):
+        _same_type(q.flat, a, name, shape=False)
+    if not all(_contiguous(a) for a in arrays):
+        raise ZQError("rotary_embedding takes C-contiguous arrays (strided heads as a flat array and strides)")
+    total = batch * seq * (q.heads + heads_k * (2 if to_cache else 1)) * (dim // 2)
     if total:
-        kernel = _rotary_kernel(codec_of(q, "q"), dim // 2)
-        words = [_words(a, 1) for a in (q, k, cos, sin, q_out, k_out)]
+        kernel = _rotary_kernel(codec_of(q.flat, "q"), dim // 2, to_cache)
+        value = v if to_cache else q
+        # without the cache write, v_out is a placeholder no thread writes: an input, never an alias of an output
+        words = [_words(a, 1) for a in (q.flat, k.flat, value.flat, cos, sin, q_out, k_out,
+                                        v_out if to_cache else cos)]
         kernel[-(-total // ROTARY_THREADS), ROTARY_THREADS, options.get("stream", 0)](
-            *words, q.shape[0], k.shape[0], heads_q, heads_k, seq, cos.shape[0] // seq)
+            *words, slots if to_cache else cos, batch, seq, q.heads, heads_k, *q.strides, *k.strides,
+            *value.strides, out_len, cos.shape[0] // seq)

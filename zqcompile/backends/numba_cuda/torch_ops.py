@@ -1,5 +1,6 @@
 """Torch-facing wrappers of the Numba kernels: the "cuda" kernels of the fused zq activation-quant ops (the
-online-Hadamard ones included) and of ``zq.rotary_embedding``.
+online-Hadamard ones and ``add_rmsnorm_quant`` included), of ``zq.add_rmsnorm`` (a decoder's final norm) and of
+``zq.rotary_embedding`` (with the KV-cache write: ``rotary_embedding_kv_cache``).
 
 Each wrapper takes the op's torch CUDA tensors, views them zero-copy as Numba device arrays
 (``__cuda_array_interface__``; bfloat16 as its int16 bits, see ``kernels``), allocates the outputs with
@@ -145,6 +146,31 @@ def rmsnorm_quant(x: Tensor, weight: Tensor, eps: float, weight_first: bool = Fa
     return (y.view(x.shape), *_shaped(x, q, scale))
 
 
+def add_rmsnorm_quant(x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_first: bool = False
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    # the kernel rounds the norm to x's dtype: a Llama weight of another dtype (promoted output) runs the reference
+    if (not _kernel_ok(x, residual, weight) or residual.dtype != x.dtype or residual.shape != x.shape
+            or not (weight_first or weight.dtype == x.dtype)):
+        return _reference(ops.add_rmsnorm_quant, x, residual, weight, eps, weight_first)
+    x2 = _rows(x)
+    h = torch.empty_like(x2)
+    q, scale = _quant_outputs(x2)
+    kernels.add_rmsnorm_quant(_nb(x2), _nb(_rows(residual)), _nb(weight.contiguous()), eps, _nb(h), _nb(q),
+                              _nb(scale), weight_first=weight_first, stream=_stream(), **LAUNCH_OPTIONS)
+    return (h.view(x.shape), *_shaped(x, q, scale))
+
+
+def add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    if not _kernel_ok(x, residual, weight) or residual.dtype != x.dtype or residual.shape != x.shape:
+        return _reference(ops.add_rmsnorm, x, residual, weight, eps)
+    x2 = _rows(x)
+    h = torch.empty_like(x2)
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    kernels.add_rmsnorm(_nb(x2), _nb(_rows(residual)), _nb(weight.contiguous()), eps, _nb(h), _nb(y),
+                        stream=_stream(), **LAUNCH_OPTIONS)
+    return h.view(x.shape), y.view(x.shape)
+
+
 def gelu_quant(x: Tensor, bias: Tensor | None, approximate: str) -> tuple[Tensor, Tensor]:
     if not _kernel_ok(x, bias) or (bias is not None and bias.dtype != x.dtype):
         return _reference(ops.gelu_quant, x, bias, approximate)
@@ -185,17 +211,47 @@ def gelu_mul_hadamard_quant(gate: Tensor, up: Tensor, approximate: str, block: i
     return _gated(ops.gelu_mul_hadamard_quant, kernels.gelu_mul_hadamard_quant, gate, up, approximate, block)
 
 
+def _heads(t: Tensor) -> kernels.Heads:
+    """``t`` [B, H, S, D] as the kernels read it in place: its elements from the first on as a flat view, and its
+    strides (a tensor whose last dim is not contiguous is copied first)."""
+    if t.stride(3) != 1:
+        t = t.contiguous()
+    span = 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride())) if t.numel() else 0
+    return kernels.Heads(_nb(t.as_strided((span,), (1,))), t.shape[1], tuple(t.stride()[:3]))
+
+
+def _rotary_ok(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *more: Tensor) -> bool:
+    return (_kernel_ok(q, k, cos, sin, *more) and len({t.dtype for t in (q, k, cos, sin, *more)}) == 1
+            and q.dim() == k.dim() == cos.dim() == 4 and cos.shape == sin.shape and q.shape[-1] % 2 == 0
+            and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:] and cos.shape[0] in (1, q.shape[0])
+            and cos.shape[1] == 1 and cos.shape[2] in (1, q.shape[2]) and cos.shape[3] == q.shape[3])
+
+
+def _cos_sin(cos: Tensor, sin: Tensor, seq: int, dim: int) -> list[Any]:
+    return [_nb(t.expand(-1, 1, seq, dim).contiguous().view(-1, dim)) for t in (cos, sin)]
+
+
 def rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    if (not _kernel_ok(q, k, cos, sin) or len({t.dtype for t in (q, k, cos, sin)}) > 1
-            or not q.dim() == k.dim() == cos.dim() == 4 or cos.shape != sin.shape or q.shape[-1] % 2
-            or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] or cos.shape[0] not in (1, q.shape[0])
-            or cos.shape[1] != 1 or cos.shape[2] not in (1, q.shape[2]) or cos.shape[3] != q.shape[3]):
+    if not _rotary_ok(q, k, cos, sin):
         return _reference(ops.rotary_embedding, q, k, cos, sin)
-    batch, heads_q, seq, dim = q.shape
-    # a decode step's q and k [B, H, 1, D] are contiguous already; a prefill's (transposed projections) are copied
-    q, k = q.contiguous(), k.contiguous()
-    cos, sin = (t.expand(-1, 1, seq, dim).contiguous() for t in (cos, sin))
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    kernels.rotary_embedding(*(_nb(t.view(-1, dim)) for t in (q, k, cos, sin, q_out, k_out)), heads_q, k.shape[1],
+    batch, _, seq, dim = q.shape
+    q_out, k_out = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k))
+    kernels.rotary_embedding(_heads(q), _heads(k), *_cos_sin(cos, sin, seq, dim), _nb(q_out), _nb(k_out), batch,
                              seq, stream=_stream())
     return q_out, k_out
+
+
+def rotary_embedding_kv_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
+                              value_cache: Tensor, cache_position: Tensor) -> Tensor:
+    if (not _rotary_ok(q, k, cos, sin, v, key_cache, value_cache) or v.shape != k.shape
+            or not key_cache.is_contiguous() or not value_cache.is_contiguous() or key_cache.dim() != 4
+            or key_cache.shape != value_cache.shape or key_cache.shape[:2] != k.shape[:2]
+            or key_cache.shape[3] != k.shape[3] or cache_position.dtype != torch.int64
+            or cache_position.shape != (q.shape[2],) or not cache_position.is_cuda):
+        return _reference(ops.rotary_embedding_kv_cache, q, k, v, cos, sin, key_cache, value_cache, cache_position)
+    batch, _, seq, dim = q.shape
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    kernels.rotary_embedding(_heads(q), _heads(k), *_cos_sin(cos, sin, seq, dim), _nb(q_out),
+                             _nb(key_cache.view(-1)), batch, seq, v=_heads(v), v_out=_nb(value_cache.view(-1)),
+                             slots=_nb(cache_position), stream=_stream())
+    return q_out
