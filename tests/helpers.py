@@ -172,7 +172,6 @@ def two_layer_attention_reference(q, k, v, keep) -> torch.Tensor:
     return torch.softmax(h @ k.transpose(-1, -2) / scale + bias, -1) @ v
 
 
-<<<<<<< HEAD
 def run_in_triton_interpreter(module: str, function: str, result: Path) -> dict:
     """``tests/<module>.py``'s ``function()`` run in a child process under Triton's interpreter (TRITON_INTERPRET=1
     must be set before Triton is first imported, so a test process cannot switch it on), its result through
@@ -184,7 +183,8 @@ def run_in_triton_interpreter(module: str, function: str, result: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(result)
-=======
+
+
 def cuda_target_runs(qmodel, ctx_factory, batch: int = 2, seq: int = 8, cache_len: int = 16):
     """The cuda target phases of a compiled decoder's forward and generation graphs, run on the CPU (they are graph
     work): for each graph, ``(executed graph, its context, outputs of the compiled graph, outputs of the executed
@@ -205,4 +205,3 @@ def cuda_target_runs(qmodel, ctx_factory, batch: int = 2, seq: int = 8, cache_le
             expected, got = gm(*inputs, *caches[0]), executed(*inputs, *caches[1])
         runs.append((executed, ctx, expected, got, caches))
     return runs
->>>>>>> s3-glue
