@@ -30,6 +30,15 @@ plus the group scales (INT4) against at most ``64*K`` of activations. ``_stream_
   accumulation, the weight scale applied to the accumulator. The reference rounds ``q * s`` to fp16 before its
   GEMM; scaling after the sum is the same product without that rounding, so the two agree to fp16 rounding.
 
+``_gemv_kernel`` is the other candidate for M <= ``GEMV_MAX_M`` (8), where the MMA's 16-row tile is mostly padding:
+no tensor cores, the same split-K and epilogue (``_finish``). Each step loads a [BLOCK_N, SUBS groups, U] tile of the
+weight as 16-byte vectors, unpacks it once in registers and multiplies it with each activation row in turn. INT8
+activations: 32-bit words of four values against words of four int8 weights or eight nibbles (``w & 0x0F0F0F0F``,
+``(w >> 4) & 0x0F0F0F0F``: the half-split layout puts a word's low nibbles against one activation word and its high
+nibbles against the word G/2 values on), one ``dp4a`` per four multiply-adds, exact in INT32 per group; then the
+group scale (and min) on the [BLOCK_N, SUBS] group sums. fp16 / bf16 activations: float32 products with the weights
+widened by the ``0x4B000000`` exponent trick (exact). The autotuner times it against the MMA configs.
+
 Larger M keeps the prefill kernels: the tiled / TMA kernels of ``triton_gemm`` for W8A8/W4A8, and for
 weight-only the reference (dequantize, then cuBLAS) - prefill is bound by the tensor cores, not the weight.
 Configs are autotuned per (M bucket, N, K, variant) with ``triton_gemm``'s tuner.
@@ -38,7 +47,8 @@ Configs are autotuned per (M bucket, N, K, variant) with ``triton_gemm``'s tuner
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -58,6 +68,9 @@ if triton is not None:
 
 MAX_M = 64
 """The largest token count that the weight-streaming kernel serves; larger M goes to the prefill kernels."""
+GEMV_MAX_M = 8
+"""The largest token count for which ``_gemv_kernel`` is a candidate: it spends its own multiply-adds on every
+weight value for each row, so beyond a few rows the tensor cores of ``_stream_kernel`` win."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,9 @@ class StreamConfig:
 
     ``block_k`` is the K width of one main-loop step (in weight values, not bytes); with input-dim groups it
     is a whole number of groups. ``waves`` sets split-K: K is split until ``N / block_n`` column tiles times
-    the splits reach ``waves`` programs per SM (never below two K tiles per split).
+    the splits reach ``waves`` programs per SM (never below two K tiles per split for ``"mma"``, one for
+    ``"gemv"``). ``kernel``: ``"mma"`` (``_stream_kernel``, tensor cores) or ``"gemv"`` (``_gemv_kernel``, M <=
+    ``GEMV_MAX_M``).
     """
 
     block_n: int
@@ -74,6 +89,7 @@ class StreamConfig:
     num_warps: int
     num_stages: int
     waves: int
+    kernel: str = "mma"
 
 
 # The first is the untuned default. 128-256 B of weight per row per K step are 16-byte loads for every
@@ -89,6 +105,15 @@ _CONFIGS = (
 _INT4_CONFIGS = (
     StreamConfig(64, 512, 4, 4, 2), StreamConfig(64, 1024, 4, 3, 4), StreamConfig(128, 512, 8, 3, 2),
 )
+# GEMV variants (the first few rows: no tensor cores): 16-byte weight loads for every thread, 256-1024 B of
+# weight per row per step, and enough programs (waves per SM) that a split's whole weight is in flight at once.
+_GEMV_CONFIGS = (
+    StreamConfig(32, 512, 4, 2, 4, "gemv"), StreamConfig(64, 256, 4, 2, 4, "gemv"),
+    StreamConfig(16, 1024, 4, 2, 4, "gemv"), StreamConfig(32, 1024, 8, 2, 2, "gemv"),
+)
+# The MMA configs that stay candidates where the GEMV's are (fewer configs to time at the small M buckets): the
+# default and the ones tuned fastest at M = 1 on the H200 (INT8 and INT4 weights, 2026-12-01).
+_GEMV_SIZE_MMA_CONFIGS = (_CONFIGS[0], StreamConfig(128, 128, 4, 4, 2), _CONFIGS[1])
 
 
 def block_m_for(m: int) -> int:
@@ -96,11 +121,16 @@ def block_m_for(m: int) -> int:
     return max(16, 1 << max(m - 1, 0).bit_length())
 
 
-def split_k_for(n: int, k: int, block_n: int, block_k: int, waves: int, num_sms: int) -> int:
-    """K splits so the grid has about ``waves * num_sms`` programs, each with at least two K tiles."""
+def gemv_block_m(m: int) -> int:
+    """The GEMV kernel's row block: M's next power of two (1, 2, 4 or 8); rows past M read zeros."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def split_k_for(n: int, k: int, block_n: int, block_k: int, waves: int, num_sms: int, min_tiles: int = 2) -> int:
+    """K splits so the grid has about ``waves * num_sms`` programs, each with at least ``min_tiles`` K tiles."""
     tiles = -(-n // block_n)
     k_tiles = -(-k // block_k)
-    return max(1, min(-(-waves * num_sms // tiles), k_tiles // 2))
+    return max(1, min(-(-waves * num_sms // tiles), k_tiles // min_tiles))
 
 
 def group_width_for(p: _Problem) -> int | None:
@@ -120,16 +150,31 @@ def stream_kernel_applies(p: _Problem, int8_acts: bool, act_dtype: torch.dtype |
     return width is None or (width & (width - 1) == 0 and width >= 32)
 
 
-def candidate_configs(p: _Problem, int4: bool = False) -> list[StreamConfig]:
-    """The configs for this problem (INT4 weights: also ``_INT4_CONFIGS``), with ``block_k`` fitted to the group
-    width (a whole number of groups) and, without groups, to K (no longer than K's next power of two)."""
+def gemv_kernel_applies(a: Tensor, w: Tensor, p: _Problem, int4: bool) -> bool:
+    """Whether ``_gemv_kernel`` can run this problem (on top of ``stream_kernel_applies``): M <= ``GEMV_MAX_M``;
+    INT8 activations are read as 32-bit words of four values, so K must be a multiple of 8 (INT4) or 4 (INT8) and
+    both operands' base addresses and row pitches multiples of 4 bytes."""
+    if not 0 < p.m <= GEMV_MAX_M:
+        return False
+    if a.dtype != torch.int8:
+        return True
+    return p.k % (8 if int4 else 4) == 0 and all(t.data_ptr() % 4 == 0 and t.stride(0) % 4 == 0 for t in (a, w))
+
+
+def candidate_configs(p: _Problem, int4: bool = False, gemv: bool = False) -> list[StreamConfig]:
+    """The configs for this problem (INT4 weights: also ``_INT4_CONFIGS``; ``gemv``, see ``gemv_kernel_applies``:
+    also ``_GEMV_CONFIGS``), with ``block_k`` fitted to the group width (a whole number of groups) and, without
+    groups, to K (no longer than K's next power of two). The first is the untuned default. Where the GEMV kernel
+    applies only ``_GEMV_SIZE_MMA_CONFIGS`` of the MMA kernel's stay: each candidate costs tuning time at every
+    M bucket up to ``GEMV_MAX_M``."""
     width = group_width_for(p)
     fitted: list[StreamConfig] = []
-    for cfg in _CONFIGS + (_INT4_CONFIGS if int4 else ()):
+    mma = _GEMV_SIZE_MMA_CONFIGS if gemv else _CONFIGS + (_INT4_CONFIGS if int4 else ())
+    for cfg in mma + (_GEMV_CONFIGS if gemv else ()):
         block_k = min(cfg.block_k, max(64, 1 << (p.k - 1).bit_length()))
         if width is not None:
             block_k = max(block_k, width) if width >= block_k else block_k - block_k % width
-        cfg = StreamConfig(cfg.block_n, block_k, cfg.num_warps, cfg.num_stages, cfg.waves)
+        cfg = replace(cfg, block_k=block_k)
         if cfg not in fitted:
             fitted.append(cfg)
     return fitted
@@ -207,8 +252,7 @@ if triton is not None:
         k_end = tl.minimum(k_start + k_per_split, K)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = offs_m % M  # rows / cols past M / N wrap onto valid ones for the epilogue's loads
-        cols = offs_n % N
+        cols = offs_n % N  # columns past N wrap onto valid ones: unmasked weight loads
         a_rows_ok = offs_m[:, None] < M  # activation rows past M load no bytes
         offs_k = tl.arange(0, SUB_K)
         offs_wk = tl.arange(0, SUB_K // 2 if INT4 else SUB_K)  # weight bytes per row of a sub-tile
@@ -247,27 +291,38 @@ if triton is not None:
             else:
                 acc = acc - 8 * asum[:, None]
 
+        _finish(acc, pid_n, offs_m, offs_n, M, N, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, ws_ptr, ticket_ptr, stride_cm,
+                INT_ACC, GROUPED or ASYM, HAS_BIAS, SPLIT)
+
+    @triton.jit
+    def _finish(acc, pid_n, offs_m, offs_n, M, N, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, ws_ptr, ticket_ptr, stride_cm,
+                INT_ACTS: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+        """The output tile [BLOCK_M, BLOCK_N] from this program's partial ``acc`` over its K range (both kernels).
+
+        Without split-K: the epilogue. With split-K, each split stores its partial tile in its own workspace slice;
+        the last split of the tile to arrive (ticket == splits - 1) sums the slices in split order (a deterministic
+        float sum), resets the ticket for the next launch and runs the epilogue. The barrier puts every thread's
+        stores before the release of the ticket.
+        """
+        rows = offs_m % M  # rows / cols past M / N wrap onto valid ones for the epilogue's loads
+        cols = offs_n % N
         out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if SPLIT:
-            # Each split stores its partial tile in its own workspace slice; the last split of the tile to
-            # arrive (ticket == splits - 1) sums the slices in split order (a deterministic float sum), resets
-            # the ticket for the next launch and runs the epilogue. The barrier puts every thread's stores
-            # before the release of the ticket.
             splits = tl.num_programs(1)
             ws_tile = ws_ptr.to(tl.pointer_type(acc.dtype)) + offs_m[:, None] * N + offs_n[None, :]
             tl.store(ws_tile + tl.program_id(1) * M * N, acc, mask=out_mask)
             tl.debug_barrier()
             ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
             if ticket == splits - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+                total = tl.zeros(acc.shape, dtype=acc.dtype)
                 for j in range(0, splits):
                     total += tl.load(ws_tile + j * M * N, mask=out_mask, other=0, cache_modifier=".cg")
                 tl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed")
                 _epilogue(total, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr,
-                          stride_cm, INT_ACC, GROUPED or ASYM, HAS_BIAS)
+                          stride_cm, INT_ACTS, SCALED, HAS_BIAS)
         else:
             _epilogue(acc, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, stride_cm,
-                      INT_ACC, GROUPED or ASYM, HAS_BIAS)
+                      INT_ACTS, SCALED, HAS_BIAS)
 
     @triton.jit
     def _epilogue(acc, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, stride_cm,
@@ -281,6 +336,161 @@ if triton is not None:
         if HAS_BIAS:
             y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+if triton is not None:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        @triton.jit
+        def _dp4a(a, b, c, B_SIGNED: tl.constexpr):
+            """The interpreter's stand-in for the dp4a instruction below (it runs no PTX): the same sum, byte by
+            byte."""
+            for i in tl.static_range(4):
+                if B_SIGNED:
+                    b_i = (b << (24 - 8 * i)) >> 24
+                else:
+                    b_i = (b >> (8 * i)) & 0xFF
+                c += ((a << (24 - 8 * i)) >> 24) * b_i
+            return c
+    else:
+        @triton.jit
+        def _dp4a(a, b, c, B_SIGNED: tl.constexpr):
+            """c + the four products of the signed bytes of ``a`` (int32 words) with the bytes of ``b`` (signed, or
+            unsigned: INT4 nibbles), exact in int32: one instruction for four multiply-adds."""
+            if B_SIGNED:
+                d = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise("dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            return d
+
+    @triton.jit
+    def _f32_from_small(u, OFFSET: tl.constexpr):
+        """int32 values 0 <= u < 2^23 as float32 minus OFFSET, exactly: u in the mantissa of 2^23 is 2^23 + u (an OR
+        and a subtract instead of the quarter-rate integer-to-float convert)."""
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+    @triton.jit
+    def _gemv_kernel(
+        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
+        M, N, units, half_units, rows_per_scale, g_in, stride_am, stride_wn, stride_cm, units_per_split,
+        INT4: tl.constexpr, ASYM: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+        SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr, U: tl.constexpr,
+    ):
+        """``_stream_kernel``'s product without tensor cores, for a few rows (see the module docstring).
+
+        A weight row is read in "units": INT8 activations: 32-bit words (four int8 values or eight INT4 nibbles),
+        multiplied with dp4a against words of four activations; fp16 / bf16 activations: bytes (one int8 value or
+        two nibbles), widened to float32. A step reads a [BLOCK_N, SUBS, U] tile of units, U per input group (or
+        U = the step without groups, SUBS = 1); weight unit u multiplies activation unit u (INT8) or, in the
+        half-split layout, ``lo = u + (u // half) * half`` (low nibbles) and ``lo + half`` (high nibbles).
+        """
+        INT_ACTS: tl.constexpr = a_ptr.dtype.element_ty == tl.int8
+        SCALED: tl.constexpr = GROUPED or ASYM  # the weight scale applied per step, not by the epilogue
+        NEED_ASUM: tl.constexpr = INT4 and (ASYM or INT_ACTS)  # INT8 acts: the nibbles' offset 8 corrected with it
+        pid_n = tl.program_id(0)
+        u_start = tl.program_id(1) * units_per_split
+        u_end = tl.minimum(u_start + units_per_split, units)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = offs_n % N  # columns past N wrap onto valid ones: unmasked weight loads
+        offs_s = tl.arange(0, SUBS)
+        tile = offs_s[:, None] * U + tl.arange(0, U)[None, :]  # [SUBS, U]: a step's units, as offsets
+        if INT_ACTS:
+            a_base = a_ptr.to(tl.pointer_type(tl.int32))
+            w_base = w_ptr.to(tl.pointer_type(tl.int32))
+        else:
+            a_base = a_ptr
+            w_base = w_ptr
+        w_ptrs = w_base + cols[:, None, None] * stride_wn + tile[None, :, :]
+        s_ptrs = w_scale_ptr + (cols // rows_per_scale) * g_in
+        min_ptrs = w_min_ptr + (cols // rows_per_scale) * g_in
+        s_col = tl.load(s_ptrs)[:, None]  # without groups: one scale (and min) per column, loaded once
+        min_col = tl.load(min_ptrs)[:, None] if ASYM else s_col
+        # The accumulator is transposed ([BLOCK_N, BLOCK_M]): a row's partial, reduced from the weight tile, is then
+        # added in the layout the reduction left it in, without a shuffle per row and step.
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACTS and not SCALED else tl.float32)
+        for u0 in tl.range(u_start, u_end, SUBS * U):
+            units_ok = u0 + tile < units
+            if EVEN:
+                w = tl.load(w_ptrs + u0)
+            else:
+                w = tl.load(w_ptrs + u0, mask=units_ok[None, :, :], other=0)
+            # the weight tile unpacked once for every row
+            if INT_ACTS:
+                if INT4:
+                    w_lo = w & 0x0F0F0F0F
+                    w_hi = (w >> 4) & 0x0F0F0F0F
+                else:
+                    w_lo = w
+                    w_hi = w
+            else:
+                if INT4:
+                    w_lo = _f32_from_small((w & 0xF).to(tl.int32), 0 if ASYM else 8)
+                    w_hi = _f32_from_small((w >> 4).to(tl.int32), 0 if ASYM else 8)
+                else:
+                    w_lo = _f32_from_small((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32), 128)
+                    w_hi = w_lo
+            if GROUPED:
+                g = u0 // U + offs_s
+                scale = tl.load(s_ptrs[:, None] + g[None, :], mask=(g < g_in)[None, :], other=0)
+                mins = scale
+                if ASYM:
+                    mins = tl.load(min_ptrs[:, None] + g[None, :], mask=(g < g_in)[None, :], other=0)
+            else:
+                scale = s_col
+                mins = min_col
+            u = u0 + tile
+            if INT4 and GROUPED:
+                lo = u + (u // U) * U  # the group's half is U units
+            else:
+                lo = u  # INT8, or INT4 without groups: the low nibbles of unit u multiply activation unit u
+            for m in tl.static_range(BLOCK_M):
+                a_ok = units_ok & (tile * 0 + m < M)  # (a tensor: the interpreter masks with tensors only)
+                a_row = a_base + m * stride_am
+                a_lo = tl.load(a_row + lo, mask=a_ok, other=0)
+                if INT4:
+                    a_hi = tl.load(a_row + lo + half_units, mask=a_ok, other=0)
+                else:
+                    a_hi = a_lo
+                part, asum = _gemv_row_step(w, w_lo, w_hi, a_lo, a_hi, INT4, ASYM, INT_ACTS, NEED_ASUM)
+                if SCALED:
+                    part = part.to(tl.float32) * scale
+                    if ASYM:
+                        part += asum.to(tl.float32)[None, :] * mins
+                acc = tl.where(offs_m[None, :] == m, acc + tl.sum(part, 1)[:, None], acc)
+        _finish(tl.trans(acc), pid_n, offs_m, offs_n, M, N, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
+                stride_cm, INT_ACTS, SCALED, HAS_BIAS, SPLIT)
+
+    @triton.jit
+    def _gemv_row_step(w, w_lo, w_hi, a_lo, a_hi, INT4: tl.constexpr, ASYM: tl.constexpr, INT_ACTS: tl.constexpr,
+                       NEED_ASUM: tl.constexpr):
+        """One row's products with a step's weight tile: the per-group sums [BLOCK_N, SUBS] (exact int32 for INT8
+        activations, the symmetric nibbles' offset already taken off; float32 otherwise) and the group's activation
+        sums [SUBS] (for the mins of asymmetric weights)."""
+        if INT_ACTS:
+            if INT4:
+                prod = _dp4a(a_hi[None, :, :], w_hi, _dp4a(a_lo[None, :, :], w_lo, tl.zeros_like(w), False), False)
+            else:
+                prod = _dp4a(a_lo[None, :, :], w_lo, tl.zeros_like(w), True)
+            part = tl.sum(prod, 2)
+            asum = tl.zeros((a_lo.shape[0],), dtype=tl.int32)
+            if NEED_ASUM:
+                ones = tl.full(a_lo.shape, 0x01010101, tl.int32)
+                asum = tl.sum(_dp4a(a_hi, ones, _dp4a(a_lo, ones, tl.zeros_like(a_lo), True), True), 1)
+                if not ASYM:
+                    part -= 8 * asum[None, :]
+        else:
+            x_lo = a_lo.to(tl.float32)
+            x_hi = a_hi.to(tl.float32)
+            if INT4:
+                part = tl.sum(w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :], 2)
+            else:
+                part = tl.sum(w_lo * x_lo[None, :, :], 2)
+            asum = tl.zeros((a_lo.shape[0],), dtype=tl.float32)
+            if ASYM:
+                asum = tl.sum(x_lo + x_hi, 1)
+        return part, asum
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,21 +520,37 @@ def _num_sms(device: str) -> int:
 
 def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tensor | None, bias: Tensor | None,
            out: Tensor, p: _Problem, int4: bool, cfg: StreamConfig) -> None:
-    """Run ``_stream_kernel`` for ``out [M, N] = a [M, K] @ w.T`` (contiguous 2-D operands) with ``cfg``;
-    ``w_min``: an asymmetric INT4 weight's group mins."""
+    """Run ``_stream_kernel`` or ``_gemv_kernel`` (``cfg.kernel``) for ``out [M, N] = a [M, K] @ w.T`` (contiguous
+    2-D operands) with ``cfg``; ``w_min``: an asymmetric INT4 weight's group mins."""
     width = group_width_for(p)
-    sub_k = width if width is not None else cfg.block_k
-    split = min(split_k_for(p.n, p.k, cfg.block_n, cfg.block_k, cfg.waves, _num_sms(str(a.device))),
+    gemv = cfg.kernel == "gemv"
+    split = min(split_k_for(p.n, p.k, cfg.block_n, cfg.block_k, cfg.waves, _num_sms(str(a.device)),
+                            min_tiles=1 if gemv else 2),
                 WORKSPACE_VALUES // (p.m * p.n))
     k_per_split = -(-p.k // (split * cfg.block_k)) * cfg.block_k
     split = -(-p.k // k_per_split)  # rounding k_per_split up to whole K tiles may leave fewer splits
     ws, tickets = _workspace(a.device)
     grid = (triton.cdiv(p.n, cfg.block_n), split)
     asym, int8_acts = w_min is not None, a.dtype == torch.int8
+    common = (a, s_x if s_x is not None else w_scale, w, w_scale, w_min if asym else w_scale,
+              bias if bias is not None else out, out, ws, tickets)
+    if gemv:
+        # units: 32-bit words of INT8 activations (4 values; INT4 weights: 8 nibbles), else single values / bytes
+        per_unit = (8 if int4 else 4) if int8_acts else (2 if int4 else 1)
+        word = 4 if int8_acts else 1
+        _gemv_kernel[grid](
+            *common, p.m, p.n, p.k // per_unit, (width or p.k) // per_unit, p.n // p.g_out, p.g_in,
+            a.stride(0) // word, w.stride(0) // word, out.stride(0), k_per_split // per_unit,
+            INT4=int4, ASYM=asym, GROUPED=width is not None, HAS_BIAS=bias is not None,
+            EVEN=p.k % cfg.block_k == 0, SPLIT=split > 1, BLOCK_M=gemv_block_m(p.m), BLOCK_N=cfg.block_n,
+            SUBS=cfg.block_k // width if width else 1, U=(width or cfg.block_k) // per_unit,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return
+    sub_k = width if width is not None else cfg.block_k
     _stream_kernel[grid](
-        a, s_x if s_x is not None else w_scale, w, w_scale, w_min if asym else w_scale,
-        bias if bias is not None else out, out, ws, tickets,
-        p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0), k_per_split,
+        *common, p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0),
+        k_per_split,
         INT4=int4, ASYM=asym, OFFSET=8 if int4 and not (asym or int8_acts) else 0,
         NEED_ASUM=int4 and (asym or int8_acts), SUB_K=sub_k, SUBS=cfg.block_k // sub_k, GROUPED=width is not None,
         HAS_BIAS=bias is not None,
@@ -347,12 +573,17 @@ def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tenso
     def run(cfg: StreamConfig) -> None:
         launch(a, s_x, w, w_scale, w_min, bias, out2d, p, int4, cfg)
 
+    gemv = gemv_kernel_applies(a, w, p, int4)
     if config is not None:  # forced (tests, sweeps): bypasses the tuner's cache
+        if config.kernel == "gemv" and not gemv:
+            raise ZQError(f"{config} needs M <= {GEMV_MAX_M} and, for INT8 activations, K a multiple of "
+                          f"{8 if int4 else 4} and 4-byte aligned operand rows; got M={p.m}, K={p.k}")
         run(config)
     else:
-        key = ("stream", block_m_for(p.m), p.n, p.k, group_width_for(p), int4, w_min is not None, x.dtype,
-               bias is not None, out_dtype, x.device.index)
-        run(_pick_config(key, candidate_configs(p, int4), run, x.device.index))  # persisted like the prefill GEMMs'
+        # GEMV rows cost compute per row: M's own power of two is its bucket there
+        key = ("stream", gemv_block_m(p.m) if gemv else block_m_for(p.m), p.n, p.k, group_width_for(p), int4,
+               w_min is not None, x.dtype, bias is not None, out_dtype, x.device.index)
+        run(_pick_config(key, candidate_configs(p, int4, gemv), run, x.device.index))  # persisted like the prefill's
     return out
 
 
