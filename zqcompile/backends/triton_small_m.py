@@ -111,6 +111,12 @@ _GEMV_CONFIGS = (
     StreamConfig(32, 512, 4, 2, 4, "gemv"), StreamConfig(64, 256, 4, 2, 4, "gemv"),
     StreamConfig(16, 1024, 4, 2, 4, "gemv"), StreamConfig(32, 1024, 8, 2, 2, "gemv"),
 )
+# fp16 / bf16 activations: the weight tile is widened to float32 in registers (4-8x its bytes), so a quarter of the K
+# step keeps it within about 64 registers per thread.
+_GEMV16_CONFIGS = (
+    StreamConfig(32, 128, 4, 2, 4, "gemv"), StreamConfig(64, 64, 4, 2, 4, "gemv"),
+    StreamConfig(16, 256, 4, 2, 4, "gemv"), StreamConfig(32, 256, 8, 2, 2, "gemv"),
+)
 # The MMA configs that stay candidates where the GEMV's are (fewer configs to time at the small M buckets): the
 # default and the ones tuned fastest at M = 1 on the H200 (INT8 and INT4 weights, 2026-12-01).
 _GEMV_SIZE_MMA_CONFIGS = (_CONFIGS[0], StreamConfig(128, 128, 4, 4, 2), _CONFIGS[1])
@@ -161,16 +167,17 @@ def gemv_kernel_applies(a: Tensor, w: Tensor, p: _Problem, int4: bool) -> bool:
     return p.k % (8 if int4 else 4) == 0 and all(t.data_ptr() % 4 == 0 and t.stride(0) % 4 == 0 for t in (a, w))
 
 
-def candidate_configs(p: _Problem, int4: bool = False, gemv: bool = False) -> list[StreamConfig]:
+def candidate_configs(p: _Problem, int4: bool = False, gemv: bool = False, int8_acts: bool = True
+                      ) -> list[StreamConfig]:
     """The configs for this problem (INT4 weights: also ``_INT4_CONFIGS``; ``gemv``, see ``gemv_kernel_applies``:
-    also ``_GEMV_CONFIGS``), with ``block_k`` fitted to the group width (a whole number of groups) and, without
+    also ``_GEMV_CONFIGS``, or ``_GEMV16_CONFIGS`` for fp16 / bf16 activations), with ``block_k`` fitted to the group width (a whole number of groups) and, without
     groups, to K (no longer than K's next power of two). The first is the untuned default. Where the GEMV kernel
     applies only ``_GEMV_SIZE_MMA_CONFIGS`` of the MMA kernel's stay: each candidate costs tuning time at every
     M bucket up to ``GEMV_MAX_M``."""
     width = group_width_for(p)
     fitted: list[StreamConfig] = []
     mma = _GEMV_SIZE_MMA_CONFIGS if gemv else _CONFIGS + (_INT4_CONFIGS if int4 else ())
-    for cfg in mma + (_GEMV_CONFIGS if gemv else ()):
+    for cfg in mma + ((_GEMV_CONFIGS if int8_acts else _GEMV16_CONFIGS) if gemv else ()):
         block_k = min(cfg.block_k, max(64, 1 << (p.k - 1).bit_length()))
         if width is not None:
             block_k = max(block_k, width) if width >= block_k else block_k - block_k % width
@@ -407,9 +414,8 @@ if triton is not None:
         min_ptrs = w_min_ptr + (cols // rows_per_scale) * g_in
         s_col = tl.load(s_ptrs)[:, None]  # without groups: one scale (and min) per column, loaded once
         min_col = tl.load(min_ptrs)[:, None] if ASYM else s_col
-        # The accumulator is transposed ([BLOCK_N, BLOCK_M]): a row's partial, reduced from the weight tile, is then
-        # added in the layout the reduction left it in, without a shuffle per row and step.
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACTS and not SCALED else tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACTS and not SCALED else tl.float32)  # transposed
+        row = tl.arange(0, BLOCK_M)[None, None, :]
         for u0 in tl.range(u_start, u_end, SUBS * U):
             units_ok = u0 + tile < units
             if EVEN:
@@ -445,51 +451,62 @@ if triton is not None:
                 lo = u + (u // U) * U  # the group's half is U units
             else:
                 lo = u  # INT8, or INT4 without groups: the low nibbles of unit u multiply activation unit u
+            # Each row's group sums go into column m of parts [BLOCK_N, SUBS, BLOCK_M], in the layout its reduction
+            # left them in; the scales then apply once per step, for all rows.
+            parts = tl.zeros((BLOCK_N, SUBS, BLOCK_M), dtype=tl.int32 if INT_ACTS else tl.float32)
+            asums = tl.zeros((BLOCK_N, SUBS, BLOCK_M), dtype=tl.int32 if INT_ACTS else tl.float32)
             for m in tl.static_range(BLOCK_M):
-                a_ok = units_ok & (tile * 0 + m < M)  # (a tensor: the interpreter masks with tensors only)
-                a_row = a_base + m * stride_am
-                a_lo = tl.load(a_row + lo, mask=a_ok, other=0)
+                a_ok = (units_ok & (tile * 0 + m < M))[None, :, :]  # (a tensor: the interpreter masks with tensors)
+                if INT_ACTS and INT4:  # [1, SUBS, U]: the compiler loads it in the weight tile's layout
+                    a_ptrs = a_base + m * stride_am + lo[None, :, :]
+                else:  # [BLOCK_N, SUBS, U], every weight row's copy (L1 hits): no shuffle into that layout
+                    a_ptrs = a_base + m * stride_am + lo[None, :, :] + tl.zeros((BLOCK_N, 1, 1), tl.int32)
+                a_lo = tl.load(a_ptrs, mask=a_ok, other=0)
                 if INT4:
-                    a_hi = tl.load(a_row + lo + half_units, mask=a_ok, other=0)
+                    a_hi = tl.load(a_ptrs + half_units, mask=a_ok, other=0)
                 else:
                     a_hi = a_lo
                 part, asum = _gemv_row_step(w, w_lo, w_hi, a_lo, a_hi, INT4, ASYM, INT_ACTS, NEED_ASUM)
-                if SCALED:
-                    part = part.to(tl.float32) * scale
-                    if ASYM:
-                        part += asum.to(tl.float32)[None, :] * mins
-                acc = tl.where(offs_m[None, :] == m, acc + tl.sum(part, 1)[:, None], acc)
+                parts = tl.where(row == m, part[:, :, None], parts)
+                if ASYM:
+                    asums = tl.where(row == m, asum[:, :, None], asums)
+            if SCALED:
+                scaled = parts.to(tl.float32) * scale[:, :, None]
+                if ASYM:
+                    scaled += asums.to(tl.float32) * mins[:, :, None]
+                acc += tl.sum(scaled, 1)
+            else:
+                acc += tl.sum(parts, 1)
         _finish(tl.trans(acc), pid_n, offs_m, offs_n, M, N, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
                 stride_cm, INT_ACTS, SCALED, HAS_BIAS, SPLIT)
 
     @triton.jit
     def _gemv_row_step(w, w_lo, w_hi, a_lo, a_hi, INT4: tl.constexpr, ASYM: tl.constexpr, INT_ACTS: tl.constexpr,
                        NEED_ASUM: tl.constexpr):
-        """One row's products with a step's weight tile: the per-group sums [BLOCK_N, SUBS] (exact int32 for INT8
-        activations, the symmetric nibbles' offset already taken off; float32 otherwise) and the group's activation
-        sums [SUBS] (for the mins of asymmetric weights)."""
+        """One row's products with a step's weight tile (activations ``a_lo``, ``a_hi``: [1 or BLOCK_N, SUBS, U]): the
+        per-group sums [BLOCK_N, SUBS] (exact int32 for INT8 activations, the symmetric nibbles' offset already taken
+        off; float32 otherwise) and the groups' activation sums [1 or BLOCK_N, SUBS] (for asymmetric weights' mins)."""
         if INT_ACTS:
             if INT4:
-                prod = _dp4a(a_hi[None, :, :], w_hi, _dp4a(a_lo[None, :, :], w_lo, tl.zeros_like(w), False), False)
+                part = tl.sum(_dp4a(a_hi, w_hi, _dp4a(a_lo, w_lo, tl.zeros_like(w), False), False), 2)
             else:
-                prod = _dp4a(a_lo[None, :, :], w_lo, tl.zeros_like(w), True)
-            part = tl.sum(prod, 2)
-            asum = tl.zeros((a_lo.shape[0],), dtype=tl.int32)
+                part = tl.sum(_dp4a(a_lo, w_lo, tl.zeros_like(w), True), 2)
+            asum = tl.zeros((1, a_lo.shape[1]), dtype=tl.int32)
             if NEED_ASUM:
                 ones = tl.full(a_lo.shape, 0x01010101, tl.int32)
-                asum = tl.sum(_dp4a(a_hi, ones, _dp4a(a_lo, ones, tl.zeros_like(a_lo), True), True), 1)
+                asum = tl.sum(_dp4a(a_hi, ones, _dp4a(a_lo, ones, tl.zeros_like(ones), True), True), 2)
                 if not ASYM:
-                    part -= 8 * asum[None, :]
+                    part -= 8 * asum
         else:
             x_lo = a_lo.to(tl.float32)
             x_hi = a_hi.to(tl.float32)
             if INT4:
-                part = tl.sum(w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :], 2)
+                part = tl.sum(w_lo * x_lo + w_hi * x_hi, 2)
             else:
-                part = tl.sum(w_lo * x_lo[None, :, :], 2)
-            asum = tl.zeros((a_lo.shape[0],), dtype=tl.float32)
+                part = tl.sum(w_lo * x_lo, 2)
+            asum = tl.zeros((1, a_lo.shape[1]), dtype=tl.float32)
             if ASYM:
-                asum = tl.sum(x_lo + x_hi, 1)
+                asum = tl.sum(x_lo + x_hi, 2)
         return part, asum
 
 
@@ -583,7 +600,8 @@ def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tenso
         # GEMV rows cost compute per row: M's own power of two is its bucket there
         key = ("stream", gemv_block_m(p.m) if gemv else block_m_for(p.m), p.n, p.k, group_width_for(p), int4,
                w_min is not None, x.dtype, bias is not None, out_dtype, x.device.index)
-        run(_pick_config(key, candidate_configs(p, int4, gemv), run, x.device.index))  # persisted like the prefill's
+        configs = candidate_configs(p, int4, gemv, int8_acts=x.dtype == torch.int8)
+        run(_pick_config(key, configs, run, x.device.index))  # persisted like the prefill's
     return out
 
 
