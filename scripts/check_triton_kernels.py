@@ -2,9 +2,10 @@
 
 The CPU tests run the kernels in Triton's interpreter, which does not go through the compiler's front end; a
 kernel can pass them and still fail to compile on the GPU image's (older) Triton, as Triton 3.6 does with a
-``return`` inside a static ``if`` followed by more code. This script intercepts every launch of the small-M and
-tiled kernels over their candidate configs (INT8 / INT4, symmetric / asymmetric, per-channel and grouped,
-INT8 and fp16 activations, decode and prefill M) and compiles it to a cubin for an H100/H200 instead of running it.
+``return`` inside a static ``if`` followed by more code. This script intercepts every launch of the small-M (MMA and
+GEMV) and tiled kernels over their candidate configs (INT8 / INT4, symmetric / asymmetric, per-channel and grouped,
+INT8 and fp16 activations, decode and prefill M) and compiles it to a cubin for an H100/H200 instead of running it
+(``--only _gemv_kernel`` compiles one kernel's variants).
 To check against the GPU image's Triton (3.6), install that version into a separate folder and put it first:
 
     pip download triton==3.6.0 --no-deps -d /tmp/triton36
@@ -99,7 +100,7 @@ def main() -> int:
         out = torch.empty(m, n, dtype=torch.float16)
         if triton_small_m.stream_kernel_applies(p, acts == torch.int8, acts):
             gemv = triton_small_m.gemv_kernel_applies(a, w, p, int4)
-            for cfg in triton_small_m.candidate_configs(p, int4, gemv):
+            for cfg in triton_small_m.candidate_configs(p, int4, gemv, int8_acts=acts == torch.int8):
                 triton_small_m.launch(a, s_x, w, scale, w_min, None, out, p, int4, cfg)
         if acts == torch.int8:
             for cfg in triton_gemm.candidate_configs(m, k, width, tma=False)[:2]:

@@ -385,8 +385,34 @@ def test_registered_kernels_dispatch_by_m_and_match_the_reference(m):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,width,asym", [(1, 4096, 4096, 64, False), (3, 1000, 4032, 32, True),
-                                              (8, 4096, 11008, None, False)])
+def test_ptx_unpacking_on_gpu():
+    """The PTX that widens weights four bytes at a time (triton_gemm._nibbles, _fp16_from_bytes): every int8 value
+    and every nibble through the MMA kernel with fp16 activations, and INT4 W4A8 / W4A16 through the MMA stream
+    kernel and the tiled prefill kernel, against the exact product (the interpreter runs their Triton stand-ins)."""
+    for x, w in widen_operands():
+        y = triton_small_m.stream_weight_only_linear(x.cuda(), w.cuda(), torch.ones(1, 1, device="cuda"), None,
+                                                     config=WIDEN_CONFIG)
+        assert torch.equal(y[:, 0].float().cpu(), unpack_weight(w, torch.ones(1, 1))[0, :16].float())
+    for i in (0, 4):  # asymmetric groups of 32 with split-K, symmetric per channel with split-K
+        m, n, k, width, asym, stream_cfg, tiled_cfg = INT4_CASES[i]
+        x_q, x_scale, x16, w, q, w_scale, w_min = (t if t is None else t.cuda()
+                                                   for t in int4_operands(m, n, k, width, asym, seed=i))
+        exact = int4_float64(x_q.cpu(), q.cpu(), w_scale.cpu(), None if w_min is None else w_min.cpu()) * 2.0 ** -7
+        y = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, None, torch.float32, int4=True,
+                                             config=stream_cfg, w_min=w_min)
+        assert torch.equal(y.double().cpu(), exact), i
+        p = triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, None, True, w_min)
+        y = torch.empty(m, n, device="cuda")
+        triton_gemm._launch(x_q, x_scale.reshape(m), w, w_scale, w_min, None, y, p, True, tiled_cfg)
+        assert torch.equal(y.double().cpu(), exact), i
+        y16 = triton_small_m.stream_weight_only_linear(x16, w, w_scale, None, config=stream_cfg, w_min=w_min)
+        assert rel_err(y16, int4_float64(x16.cpu(), q.cpu(), w_scale.cpu(),
+                                         None if w_min is None else w_min.cpu())) <= 1e-3, i
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,width,asym", [(1, 4096, 4096, 64, False), (3, 1000, 4032, 32, True)])
 def test_gemv_on_gpu(m, n, k, width, asym):
     """Every GEMV config (dp4a and float32 products, on the GPU's own instructions) at decode shapes, INT4 and (the
     same shapes) INT8, against the float64 product; W4A8 to float32 summation order."""

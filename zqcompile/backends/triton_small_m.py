@@ -13,7 +13,7 @@ plus the group scales (INT4) against at most ``64*K`` of activations. ``_stream_
 * All M rows sit in one ``BLOCK_M`` (16, 32 or 64) tile, multiplied on the tensor cores: at M = 1 the 16-row
   MMA wastes arithmetic, which is free here, and it keeps the weight tile's load layout the same at every M.
 * INT4 weights (``uint8 [N, K/2]``, quant.pack_int4: byte j of an input group holds value j in its low and
-  value j + G/2 in its high nibble, unsigned): one AND and one shift per byte give two nibble tiles that
+  value j + G/2 in its high nibble, unsigned): one AND and one shift per four bytes give two nibble tiles that
   multiply two contiguous activation loads (the group's halves), two MMAs of K = G/2 on the nibbles as they
   are (0..15; halves narrower than 32 are joined into one MMA). The offset is corrected once per group from
   ``asum``, the sum of the group's activations (computed from the tiles already loaded): ``acc - 8 asum``
@@ -26,7 +26,8 @@ plus the group scales (INT4) against at most ``64*K`` of activations. ``_stream_
   is corrected before the split-K partials are stored (asymmetric: scaled to float32 there, so with split-K
   the float sum of the splits rounds in another order than the reference's single sum).
 * Weight-only: fp16 activations times weights widened to fp16 in registers (exact for |q| <= 127, by the
-  ``0x6400`` exponent trick: one OR and one subtract instead of a quarter-rate integer-to-float convert), fp32
+  ``0x6400`` exponent trick, four bytes at a time in PTX: two byte permutes, then one OR and one half2 subtract
+  per two values, instead of a quarter-rate integer-to-float convert; ``_fp16_from_bytes``), fp32
   accumulation, the weight scale applied to the accumulator. The reference rounds ``q * s`` to fp16 before its
   GEMM; scaling after the sum is the same product without that rounding, so the two agree to fp16 rounding.
 
@@ -191,12 +192,68 @@ def candidate_configs(p: _Problem, int4: bool = False, gemv: bool = False, int8_
 # The kernel
 # ----------------------------------------------------------------------------------------------------
 
+def _fp16_from_bytes_asm(flip: int, bias: int) -> str:
+    """PTX for four bytes (one 32-bit register, ``$2``) -> four halves ``(byte ^ flip) + 1024 - (1024 + bias)`` (two
+    half2 registers ``$0``, ``$1``): two byte permutes put the bytes in the low halves of the half2 lanes, an OR makes
+    them the halves 1024 + byte, a half2 subtract (of 1024 + bias, 0x6400 + bias in both lanes) the result. The input
+    is copied first: an output may share its register."""
+    sub = (0x6400 + bias) * 0x10001
+    return ("{ .reg .b32 t, z, c; mov.b32 z, 0; "
+            f"mov.b32 c, {sub:#x}; xor.b32 t, $2, {flip:#x}; prmt.b32 $0, t, z, 0x4140; prmt.b32 $1, t, z, 0x4342; "
+            "or.b32 $0, $0, 0x64006400; or.b32 $1, $1, 0x64006400; sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }")
+
+
 if triton is not None:
-    @triton.jit
-    def _fp16_from_int8(q):
-        """int8 -> float16, exactly: 0x6400 | (q + 128) is the half 1024 + q + 128."""
-        u = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
-        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    _FP16_FROM_INT8 = tl.constexpr(_fp16_from_bytes_asm(0x80808080, 128))
+    _FP16_FROM_NIBBLE_8 = tl.constexpr(_fp16_from_bytes_asm(0, 8))
+    _FP16_FROM_NIBBLE_0 = tl.constexpr(_fp16_from_bytes_asm(0, 0))
+
+if triton is not None:
+    # PTX helpers, with plain-Triton stand-ins for the interpreter (which runs no PTX)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        @triton.jit
+        def _dp4a(a, b, c, B_SIGNED: tl.constexpr):
+            for i in tl.static_range(4):
+                if B_SIGNED:
+                    b_i = (b << (24 - 8 * i)) >> 24
+                else:
+                    b_i = (b >> (8 * i)) & 0xFF
+                c += ((a << (24 - 8 * i)) >> 24) * b_i
+            return c
+
+        @triton.jit
+        def _fp16_from_bytes(b, BIAS: tl.constexpr):
+            u = b.to(tl.uint8, bitcast=True)
+            if BIAS == 128:
+                u = u ^ 0x80
+            return (u.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + BIAS)
+    else:
+        @triton.jit
+        def _dp4a(a, b, c, B_SIGNED: tl.constexpr):
+            """c + the four products of the signed bytes of ``a`` (int32 words) with the bytes of ``b`` (signed, or
+            unsigned: INT4 nibbles), exact in int32: one instruction for four multiply-adds."""
+            if B_SIGNED:
+                d = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise("dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            return d
+
+        @triton.jit
+        def _fp16_from_bytes(b, BIAS: tl.constexpr):
+            """int8 weights (``BIAS`` 128) or INT4 nibbles (int8 in [0, 15], ``BIAS`` 8 or 0) -> float16 value - BIAS,
+            exactly: 0x6400 | u is the half 1024 + u (u = the byte, its sign bit flipped for int8). Four bytes per
+            32-bit register (``pack=4``), see ``_fp16_from_bytes_asm``."""
+            if BIAS == 128:
+                y = tl.inline_asm_elementwise(_FP16_FROM_INT8, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+            elif BIAS == 8:
+                y = tl.inline_asm_elementwise(_FP16_FROM_NIBBLE_8, "=r,=r,r", [b], dtype=tl.float16, is_pure=True,
+                                              pack=4)
+            else:
+                y = tl.inline_asm_elementwise(_FP16_FROM_NIBBLE_0, "=r,=r,r", [b], dtype=tl.float16, is_pure=True,
+                                              pack=4)
+            return y
 
     @triton.jit
     def _widen(q, a):
@@ -204,7 +261,7 @@ if triton is not None:
         if a.dtype == tl.int8:
             return q
         elif a.dtype == tl.float16:
-            return _fp16_from_int8(q)
+            return _fp16_from_bytes(q, 128)
         else:
             return q.to(a.dtype)
 
@@ -215,7 +272,7 @@ if triton is not None:
         if a.dtype == tl.int8:
             return c
         elif a.dtype == tl.float16:
-            return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+            return _fp16_from_bytes(c, OFFSET)
         else:
             return c.to(a.dtype) - OFFSET
 
@@ -346,31 +403,6 @@ if triton is not None:
 
 
 if triton is not None:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        @triton.jit
-        def _dp4a(a, b, c, B_SIGNED: tl.constexpr):
-            """The interpreter's stand-in for the dp4a instruction below (it runs no PTX): the same sum, byte by
-            byte."""
-            for i in tl.static_range(4):
-                if B_SIGNED:
-                    b_i = (b << (24 - 8 * i)) >> 24
-                else:
-                    b_i = (b >> (8 * i)) & 0xFF
-                c += ((a << (24 - 8 * i)) >> 24) * b_i
-            return c
-    else:
-        @triton.jit
-        def _dp4a(a, b, c, B_SIGNED: tl.constexpr):
-            """c + the four products of the signed bytes of ``a`` (int32 words) with the bytes of ``b`` (signed, or
-            unsigned: INT4 nibbles), exact in int32: one instruction for four multiply-adds."""
-            if B_SIGNED:
-                d = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
-                                              is_pure=True, pack=1)
-            else:
-                d = tl.inline_asm_elementwise("dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
-                                              is_pure=True, pack=1)
-            return d
-
     @triton.jit
     def _f32_from_small(u, OFFSET: tl.constexpr):
         """int32 values 0 <= u < 2^23 as float32 minus OFFSET, exactly: u in the mantissa of 2^23 is 2^23 + u (an OR
@@ -601,7 +633,7 @@ def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tenso
         key = ("stream", gemv_block_m(p.m) if gemv else block_m_for(p.m), p.n, p.k, group_width_for(p), int4,
                w_min is not None, x.dtype, bias is not None, out_dtype, x.device.index)
         configs = candidate_configs(p, int4, gemv, int8_acts=x.dtype == torch.int8)
-        run(_pick_config(key, configs, run, x.device.index))  # persisted like the prefill's
+        run(_pick_config(key, configs, run, x.device.index, flush_l2=True))  # persisted like the prefill's
     return out
 
 
