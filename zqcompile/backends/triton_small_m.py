@@ -38,7 +38,7 @@ activations: 32-bit words of four values against words of four int8 weights or e
 ``(w >> 4) & 0x0F0F0F0F``: the half-split layout puts a word's low nibbles against one activation word and its high
 nibbles against the word G/2 values on), one ``dp4a`` per four multiply-adds, exact in INT32 per group; then the
 group scale (and min) on the [BLOCK_N, SUBS] group sums. fp16 / bf16 activations: float32 products with the weights
-widened by the ``0x4B000000`` exponent trick (exact). The autotuner times it against the MMA configs.
+widened to fp16 as the MMA kernel widens them, then to float32 (exact). The autotuner times it against the MMA configs.
 
 Larger M keeps the prefill kernels: the tiled / TMA kernels of ``triton_gemm`` for W8A8/W4A8, and for
 weight-only the reference (dequantize, then cuBLAS) - prefill is bound by the tensor cores, not the weight.
@@ -65,7 +65,7 @@ triton = triton_gemm.triton
 if triton is not None:
     import triton.language as tl
 
-    from zqcompile.backends.triton_gemm import _half_split_dot, _int4_group_scaled, _load_half_split
+    from zqcompile.backends.triton_gemm import _half_split_dot, _int4_group_scaled, _load_half_split, _nibbles
 
 MAX_M = 64
 """The largest token count that the weight-streaming kernel serves; larger M goes to the prefill kernels."""
@@ -404,12 +404,6 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _f32_from_small(u, OFFSET: tl.constexpr):
-        """int32 values 0 <= u < 2^23 as float32 minus OFFSET, exactly: u in the mantissa of 2^23 is 2^23 + u (an OR
-        and a subtract instead of the quarter-rate integer-to-float convert)."""
-        return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
-
-    @triton.jit
     def _gemv_kernel(
         a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
         M, N, units, half_units, rows_per_scale, g_in, stride_am, stride_wn, stride_cm, units_per_split,
@@ -462,12 +456,13 @@ if triton is not None:
                 else:
                     w_lo = w
                     w_hi = w
-            else:
+            else:  # exact in fp16, then in float32 for the products
                 if INT4:
-                    w_lo = _f32_from_small((w & 0xF).to(tl.int32), 0 if ASYM else 8)
-                    w_hi = _f32_from_small((w >> 4).to(tl.int32), 0 if ASYM else 8)
+                    n_lo, n_hi = _nibbles(w)
+                    w_lo = _fp16_from_bytes(n_lo, 0 if ASYM else 8).to(tl.float32)
+                    w_hi = _fp16_from_bytes(n_hi, 0 if ASYM else 8).to(tl.float32)
                 else:
-                    w_lo = _f32_from_small((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32), 128)
+                    w_lo = _fp16_from_bytes(w, 128).to(tl.float32)
                     w_hi = w_lo
             if GROUPED:
                 g = u0 // U + offs_s
