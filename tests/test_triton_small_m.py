@@ -294,6 +294,14 @@ def test_gemv_refuses_what_it_cannot_read():
     assert triton_small_m.gemv_kernel_applies(x, torch.zeros(32, 202, dtype=torch.int8), p, int4=False)
 
 
+def test_group_sums_converted_exactly_only_where_they_stay_small():
+    """The add-and-subtract int-to-float conversion of group sums holds for |sum| <= 2^22 (1.5 * 2^23 + sum stays in
+    [2^23, 2^24]): groups of up to 2048 INT4 or 256 INT8 values of |activation| <= 128."""
+    assert triton_gemm.small_group_sums(2048, int4=True) and not triton_gemm.small_group_sums(4096, int4=True)
+    assert triton_gemm.small_group_sums(256, int4=False) and not triton_gemm.small_group_sums(512, int4=False)
+    assert 2048 * 128 * 15 <= 2**22 < 512 * 128 * 128
+
+
 def test_gemv_candidates_only_at_small_m():
     """The GEMV configs join the candidates up to GEMV_MAX_M, with fewer MMA configs there; their K step holds whole
     groups as the MMA kernel's does."""

@@ -225,6 +225,13 @@ def check_linear_args(x_q: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, 
     return _Problem(m, n, k, w_scale.shape[0], w_scale.shape[1])
 
 
+def small_group_sums(width: int, int4: bool) -> bool:
+    """Whether every exact INT32 sum over ``width`` products of int8 activations (|a| <= 128) with INT4 nibbles
+    (<= 15) or int8 weights (|w| <= 128) stays within 2^22 in magnitude, so ``_exact_f32`` may convert it with an
+    add and a subtract."""
+    return width * 128 * (15 if int4 else 128) <= 2**22
+
+
 def tma_operands_ok(*tensors: Tensor) -> bool:
     """Whether TMA descriptors can address these 2-D tensors: unit last stride, base address and row
     pitch multiples of 16 bytes (a hardware requirement of the tensor maps)."""
@@ -318,15 +325,28 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _int4_group_scaled(acc, part, asum, s_w, w_min_ptrs, ASYM: tl.constexpr):
+    def _exact_f32(x, SMALL: tl.constexpr):
+        """An exact integer sum (int32; float tensors pass through) in float32. ``SMALL`` (|x| <= 2^22, which the
+        caller's group width guarantees, see ``small_group_sums``): x added to the bits of 1.5 * 2^23 is the float
+        1.5 * 2^23 + x, minus that, x (an integer add and a float subtract, where the int-to-float convert runs at a
+        quarter of the FMA rate, on every accumulator element once per input group)."""
+        if SMALL and x.dtype == tl.int32:
+            y = (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            y = x.to(tl.float32)
+        return y
+
+    @triton.jit
+    def _int4_group_scaled(acc, part, asum, s_w, w_min_ptrs, ASYM: tl.constexpr, SMALL: tl.constexpr = False):
         """acc + one input group's INT4 product in float32, from its nibble product ``part`` and the group's
         activation sum ``asum``: nibbles q + 8 (symmetric: ``(part - 8 asum) s_w``, exact before the scale) or q
-        (asymmetric: ``part s_w + asum min``, the mins loaded from ``w_min_ptrs``, added in the reference's order)."""
+        (asymmetric: ``part s_w + asum min``, the mins loaded from ``w_min_ptrs``, added in the reference's order).
+        ``SMALL``: see ``_exact_f32``."""
         if ASYM:
-            acc += part.to(tl.float32) * s_w[None, :]
+            acc += _exact_f32(part, SMALL) * s_w[None, :]
             acc += asum.to(tl.float32)[:, None] * tl.load(w_min_ptrs)[None, :]
         else:
-            acc += (part - 8 * asum[:, None]).to(tl.float32) * s_w[None, :]
+            acc += _exact_f32(part - 8 * asum[:, None], SMALL) * s_w[None, :]
         return acc
 
     @triton.jit
@@ -353,8 +373,8 @@ if triton is not None:
         a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, c_ptr,
         M, N, K, rows_per_scale, g_in, group, stride_am, stride_wn, stride_cm,
         INT4: tl.constexpr, ASYM: tl.constexpr, GROUPED: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
-        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        SMALL_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -394,10 +414,10 @@ if triton is not None:
                     g = k0 // (TILES_PER_GROUP * BLOCK_K)
                     s_w = tl.load(w_scale_ptrs + g)
                     if INT4:
-                        acc = _int4_group_scaled(acc, part, asum, s_w, w_min_ptrs + g, ASYM)
+                        acc = _int4_group_scaled(acc, part, asum, s_w, w_min_ptrs + g, ASYM, SMALL_GROUPS)
                         asum = tl.zeros((BLOCK_M,), dtype=tl.int32)
                     else:
-                        acc += part.to(tl.float32) * s_w[None, :]
+                        acc += _exact_f32(part, SMALL_GROUPS) * s_w[None, :]
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         if not GROUPED:
             s_w = tl.load(w_scale_ptrs)
@@ -489,6 +509,7 @@ def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, w_min: Tensor | 
         p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0),
         INT4=int4, ASYM=w_min is not None, GROUPED=grouped,
         TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
+        SMALL_GROUPS=grouped and small_group_sums(p.k // p.g_in, int4),
         HAS_BIAS=bias is not None, EVEN_K=p.k % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -700,5 +721,5 @@ def register_cuda_kernels() -> str:
 
 __all__ = [
     "AUTOTUNE", "GemmConfig", "candidate_configs", "check_linear_args", "int_mm_linear",
-    "m_bucket", "register_cuda_kernels", "tma_kernel_applies", "tma_operands_ok", "triton_int_linear", "tuning_key",
+    "m_bucket", "register_cuda_kernels", "small_group_sums", "tma_kernel_applies", "tma_operands_ok", "triton_int_linear", "tuning_key",
 ]

@@ -58,14 +58,16 @@ from torch import Tensor
 
 from zqcompile import ops
 from zqcompile.backends import triton_gemm
-from zqcompile.backends.triton_gemm import _Problem, _pick_config, _require_cuda, _require_triton, check_linear_args
+from zqcompile.backends.triton_gemm import (_Problem, _pick_config, _require_cuda, _require_triton, check_linear_args,
+                                             small_group_sums)
 from zqcompile.errors import ZQError
 
 triton = triton_gemm.triton
 if triton is not None:
     import triton.language as tl
 
-    from zqcompile.backends.triton_gemm import _half_split_dot, _int4_group_scaled, _load_half_split, _nibbles
+    from zqcompile.backends.triton_gemm import (_exact_f32, _half_split_dot, _int4_group_scaled, _load_half_split,
+                                                 _nibbles)
 
 MAX_M = 64
 """The largest token count that the weight-streaming kernel serves; larger M goes to the prefill kernels."""
@@ -307,7 +309,7 @@ if triton is not None:
         a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
         M, N, K, rows_per_scale, g_in, group, stride_am, stride_wn, stride_cm, k_per_split,
         INT4: tl.constexpr, ASYM: tl.constexpr, OFFSET: tl.constexpr, NEED_ASUM: tl.constexpr,
-        SUB_K: tl.constexpr, SUBS: tl.constexpr, GROUPED: tl.constexpr,
+        SUB_K: tl.constexpr, SUBS: tl.constexpr, GROUPED: tl.constexpr, SMALL_GROUPS: tl.constexpr,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -340,9 +342,9 @@ if triton is not None:
                     g = tl.minimum(k // SUB_K, g_in - 1)
                     s_w = tl.load(s_ptrs + g)
                     if NEED_ASUM:
-                        acc = _int4_group_scaled(acc, part, part_sum, s_w, min_ptrs + g, ASYM)
+                        acc = _int4_group_scaled(acc, part, part_sum, s_w, min_ptrs + g, ASYM, SMALL_GROUPS)
                     else:
-                        acc += part.to(tl.float32) * s_w[None, :]
+                        acc += _exact_f32(part, SMALL_GROUPS) * s_w[None, :]
                 else:
                     acc, asum = _sub_tile_product(acc, asum, a_row_ptrs, a_rows_ok, w_ptrs, k, K, K, offs_k, offs_wk,
                                                   INT4, EVEN_K, OFFSET, NEED_ASUM)
@@ -407,8 +409,9 @@ if triton is not None:
     def _gemv_kernel(
         a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
         M, N, units, half_units, rows_per_scale, g_in, stride_am, stride_wn, stride_cm, units_per_split,
-        INT4: tl.constexpr, ASYM: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-        SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr, U: tl.constexpr,
+        INT4: tl.constexpr, ASYM: tl.constexpr, GROUPED: tl.constexpr, SMALL_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        EVEN: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr,
+        U: tl.constexpr,
     ):
         """``_stream_kernel``'s product without tensor cores, for a few rows (see the module docstring).
 
@@ -498,7 +501,7 @@ if triton is not None:
                 if ASYM:
                     asums = tl.where(row == m, asum[:, :, None], asums)
             if SCALED:
-                scaled = parts.to(tl.float32) * scale[:, :, None]
+                scaled = _exact_f32(parts, SMALL_GROUPS) * scale[:, :, None]
                 if ASYM:
                     scaled += asums.to(tl.float32) * mins[:, :, None]
                 acc += tl.sum(scaled, 1)
@@ -585,7 +588,9 @@ def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Ten
         _gemv_kernel[grid](
             *common, p.m, p.n, p.k // per_unit, (width or p.k) // per_unit, p.n // p.g_out, p.g_in,
             a.stride(0) // word, w.stride(0) // word, out.stride(0), k_per_split // per_unit,
-            INT4=int4, ASYM=asym, GROUPED=width is not None, HAS_BIAS=bias is not None,
+            INT4=int4, ASYM=asym, GROUPED=width is not None,
+            SMALL_GROUPS=small_group_sums(width or cfg.block_k, int4),  # the sums scaled per step: a group or a step
+            HAS_BIAS=bias is not None,
             EVEN=p.k % cfg.block_k == 0, SPLIT=split > 1, BLOCK_M=gemv_block_m(p.m), BLOCK_N=cfg.block_n,
             SUBS=cfg.block_k // width if width else 1, U=(width or cfg.block_k) // per_unit,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -597,7 +602,7 @@ def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Ten
         k_per_split,
         INT4=int4, ASYM=asym, OFFSET=8 if int4 and not (asym or int8_acts) else 0,
         NEED_ASUM=int4 and (asym or int8_acts), SUB_K=sub_k, SUBS=cfg.block_k // sub_k, GROUPED=width is not None,
-        HAS_BIAS=bias is not None,
+        SMALL_GROUPS=width is not None and small_group_sums(width, int4), HAS_BIAS=bias is not None,
         EVEN_K=p.k % cfg.block_k == 0, SPLIT=split > 1, BLOCK_M=block_m_for(p.m), BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
