@@ -564,11 +564,13 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
 
 def _time_candidates(candidates: list[GemmConfig], run: Callable[[GemmConfig], None],
                      flush_l2: bool = False) -> dict[GemmConfig, float]:
-    bench = do_bench if flush_l2 else do_bench_cudagraph
     timings: dict[GemmConfig, float] = {}
     for cfg in candidates:
         try:
-            timings[cfg] = bench(lambda: run(cfg), rep=10, return_mode="median")
+            if flush_l2:  # (a short warm-up: each call costs the flush of the L2 too)
+                timings[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=10, return_mode="median")
+            else:
+                timings[cfg] = do_bench_cudagraph(lambda: run(cfg), rep=10, return_mode="median")
         except OutOfResources:  # e.g. too much shared memory on a smaller GPU
             continue
     return timings
