@@ -93,7 +93,8 @@ def time_cycled(call: Callable[..., Any], copies: list) -> float:
     return time_in_graph_ms(fn, calls=len(copies), reps=20) * 1e3
 
 
-def bench_shape(m: int, n: int, k: int, weights: dict, copy_gbps: float, max_err: float) -> dict[str, Any]:
+def bench_shape(m: int, n: int, k: int, weights: dict, copy_gbps: float, max_err: float,
+                impls: tuple[str, ...] = ("new", "old", "cublas")) -> dict[str, Any]:
     g = torch.Generator(device="cuda").manual_seed(m + n + k)
     x16 = torch.randn(m, k, device="cuda", generator=g).half()
     x_q, x_scale = ops.quantize_per_token(x16)
@@ -112,19 +113,20 @@ def bench_shape(m: int, n: int, k: int, weights: dict, copy_gbps: float, max_err
                                                                          mins)},
         "w4a16-asym": {"new": lambda w, s, mins: torch.ops.zq.weight_only_linear(x16, w, s, bias, mins)},
     }
-    calls = {variant: impls for variant, impls in calls.items() if variant in weights}
+    calls = {variant: {impl: call for impl, call in by_impl.items() if impl in impls}
+             for variant, by_impl in calls.items() if variant in weights}
     for name in ("w8a16", "w4a16"):  # the reference is the old path
-        if name in calls:
+        if name in calls and "old" in impls:
             calls[name]["old"] = lambda w, s, new=calls[name]["new"]: _reference(new, w, s)
     if m > 64:  # the registered kernels are the prefill kernels: "old" would time the same code again
         for name in ("w8a8", "w4a8"):
             calls.get(name, {}).pop("old", None)
     row: dict[str, Any] = {"m": m, "n": n, "k": k}
-    for variant, impls in calls.items():
+    for variant, by_impl in calls.items():
         first = weights[variant][0]
         with reference_kernels():
-            ref = impls.get("new", impls.get("cublas"))(*first) if variant != "fp16" else None
-        for impl, call in impls.items():
+            ref = by_impl.get("new", by_impl.get("old"))(*first) if variant != "fp16" and by_impl else None
+        for impl, call in by_impl.items():
             key = f"{variant}_{impl}"
             tuned_before = set(triton_gemm._TUNED)
             try:
@@ -160,7 +162,9 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [f"Copy bandwidth {data['copy_gbps']:.0f} GB/s.", "",
              "Device time per GEMM in us (CUDA-graph replays, weights cycled through 3x L2); `new` = the registered "
              "CUDA kernel (weight-streaming for M <= 64), `old` = the prefill Triton kernel (W8A8, W4A8) or the "
-             "reference dequantize + cuBLAS (W8A16, W4A16); `%cp` = weight bytes / time against the copy bandwidth.",
+             "reference dequantize + cuBLAS (W8A16, W4A16); `%cp` = weight bytes / time against the copy bandwidth; "
+             "`W4A8 / W8A8` and `W4A8 / FP16` = the speed-ups of W4A8 new (issue 14's targets: >= 1.6x and >= 3x at "
+             "M <= 64).",
              "",
              "| N x K | M | FP16 | %cp | W8A8 old | W8A8 new | %cp | W4A8 old | W4A8 new | %cp | W4A8 / W8A8 | "
              "W4A8 / FP16 | W8A16 old | W8A16 new | %cp | W4A16 old | W4A16 new | %cp | W4A8-asym | %cp | "
@@ -188,7 +192,23 @@ def markdown(data: dict[str, Any]) -> str:
             cell(row, "w4a16_old"), cell(row, "w4a16_new"), pct(row, "w4a16_new"),
             cell(row, "w4a8-asym_new"), pct(row, "w4a8-asym_new"),
             cell(row, "w4a16-asym_new"), pct(row, "w4a16-asym_new")]) + " |")
+    picked = [f"- M={row['m']} {row['n']}x{row['k']} {key}: {', '.join(_short(c) for c in value['tuned'])}"
+              for row in data["rows"] for key, value in row.items()
+              if isinstance(value, dict) and value.get("tuned") and key.endswith("_new")]
+    if picked:
+        lines += ["", "Configs the autotuner picked for `new` (on its first call of each shape key; `gemv` = the GEMV "
+                  "kernel, `mma` = the tensor-core weight-streaming kernel, else the prefill kernels):", "", *picked]
     return "\n".join(lines) + "\n"
+
+
+def _short(config: str) -> str:
+    """``StreamConfig(block_n=32, block_k=512, num_warps=4, num_stages=2, waves=4, kernel='gemv')`` -> ``gemv
+    n32 k512 w4 s2 x4``; other configs as they are."""
+    if not config.startswith("StreamConfig("):
+        return config
+    fields = dict(item.split("=") for item in config[len("StreamConfig("):-1].split(", "))
+    return (f"{fields['kernel'].strip(chr(39))} n{fields['block_n']} k{fields['block_k']} w{fields['num_warps']} "
+            f"s{fields['num_stages']} x{fields['waves']}")
 
 
 def main() -> None:
@@ -197,6 +217,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=SHAPES, help="N x K list")
     parser.add_argument("--ms", default=MS)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--impls", default="new,old,cublas",
+                        help="which implementations to time: new (registered kernels), old (before them), cublas (FP16)")
     parser.add_argument("--max-rel-err", type=float, default=5e-3)
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
     args = parser.parse_args()
@@ -217,7 +239,8 @@ def main() -> None:
             if time.perf_counter() - t0 > args.budget_s:
                 res.data["notes"].append(f"stopped at the {args.budget_s:.0f} s budget before M={m} {n}x{k}")
                 break
-            res.add("rows", bench_shape(m, n, k, weights, res.data["copy_gbps"], args.max_rel_err))
+            res.add("rows", bench_shape(m, n, k, weights, res.data["copy_gbps"], args.max_rel_err,
+                                        tuple(args.impls.split(","))))
         del weights
         torch.cuda.empty_cache()
     res.data["notes"].append(f"wall time {time.perf_counter() - t0:.0f} s (including autotuning)")

@@ -111,6 +111,25 @@ INT4_CASES = [
 ]
 
 
+def gemv(block_n: int, block_k: int, waves: int) -> StreamConfig:
+    return StreamConfig(block_n, block_k, 4, 2, waves, "gemv")
+
+
+# The GEMV kernel (M <= 8: BLOCK_M 1, 4, 8, 2): INT4 (M, N, K, group width or None, asymmetric, config) like INT4_CASES,
+# and INT8 (M, N, K, G_in, bias, config) like INTERPRETER_CASES
+GEMV_INT4_CASES = [
+    (1, 48, 256, 32, True, gemv(32, 64, 8)),  # split-K 4 ways, N tile past N
+    (3, 40, 192, 64, False, gemv(32, 128, 1)),  # 3 groups, 2 per step: the last step half empty
+    (5, 32, 256, None, False, gemv(16, 64, 8)),  # per channel, split-K
+    (2, 48, 200, None, True, gemv(32, 64, 1)),  # per channel, K tail
+]
+GEMV_INT8_CASES = [
+    (1, 48, 256, 1, True, gemv(32, 64, 8)),
+    (3, 32, 200, 1, False, gemv(32, 64, 1)),  # K tail
+    (8, 32, 256, 4, True, gemv(16, 128, 8)),  # input-dim groups of 64, 2 per step, split-K
+]
+
+
 def int4_operands(m: int, n: int, k: int, width: int | None, asym: bool, seed: int):
     """INT8 and fp16 activations and an INT4 weight (symmetric [-8, 7] or asymmetric [0, 15]) packed half-split,
     with scales (and mins) per row and group of ``width`` values. The INT8 side is built so that float32 computes
@@ -150,9 +169,26 @@ def run_int4_cases() -> dict:
     return out
 
 
+def run_gemv_cases() -> dict:
+    out = {}
+    for i, (m, n, k, width, asym, cfg) in enumerate(GEMV_INT4_CASES):
+        x_q, x_scale, x16, w, _, w_scale, w_min = int4_operands(m, n, k, width, asym, seed=i)
+        out["gemv4", i] = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, None, torch.float32, int4=True,
+                                                           config=cfg, w_min=w_min)
+        out["gemv4_16", i] = triton_small_m.stream_weight_only_linear(x16, w, w_scale, None, config=cfg, w_min=w_min)
+    for i, (m, n, k, g_in, bias, cfg) in enumerate(GEMV_INT8_CASES):
+        (x_q, x_scale, w, w_scale, b), _ = make_operands(m, n, k, int4=False, g_out=n, g_in=g_in, bias=bias, seed=i)
+        out["gemv8", i] = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, b, torch.float32, int4=False,
+                                                           config=cfg)
+        x, w, w_scale, b = weight_only_operands(m, n, k, int4=False, g_in=g_in, bias=bias, seed=i)
+        out["gemv8_16", i] = triton_small_m.stream_weight_only_linear(x, w, w_scale, b, config=cfg)
+        out["gemv_tickets_left", i] = triton_small_m._workspace(torch.device("cpu"))[1].any().item()
+    return out
+
+
 def run_interpreted_cases() -> dict:
     """Every interpreter case's output; runs in the child process that ``interpreted`` starts."""
-    out = run_int4_cases()
+    out = run_int4_cases() | run_gemv_cases()
     for i, (m, n, k, int4, g_in, bias, cfg) in enumerate(INTERPRETER_CASES):
         (x_q, x_scale, w, w_scale, b), _ = make_operands(m, n, k, int4=int4, g_out=n, g_in=g_in, bias=bias,
                                                          seed=m + k)
@@ -220,6 +256,63 @@ def test_interpreted_int4_kernels_equal_the_exact_product(interpreted, case):
     assert y16.dtype == torch.float16 and rel_err(y16, int4_float64(x16, q, w_scale, w_min)) <= 1e-3
 
 
+@pytest.mark.parametrize("case", range(len(GEMV_INT4_CASES)))
+def test_interpreted_gemv_int4_equals_the_exact_product(interpreted, case):
+    """The GEMV kernel on INT4 weights (dp4a on nibble words for W4A8, float32 for W4A16), symmetric and asymmetric,
+    grouped and per channel: W4A8 bit-equal to the exact product (int4_operands), W4A16 within fp16 rounding."""
+    m, n, k, width, asym, _ = GEMV_INT4_CASES[case]
+    x_q, _, x16, _, q, w_scale, w_min = int4_operands(m, n, k, width, asym, seed=case)
+    assert torch.equal(interpreted["gemv4", case].double(), int4_float64(x_q, q, w_scale, w_min) * 2.0 ** -7)
+    assert rel_err(interpreted["gemv4_16", case], int4_float64(x16, q, w_scale, w_min)) <= 1e-3
+
+
+@pytest.mark.parametrize("case", range(len(GEMV_INT8_CASES)))
+def test_interpreted_gemv_int8_matches_float64(interpreted, case):
+    m, n, k, g_in, bias, _ = GEMV_INT8_CASES[case]
+    (x_q, x_scale, w, w_scale, b), w_q = make_operands(m, n, k, int4=False, g_out=n, g_in=g_in, bias=bias, seed=case)
+    assert rel_err(interpreted["gemv8", case], float64_reference(x_q, x_scale, w_q, w_scale, b)) <= 1e-6
+    x, w, w_scale, b = weight_only_operands(m, n, k, int4=False, g_in=g_in, bias=bias, seed=case)
+    y16 = interpreted["gemv8_16", case]
+    assert y16.shape == (m, n) and rel_err(y16, weight_only_float64(x, w, w_scale, b)) <= 1e-3
+    assert not interpreted["gemv_tickets_left", case]
+
+
+def test_gemv_refuses_what_it_cannot_read():
+    """M past GEMV_MAX_M, a K that is no whole number of 32-bit words, or activation rows off a 4-byte boundary: a
+    forced GEMV config is refused (the tuner never offers it there)."""
+    cfg = gemv(32, 64, 1)
+    for m, k, offset in ((9, 256, 0), (2, 202, 0), (2, 256, 1)):
+        (x_q, x_scale, w, w_scale, _), _ = make_operands(m, 32, k, int4=False, g_out=32, g_in=1, bias=False, seed=0)
+        x_q = torch.zeros(m * k + offset, dtype=torch.int8)[offset:].view(m, k).copy_(x_q)
+        p = triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, None, False)
+        assert not triton_small_m.gemv_kernel_applies(x_q, w, p, int4=False)
+        assert all(c.kernel == "mma" for c in candidate_configs(p, gemv=False))
+        with pytest.raises(ZQError, match="needs M <= 8"):
+            triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, None, torch.float32, int4=False, config=cfg)
+    x = torch.randn(2, 256).half()[:, :202]  # fp16 activations: no word reads, any K and row pitch
+    p = triton_small_m.check_weight_only_args(x, torch.zeros(32, 202, dtype=torch.int8), torch.ones(32, 1), None)
+    assert triton_small_m.gemv_kernel_applies(x, torch.zeros(32, 202, dtype=torch.int8), p, int4=False)
+
+
+def test_group_sums_converted_exactly_only_where_they_stay_small():
+    """The add-and-subtract int-to-float conversion of group sums holds for |sum| <= 2^22 (1.5 * 2^23 + sum stays in
+    [2^23, 2^24]): groups of up to 2048 INT4 or 256 INT8 values of |activation| <= 128."""
+    assert triton_gemm.small_group_sums(2048, int4=True) and not triton_gemm.small_group_sums(4096, int4=True)
+    assert triton_gemm.small_group_sums(256, int4=False) and not triton_gemm.small_group_sums(512, int4=False)
+    assert 2048 * 128 * 15 <= 2**22 < 512 * 128 * 128
+
+
+def test_gemv_candidates_only_at_small_m():
+    """The GEMV configs join the candidates up to GEMV_MAX_M, with fewer MMA configs there; their K step holds whole
+    groups as the MMA kernel's does."""
+    p = triton_gemm._Problem(4, 4096, 4096, 4096, 4096 // 64)
+    configs = candidate_configs(p, int4=True, gemv=True)
+    kinds = [c.kernel for c in configs]
+    assert kinds[0] == "mma" and "gemv" in kinds and len(configs) <= 8
+    assert all(c.block_k % 64 == 0 for c in configs)
+    assert triton_small_m.gemv_block_m(3) == 4 and triton_small_m.gemv_block_m(1) == 1
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------
 
 GPU_CASES = [  # (M, N, K, int4, G_in, every config or the default only): every config on the W8A8 decode layout
@@ -237,7 +330,8 @@ def test_configs_match_float64_on_gpu(m, n, k, int4, g_in, every):
     ref = float64_reference(x_q.cpu(), x_scale.cpu(), w_q, w_scale.cpu(), bias.cpu())
     x, w16, s16, b16 = weight_only_operands(m, n, k, int4=int4, g_in=g_in, bias=True, seed=m + k, device="cuda")
     ref16 = weight_only_float64(x.cpu(), w16, s16, b16)
-    configs = candidate_configs(triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, bias, int4), int4)
+    p = triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, bias, int4)
+    configs = candidate_configs(p, int4, triton_small_m.gemv_kernel_applies(x_q, w, p, int4))
     for cfg in configs if every else configs[:1]:
         for _ in range(2):  # the second call finds the tickets the first one reset
             y = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, bias, torch.float32, int4=int4, config=cfg)
@@ -263,7 +357,7 @@ def test_int4_half_split_kernels_on_gpu(m, width, asym):
     ref16 = int4_float64(x16.cpu(), q.cpu(), w_scale.cpu(), None if w_min is None else w_min.cpu())
     p = triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, None, True, w_min)
     if m <= triton_small_m.MAX_M:
-        for cfg in candidate_configs(p, int4=True):
+        for cfg in candidate_configs(p, int4=True, gemv=triton_small_m.gemv_kernel_applies(x_q, w, p, int4=True)):
             y = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, None, torch.float32, int4=True,
                                                  config=cfg, w_min=w_min)
             assert rel_err(y, ref) <= 1e-6, cfg
@@ -299,10 +393,67 @@ def test_registered_kernels_dispatch_by_m_and_match_the_reference(m):
 
 @needs_gpu
 @pytest.mark.gpu
-def test_split_k_kernel_inside_cuda_graph_replays():
+def test_ptx_unpacking_on_gpu():
+    """The PTX that widens weights four bytes at a time (triton_gemm._nibbles, _fp16_from_bytes): every int8 value
+    and every nibble through the MMA kernel with fp16 activations, and INT4 W4A8 / W4A16 through the MMA stream
+    kernel and the tiled prefill kernel, against the exact product (the interpreter runs their Triton stand-ins)."""
+    for x, w in widen_operands():
+        y = triton_small_m.stream_weight_only_linear(x.cuda(), w.cuda(), torch.ones(1, 1, device="cuda"), None,
+                                                     config=WIDEN_CONFIG)
+        assert torch.equal(y[:, 0].float().cpu(), unpack_weight(w, torch.ones(1, 1))[0, :16].float())
+    for i in (0, 4):  # asymmetric groups of 32 with split-K, symmetric per channel with split-K
+        m, n, k, width, asym, stream_cfg, tiled_cfg = INT4_CASES[i]
+        x_q, x_scale, x16, w, q, w_scale, w_min = (t if t is None else t.cuda()
+                                                   for t in int4_operands(m, n, k, width, asym, seed=i))
+        exact = int4_float64(x_q.cpu(), q.cpu(), w_scale.cpu(), None if w_min is None else w_min.cpu()) * 2.0 ** -7
+        y = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, None, torch.float32, int4=True,
+                                             config=stream_cfg, w_min=w_min)
+        assert torch.equal(y.double().cpu(), exact), i
+        p = triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, None, True, w_min)
+        y = torch.empty(m, n, device="cuda")
+        triton_gemm._launch(x_q, x_scale.reshape(m), w, w_scale, w_min, None, y, p, True, tiled_cfg)
+        assert torch.equal(y.double().cpu(), exact), i
+        y16 = triton_small_m.stream_weight_only_linear(x16, w, w_scale, None, config=stream_cfg, w_min=w_min)
+        assert rel_err(y16, int4_float64(x16.cpu(), q.cpu(), w_scale.cpu(),
+                                         None if w_min is None else w_min.cpu())) <= 1e-3, i
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,width,asym", [(1, 4096, 4096, 64, False), (3, 1000, 4032, 32, True)])
+def test_gemv_on_gpu(m, n, k, width, asym):
+    """Every GEMV config (dp4a and float32 products, on the GPU's own instructions) at decode shapes, INT4 and (the
+    same shapes) INT8, against the float64 product; W4A8 to float32 summation order."""
+    x_q, x_scale, x16, w, q, w_scale, w_min = (t if t is None else t.cuda()
+                                               for t in int4_operands(m, n, k, width, asym, seed=m + n))
+    ref = int4_float64(x_q.cpu(), q.cpu(), w_scale.cpu(), None if w_min is None else w_min.cpu()) * 2.0 ** -7
+    ref16 = int4_float64(x16.cpu(), q.cpu(), w_scale.cpu(), None if w_min is None else w_min.cpu())
+    p = triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, None, True, w_min)
+    (x8, s8, w8, ws8, b8), w8_q = make_operands(m, n, k, int4=False, g_out=n, g_in=k // (width or k), bias=True,
+                                                seed=m, device="cuda")
+    ref8 = float64_reference(x8.cpu(), s8.cpu(), w8_q, ws8.cpu(), b8.cpu())
+    assert triton_small_m.gemv_kernel_applies(x_q, w, p, int4=True)
+    for cfg in [c for c in candidate_configs(p, int4=True, gemv=True) if c.kernel == "gemv"]:
+        for _ in range(2):  # the second call finds the tickets the first one reset
+            y = triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, None, torch.float32, int4=True,
+                                                 config=cfg, w_min=w_min)
+            assert rel_err(y, ref) <= 1e-6, cfg
+        if not asym:
+            y8 = triton_small_m.stream_int_linear(x8, s8, w8, ws8, b8, torch.float32, int4=False, config=cfg)
+            assert rel_err(y8, ref8) <= 1e-6, cfg
+    for cfg in [c for c in candidate_configs(p, int4=True, gemv=True, int8_acts=False) if c.kernel == "gemv"]:
+        y16 = triton_small_m.stream_weight_only_linear(x16, w, w_scale, None, config=cfg, w_min=w_min)
+        assert rel_err(y16, ref16) <= 1e-3, cfg
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["mma", "gemv"])
+def test_split_k_kernel_inside_cuda_graph_replays(kernel):
     (x_q, x_scale, w, w_scale, bias), w_q = make_operands(4, 4096, 4096, int4=False, g_out=4096, g_in=1, bias=True,
                                                           seed=2, device="cuda")
-    cfg = candidate_configs(triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, bias, False))[0]
+    configs = candidate_configs(triton_gemm.check_linear_args(x_q, x_scale, w, w_scale, bias, False), gemv=True)
+    cfg = next(c for c in configs if c.kernel == kernel)
     run = lambda: triton_small_m.stream_int_linear(x_q, x_scale, w, w_scale, bias, torch.float32, int4=False,
                                                    config=cfg)
     run()

@@ -32,6 +32,7 @@ import torch
 
 try:
     from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
 except Exception:  # noqa: BLE001 - no (working) Triton: nothing is ever tuned, see triton_gemm._require_triton
     OutOfResources = RuntimeError
 
@@ -46,12 +47,19 @@ MAX_LAUNCHES = 256  # launches per timed graph, for the smallest kernels
 SLOWER_CUT = 1.25  # stop timing a candidate once two replays are both this much slower than the best so far
 
 
-def time_candidates(candidates: Sequence[Config], run: Callable[[Config], None]) -> dict[Config, float]:
+def time_candidates(candidates: Sequence[Config], run: Callable[[Config], None],
+                    flush_l2: bool = False) -> dict[Config, float]:
     """Milliseconds per launch of ``run(cfg)`` for every candidate that fits this GPU (the clearly slower ones
-    timed with fewer replays). Compile time goes to ``tuning_cache.STATS.compile_seconds``."""
+    timed with fewer replays). Compile time goes to ``tuning_cache.STATS.compile_seconds``. ``flush_l2``: every
+    timed call finds its operands out of the L2, as a decode step's weight-streaming GEMM does (a graph of
+    back-to-back launches would read a weight of up to ~50 MB from the L2 and favour the wrong config): Triton's
+    ``do_bench``, which clears a 256 MB buffer before each call and times the call alone (a short warm-up: each
+    call costs the flush too)."""
     start = time.perf_counter()
     fitting = first_runs(candidates, run)
     tuning_cache.STATS.compile_seconds += time.perf_counter() - start
+    if flush_l2:
+        return {cfg: do_bench(lambda: run(cfg), warmup=5, rep=10, return_mode="median") for cfg in fitting}
     stream = torch.cuda.Stream()  # captures need a stream other than the legacy default one
     stream.wait_stream(torch.cuda.current_stream())
     timings: dict[Config, float] = {}

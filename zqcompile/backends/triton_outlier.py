@@ -40,6 +40,7 @@ from zqcompile import ops
 from zqcompile.backends import triton_gemm
 from zqcompile.backends.triton_gemm import (
     GemmConfig, _pick_config, _Problem, _require_cuda, _require_triton, candidate_configs, check_linear_args, m_bucket,
+    small_group_sums,
 )
 from zqcompile.errors import ZQError
 
@@ -109,14 +110,14 @@ if triton is not None:
     def _outlier_linear_kernel(
         a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr, x_ptr, columns_ptr, wo_ptr,
         M, N, K, C, rows_per_scale, g_in, group, stride_am, stride_wn, stride_cm, stride_xm, stride_won,
-        INT4: tl.constexpr, GROUPED: tl.constexpr, TILES_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr,
+        INT4: tl.constexpr, GROUPED: tl.constexpr, TILES_PER_GROUP: tl.constexpr, SMALL_GROUPS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         offs_m, offs_n, rows, cols, acc = _int_linear_tile(
             tl.program_id(0), a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, rows_per_scale,
-            g_in, group, stride_am, stride_wn, INT4, False, GROUPED, TILES_PER_GROUP, HAS_BIAS, EVEN_K, BLOCK_M,
-            BLOCK_N, BLOCK_K, GROUP_M)
+            g_in, group, stride_am, stride_wn, INT4, False, GROUPED, TILES_PER_GROUP, SMALL_GROUPS, HAS_BIAS, EVEN_K,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
         # LLM.int8()'s outlier columns: gathered from x, times their FP16 weight, added to the float32 tile
         offs_c = tl.arange(0, BLOCK_C)
         x_rows = x_ptr + rows[:, None] * stride_xm
@@ -185,7 +186,8 @@ def launch(q: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
         p.m, p.n, p.k, columns.numel(), p.n // p.g_out, p.g_in, p.k // p.g_in, q.stride(0), w.stride(0),
         out.stride(0), x.stride(0), w_outlier.stride(0),
         INT4=w.dtype == torch.uint8, GROUPED=grouped,
-        TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1, HAS_BIAS=bias is not None,
+        TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
+        SMALL_GROUPS=grouped and small_group_sums(p.k // p.g_in, w.dtype == torch.uint8), HAS_BIAS=bias is not None,
         EVEN_K=p.k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_C=BLOCK_C, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

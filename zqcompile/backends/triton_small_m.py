@@ -13,7 +13,7 @@ plus the group scales (INT4) against at most ``64*K`` of activations. ``_stream_
 * All M rows sit in one ``BLOCK_M`` (16, 32 or 64) tile, multiplied on the tensor cores: at M = 1 the 16-row
   MMA wastes arithmetic, which is free here, and it keeps the weight tile's load layout the same at every M.
 * INT4 weights (``uint8 [N, K/2]``, quant.pack_int4: byte j of an input group holds value j in its low and
-  value j + G/2 in its high nibble, unsigned): one AND and one shift per byte give two nibble tiles that
+  value j + G/2 in its high nibble, unsigned): one AND and one shift per four bytes give two nibble tiles that
   multiply two contiguous activation loads (the group's halves), two MMAs of K = G/2 on the nibbles as they
   are (0..15; halves narrower than 32 are joined into one MMA). The offset is corrected once per group from
   ``asum``, the sum of the group's activations (computed from the tiles already loaded): ``acc - 8 asum``
@@ -26,9 +26,19 @@ plus the group scales (INT4) against at most ``64*K`` of activations. ``_stream_
   is corrected before the split-K partials are stored (asymmetric: scaled to float32 there, so with split-K
   the float sum of the splits rounds in another order than the reference's single sum).
 * Weight-only: fp16 activations times weights widened to fp16 in registers (exact for |q| <= 127, by the
-  ``0x6400`` exponent trick: one OR and one subtract instead of a quarter-rate integer-to-float convert), fp32
+  ``0x6400`` exponent trick, four bytes at a time in PTX: two byte permutes, then one OR and one half2 subtract
+  per two values, instead of a quarter-rate integer-to-float convert; ``_fp16_from_bytes``), fp32
   accumulation, the weight scale applied to the accumulator. The reference rounds ``q * s`` to fp16 before its
   GEMM; scaling after the sum is the same product without that rounding, so the two agree to fp16 rounding.
+
+``_gemv_kernel`` is the other candidate for M <= ``GEMV_MAX_M`` (8), where the MMA's 16-row tile is mostly padding:
+no tensor cores, the same split-K and epilogue (``_finish``). Each step loads a [BLOCK_N, SUBS groups, U] tile of the
+weight as 16-byte vectors, unpacks it once in registers and multiplies it with each activation row in turn. INT8
+activations: 32-bit words of four values against words of four int8 weights or eight nibbles (``w & 0x0F0F0F0F``,
+``(w >> 4) & 0x0F0F0F0F``: the half-split layout puts a word's low nibbles against one activation word and its high
+nibbles against the word G/2 values on), one ``dp4a`` per four multiply-adds, exact in INT32 per group; then the
+group scale (and min) on the [BLOCK_N, SUBS] group sums. fp16 / bf16 activations: float32 products with the weights
+widened to fp16 as the MMA kernel widens them, then to float32 (exact). The autotuner times it against the MMA configs.
 
 Larger M keeps the prefill kernels: the tiled / TMA kernels of ``triton_gemm`` for W8A8/W4A8, and for
 weight-only the reference (dequantize, then cuBLAS) - prefill is bound by the tensor cores, not the weight.
@@ -38,7 +48,8 @@ Configs are autotuned per (M bucket, N, K, variant) with ``triton_gemm``'s tuner
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -47,17 +58,22 @@ from torch import Tensor
 
 from zqcompile import ops
 from zqcompile.backends import triton_gemm
-from zqcompile.backends.triton_gemm import _Problem, _pick_config, _require_cuda, _require_triton, check_linear_args
+from zqcompile.backends.triton_gemm import (_Problem, _pick_config, _require_cuda, _require_triton, check_linear_args,
+                                             small_group_sums)
 from zqcompile.errors import ZQError
 
 triton = triton_gemm.triton
 if triton is not None:
     import triton.language as tl
 
-    from zqcompile.backends.triton_gemm import _half_split_dot, _int4_group_scaled, _load_half_split
+    from zqcompile.backends.triton_gemm import (_exact_f32, _half_split_dot, _int4_group_scaled, _load_half_split,
+                                                 _nibbles)
 
 MAX_M = 64
 """The largest token count that the weight-streaming kernel serves; larger M goes to the prefill kernels."""
+GEMV_MAX_M = 8
+"""The largest token count for which ``_gemv_kernel`` is a candidate: it spends its own multiply-adds on every
+weight value for each row, so beyond a few rows the tensor cores of ``_stream_kernel`` win."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +82,9 @@ class StreamConfig:
 
     ``block_k`` is the K width of one main-loop step (in weight values, not bytes); with input-dim groups it
     is a whole number of groups. ``waves`` sets split-K: K is split until ``N / block_n`` column tiles times
-    the splits reach ``waves`` programs per SM (never below two K tiles per split).
+    the splits reach ``waves`` programs per SM (never below two K tiles per split for ``"mma"``, one for
+    ``"gemv"``). ``kernel``: ``"mma"`` (``_stream_kernel``, tensor cores) or ``"gemv"`` (``_gemv_kernel``, M <=
+    ``GEMV_MAX_M``).
     """
 
     block_n: int
@@ -74,6 +92,7 @@ class StreamConfig:
     num_warps: int
     num_stages: int
     waves: int
+    kernel: str = "mma"
 
 
 # The first is the untuned default. 128-256 B of weight per row per K step are 16-byte loads for every
@@ -89,6 +108,21 @@ _CONFIGS = (
 _INT4_CONFIGS = (
     StreamConfig(64, 512, 4, 4, 2), StreamConfig(64, 1024, 4, 3, 4), StreamConfig(128, 512, 8, 3, 2),
 )
+# GEMV variants (the first few rows: no tensor cores): 16-byte weight loads for every thread, 256-1024 B of
+# weight per row per step, and enough programs (waves per SM) that a split's whole weight is in flight at once.
+_GEMV_CONFIGS = (
+    StreamConfig(32, 512, 4, 2, 4, "gemv"), StreamConfig(64, 256, 4, 2, 4, "gemv"),
+    StreamConfig(16, 1024, 4, 2, 4, "gemv"), StreamConfig(32, 1024, 8, 2, 2, "gemv"),
+)
+# fp16 / bf16 activations: the weight tile is widened to float32 in registers (4-8x its bytes), so a quarter of the K
+# step keeps it within about 64 registers per thread.
+_GEMV16_CONFIGS = (
+    StreamConfig(32, 128, 4, 2, 4, "gemv"), StreamConfig(64, 64, 4, 2, 4, "gemv"),
+    StreamConfig(16, 256, 4, 2, 4, "gemv"), StreamConfig(32, 256, 8, 2, 2, "gemv"),
+)
+# The MMA configs that stay candidates where the GEMV's are (fewer configs to time at the small M buckets): the
+# default and the ones tuned fastest at M = 1 on the H200 (INT8 and INT4 weights, 2026-12-01).
+_GEMV_SIZE_MMA_CONFIGS = (_CONFIGS[0], StreamConfig(128, 128, 4, 4, 2), _CONFIGS[1])
 
 
 def block_m_for(m: int) -> int:
@@ -96,11 +130,16 @@ def block_m_for(m: int) -> int:
     return max(16, 1 << max(m - 1, 0).bit_length())
 
 
-def split_k_for(n: int, k: int, block_n: int, block_k: int, waves: int, num_sms: int) -> int:
-    """K splits so the grid has about ``waves * num_sms`` programs, each with at least two K tiles."""
+def gemv_block_m(m: int) -> int:
+    """The GEMV kernel's row block: M's next power of two (1, 2, 4 or 8); rows past M read zeros."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def split_k_for(n: int, k: int, block_n: int, block_k: int, waves: int, num_sms: int, min_tiles: int = 2) -> int:
+    """K splits so the grid has about ``waves * num_sms`` programs, each with at least ``min_tiles`` K tiles."""
     tiles = -(-n // block_n)
     k_tiles = -(-k // block_k)
-    return max(1, min(-(-waves * num_sms // tiles), k_tiles // 2))
+    return max(1, min(-(-waves * num_sms // tiles), k_tiles // min_tiles))
 
 
 def group_width_for(p: _Problem) -> int | None:
@@ -120,16 +159,32 @@ def stream_kernel_applies(p: _Problem, int8_acts: bool, act_dtype: torch.dtype |
     return width is None or (width & (width - 1) == 0 and width >= 32)
 
 
-def candidate_configs(p: _Problem, int4: bool = False) -> list[StreamConfig]:
-    """The configs for this problem (INT4 weights: also ``_INT4_CONFIGS``), with ``block_k`` fitted to the group
-    width (a whole number of groups) and, without groups, to K (no longer than K's next power of two)."""
+def gemv_kernel_applies(a: Tensor, w: Tensor, p: _Problem, int4: bool) -> bool:
+    """Whether ``_gemv_kernel`` can run this problem (on top of ``stream_kernel_applies``): M <= ``GEMV_MAX_M``;
+    INT8 activations are read as 32-bit words of four values, so K must be a multiple of 8 (INT4) or 4 (INT8) and
+    both operands' base addresses and row pitches multiples of 4 bytes."""
+    if not 0 < p.m <= GEMV_MAX_M:
+        return False
+    if a.dtype != torch.int8:
+        return True
+    return p.k % (8 if int4 else 4) == 0 and all(t.data_ptr() % 4 == 0 and t.stride(0) % 4 == 0 for t in (a, w))
+
+
+def candidate_configs(p: _Problem, int4: bool = False, gemv: bool = False, int8_acts: bool = True
+                      ) -> list[StreamConfig]:
+    """The configs for this problem (INT4 weights: also ``_INT4_CONFIGS``; ``gemv``, see ``gemv_kernel_applies``:
+    also ``_GEMV_CONFIGS``, or ``_GEMV16_CONFIGS`` for fp16 / bf16 activations), with ``block_k`` fitted to the group width (a whole number of groups) and, without
+    groups, to K (no longer than K's next power of two). The first is the untuned default. Where the GEMV kernel
+    applies only ``_GEMV_SIZE_MMA_CONFIGS`` of the MMA kernel's stay: each candidate costs tuning time at every
+    M bucket up to ``GEMV_MAX_M``."""
     width = group_width_for(p)
     fitted: list[StreamConfig] = []
-    for cfg in _CONFIGS + (_INT4_CONFIGS if int4 else ()):
+    mma = _GEMV_SIZE_MMA_CONFIGS if gemv else _CONFIGS + (_INT4_CONFIGS if int4 else ())
+    for cfg in mma + ((_GEMV_CONFIGS if int8_acts else _GEMV16_CONFIGS) if gemv else ()):
         block_k = min(cfg.block_k, max(64, 1 << (p.k - 1).bit_length()))
         if width is not None:
             block_k = max(block_k, width) if width >= block_k else block_k - block_k % width
-        cfg = StreamConfig(cfg.block_n, block_k, cfg.num_warps, cfg.num_stages, cfg.waves)
+        cfg = replace(cfg, block_k=block_k)
         if cfg not in fitted:
             fitted.append(cfg)
     return fitted
@@ -139,12 +194,68 @@ def candidate_configs(p: _Problem, int4: bool = False) -> list[StreamConfig]:
 # The kernel
 # ----------------------------------------------------------------------------------------------------
 
+def _fp16_from_bytes_asm(flip: int, bias: int) -> str:
+    """PTX for four bytes (one 32-bit register, ``$2``) -> four halves ``(byte ^ flip) + 1024 - (1024 + bias)`` (two
+    half2 registers ``$0``, ``$1``): two byte permutes put the bytes in the low halves of the half2 lanes, an OR makes
+    them the halves 1024 + byte, a half2 subtract (of 1024 + bias, 0x6400 + bias in both lanes) the result. The input
+    is copied first: an output may share its register."""
+    sub = (0x6400 + bias) * 0x10001
+    return ("{ .reg .b32 t, z, c; mov.b32 z, 0; "
+            f"mov.b32 c, {sub:#x}; xor.b32 t, $2, {flip:#x}; prmt.b32 $0, t, z, 0x4140; prmt.b32 $1, t, z, 0x4342; "
+            "or.b32 $0, $0, 0x64006400; or.b32 $1, $1, 0x64006400; sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }")
+
+
 if triton is not None:
-    @triton.jit
-    def _fp16_from_int8(q):
-        """int8 -> float16, exactly: 0x6400 | (q + 128) is the half 1024 + q + 128."""
-        u = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
-        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    _FP16_FROM_INT8 = tl.constexpr(_fp16_from_bytes_asm(0x80808080, 128))
+    _FP16_FROM_NIBBLE_8 = tl.constexpr(_fp16_from_bytes_asm(0, 8))
+    _FP16_FROM_NIBBLE_0 = tl.constexpr(_fp16_from_bytes_asm(0, 0))
+
+if triton is not None:
+    # PTX helpers, with plain-Triton stand-ins for the interpreter (which runs no PTX)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        @triton.jit
+        def _dp4a(a, b, c, B_SIGNED: tl.constexpr):
+            for i in tl.static_range(4):
+                if B_SIGNED:
+                    b_i = (b << (24 - 8 * i)) >> 24
+                else:
+                    b_i = (b >> (8 * i)) & 0xFF
+                c += ((a << (24 - 8 * i)) >> 24) * b_i
+            return c
+
+        @triton.jit
+        def _fp16_from_bytes(b, BIAS: tl.constexpr):
+            u = b.to(tl.uint8, bitcast=True)
+            if BIAS == 128:
+                u = u ^ 0x80
+            return (u.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + BIAS)
+    else:
+        @triton.jit
+        def _dp4a(a, b, c, B_SIGNED: tl.constexpr):
+            """c + the four products of the signed bytes of ``a`` (int32 words) with the bytes of ``b`` (signed, or
+            unsigned: INT4 nibbles), exact in int32: one instruction for four multiply-adds."""
+            if B_SIGNED:
+                d = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise("dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            return d
+
+        @triton.jit
+        def _fp16_from_bytes(b, BIAS: tl.constexpr):
+            """int8 weights (``BIAS`` 128) or INT4 nibbles (int8 in [0, 15], ``BIAS`` 8 or 0) -> float16 value - BIAS,
+            exactly: 0x6400 | u is the half 1024 + u (u = the byte, its sign bit flipped for int8). Four bytes per
+            32-bit register (``pack=4``), see ``_fp16_from_bytes_asm``."""
+            if BIAS == 128:
+                y = tl.inline_asm_elementwise(_FP16_FROM_INT8, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+            elif BIAS == 8:
+                y = tl.inline_asm_elementwise(_FP16_FROM_NIBBLE_8, "=r,=r,r", [b], dtype=tl.float16, is_pure=True,
+                                              pack=4)
+            else:
+                y = tl.inline_asm_elementwise(_FP16_FROM_NIBBLE_0, "=r,=r,r", [b], dtype=tl.float16, is_pure=True,
+                                              pack=4)
+            return y
 
     @triton.jit
     def _widen(q, a):
@@ -152,7 +263,7 @@ if triton is not None:
         if a.dtype == tl.int8:
             return q
         elif a.dtype == tl.float16:
-            return _fp16_from_int8(q)
+            return _fp16_from_bytes(q, 128)
         else:
             return q.to(a.dtype)
 
@@ -163,7 +274,7 @@ if triton is not None:
         if a.dtype == tl.int8:
             return c
         elif a.dtype == tl.float16:
-            return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+            return _fp16_from_bytes(c, OFFSET)
         else:
             return c.to(a.dtype) - OFFSET
 
@@ -198,7 +309,7 @@ if triton is not None:
         a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
         M, N, K, rows_per_scale, g_in, group, stride_am, stride_wn, stride_cm, k_per_split,
         INT4: tl.constexpr, ASYM: tl.constexpr, OFFSET: tl.constexpr, NEED_ASUM: tl.constexpr,
-        SUB_K: tl.constexpr, SUBS: tl.constexpr, GROUPED: tl.constexpr,
+        SUB_K: tl.constexpr, SUBS: tl.constexpr, GROUPED: tl.constexpr, SMALL_GROUPS: tl.constexpr,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -207,8 +318,7 @@ if triton is not None:
         k_end = tl.minimum(k_start + k_per_split, K)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = offs_m % M  # rows / cols past M / N wrap onto valid ones for the epilogue's loads
-        cols = offs_n % N
+        cols = offs_n % N  # columns past N wrap onto valid ones: unmasked weight loads
         a_rows_ok = offs_m[:, None] < M  # activation rows past M load no bytes
         offs_k = tl.arange(0, SUB_K)
         offs_wk = tl.arange(0, SUB_K // 2 if INT4 else SUB_K)  # weight bytes per row of a sub-tile
@@ -232,9 +342,9 @@ if triton is not None:
                     g = tl.minimum(k // SUB_K, g_in - 1)
                     s_w = tl.load(s_ptrs + g)
                     if NEED_ASUM:
-                        acc = _int4_group_scaled(acc, part, part_sum, s_w, min_ptrs + g, ASYM)
+                        acc = _int4_group_scaled(acc, part, part_sum, s_w, min_ptrs + g, ASYM, SMALL_GROUPS)
                     else:
-                        acc += part.to(tl.float32) * s_w[None, :]
+                        acc += _exact_f32(part, SMALL_GROUPS) * s_w[None, :]
                 else:
                     acc, asum = _sub_tile_product(acc, asum, a_row_ptrs, a_rows_ok, w_ptrs, k, K, K, offs_k, offs_wk,
                                                   INT4, EVEN_K, OFFSET, NEED_ASUM)
@@ -247,27 +357,38 @@ if triton is not None:
             else:
                 acc = acc - 8 * asum[:, None]
 
+        _finish(acc, pid_n, offs_m, offs_n, M, N, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, ws_ptr, ticket_ptr, stride_cm,
+                INT_ACC, GROUPED or ASYM, HAS_BIAS, SPLIT)
+
+    @triton.jit
+    def _finish(acc, pid_n, offs_m, offs_n, M, N, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, ws_ptr, ticket_ptr, stride_cm,
+                INT_ACTS: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+        """The output tile [BLOCK_M, BLOCK_N] from this program's partial ``acc`` over its K range (both kernels).
+
+        Without split-K: the epilogue. With split-K, each split stores its partial tile in its own workspace slice;
+        the last split of the tile to arrive (ticket == splits - 1) sums the slices in split order (a deterministic
+        float sum), resets the ticket for the next launch and runs the epilogue. The barrier puts every thread's
+        stores before the release of the ticket.
+        """
+        rows = offs_m % M  # rows / cols past M / N wrap onto valid ones for the epilogue's loads
+        cols = offs_n % N
         out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if SPLIT:
-            # Each split stores its partial tile in its own workspace slice; the last split of the tile to
-            # arrive (ticket == splits - 1) sums the slices in split order (a deterministic float sum), resets
-            # the ticket for the next launch and runs the epilogue. The barrier puts every thread's stores
-            # before the release of the ticket.
             splits = tl.num_programs(1)
             ws_tile = ws_ptr.to(tl.pointer_type(acc.dtype)) + offs_m[:, None] * N + offs_n[None, :]
             tl.store(ws_tile + tl.program_id(1) * M * N, acc, mask=out_mask)
             tl.debug_barrier()
             ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
             if ticket == splits - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+                total = tl.zeros(acc.shape, dtype=acc.dtype)
                 for j in range(0, splits):
                     total += tl.load(ws_tile + j * M * N, mask=out_mask, other=0, cache_modifier=".cg")
                 tl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed")
                 _epilogue(total, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr,
-                          stride_cm, INT_ACC, GROUPED or ASYM, HAS_BIAS)
+                          stride_cm, INT_ACTS, SCALED, HAS_BIAS)
         else:
             _epilogue(acc, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, stride_cm,
-                      INT_ACC, GROUPED or ASYM, HAS_BIAS)
+                      INT_ACTS, SCALED, HAS_BIAS)
 
     @triton.jit
     def _epilogue(acc, rows, cols, offs_m, offs_n, out_mask, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, stride_cm,
@@ -281,6 +402,142 @@ if triton is not None:
         if HAS_BIAS:
             y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+if triton is not None:
+    @triton.jit
+    def _gemv_kernel(
+        a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_min_ptr, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
+        M, N, units, half_units, rows_per_scale, g_in, stride_am, stride_wn, stride_cm, units_per_split,
+        INT4: tl.constexpr, ASYM: tl.constexpr, GROUPED: tl.constexpr, SMALL_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        EVEN: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr,
+        U: tl.constexpr,
+    ):
+        """``_stream_kernel``'s product without tensor cores, for a few rows (see the module docstring).
+
+        A weight row is read in "units": INT8 activations: 32-bit words (four int8 values or eight INT4 nibbles),
+        multiplied with dp4a against words of four activations; fp16 / bf16 activations: bytes (one int8 value or
+        two nibbles), widened to float32. A step reads a [BLOCK_N, SUBS, U] tile of units, U per input group (or
+        U = the step without groups, SUBS = 1); weight unit u multiplies activation unit u (INT8) or, in the
+        half-split layout, ``lo = u + (u // half) * half`` (low nibbles) and ``lo + half`` (high nibbles).
+        """
+        INT_ACTS: tl.constexpr = a_ptr.dtype.element_ty == tl.int8
+        SCALED: tl.constexpr = GROUPED or ASYM  # the weight scale applied per step, not by the epilogue
+        NEED_ASUM: tl.constexpr = INT4 and (ASYM or INT_ACTS)  # INT8 acts: the nibbles' offset 8 corrected with it
+        pid_n = tl.program_id(0)
+        u_start = tl.program_id(1) * units_per_split
+        u_end = tl.minimum(u_start + units_per_split, units)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = offs_n % N  # columns past N wrap onto valid ones: unmasked weight loads
+        offs_s = tl.arange(0, SUBS)
+        tile = offs_s[:, None] * U + tl.arange(0, U)[None, :]  # [SUBS, U]: a step's units, as offsets
+        if INT_ACTS:
+            a_base = a_ptr.to(tl.pointer_type(tl.int32))
+            w_base = w_ptr.to(tl.pointer_type(tl.int32))
+        else:
+            a_base = a_ptr
+            w_base = w_ptr
+        w_ptrs = w_base + cols[:, None, None] * stride_wn + tile[None, :, :]
+        s_ptrs = w_scale_ptr + (cols // rows_per_scale) * g_in
+        min_ptrs = w_min_ptr + (cols // rows_per_scale) * g_in
+        s_col = tl.load(s_ptrs)[:, None]  # without groups: one scale (and min) per column, loaded once
+        min_col = tl.load(min_ptrs)[:, None] if ASYM else s_col
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACTS and not SCALED else tl.float32)  # transposed
+        row = tl.arange(0, BLOCK_M)[None, None, :]
+        for u0 in tl.range(u_start, u_end, SUBS * U):
+            units_ok = u0 + tile < units
+            if EVEN:
+                w = tl.load(w_ptrs + u0)
+            else:
+                w = tl.load(w_ptrs + u0, mask=units_ok[None, :, :], other=0)
+            # the weight tile unpacked once for every row
+            if INT_ACTS:
+                if INT4:
+                    w_lo = w & 0x0F0F0F0F
+                    w_hi = (w >> 4) & 0x0F0F0F0F
+                else:
+                    w_lo = w
+                    w_hi = w
+            else:  # exact in fp16, then in float32 for the products
+                if INT4:
+                    n_lo, n_hi = _nibbles(w)
+                    w_lo = _fp16_from_bytes(n_lo, 0 if ASYM else 8).to(tl.float32)
+                    w_hi = _fp16_from_bytes(n_hi, 0 if ASYM else 8).to(tl.float32)
+                else:
+                    w_lo = _fp16_from_bytes(w, 128).to(tl.float32)
+                    w_hi = w_lo
+            if GROUPED:
+                g = u0 // U + offs_s
+                scale = tl.load(s_ptrs[:, None] + g[None, :], mask=(g < g_in)[None, :], other=0)
+                mins = scale
+                if ASYM:
+                    mins = tl.load(min_ptrs[:, None] + g[None, :], mask=(g < g_in)[None, :], other=0)
+            else:
+                scale = s_col
+                mins = min_col
+            u = u0 + tile
+            if INT4 and GROUPED:
+                lo = u + (u // U) * U  # the group's half is U units
+            else:
+                lo = u  # INT8, or INT4 without groups: the low nibbles of unit u multiply activation unit u
+            # Each row's group sums go into column m of parts [BLOCK_N, SUBS, BLOCK_M], in the layout its reduction
+            # left them in; the scales then apply once per step, for all rows.
+            parts = tl.zeros((BLOCK_N, SUBS, BLOCK_M), dtype=tl.int32 if INT_ACTS else tl.float32)
+            asums = tl.zeros((BLOCK_N, SUBS, BLOCK_M), dtype=tl.int32 if INT_ACTS else tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                a_ok = (units_ok & (tile * 0 + m < M))[None, :, :]  # (a tensor: the interpreter masks with tensors)
+                if INT_ACTS and INT4:  # [1, SUBS, U]: the compiler loads it in the weight tile's layout
+                    a_ptrs = a_base + m * stride_am + lo[None, :, :]
+                else:  # [BLOCK_N, SUBS, U], every weight row's copy (L1 hits): no shuffle into that layout
+                    a_ptrs = a_base + m * stride_am + lo[None, :, :] + tl.zeros((BLOCK_N, 1, 1), tl.int32)
+                a_lo = tl.load(a_ptrs, mask=a_ok, other=0)
+                if INT4:
+                    a_hi = tl.load(a_ptrs + half_units, mask=a_ok, other=0)
+                else:
+                    a_hi = a_lo
+                part, asum = _gemv_row_step(w, w_lo, w_hi, a_lo, a_hi, INT4, ASYM, INT_ACTS, NEED_ASUM)
+                parts = tl.where(row == m, part[:, :, None], parts)
+                if ASYM:
+                    asums = tl.where(row == m, asum[:, :, None], asums)
+            if SCALED:
+                scaled = _exact_f32(parts, SMALL_GROUPS) * scale[:, :, None]
+                if ASYM:
+                    scaled += asums.to(tl.float32) * mins[:, :, None]
+                acc += tl.sum(scaled, 1)
+            else:
+                acc += tl.sum(parts, 1)
+        _finish(tl.trans(acc), pid_n, offs_m, offs_n, M, N, a_scale_ptr, s_ptrs, bias_ptr, c_ptr, ws_ptr, ticket_ptr,
+                stride_cm, INT_ACTS, SCALED, HAS_BIAS, SPLIT)
+
+    @triton.jit
+    def _gemv_row_step(w, w_lo, w_hi, a_lo, a_hi, INT4: tl.constexpr, ASYM: tl.constexpr, INT_ACTS: tl.constexpr,
+                       NEED_ASUM: tl.constexpr):
+        """One row's products with a step's weight tile (activations ``a_lo``, ``a_hi``: [1 or BLOCK_N, SUBS, U]): the
+        per-group sums [BLOCK_N, SUBS] (exact int32 for INT8 activations, the symmetric nibbles' offset already taken
+        off; float32 otherwise) and the groups' activation sums [1 or BLOCK_N, SUBS] (for asymmetric weights' mins)."""
+        if INT_ACTS:
+            if INT4:
+                part = tl.sum(_dp4a(a_hi, w_hi, _dp4a(a_lo, w_lo, tl.zeros_like(w), False), False), 2)
+            else:
+                part = tl.sum(_dp4a(a_lo, w_lo, tl.zeros_like(w), True), 2)
+            asum = tl.zeros((1, a_lo.shape[1]), dtype=tl.int32)
+            if NEED_ASUM:
+                ones = tl.full(a_lo.shape, 0x01010101, tl.int32)
+                asum = tl.sum(_dp4a(a_hi, ones, _dp4a(a_lo, ones, tl.zeros_like(ones), True), True), 2)
+                if not ASYM:
+                    part -= 8 * asum
+        else:
+            x_lo = a_lo.to(tl.float32)
+            x_hi = a_hi.to(tl.float32)
+            if INT4:
+                part = tl.sum(w_lo * x_lo + w_hi * x_hi, 2)
+            else:
+                part = tl.sum(w_lo * x_lo, 2)
+            asum = tl.zeros((1, a_lo.shape[1]), dtype=tl.float32)
+            if ASYM:
+                asum = tl.sum(x_lo + x_hi, 2)
+        return part, asum
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,24 +567,42 @@ def _num_sms(device: str) -> int:
 
 def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tensor | None, bias: Tensor | None,
            out: Tensor, p: _Problem, int4: bool, cfg: StreamConfig) -> None:
-    """Run ``_stream_kernel`` for ``out [M, N] = a [M, K] @ w.T`` (contiguous 2-D operands) with ``cfg``;
-    ``w_min``: an asymmetric INT4 weight's group mins."""
+    """Run ``_stream_kernel`` or ``_gemv_kernel`` (``cfg.kernel``) for ``out [M, N] = a [M, K] @ w.T`` (contiguous
+    2-D operands) with ``cfg``; ``w_min``: an asymmetric INT4 weight's group mins."""
     width = group_width_for(p)
-    sub_k = width if width is not None else cfg.block_k
-    split = min(split_k_for(p.n, p.k, cfg.block_n, cfg.block_k, cfg.waves, _num_sms(str(a.device))),
+    gemv = cfg.kernel == "gemv"
+    split = min(split_k_for(p.n, p.k, cfg.block_n, cfg.block_k, cfg.waves, _num_sms(str(a.device)),
+                            min_tiles=1 if gemv else 2),
                 WORKSPACE_VALUES // (p.m * p.n))
     k_per_split = -(-p.k // (split * cfg.block_k)) * cfg.block_k
     split = -(-p.k // k_per_split)  # rounding k_per_split up to whole K tiles may leave fewer splits
     ws, tickets = _workspace(a.device)
     grid = (triton.cdiv(p.n, cfg.block_n), split)
     asym, int8_acts = w_min is not None, a.dtype == torch.int8
+    common = (a, s_x if s_x is not None else w_scale, w, w_scale, w_min if asym else w_scale,
+              bias if bias is not None else out, out, ws, tickets)
+    if gemv:
+        # units: 32-bit words of INT8 activations (4 values; INT4 weights: 8 nibbles), else single values / bytes
+        per_unit = (8 if int4 else 4) if int8_acts else (2 if int4 else 1)
+        word = 4 if int8_acts else 1
+        _gemv_kernel[grid](
+            *common, p.m, p.n, p.k // per_unit, (width or p.k) // per_unit, p.n // p.g_out, p.g_in,
+            a.stride(0) // word, w.stride(0) // word, out.stride(0), k_per_split // per_unit,
+            INT4=int4, ASYM=asym, GROUPED=width is not None,
+            SMALL_GROUPS=small_group_sums(width or cfg.block_k, int4),  # the sums scaled per step: a group or a step
+            HAS_BIAS=bias is not None,
+            EVEN=p.k % cfg.block_k == 0, SPLIT=split > 1, BLOCK_M=gemv_block_m(p.m), BLOCK_N=cfg.block_n,
+            SUBS=cfg.block_k // width if width else 1, U=(width or cfg.block_k) // per_unit,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return
+    sub_k = width if width is not None else cfg.block_k
     _stream_kernel[grid](
-        a, s_x if s_x is not None else w_scale, w, w_scale, w_min if asym else w_scale,
-        bias if bias is not None else out, out, ws, tickets,
-        p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0), k_per_split,
+        *common, p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0),
+        k_per_split,
         INT4=int4, ASYM=asym, OFFSET=8 if int4 and not (asym or int8_acts) else 0,
         NEED_ASUM=int4 and (asym or int8_acts), SUB_K=sub_k, SUBS=cfg.block_k // sub_k, GROUPED=width is not None,
-        HAS_BIAS=bias is not None,
+        SMALL_GROUPS=width is not None and small_group_sums(width, int4), HAS_BIAS=bias is not None,
         EVEN_K=p.k % cfg.block_k == 0, SPLIT=split > 1, BLOCK_M=block_m_for(p.m), BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -347,12 +622,18 @@ def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tenso
     def run(cfg: StreamConfig) -> None:
         launch(a, s_x, w, w_scale, w_min, bias, out2d, p, int4, cfg)
 
+    gemv = gemv_kernel_applies(a, w, p, int4)
     if config is not None:  # forced (tests, sweeps): bypasses the tuner's cache
+        if config.kernel == "gemv" and not gemv:
+            raise ZQError(f"{config} needs M <= {GEMV_MAX_M} and, for INT8 activations, K a multiple of "
+                          f"{8 if int4 else 4} and 4-byte aligned operand rows; got M={p.m}, K={p.k}")
         run(config)
     else:
-        key = ("stream", block_m_for(p.m), p.n, p.k, group_width_for(p), int4, w_min is not None, x.dtype,
-               bias is not None, out_dtype, x.device.index)
-        run(_pick_config(key, candidate_configs(p, int4), run, x.device.index))  # persisted like the prefill GEMMs'
+        # GEMV rows cost compute per row: M's own power of two is its bucket there
+        key = ("stream", gemv_block_m(p.m) if gemv else block_m_for(p.m), p.n, p.k, group_width_for(p), int4,
+               w_min is not None, x.dtype, bias is not None, out_dtype, x.device.index)
+        configs = candidate_configs(p, int4, gemv, int8_acts=x.dtype == torch.int8)
+        run(_pick_config(key, configs, run, x.device.index, flush_l2=True))  # persisted like the prefill's
     return out
 
 
