@@ -112,6 +112,18 @@ CONFIG_TABLE = (
            SELF_DATA + "; LKD on the same self-generated tokens (defaults), after the rotation; rotation: fixed seed"),
     Config("W4A8-rot-LKD", "w4a8-rot", True, "LKD on the model's own samples (4,096 tokens), after the rotation; "
            "lr/steps: LKD defaults; rotation: fixed seed"),
+    # the rest of issue 18's ablation: each method alone, with LKD, on the asymmetric grid
+    Config("W4A8-AWQ", {"base": "w4a8", "weight_rounding": "awq"}, False, SELF_DATA + "; AWQ's alpha grid"),
+    Config("W4A8-GPTQ-LKD", {"base": "w4a8", "weight_rounding": "gptq"}, True,
+           SELF_DATA + "; LKD on the same self-generated tokens (defaults), then GPTQ rounds the distilled weights"),
+    Config("W4A8-AWQ-LKD", {"base": "w4a8", "weight_rounding": "awq"}, True,
+           SELF_DATA + "; AWQ's alpha grid; LKD on the same self-generated tokens (defaults), then AWQ scales"),
+    Config("W4A8-LoRC8-LKD", {"base": "w4a8", "lorc_rank": 8}, True,
+           "rank 8 (ZeroQuant-V2's value, not tuned); LKD on 4,096 self-generated tokens (defaults)"),
+    Config("W4A8-asym-GPTQ", {"base": "w4a8-asym", "weight_rounding": "gptq"}, False,
+           SELF_DATA + "; asymmetric groups of 32 (the GGUF's Q4_1 block), not tuned"),
+    Config("W4A8-asym-AWQ", {"base": "w4a8-asym", "weight_rounding": "awq"}, False,
+           SELF_DATA + "; AWQ's alpha grid; asymmetric groups of 32 (the GGUF's Q4_1 block), not tuned"),
 )
 CONFIGS = tuple(c.label for c in CONFIG_TABLE)
 

@@ -10,7 +10,7 @@ from helpers import make_tiny_llama, token_batch
 from zqcompile.capture import capture
 from zqcompile.passes.infra import META_MODULE, META_ROUNDING, get_attr_tensor
 from zqcompile.pipeline import run_pipeline
-from zqcompile.recipe import Recipe
+from zqcompile.recipe import LKDConfig, Recipe
 
 
 def _calibration() -> list[tuple[torch.Tensor, ...]]:
@@ -62,9 +62,30 @@ def test_awq_compiles_saves_and_loads(tmp_path):
     assert loaded.recipe.weight_rounding == "awq"
 
 
+def test_awq_after_lkd_scales_the_distilled_weights_exactly():
+    # the distill phase runs before round_weights: AWQ's fold keeps the distilled function (exact in floating point),
+    # its search starts from the distilled weights, and factor 1 (alpha 0) is on its grid, so nothing forbids LKD
+    model = make_tiny_llama()
+    lkd = LKDConfig(data="random", num_samples=4, seq_len=8, batch_size=4, steps=3, lr=1e-3, progress=False)
+    recipe = Recipe(weight_bits=4, input_group_size=32, weight_rounding="awq", lkd=lkd)
+    graphs = {phase: run_pipeline(capture(model, None).graph_module, recipe, stop_after=phase, source_model=model,
+                                  calibration_inputs=_calibration()).compiled for phase in ("distill", "round_weights")}
+    distilled, scaled = _weights(graphs["distill"]), _weights(graphs["round_weights"])
+    original = model.model.layers[0].mlp.gate_proj.weight.detach()
+    assert not torch.equal(distilled["model.layers.0.mlp.gate_proj"], original)  # LKD trained it
+    ratio = scaled["model.layers.0.mlp.gate_proj"] / distilled["model.layers.0.mlp.gate_proj"]
+    assert torch.allclose(ratio, ratio[:1].expand_as(ratio), rtol=1e-5) and (ratio[0] - 1).abs().max() > 1e-3
+    ids = token_batch(3, 11, seed=8)
+    with torch.no_grad():
+        expected = graphs["distill"](ids, torch.ones_like(ids))[0].double()
+        got = graphs["round_weights"](ids, torch.ones_like(ids))[0].double()
+        fp = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.double()
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    assert ((fp - expected).abs().max() / expected.abs().max()).item() > 1e-4  # the distilled function is not FP's
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"weight_rounding": "awq", "smooth_alpha": 0.5}, "both choose the per-channel scale"),
-    ({"weight_rounding": "awq", "lkd": {"steps": 2}}, "use weight_rounding 'gptq' or 'rtn' with LKD"),
     ({"weight_rounding": "optq"}, r"weight_rounding must be one of \['rtn', 'gptq', 'awq'\]"),
     ({"lorc_rank": 0}, "lorc_rank must be a positive integer"),
     ({"outlier_threshold": -1}, "outlier_threshold must be a positive number"),

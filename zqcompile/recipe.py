@@ -219,9 +219,6 @@ class Recipe:
         if self.weight_rounding == "awq" and self.smooth_alpha is not None:
             raise ZQError(f"{self.name}: weight_rounding 'awq' and smooth_alpha both choose the per-channel scale of "
                           f"the same activations (the last would undo the first); use one of them")
-        if self.weight_rounding == "awq" and self.lkd is not None:
-            raise ZQError(f"{self.name}: weight_rounding 'awq' rescales the weights and activations LKD distilled "
-                          f"unscaled, which voids the distillation; use weight_rounding 'gptq' or 'rtn' with LKD")
         if self.outlier_threshold is not None and self.lorc_rank is not None:
             raise ZQError(f"{self.name}: outlier_threshold and lorc_rank: the outlier-decomposed linear has no "
                           f"low-rank correction input; use one of them")
