@@ -32,17 +32,19 @@ def test_after_warmup_a_stream_of_shapes_neither_captures_nor_tunes():
     model = TINY_MODELS["bert"]().half().cuda()
     qmodel = zqcompile.compile(model, "w8a8", buckets={"batch_sizes": [1, 2, 4], "seq_lens": [16, 32]})
     assert qmodel.warmup(progress=False) == 6
-    captures, tuned = qmodel.runner.captures, tuning_cache.STATS.tuned
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         batch, seq = (int(torch.randint(1, hi + 1, (1,), generator=generator)) for hi in (4, 32))
         ids = token_batch(batch, seq, seed=batch * seq).cuda()
         mask = torch.ones_like(ids)
         mask[0, seq // 2 + 1:] = 0
+        counters = qmodel.runner.captures, tuning_cache.STATS.tuned
         got = qmodel(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert (qmodel.runner.captures, tuning_cache.STATS.tuned) == counters
+        # The reference runs the executed graph eagerly at the unpadded shape: its small-M GEMMs (M = batch * seq
+        # down to 1) may tune keys no bucket has, so the counters are read around the served call only.
         unpadded = qmodel.executed_graph(*qmodel.graph_inputs(input_ids=ids, attention_mask=mask))[0]
         assert got.shape == (batch, seq, 64) and _rel_err(got, unpadded) <= FP16_RTOL
-    assert qmodel.runner.captures == captures and tuning_cache.STATS.tuned == tuned
     report = qmodel.memory_report()
     assert report.graphs == 6 and report.pool_reserved >= report.pool_allocated > 0
     assert "6 CUDA graphs in one memory pool" in str(report)

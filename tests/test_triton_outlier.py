@@ -204,8 +204,11 @@ def test_registered_kernel_matches_the_reference_kernel(m, int4, g_in, share, x_
                                 x_dtype=x_dtype, seed=m, device="cuda")
     assert_rounds_like_the_reference(torch.ops.zq.outlier_int8_linear(*operands, x_dtype), operands)
     q, s = triton_outlier.quantize_inliers(operands[0], operands[3])
-    q_ref, s_ref = quantize_rows(operands[0].index_fill(-1, operands[3], 0))
-    assert torch.equal(q, q_ref) and torch.equal(s, s_ref.view(-1))
+    # The reference on the CPU: on CUDA, torch divides by a Python scalar as a multiplication by its reciprocal,
+    # so its row scales can be an ulp off the IEEE quotient absmax / 127 that the CPU and the kernel compute (the
+    # GPU run of 2026-12-01 saw exactly that at M = 128 and 1024, with the op's output within its rounding).
+    q_ref, s_ref = quantize_rows(operands[0].cpu().index_fill(-1, operands[3].cpu(), 0))
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref.view(-1))
 
 
 @needs_gpu
