@@ -118,6 +118,8 @@ CONFIG_TABLE = (
            SELF_DATA + "; LKD on the same self-generated tokens (defaults), then GPTQ rounds the distilled weights"),
     Config("W4A8-AWQ-LKD", {"base": "w4a8", "weight_rounding": "awq"}, True,
            SELF_DATA + "; AWQ's alpha grid; LKD on the same self-generated tokens (defaults), then AWQ scales"),
+    Config("W4A8-rot-AWQ", {"base": "w4a8-rot", "weight_rounding": "awq"}, False,
+           SELF_DATA + "; AWQ's alpha grid, on the rotated model (rotation: fixed seed, never tuned)"),
     Config("W4A8-LoRC8-LKD", {"base": "w4a8", "lorc_rank": 8}, True,
            "rank 8 (ZeroQuant-V2's value, not tuned); LKD on 4,096 self-generated tokens (defaults)"),
     Config("W4A8-asym-GPTQ", {"base": "w4a8-asym", "weight_rounding": "gptq"}, False,
