@@ -517,17 +517,23 @@ def _launch(a: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, w_min: Tensor | 
     if cfg.kernel == "tma_persistent":
         _launch_tma(a, s_x, w, w_scale, bias, out, p, cfg)
         return
-    grouped = p.g_in > 1
     grid = (triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.n, cfg.block_n),)
     _int_linear_kernel[grid](
         a, s_x, w, w_scale, w_scale if w_min is None else w_min, out if bias is None else bias, out,
         p.m, p.n, p.k, p.n // p.g_out, p.g_in, p.k // p.g_in, a.stride(0), w.stride(0), out.stride(0),
-        INT4=int4, ASYM=w_min is not None, GROUPED=grouped,
-        TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
-        SMALL_GROUPS=grouped and small_group_sums(p.k // p.g_in, int4),
-        HAS_BIAS=bias is not None, EVEN_K=p.k % cfg.block_k == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ASYM=w_min is not None, **tile_launch_args(p, int4, bias is not None, cfg),
+    )
+
+
+def tile_launch_args(p: _Problem, int4: bool, has_bias: bool, cfg: GemmConfig) -> dict:
+    """The constexprs and launch options of ``_int_linear_tile`` that every kernel built on it passes alike
+    (``_int_linear_kernel``, triton_outlier's kernel), from the problem and a tiled config."""
+    grouped = p.g_in > 1
+    return dict(
+        INT4=int4, GROUPED=grouped, TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
+        SMALL_GROUPS=grouped and small_group_sums(p.k // p.g_in, int4), HAS_BIAS=has_bias,
+        EVEN_K=p.k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

@@ -40,7 +40,7 @@ from zqcompile import ops
 from zqcompile.backends import triton_gemm
 from zqcompile.backends.triton_gemm import (
     GemmConfig, _pick_config, _Problem, _require_cuda, _require_triton, candidate_configs, check_linear_args, m_bucket,
-    small_group_sums,
+    tile_launch_args,
 )
 from zqcompile.errors import ZQError
 
@@ -179,17 +179,12 @@ def launch(q: Tensor, s_x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
     """Run ``_outlier_linear_kernel`` with ``cfg`` (a tiled config of ``candidate_configs``) on 2-D contiguous-K
     operands: the quantized activation ``q`` and scales ``s_x`` [M], the activation ``x`` the outlier columns are
     gathered from, ``out`` [M, N]."""
-    grouped = p.g_in > 1
     grid = (triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.n, cfg.block_n),)
     _outlier_linear_kernel[grid](
         q, s_x, w, w_scale, out if bias is None else bias, out, x, columns, w_outlier,
         p.m, p.n, p.k, columns.numel(), p.n // p.g_out, p.g_in, p.k // p.g_in, q.stride(0), w.stride(0),
         out.stride(0), x.stride(0), w_outlier.stride(0),
-        INT4=w.dtype == torch.uint8, GROUPED=grouped,
-        TILES_PER_GROUP=(p.k // p.g_in) // cfg.block_k if grouped else 1,
-        SMALL_GROUPS=grouped and small_group_sums(p.k // p.g_in, w.dtype == torch.uint8), HAS_BIAS=bias is not None,
-        EVEN_K=p.k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_C=BLOCK_C, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_C=BLOCK_C, **tile_launch_args(p, w.dtype == torch.uint8, bias is not None, cfg),
     )
 
 
