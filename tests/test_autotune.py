@@ -99,7 +99,29 @@ def test_timer_sizes_the_graph_and_cuts_slower_candidates_short(monkeypatch):
 
 def test_compile_time_is_counted(monkeypatch, no_streams):
     monkeypatch.setattr(tuning_cache, "STATS", tuning_cache.TuningStats())
-    monkeypatch.setattr(autotune, "_time_launches", lambda fn, best: 1.0)
+    monkeypatch.setattr(autotune, "_time_launches", lambda fn, best, min_launches=1: 1.0)
     candidates = triton_gemm.candidate_configs(64, 768, None)
     assert autotune.time_candidates(candidates, lambda cfg: None) == {cfg: 1.0 for cfg in candidates}
     assert tuning_cache.STATS.compile_seconds > 0
+
+
+def test_cycled_runs_put_a_whole_cycle_of_weight_copies_in_each_timed_graph(monkeypatch, no_streams):
+    """With ``cycled_runs`` the timed launches go round the weight copies in turn (each from HBM, not the L2),
+    every graph holds at least one whole cycle, and the copies are made once, after compiling, for all candidates."""
+    candidates = triton_gemm.candidate_configs(64, 768, None)[:2]
+    made, launches, graph_sizes = [], [], []
+
+    def cycled_runs():
+        made.append(True)
+        return [lambda cfg, copy=copy: launches.append((cfg, copy)) for copy in range(3)]
+
+    def fake_time(fn, best_ms, min_launches=1):
+        graph_sizes.append(min_launches)
+        for _ in range(7):
+            fn()
+        return 1.0
+
+    monkeypatch.setattr(autotune, "_time_launches", fake_time)
+    timings = autotune.time_candidates(candidates, lambda cfg: None, cycled_runs)
+    assert timings == {cfg: 1.0 for cfg in candidates} and made == [True] and graph_sizes == [3, 3]
+    assert launches == [(cfg, i % 3) for cfg in candidates for i in range(7)]

@@ -38,7 +38,7 @@ def timer(monkeypatch):
     """Fake GPU timing: the last candidate is the fastest; records the candidate lists it timed."""
     timed: list[list[GemmConfig]] = []
 
-    def fake(candidates, run, flush_l2=False):
+    def fake(candidates, run, cycled_runs=None):
         timed.append(list(candidates))
         return {cfg: float(len(candidates) - i) for i, cfg in enumerate(candidates)}
     monkeypatch.setattr(triton_gemm, "_time_candidates", fake)

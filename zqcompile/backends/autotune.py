@@ -16,12 +16,20 @@ shapes, plus an ``empty_cache`` per capture). Here:
   ``TIMING_MS`` of GPU time; the median of ``TIMING_REPLAYS`` replays queued back to back, cut short once the first
   two are both ``SLOWER_CUT`` times slower than the best candidate so far (it cannot win). Graphs are captured with
   ``capture_begin`` / ``capture_end`` directly: ``torch.cuda.graph`` empties the caching allocator on entry.
+- **Weights from HBM** for the decode-size kernels, which are bound by reading a weight that may fit in the L2
+  (50 MB on the H200): replayed back to back on one weight they would be timed reading it from the L2. The caller
+  then gives runs on copies of the weight that together fill the L2 several times over, and the timed graph
+  cycles through them, as a decode step's layers do. (Triton's ``do_bench``, used before, flushes the L2 by
+  writing a 256 MB buffer before each call and times each call alone: on the H200 it picked configs up to 2x
+  slower than the best one timed on cycled weights, W4A8 4096x4096 at M = 1.)
 
 Candidates that do not fit the GPU (Triton's ``OutOfResources``, e.g. too much shared memory) are dropped.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import statistics
 import time
@@ -32,7 +40,6 @@ import torch
 
 try:
     from triton.runtime.errors import OutOfResources
-    from triton.testing import do_bench
 except Exception:  # noqa: BLE001 - no (working) Triton: nothing is ever tuned, see triton_gemm._require_triton
     OutOfResources = RuntimeError
 
@@ -48,24 +55,23 @@ SLOWER_CUT = 1.25  # stop timing a candidate once two replays are both this much
 
 
 def time_candidates(candidates: Sequence[Config], run: Callable[[Config], None],
-                    flush_l2: bool = False) -> dict[Config, float]:
+                    cycled_runs: Callable[[], Sequence[Callable[[Config], None]]] | None = None
+                    ) -> dict[Config, float]:
     """Milliseconds per launch of ``run(cfg)`` for every candidate that fits this GPU (the clearly slower ones
-    timed with fewer replays). Compile time goes to ``tuning_cache.STATS.compile_seconds``. ``flush_l2``: every
-    timed call finds its operands out of the L2, as a decode step's weight-streaming GEMM does (a graph of
-    back-to-back launches would read a weight of up to ~50 MB from the L2 and favour the wrong config): Triton's
-    ``do_bench``, which clears a 256 MB buffer before each call and times the call alone (a short warm-up: each
-    call costs the flush too)."""
+    timed with fewer replays). Compile time goes to ``tuning_cache.STATS.compile_seconds``. ``cycled_runs``: makes
+    the runs on copies of the weight (see the module docstring) that the timed launches cycle through, so that each
+    reads its weight from HBM."""
     start = time.perf_counter()
     fitting = first_runs(candidates, run)
     tuning_cache.STATS.compile_seconds += time.perf_counter() - start
-    if flush_l2:
-        return {cfg: do_bench(lambda: run(cfg), warmup=5, rep=10, return_mode="median") for cfg in fitting}
+    runs = cycled_runs() if cycled_runs is not None and fitting else None
     stream = torch.cuda.Stream()  # captures need a stream other than the legacy default one
     stream.wait_stream(torch.cuda.current_stream())
     timings: dict[Config, float] = {}
     with torch.cuda.stream(stream):
         for cfg in fitting:
-            timings[cfg] = _time_launches(lambda: run(cfg), min(timings.values(), default=None))
+            launch = _cycling(runs, cfg) if runs else functools.partial(run, cfg)
+            timings[cfg] = _time_launches(launch, min(timings.values(), default=None), len(runs) if runs else 1)
     torch.cuda.current_stream().wait_stream(stream)
     return timings
 
@@ -119,11 +125,18 @@ def _replays_ms(graph: torch.cuda.CUDAGraph, count: int) -> list[float]:
     return [start.elapsed_time(end) for start, end in zip(events, events[1:])]
 
 
-def _time_launches(fn: Callable[[], None], best_ms: float | None) -> float:
+def _cycling(runs: Sequence[Callable[[Config], None]], cfg: Config) -> Callable[[], None]:
+    """A launch of ``cfg`` on the next of ``runs`` at each call (captured in a graph, the replays cycle too)."""
+    turn = itertools.cycle(runs)
+    return lambda: next(turn)(cfg)
+
+
+def _time_launches(fn: Callable[[], None], best_ms: float | None, min_launches: int = 1) -> float:
     """Milliseconds per ``fn()`` launch, from graph replays on the current (non-default) stream: 2 replays, then
-    the rest of ``TIMING_REPLAYS`` unless both were ``SLOWER_CUT`` times slower than ``best_ms``."""
+    the rest of ``TIMING_REPLAYS`` unless both were ``SLOWER_CUT`` times slower than ``best_ms``. The graph holds at
+    least ``min_launches`` launches (a whole cycle of weight copies)."""
     single_ms = _replays_ms(_graph_of(fn, 1), 1)[0]  # with the launch latency: sizes the graph on the safe side
-    launches = max(1, min(MAX_LAUNCHES, round(TIMING_MS / max(single_ms, 1e-3))))
+    launches = max(min_launches, min(MAX_LAUNCHES, round(TIMING_MS / max(single_ms, 1e-3))))
     graph = _graph_of(fn, launches)
     samples = [ms / launches for ms in _replays_ms(graph, 2)]
     if best_ms is None or min(samples) <= SLOWER_CUT * best_ms:

@@ -40,7 +40,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -544,7 +544,8 @@ def tuning_key(m: int, n: int, k: int, group_width: int | None, int4: bool, tma:
 
 
 def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmConfig], None],
-                 device_index: int | None = None, flush_l2: bool = False) -> GemmConfig:
+                 device_index: int | None = None,
+                 cycled_runs: Callable[[], Sequence[Callable[[GemmConfig], None]]] | None = None) -> GemmConfig:
     """The fastest candidate for ``key``, timed once and cached; the first candidate when tuning is off.
 
     Never tunes during CUDA-graph capture (timing synchronizes the device): a shape first seen inside a
@@ -553,10 +554,10 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
     0.1 ms more for the TMA kernel's descriptors) hides the device time of all but the largest GEMMs; the
     candidates are compiled concurrently first (autotune.py).
     Results persist in the on-disk tuning cache of ``device_index``'s GPU (tuning_cache.py): a key found
-    there, chosen from the same candidates, is not timed again. ``flush_l2``: time each call after flushing the
-    L2 instead (``do_bench``; the flush kernel in front hides the host's launch cost), for the decode-size kernels
-    bound by reading a weight that fits in the L2: replayed, they would be timed reading it from there, not from
-    HBM as in a model, where each layer's weights evict the last one's.
+    there, chosen from the same candidates, is not timed again. ``cycled_runs``: for the decode-size kernels bound
+    by reading a weight that fits in the L2, runs on copies of the weight that the timed launches cycle through
+    (``autotune.time_candidates``), so that each reads its weight from HBM as in a model, where each layer's weights
+    evict the last one's; made only when the key is actually timed.
     """
     if key in _TUNED:
         return _TUNED[key]
@@ -572,7 +573,7 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
         _TUNED[key] = stored
         return stored
     start = time.perf_counter()
-    timings = _time_candidates(candidates, run, flush_l2)
+    timings = _time_candidates(candidates, run, cycled_runs)
     tuning_cache.STATS.seconds += time.perf_counter() - start
     if not timings:
         raise ZQError(f"no Triton GEMM config fits this GPU for shape key {key}; set ZQ_TRITON_AUTOTUNE=0 "
@@ -585,8 +586,9 @@ def _pick_config(key: tuple, candidates: list[GemmConfig], run: Callable[[GemmCo
 
 
 def _time_candidates(candidates: list[GemmConfig], run: Callable[[GemmConfig], None],
-                     flush_l2: bool = False) -> dict[GemmConfig, float]:
-    return autotune.time_candidates(candidates, run, flush_l2)  # compiled concurrently, then timed
+                     cycled_runs: Callable[[], Sequence[Callable[[GemmConfig], None]]] | None = None
+                     ) -> dict[GemmConfig, float]:
+    return autotune.time_candidates(candidates, run, cycled_runs)  # compiled concurrently, then timed
 
 
 def _stored_config(disk: tuning_cache.TuningCache, key: tuple, candidates: list[GemmConfig]) -> GemmConfig | None:

@@ -101,7 +101,7 @@ class StreamConfig:
 _CONFIGS = (
     StreamConfig(64, 256, 4, 4, 2), StreamConfig(64, 256, 4, 4, 4), StreamConfig(128, 256, 4, 3, 1),
     StreamConfig(32, 512, 4, 3, 2), StreamConfig(64, 512, 4, 3, 1), StreamConfig(128, 128, 4, 4, 2),
-    StreamConfig(256, 256, 8, 3, 1),
+    StreamConfig(256, 256, 8, 3, 1), StreamConfig(32, 256, 4, 5, 1),
 )
 # INT4 variants: a K step of 256 values is only 128 B of INT4 weight per row, so these read 256-512 B per row per
 # step (more bytes in flight per load), with one split-K wave (2) or more (4) and a wide tile with 8 warps.
@@ -111,8 +111,8 @@ _INT4_CONFIGS = (
 # GEMV variants (the first few rows: no tensor cores): 16-byte weight loads for every thread, 256-1024 B of
 # weight per row per step, and enough programs (waves per SM) that a split's whole weight is in flight at once.
 _GEMV_CONFIGS = (
-    StreamConfig(32, 512, 4, 2, 4, "gemv"), StreamConfig(64, 256, 4, 2, 4, "gemv"),
-    StreamConfig(16, 1024, 4, 2, 4, "gemv"), StreamConfig(32, 1024, 8, 2, 2, "gemv"),
+    StreamConfig(32, 512, 4, 2, 4, "gemv"), StreamConfig(16, 512, 4, 3, 8, "gemv"),
+    StreamConfig(16, 512, 4, 2, 2, "gemv"), StreamConfig(32, 1024, 8, 2, 2, "gemv"),
 )
 # fp16 / bf16 activations: the weight tile is widened to float32 in registers (4-8x its bytes), so a quarter of the K
 # step keeps it within about 64 registers per thread.
@@ -121,8 +121,9 @@ _GEMV16_CONFIGS = (
     StreamConfig(16, 256, 4, 2, 4, "gemv"), StreamConfig(32, 256, 8, 2, 2, "gemv"),
 )
 # The MMA configs that stay candidates where the GEMV's are (fewer configs to time at the small M buckets): the
-# default and the ones tuned fastest at M = 1 on the H200 (INT8 and INT4 weights, 2026-12-01).
-_GEMV_SIZE_MMA_CONFIGS = (_CONFIGS[0], StreamConfig(128, 128, 4, 4, 2), _CONFIGS[1])
+# default and the ones fastest at M = 1 on the H200 (INT8 and INT4 weights, 2026-12-01; the wide sweep of
+# BENCHMARKS.md's decode-size GEMM section also chose the GEMV configs above).
+_GEMV_SIZE_MMA_CONFIGS = (_CONFIGS[0], StreamConfig(128, 128, 4, 4, 2), StreamConfig(32, 256, 4, 5, 1))
 
 
 def block_m_for(m: int) -> int:
@@ -608,6 +609,23 @@ def launch(a: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Ten
     )
 
 
+L2_FILLS = 3
+"""Weight copies the tuner cycles through fill the L2 this many times over (``_weight_copies``)."""
+MAX_WEIGHT_COPIES = 64
+
+
+def _weight_copies(w: Tensor, w_scale: Tensor, w_min: Tensor | None) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    """Copies of a weight (with its scales and mins, also read per call) that together fill the GPU's L2
+    ``L2_FILLS`` times over, at least two: the autotuner times launches that cycle through them, so each launch
+    reads its weight from HBM (autotune.py). Transient: they live while one shape is tuned."""
+    parts = [t for t in (w, w_scale, w_min) if t is not None]
+    nbytes = sum(t.numel() * t.element_size() for t in parts)
+    l2 = torch.cuda.get_device_properties(w.device).L2_cache_size
+    count = max(2, min(MAX_WEIGHT_COPIES, -(-L2_FILLS * l2 // max(nbytes, 1))))
+    return [(w, w_scale, w_min)] + [(w.clone(), w_scale.clone(), None if w_min is None else w_min.clone())
+                                    for _ in range(count - 1)]
+
+
 def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tensor | None, bias: Tensor | None,
          out_dtype: torch.dtype, p: _Problem, int4: bool, config: StreamConfig | None) -> Tensor:
     out = torch.empty((*x.shape[:-1], p.n), dtype=out_dtype, device=x.device)
@@ -622,6 +640,10 @@ def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tenso
     def run(cfg: StreamConfig) -> None:
         launch(a, s_x, w, w_scale, w_min, bias, out2d, p, int4, cfg)
 
+    def cycled_runs() -> list[Callable[[StreamConfig], None]]:
+        copies = _weight_copies(w, w_scale, w_min)
+        return [functools.partial(launch, a, s_x, *copy, bias, out2d, p, int4) for copy in copies]
+
     gemv = gemv_kernel_applies(a, w, p, int4)
     if config is not None:  # forced (tests, sweeps): bypasses the tuner's cache
         if config.kernel == "gemv" and not gemv:
@@ -633,7 +655,7 @@ def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tenso
         key = ("stream", gemv_block_m(p.m) if gemv else block_m_for(p.m), p.n, p.k, group_width_for(p), int4,
                w_min is not None, x.dtype, bias is not None, out_dtype, x.device.index)
         configs = candidate_configs(p, int4, gemv, int8_acts=x.dtype == torch.int8)
-        run(_pick_config(key, configs, run, x.device.index, flush_l2=True))  # persisted like the prefill's
+        run(_pick_config(key, configs, run, x.device.index, cycled_runs))  # persisted like the prefill's
     return out
 
 
