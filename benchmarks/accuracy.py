@@ -126,6 +126,9 @@ CONFIG_TABLE = (
            SELF_DATA + "; asymmetric groups of 32 (the GGUF's Q4_1 block), not tuned"),
     Config("W4A8-asym-AWQ", {"base": "w4a8-asym", "weight_rounding": "awq"}, False,
            SELF_DATA + "; AWQ's alpha grid; asymmetric groups of 32 (the GGUF's Q4_1 block), not tuned"),
+    # the best symmetric W4A8 combination (rotation + GPTQ) with LoRC correcting GPTQ's stored rounding
+    Config("W4A8-rot-GPTQ-LoRC8", {"base": "w4a8-rot", "weight_rounding": "gptq", "lorc_rank": 8}, False,
+           SELF_DATA + " (as W4A8-rot-GPTQ); LoRC rank 8 (ZeroQuant-V2's value, not tuned); rotation: fixed seed"),
 )
 CONFIGS = tuple(c.label for c in CONFIG_TABLE)
 
