@@ -161,6 +161,14 @@ def lkd_notes(compiled) -> dict:
             "lkd_block_mse_ratio_max": round(max(ratios), 3)}
 
 
+def gptq_notes(compiled) -> dict:
+    """How many linears GPTQ rounded and how many of them kept act-order (its per-layer choice, on calibration data)."""
+    counters = compiled.context.counters
+    if not counters.get("gptq.rounded"):
+        return {}
+    return {"gptq_layers": counters["gptq.rounded"], "gptq_act_order_layers": counters.get("gptq.act_order", 0)}
+
+
 def recipe_rows(name: str, model: torch.nn.Module, reference: dict[str, float],
                 metrics_of: Callable[[Any, str], dict[str, float]], args: argparse.Namespace,
                 lkd: zqcompile.LKDConfig) -> list[Row]:
@@ -176,8 +184,8 @@ def recipe_rows(name: str, model: torch.nn.Module, reference: dict[str, float],
         memory = compiled.weight_memory()
         rows.append(Row(name, config.label, metrics, memory.quantized_after / MB, memory.ratio_vs_fp16, seconds,
                         {"constants": config.constants, "recipe": config.recipe, "peak_rss_mb": peak_rss,
-                         **lkd_notes(compiled)}))
-        print(f"{name} {config.label}: {metrics}, {memory} ({seconds:.0f} s)", flush=True)
+                         **lkd_notes(compiled), **gptq_notes(compiled)}))
+        print(f"{name} {config.label}: {metrics}, {memory} ({seconds:.0f} s) {gptq_notes(compiled)}", flush=True)
         if compiled.recipe.auto:
             print(zqcompile.inspect(compiled, code=False), flush=True)
         fp32_mb = memory.quantized_before / MB

@@ -17,6 +17,7 @@ from zqcompile.quant import dequantize_weight_values, grid_params, quantize_weig
 
 GPTQ_DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (the GPTQ paper's default)
 GPTQ_BLOCK = 128  # columns per lazy batch update (the GPTQ paper's B)
+GPTQ_ORDERS = ("natural", "act-order")  # column orders gptq_best_order tries (natural wins a tie)
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,20 @@ def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Ten
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: Layout,
-                  damping: float = GPTQ_DAMPING, block: int = GPTQ_BLOCK
+                  damping: float = GPTQ_DAMPING, block: int = GPTQ_BLOCK, act_order: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ / OPTQ (Frantar et al., 2023): round ``weight`` [N, K] column by column, feeding each column's
     rounding error forward to the columns not yet rounded through the inverse of ``hessian`` = X^T X [K, K].
 
     Returns (int8 values, float32 scales [G_out, G_in], float32 mins or None) in quant.quantize_weight's layout,
-    on the layout's grid (symmetric or asymmetric). The scales (and mins) of an input-dim group are taken from the
-    group's error-updated weights when the sweep reaches it (GPTQ's grouping); with one input group they are the
-    round-to-nearest ones. With a diagonal Hessian no error is fed forward and the result is round-to-nearest
-    exactly.
+    on the layout's grid (symmetric or asymmetric). In natural order (``act_order`` False) the columns go left to
+    right and the scales (and mins) of an input-dim group are taken from the group's error-updated weights when the
+    sweep reaches it (GPTQ's grouping); with one input group they are the round-to-nearest ones. With ``act_order``
+    (GPTQ's "desc_act" with AutoGPTQ's ``static_groups``) every group's grid is first taken from the weights as
+    they are (round-to-nearest's grid), then the columns are rounded in descending order of the Hessian diagonal:
+    the inputs with the most energy first, while the most columns are left to absorb their error. The groups stay
+    the layout's contiguous input-dim groups either way, so the result is stored like any other. With a diagonal
+    Hessian no error is fed forward and both orders give round-to-nearest exactly.
     """
     n, k = weight.shape
     g_out, g_in = weight_groups(n, k, layout.group_size, layout.input_group_size)
@@ -77,31 +82,56 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: Layout,
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damping * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
+    if act_order:
+        _, scale, w_min = layout.quantize(w)  # static groups: every grid fixed before any feedback
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, order], h[order][:, order]
+    else:
+        scale = torch.zeros(g_out, g_in, dtype=torch.float32, device=weight.device)
+        w_min = None if layout.symmetric else torch.zeros_like(scale)
+        order = torch.arange(k, device=weight.device)
+    groups = (order // width).tolist()  # the input group of each column in sweep order
     # upper Cholesky factor of H^-1: row i holds the feedback of column i's error onto columns > i
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros(n, k, dtype=torch.int8, device=weight.device)
-    scale = torch.zeros(g_out, g_in, dtype=torch.float32, device=weight.device)
-    w_min = None if layout.symmetric else torch.zeros_like(scale)
     for start in range(0, k, block):
         end = min(start + block, k)
         errors = torch.zeros(n, end - start, dtype=w.dtype, device=w.device)
         for i in range(start, end):
-            if i % width == 0:  # first column of an input group: its grid, from the updated weights
+            g = groups[i]
+            if not act_order and i % width == 0:  # first column of an input group: its grid, from the updated weights
                 group = w[:, i:i + width].reshape(g_out, rows, width)
                 group_scale, group_min = grid_params(group.amin(dim=(1, 2)), group.amax(dim=(1, 2)), layout.bits,
                                                      layout.symmetric)
-                scale[:, i // width] = group_scale
+                scale[:, g] = group_scale
                 if w_min is not None:
-                    w_min[:, i // width] = group_min
-            col_scale = scale[:, i // width].double().repeat_interleave(rows)
-            col_min = None if w_min is None else w_min[:, i // width].double().repeat_interleave(rows)
+                    w_min[:, g] = group_min
+            col_scale = scale[:, g].double().repeat_interleave(rows)
+            col_min = None if w_min is None else w_min[:, g].double().repeat_interleave(rows)
             q[:, i] = round_to_grid(w[:, i], col_scale, col_min, layout.bits)
             dequantized = q[:, i].double() * col_scale + (0.0 if col_min is None else col_min)
             error = (w[:, i] - dequantized) / h_inv[i, i]
             w[:, i + 1:end] -= error[:, None] * h_inv[i, i + 1:end][None, :]
             errors[:, i - start] = error
         w[:, end:] -= errors @ h_inv[start:end, end:]
+    if act_order:
+        q[:, order] = q.clone()  # back to the weight's column order
     return q, scale, w_min
+
+
+def gptq_best_order(weight: torch.Tensor, hessian: torch.Tensor, layout: Layout
+                    ) -> tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], dict[str, float]]:
+    """GPTQ in both column orders (:func:`gptq_quantize` with and without ``act_order``), keeping the one with the
+    lower :func:`output_error` on ``hessian`` (natural order on a tie). Neither dominates: act-order rounds the
+    loud inputs first but fixes every grid before any feedback; natural order lets feedback reshape each group's
+    grid but may round a loud input last. So the layer's own calibration data decides.
+
+    Returns (the winner, "natural" or "act-order"; its (int8 values, scales, mins); both orders' errors)."""
+    rounded = {order: gptq_quantize(weight, hessian, layout, act_order=order == "act-order") for order in GPTQ_ORDERS}
+    errors = {order: output_error(weight, dequantize_weight_values(*r).to(weight.dtype), hessian)
+              for order, r in rounded.items()}
+    best = min(GPTQ_ORDERS, key=lambda order: errors[order])  # min keeps the first (natural) on a tie
+    return best, rounded[best], errors
 
 
 def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Tensor], layouts: list[Layout],

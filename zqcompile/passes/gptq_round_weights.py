@@ -3,15 +3,20 @@
 Matches ``aten.linear(x, W, b)`` with a quantized plan and a stored ``W`` that nothing else reads. Runs the graph
 node by node on ``ctx.calibration_inputs`` (calibration.run_node_major); at each input ``x`` of such linears it
 builds one Hessian ``H = sum_t x_t^T x_t`` over all calibration tokens (q/k/v, or gate/up, share it; only one is
-alive at a time) and rounds each reader's weight with GPTQ (rounding.gptq_quantize) to the reader's plan (INT8
-or INT4, its output-row and input-dim groups), before the readers run: later layers calibrate on the rounded
-layers' outputs (GPTQ's sequential mode). The activations the Hessian sees are the floating-point ones.
+alive at a time) and rounds each reader's weight with GPTQ to the reader's plan (INT8 or INT4, its output-row and
+input-dim groups), before the readers run: later layers calibrate on the rounded layers' outputs (GPTQ's
+sequential mode). The activations the Hessian sees are the floating-point ones. Each weight is rounded in both
+column orders, natural order with each group's grid taken as the sweep reaches it and act-order (descending
+``diag(H)``) with static group grids, and the one with the lower relative output error on the calibration data
+is kept (rounding.gptq_best_order, which says why neither order is always better); the groups, and so the stored
+layout and the kernels, are the same either way.
 
 Emits, per rounded linear, a new buffer ``<W>_gptq`` with the dequantized rounded weight in place of ``W`` (the
 graph computes with it from here on) and ``ctx.rounded_weights[<W>_gptq]``: the integers and scales, which
 ``quantize_weights`` stores as they are (recomputing absmax scales from the dequantized values would not give
 them back: GPTQ's error feedback can leave a group without a ``+-qmax`` value). The linear's ``zq_rounding``
-meta records the relative output error on the calibration data of round-to-nearest and of GPTQ (``inspect``).
+meta records the order kept and the relative output error on the calibration data of round-to-nearest and of
+both orders (``inspect``); counters ``gptq.rounded`` and ``gptq.act_order`` (the layers act-order won).
 Leaves to round-to-nearest, with the reason in ``zq_rounding``, a weight another node also reads (tied).
 Does nothing unless the recipe says ``gptq``; raises ZQError without calibration inputs.
 """
@@ -29,7 +34,7 @@ from zqcompile.passes.infra import (
     LINEAR, META_PLAN, META_ROUNDING, CompileContext, PassResult, get_attr_tensor, is_op, is_stored, replace_stored,
 )
 from zqcompile.quant import dequantize_weight_values
-from zqcompile.rounding import Layout, RoundedWeight, gptq_quantize, output_error
+from zqcompile.rounding import Layout, RoundedWeight, gptq_best_order, output_error
 
 
 def layout_of(linear: Node) -> Layout:
@@ -79,16 +84,18 @@ def gptq_round_weights(gm: GraphModule, ctx: CompileContext) -> PassResult:
                 linear.meta[META_ROUNDING] = "rtn (gptq skipped: the weight is shared with another reader)"
                 counters["gptq.skipped_shared"] += 1
                 continue
-            q, scale, w_min = gptq_quantize(weight, hessian, layout)
+            order, (q, scale, w_min), errors = gptq_best_order(weight, hessian, layout)
             rounded = dequantize_weight_values(q, scale, w_min).to(weight.dtype)
-            linear.meta[META_ROUNDING] = (f"gptq: output error {output_error(weight, nearest, hessian):.2e} (rtn) -> "
-                                          f"{output_error(weight, rounded, hessian):.2e}")
+            linear.meta[META_ROUNDING] = (f"gptq {order}: output error {output_error(weight, nearest, hessian):.2e} "
+                                          f"(rtn) -> {errors['natural']:.2e} (natural order), "
+                                          f"{errors['act-order']:.2e} (act-order)")
             new = replace_stored(gm, linear, weight_node, rounded, "gptq")
             ctx.rounded_weights[new.target] = RoundedWeight(q, scale, w_min, layout, weight)
             for env in envs:  # the readers run after this node: give them the rounded weight
                 env.pop(weight_node, None)
                 env[new] = rounded
             counters["gptq.rounded"] += 1
+            counters["gptq.act_order"] += order == "act-order"
 
     run_node_major(gm, ctx.calibration_inputs, visit)
     return PassResult(gm, bool(counters["gptq.rounded"]), counters)
