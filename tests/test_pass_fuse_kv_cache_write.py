@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 import zqcompile
 from helpers import apply_pass, count_ops, make_tiny_llama, op_targets, token_batch
@@ -20,11 +21,6 @@ ROTARY = torch.ops.zq.rotary_embedding.default
 WRITE = torch.ops.aten.index_copy_.default
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 B, H, S, L, D = 2, 2, 3, 8, 8
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """transformers' rotate_half."""
-    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
 
 
 class CachedAttention(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 import zqcompile
 from helpers import apply_pass, count_ops, cuda_target_runs, make_tiny_llama, op_targets
@@ -17,11 +18,6 @@ ROTARY = torch.ops.zq.rotary_embedding.default
 CAT = torch.ops.aten.cat.default
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 B, HQ, HK, S, D = 2, 4, 2, 5, 8
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """transformers' rotate_half."""
-    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
 
 
 class Rotary(nn.Module):

@@ -28,7 +28,6 @@ Candidates that do not fit the GPU (Triton's ``OutOfResources``, e.g. too much s
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import statistics
@@ -64,14 +63,13 @@ def time_candidates(candidates: Sequence[Config], run: Callable[[Config], None],
     start = time.perf_counter()
     fitting = first_runs(candidates, run)
     tuning_cache.STATS.compile_seconds += time.perf_counter() - start
-    runs = cycled_runs() if cycled_runs is not None and fitting else None
+    runs = cycled_runs() if cycled_runs is not None and fitting else [run]
     stream = torch.cuda.Stream()  # captures need a stream other than the legacy default one
     stream.wait_stream(torch.cuda.current_stream())
     timings: dict[Config, float] = {}
     with torch.cuda.stream(stream):
         for cfg in fitting:
-            launch = _cycling(runs, cfg) if runs else functools.partial(run, cfg)
-            timings[cfg] = _time_launches(launch, min(timings.values(), default=None), len(runs) if runs else 1)
+            timings[cfg] = _time_launches(_cycling(runs, cfg), min(timings.values(), default=None), len(runs))
     torch.cuda.current_stream().wait_stream(stream)
     return timings
 
@@ -126,7 +124,8 @@ def _replays_ms(graph: torch.cuda.CUDAGraph, count: int) -> list[float]:
 
 
 def _cycling(runs: Sequence[Callable[[Config], None]], cfg: Config) -> Callable[[], None]:
-    """A launch of ``cfg`` on the next of ``runs`` at each call (captured in a graph, the replays cycle too)."""
+    """A launch of ``cfg`` on the next of ``runs`` at each call (captured in a graph, the replays cycle too); one
+    run without weight copies."""
     turn = itertools.cycle(runs)
     return lambda: next(turn)(cfg)
 

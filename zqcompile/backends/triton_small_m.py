@@ -637,12 +637,14 @@ def _run(x: Tensor, s_x: Tensor | None, w: Tensor, w_scale: Tensor, w_min: Tenso
     bias = bias.contiguous() if bias is not None else None
     out2d = out.view(p.m, p.n)
 
-    def run(cfg: StreamConfig) -> None:
-        launch(a, s_x, w, w_scale, w_min, bias, out2d, p, int4, cfg)
+    def on(weight: tuple[Tensor, Tensor, Tensor | None]) -> Callable[[StreamConfig], None]:
+        """``run(cfg)`` on this weight (with its scales and mins)."""
+        return functools.partial(launch, a, s_x, *weight, bias, out2d, p, int4)
+
+    run = on((w, w_scale, w_min))
 
     def cycled_runs() -> list[Callable[[StreamConfig], None]]:
-        copies = _weight_copies(w, w_scale, w_min)
-        return [functools.partial(launch, a, s_x, *copy, bias, out2d, p, int4) for copy in copies]
+        return [on(copy) for copy in _weight_copies(w, w_scale, w_min)]
 
     gemv = gemv_kernel_applies(a, w, p, int4)
     if config is not None:  # forced (tests, sweeps): bypasses the tuner's cache
