@@ -226,7 +226,8 @@ def bench_warm_cache(res: Results, name: str, args: argparse.Namespace) -> None:
     command = [sys.executable, __file__, "--warm-only", name, "--minilm-dir", minilm_dir(args.minilm_dir),
                *(["--shapes", args.shapes] if args.shapes else [])]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=max(30, remaining(args) - 5))
+    # (capped: the default --deadline-s is effectively infinite, larger than a poll timeout may be)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=max(30, min(remaining(args) - 5, 3600)))
     line = next((l for l in reversed(done.stdout.splitlines()) if l.startswith("{")), None)
     if line is None:
         raise RuntimeError(f"warm-only process failed: {done.stderr[-2000:]}")
