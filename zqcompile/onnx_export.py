@@ -8,10 +8,13 @@ How the zq ops become ONNX (CPU onnxruntime, measured in ``benchmarks/onnx_ort.p
 - Per-token activation quantization: ``s = max(ReduceMax(x), -ReduceMin(x)) / 127`` (1 where the row is
   all zero), then one per-axis ``QuantizeLinear`` over the ``[tokens, K]`` view with zero point 128
   (``round_half_even(x / s) + 128``). The int8 values of the zq graph are carried as
-  ``uint8 = int8 + 128`` everywhere in the ONNX graph: ORT's u8 x s8 GEMM is fast, its s8 x s8
-  ``MatMulInteger`` runs at 0.2-0.3x FP32.
-- ``int8_linear``: ``com.microsoft::MatMulIntegerToFloat(q_u8, W^T int8, a_scale=1, b_scale=per-column,
-  a_zero_point=128)``, then ``Mul`` by the per-token scale and ``Add`` the bias. The per-token scale is
+  ``uint8 = int8 + 128`` everywhere in the ONNX graph: ORT's s8 x s8 ``MatMulInteger`` runs at 0.2-0.3x
+  FP32.
+- ``int8_linear``: ``com.microsoft::MatMulIntegerToFloat(q_u8, W^T u8, a_scale=1, b_scale=per-column,
+  a_zero_point=128, b_zero_point=128)``, the int8 weight shifted to uint8 in the graph (folded when the
+  session loads; the file keeps int8). u8 x u8 rather than u8 x s8: ORT's u8 x s8 kernel on x86 CPUs without
+  AVX-VNNI (VPMADDUBSW) saturates pairs of products at int16, so its results differ from the zq op's exact
+  int32 sums; u8 x u8 is exact on every CPU. Then ``Mul`` by the per-token scale and ``Add`` the bias. The per-token scale is
   applied outside: MatMulIntegerToFloat's ``a_scale`` is per tensor or per column of A (along K), so a
   per-row scale given there silently computes something else.
 - ``int4_linear`` with input-dim groups whose size is a power of two >= 16 (the ``w4a8`` preset):
@@ -119,7 +122,7 @@ def _translation_table() -> dict[Any, Any]:
     from onnxscript import values
 
     ms = values.Opset(MS_DOMAIN, 1)
-    uint8, float32 = ir.DataType.UINT8, ir.DataType.FLOAT
+    uint8, int16, float32 = ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.FLOAT
 
     def const(value: float):
         return op.Constant(value_float=float(value))
@@ -189,8 +192,11 @@ def _translation_table() -> dict[Any, Any]:
         if static_shape(w_scale)[1] != 1:  # input-dim groups: one float GEMM on the simulated values
             return float_linear(dequantize_rows(q, scale), w, w_scale, bias)
         zero_point = op.Constant(value=ir.tensor(ACT_ZERO_POINT, dtype=uint8))
-        y = ms.MatMulIntegerToFloat(q, op.Transpose(w, perm=[1, 0]), const(1.0),
-                                    op.Reshape(column_scale(w_scale, n), ints(n)), zero_point)
+        # the weight as uint8 = int8 + 128 too (a u8 x u8 GEMM, see the module docstring); constant-folded at load
+        w_u8 = op.Cast(op.Add(op.Cast(w, to=int16), op.Constant(value=ir.tensor(ACT_ZERO_POINT, dtype=int16))),
+                       to=uint8)
+        y = ms.MatMulIntegerToFloat(q, op.Transpose(w_u8, perm=[1, 0]), const(1.0),
+                                    op.Reshape(column_scale(w_scale, n), ints(n)), zero_point, zero_point)
         return add_bias(op.Mul(y, scale), bias)
 
     def int4_linear(q, scale, w_packed, w_scale, bias, out_dtype, w_min=None):

@@ -120,14 +120,19 @@ def get_attr_tensor(gm: GraphModule, node: Node) -> torch.Tensor:
 
 
 def set_attr_tensor(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
-    """Register ``tensor`` as a buffer at dotted ``target`` (creating nothing but the leaf)."""
+    """Register ``tensor`` as a buffer at dotted ``target`` (creating nothing but the leaf).
+
+    Stored tensors are made contiguous, as ``load`` restores them: the CPU GEMMs round differently for another
+    memory layout, and a loaded model must compute bit-identically to the compiled one."""
     module, leaf = attr_owner(gm, target)
-    module.register_buffer(leaf, tensor)
+    module.register_buffer(leaf, tensor.contiguous())
 
 
 def replace_attr_tensor(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
-    """Put ``tensor`` at the existing dotted ``target``; a parameter stays a (frozen) parameter."""
+    """Put ``tensor`` (contiguous, as in set_attr_tensor) at the existing dotted ``target``; a parameter stays a
+    (frozen) parameter."""
     module, leaf = attr_owner(gm, target)
+    tensor = tensor.contiguous()
     if isinstance(getattr(module, leaf), torch.nn.Parameter):
         tensor = torch.nn.Parameter(tensor, requires_grad=False)
     setattr(module, leaf, tensor)
