@@ -17,6 +17,14 @@ from zqcompile.pretrained import data_dir as resolve_data_dir
 from zqcompile.pretrained import load_pretrained
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files that hold a ``slow`` test (tens of seconds each) go first. scripts/test.sh hands whole files to the
+    pytest-xdist workers in collection order (``--dist loadfile --no-loadscope-reorder``): a long file handed out
+    last would keep one worker busy while the others sit idle."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_rng():
     """Every test starts from the same RNG state, so its random inputs do not depend on test order."""

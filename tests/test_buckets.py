@@ -79,7 +79,7 @@ class _Spy:
 
 
 def _bucketed(model, recipe):
-    qmodel = zqcompile.compile(model, recipe, buckets=BUCKETS)
+    qmodel = zqcompile.compile(model, recipe, buckets=BUCKETS, generation=False)  # the forward only
     spy = _Spy(qmodel.graph_module)
     object.__setattr__(qmodel, "runner", spy)
     return qmodel, spy

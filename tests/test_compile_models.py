@@ -188,7 +188,7 @@ def count_lowered(qmodel) -> int:
 def test_fp16_and_bf16_models_compile_and_keep_their_dtype():
     for dtype in (torch.float16, torch.bfloat16):
         model = make_tiny_llama().to(dtype)
-        qmodel = zqcompile.compile(model, "w8a8")
+        qmodel = zqcompile.compile(model, "w8a8", generation=False)
         ids = token_batch(2, 5)
         with torch.no_grad():
             out, expected = qmodel(input_ids=ids).logits, model(input_ids=ids).logits
@@ -286,7 +286,7 @@ def test_plain_module_with_example_inputs():
 
 def test_gpt2_lm_head_tied_to_the_embedding_can_be_quantized():
     model = TINY_MODELS["gpt2"]()
-    qmodel = zqcompile.compile(model, {"keep_fp": []})
+    qmodel = zqcompile.compile(model, {"keep_fp": []}, generation=False)
     assert qmodel.context.plans["lm_head"].kind == "W8A8"
     assert qmodel.context.counters["lower.int8_linear"] == 9
     ids = token_batch(2, 9)

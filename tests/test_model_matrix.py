@@ -18,6 +18,8 @@ from model_matrix import (
 from test_generation import FP_KEPT
 from zqcompile.kv_cache import capture_static_cache
 
+pytestmark = pytest.mark.slow  # the module's rows compile every family (over a minute)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK_ROLES = {"attn_qkv", "attn_out", "mlp_in", "mlp_out"}
 

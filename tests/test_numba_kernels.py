@@ -28,6 +28,7 @@ IN_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 REPO = Path(__file__).resolve().parents[1]
 
 if not IN_SIMULATOR:
+    @pytest.mark.slow
     def test_numba_kernels_in_cuda_simulator():
         pytest.importorskip("numba")
         env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
@@ -39,6 +40,10 @@ if not IN_SIMULATOR:
 
 else:
     from zqcompile.backends.numba_cuda import kernels
+
+    # The simulator's launcher polls its block's threads in a loop that holds the GIL between switches: a 1 ms
+    # switch interval (5 ms by default) lets the threads reach each barrier sooner and halves this file's time.
+    sys.setswitchinterval(0.001)
 
     THREADS = 32  # one warp per row keeps the simulator (one Python thread per CUDA thread) quick
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,11 +88,12 @@ else:
         g = torch.Generator().manual_seed(seed)
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
-    SHAPES = [(3, 40), (2, 7)]  # K larger than the block (several columns per thread) and smaller
+    # every dtype with K larger than the block (several columns per thread); K smaller than the block at one dtype
+    # (which columns a thread takes does not depend on the dtype)
+    DTYPE_SHAPES = [(dtype, 3, 40) for dtype in DTYPES] + [(torch.float16, 2, 7)]
 
     # ---- quantize_per_token ------------------------------------------------------------------------
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("rows,k", SHAPES)
+    @pytest.mark.parametrize("dtype,rows,k", DTYPE_SHAPES)
     @pytest.mark.parametrize("vec", [None, 1, 2, 4])
     def test_quantize_per_token_matches_reference(dtype, rows, k, vec):
         if vec and (k % vec or vec * x_bytes(dtype) > 8):
@@ -107,8 +113,7 @@ else:
         assert scale.tolist() == [1.0, 1.0]
 
     # ---- layernorm_quant / add_layernorm_quant -------------------------------------------------------
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("rows,k", SHAPES)
+    @pytest.mark.parametrize("dtype,rows,k", DTYPE_SHAPES)
     @pytest.mark.parametrize("with_residual", [False, True])
     @pytest.mark.parametrize("vec", [None, 1])
     def test_layernorm_quant_matches_reference(dtype, rows, k, with_residual, vec):
@@ -187,8 +192,7 @@ else:
         assert torch.equal(from_numba(h, dtype), x + residual)
         check_quant(q, scale, ref[1], ref[2])
 
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("rows,k", SHAPES)
+    @pytest.mark.parametrize("dtype,rows,k", DTYPE_SHAPES)
     def test_add_rmsnorm_matches_reference(dtype, rows, k):
         """The final norm (not quantized): the sum bit for bit, the norm within the float tolerance."""
         x, residual = randn(rows, k, dtype=dtype, seed=22), randn(rows, k, dtype=dtype, seed=23)
@@ -211,8 +215,7 @@ else:
                            threads=THREADS)
         check_quant(q, scale, *ops.gelu_quant(x, bias, approximate))
 
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("rows,k", SHAPES)
+    @pytest.mark.parametrize("dtype,rows,k", DTYPE_SHAPES)
     @pytest.mark.parametrize("vec", [None, 1])
     def test_silu_mul_quant_matches_reference(dtype, rows, k, vec):
         gate, up = randn(rows, k, dtype=dtype, seed=11), randn(rows, k, dtype=dtype, seed=12)
@@ -220,8 +223,7 @@ else:
         kernels.silu_mul_quant(to_numba(gate), to_numba(up), q, scale, threads=THREADS, vec=vec)
         check_quant(q, scale, *ops.silu_mul_quant(gate, up))
 
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("rows,k", SHAPES)
+    @pytest.mark.parametrize("dtype,rows,k", DTYPE_SHAPES)
     def test_relu_quant_matches_float64_relu(dtype, rows, k):
         x = randn(rows, k, dtype=dtype, seed=19)
         q, scale = outputs(rows, k)

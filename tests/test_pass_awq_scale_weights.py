@@ -52,7 +52,8 @@ def test_the_fold_is_exact_in_floating_point():
 
 def test_awq_compiles_saves_and_loads(tmp_path):
     model = make_tiny_llama()
-    qmodel = zqcompile.compile(model, {"base": "w4a16", "input_group_size": 32, "weight_rounding": "awq"})
+    qmodel = zqcompile.compile(model, {"base": "w4a16", "input_group_size": 32, "weight_rounding": "awq"},
+                               generation=False)
     assert "awq: output error" in zqcompile.inspect(qmodel, code=False)
     qmodel.save(tmp_path / "awq")
     loaded = zqcompile.load(tmp_path / "awq")

@@ -24,7 +24,8 @@ W4A8_GPTQ = {"base": "w4a8", "weight_rounding": "gptq"}
 @pytest.fixture(scope="module")
 def gptq_llama():
     model = make_tiny_llama()
-    return model, zqcompile.compile(model, W4A8_GPTQ), zqcompile.compile(model, "w4a8")
+    return (model, zqcompile.compile(model, W4A8_GPTQ, generation=False),  # the forward graphs only
+            zqcompile.compile(model, "w4a8", generation=False))
 
 
 def _calibration() -> list[tuple[torch.Tensor, ...]]:
@@ -161,8 +162,8 @@ def test_gptq_composes_with_rotation():
     # rotation removes the outlier channels, GPTQ then rounds the rotated weights (the maths allows it: the fold
     # is exact, GPTQ sees the rotated layer inputs)
     model = make_tiny_llama()
-    rotated_gptq = zqcompile.compile(model, {"base": "w4a8-rot", "weight_rounding": "gptq"})
-    rotated = zqcompile.compile(model, "w4a8-rot")
+    rotated_gptq = zqcompile.compile(model, {"base": "w4a8-rot", "weight_rounding": "gptq"}, generation=False)
+    rotated = zqcompile.compile(model, "w4a8-rot", generation=False)
     rounded = {module: meta for module, (_, _, meta) in _stored(rotated_gptq.graph_module).items()}
     assert rounded and all(meta != "rtn" and "gptq" in str(meta) for meta in rounded.values()), rounded
     ids = token_batch(4, 16, seed=9)

@@ -43,12 +43,12 @@ def _check_corrections(gm: GraphModule, fp_weight: Callable[[str], torch.Tensor]
 
 def test_factors_are_the_truncated_svd_of_the_stored_error_and_read_the_gemms_input(tmp_path):
     model = make_tiny_llama()
-    qmodel = zqcompile.compile(model, {"base": "w4a8", "lorc_rank": 4})
+    qmodel = zqcompile.compile(model, {"base": "w4a8", "lorc_rank": 4}, generation=False)
     gm = qmodel.graph_module
     count = _check_corrections(gm, lambda module: model.get_submodule(module).weight.detach(), 4)
     assert count == 14 and qmodel.context.counters["lorc.corrected"] == 14
     # the correction brings the compiled model closer to the FP model
-    plain = zqcompile.compile(model, "w4a8")
+    plain = zqcompile.compile(model, "w4a8", generation=False)
     ids = token_batch(2, 12)
     with torch.no_grad():
         reference = model(input_ids=ids).logits
@@ -77,7 +77,7 @@ def test_after_rotation_and_gptq_the_factors_correct_gptqs_stored_integers():
     rotated = {n.meta[META_MODULE]: get_attr_tensor(rotated_gm, n.args[1]).detach() for n in linear_nodes(rotated_gm)}
     assert _check_corrections(result.compiled, rotated.__getitem__, 4) == 14
     # GPTQ moved integers away from round to nearest, so the two errors' factors differ
-    nearest = zqcompile.compile(model, {"base": "w4a8-rot", "lorc_rank": 4}).graph_module
+    nearest = zqcompile.compile(model, {"base": "w4a8-rot", "lorc_rank": 4}, generation=False).graph_module
 
     def factors(gm: GraphModule) -> list[torch.Tensor]:
         return [get_attr_tensor(gm, n.args[2]).double() @ get_attr_tensor(gm, n.args[3]).double()

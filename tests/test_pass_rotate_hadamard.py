@@ -114,7 +114,7 @@ def test_rotation_lowers_the_quantized_error_with_outlier_channels(recipe):
     errors = {}
     for name in (recipe, f"{recipe}-rot"):
         with torch.no_grad():
-            got = zqcompile.compile(model, name)(input_ids=ids).logits
+            got = zqcompile.compile(model, name, generation=False)(input_ids=ids).logits
         errors[name] = ((got - expected).norm() / expected.norm()).item()
     assert errors[f"{recipe}-rot"] < 0.6 * errors[recipe], errors
 
@@ -142,7 +142,7 @@ def test_presets_and_recipe_field():
 
 def test_inspect_lists_what_was_not_rotated():
     model = TINY_MODELS["gpt2"]()
-    qmodel = zqcompile.compile(model, "w8a8-rot")
+    qmodel = zqcompile.compile(model, "w8a8-rot", generation=False)
     assert "not rotated:\n  residual stream: " in zqcompile.inspect(qmodel, code=False)
     ids = token_batch(2, 8, seed=4)
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_inspect_lists_what_was_not_rotated():
 
 
 def test_rotated_model_saves_and_loads(tmp_path):
-    qmodel = zqcompile.compile(TINY_MODELS["llama"](), "w8a8-rot")
+    qmodel = zqcompile.compile(TINY_MODELS["llama"](), "w8a8-rot", generation=False)
     qmodel.save(tmp_path / "llama")
     loaded = zqcompile.load(tmp_path / "llama")
     ids = token_batch(2, 8, seed=4)
@@ -160,7 +160,7 @@ def test_rotated_model_saves_and_loads(tmp_path):
 def test_onnx_export_of_a_rotated_llama(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    qmodel = zqcompile.compile(TINY_MODELS["llama"](), "w8a8-rot")
+    qmodel = zqcompile.compile(TINY_MODELS["llama"](), "w8a8-rot", generation=False)
     info = zqcompile.export_onnx(qmodel, None, tmp_path / "rot.onnx", progress=False)
     ids = token_batch(2, 10, seed=5)
     session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
