@@ -75,6 +75,11 @@ def test_export_onnx_command(compiled_dir, tmp_path, capsys):
                                 "token_type_ids": torch.zeros_like(ids).numpy()})[0]
     expected = qmodel(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.nn.functional.cosine_similarity(torch.from_numpy(got).flatten(), expected.flatten(), dim=0) > 0.9999
+    # --int8 u8s8: the int8 weights go to ORT's u8 x s8 kernel as they are (no weight zero point)
+    assert main(["--quiet", "export-onnx", str(compiled_dir), str(out), "--int8", "u8s8"]) == 0
+    import onnx
+    gemms = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(gemms) == 12 and all(len(n.input) == 5 for n in gemms)
 
 
 def test_inspect_bench_eval(compiled_dir, tmp_path, capsys):

@@ -135,10 +135,25 @@ def test_single_linear_against_float64_reference(tmp_path):
     assert torch.all(got[3] == linear.bias.detach())
 
 
-def test_rejects_unknown_int4_mode(compiled_tiny, tmp_path):
+def test_u8s8_mode_keeps_the_int8_weights_and_stays_close(compiled_tiny, tmp_path):
+    """``int8="u8s8"``: ORT's u8 x s8 kernel on the int8 weights (no weight zero point). Exact on VNNI CPUs; on
+    AVX2-only ones a saturated pair of products moves a sum, so only closeness is asserted here."""
     _, qmodel = compiled_tiny("bert", "w8a8")
-    with pytest.raises(zqcompile.ZQError, match="int4="):
-        zqcompile.export_onnx(qmodel, None, tmp_path / "x.onnx", int4="fast")
+    exact = zqcompile.export_onnx(qmodel, None, tmp_path / "exact.onnx", progress=False)
+    fast = zqcompile.export_onnx(qmodel, None, tmp_path / "fast.onnx", int8="u8s8", progress=False)
+
+    def gemm_input_counts(path):
+        return {len(n.input) for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulIntegerToFloat"}
+    assert gemm_input_counts(exact.path) == {6} and gemm_input_counts(fast.path) == {5}  # b_zero_point or none
+    assert fast.op_counts["MatMulIntegerToFloat"] == 12 and not float_copies(qmodel, fast.path)
+    check_against_zqcompile(qmodel, fast.path, 0.999)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_rejects_unknown_modes(compiled_tiny, tmp_path, mode):
+    _, qmodel = compiled_tiny("bert", "w8a8")
+    with pytest.raises(zqcompile.ZQError, match=f"{mode}='fast': choose one of"):
+        zqcompile.export_onnx(qmodel, None, tmp_path / "x.onnx", **{mode: "fast"})
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
     zqcompile compile MODEL --recipe w8a8 --out DIR [--lkd [--lkd-steps N] [--lkd-data FILE]]
     zqcompile inspect DIR [--code]
-    zqcompile export-onnx DIR OUT.onnx [--int4 matmulnbits|exact]
+    zqcompile export-onnx DIR OUT.onnx [--int4 matmulnbits|exact] [--int8 exact|u8s8]
     zqcompile bench DIR [--batch 1] [--seq 128] [--repeats 10]
     zqcompile eval DIR --text FILE [FILE ...] [--max-tokens 16384] [--window 512]
     zqcompile generate DIR|MODEL --prompt TEXT [--max-new-tokens 64] [--sample [--temperature T] [--top-k K]
@@ -127,7 +127,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     import zqcompile
 
     _writable_file(args.out)
-    info = zqcompile.export_onnx(zqcompile.load(args.dir), None, args.out, int4=args.int4, progress=not args.quiet)
+    info = zqcompile.export_onnx(zqcompile.load(args.dir), None, args.out, int4=args.int4, int8=args.int8,
+                                 progress=not args.quiet)
     print(f"wrote {info}")
 
 
@@ -268,7 +269,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zqcompile.onnx_export import INT4_MODES
+    from zqcompile.onnx_export import INT4_MODES, INT8_MODES
     from zqcompile.recipe import PRESETS
 
     parser = _Parser(prog="zqcompile", description="ZeroQuant post-training quantization compiler")
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("out")
     p.add_argument("--int4", choices=INT4_MODES, default="matmulnbits")
+    p.add_argument("--int8", choices=INT8_MODES, default="exact",
+                   help="u8s8: ORT's u8 x s8 kernel, faster but saturating on x86 CPUs without VNNI")
     p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("bench", help="CPU latency of the compiled model vs its FP model")

@@ -14,7 +14,8 @@ How the zq ops become ONNX (CPU onnxruntime, measured in ``benchmarks/onnx_ort.p
   a_zero_point=128, b_zero_point=128)``, the int8 weight shifted to uint8 in the graph (folded when the
   session loads; the file keeps int8). u8 x u8 rather than u8 x s8: ORT's u8 x s8 kernel on x86 CPUs without
   AVX-VNNI (VPMADDUBSW) saturates pairs of products at int16, so its results differ from the zq op's exact
-  int32 sums; u8 x u8 is exact on every CPU. Then ``Mul`` by the per-token scale and ``Add`` the bias. The per-token scale is
+  int32 sums; u8 x u8 is exact on every CPU (``int8="u8s8"`` keeps the int8 weight: about 2x faster there,
+  see BENCHMARKS.md). Then ``Mul`` by the per-token scale and ``Add`` the bias. The per-token scale is
   applied outside: MatMulIntegerToFloat's ``a_scale`` is per tensor or per column of A (along K), so a
   per-row scale given there silently computes something else.
 - ``int4_linear`` with input-dim groups whose size is a power of two >= 16 (the ``w4a8`` preset):
@@ -57,6 +58,7 @@ from zqcompile.quant import ACT_QMAX, int4_group_width, unpack_int4
 MS_DOMAIN = "com.microsoft"
 ACT_ZERO_POINT = 128  # int8 activation values travel as uint8 = int8 + 128
 INT4_MODES = ("matmulnbits", "exact")
+INT8_MODES = ("exact", "u8s8")
 MATMULNBITS_ACCURACY_LEVEL = 4  # int8 compute; accuracy_level 0 (fp32 compute) is ~20x slower than FP32 on CPU
 
 
@@ -116,7 +118,7 @@ def register_ms_schemas() -> None:
 # Translations of the zq ops (onnxscript, traced by the dynamo exporter)
 # ----------------------------------------------------------------------------------------------------
 
-def _translation_table() -> dict[Any, Any]:
+def _translation_table(int8_mode: str) -> dict[Any, Any]:
     import onnx_ir as ir
     from onnxscript import opset18 as op
     from onnxscript import values
@@ -192,11 +194,14 @@ def _translation_table() -> dict[Any, Any]:
         if static_shape(w_scale)[1] != 1:  # input-dim groups: one float GEMM on the simulated values
             return float_linear(dequantize_rows(q, scale), w, w_scale, bias)
         zero_point = op.Constant(value=ir.tensor(ACT_ZERO_POINT, dtype=uint8))
-        # the weight as uint8 = int8 + 128 too (a u8 x u8 GEMM, see the module docstring); constant-folded at load
-        w_u8 = op.Cast(op.Add(op.Cast(w, to=int16), op.Constant(value=ir.tensor(ACT_ZERO_POINT, dtype=int16))),
-                       to=uint8)
-        y = ms.MatMulIntegerToFloat(q, op.Transpose(w_u8, perm=[1, 0]), const(1.0),
-                                    op.Reshape(column_scale(w_scale, n), ints(n)), zero_point, zero_point)
+        column_scales = op.Reshape(column_scale(w_scale, n), ints(n))
+        if int8_mode == "u8s8":
+            y = ms.MatMulIntegerToFloat(q, op.Transpose(w, perm=[1, 0]), const(1.0), column_scales, zero_point)
+        else:  # the weight as uint8 = int8 + 128 too (u8 x u8, see the module docstring); folded at load
+            w_u8 = op.Cast(op.Add(op.Cast(w, to=int16), op.Constant(value=ir.tensor(ACT_ZERO_POINT, dtype=int16))),
+                           to=uint8)
+            y = ms.MatMulIntegerToFloat(q, op.Transpose(w_u8, perm=[1, 0]), const(1.0), column_scales, zero_point,
+                                        zero_point)
         return add_bias(op.Mul(y, scale), bias)
 
     def int4_linear(q, scale, w_packed, w_scale, bias, out_dtype, w_min=None):
@@ -389,7 +394,8 @@ def _fold_unless_weight(node) -> bool | None:
 
 
 def export_onnx(qmodel, example_inputs: Any = None, path: str | os.PathLike = "model.onnx", *,
-                int4: str = "matmulnbits", check: bool = True, progress: bool = True) -> OnnxExport:
+                int4: str = "matmulnbits", int8: str = "exact", check: bool = True,
+                progress: bool = True) -> OnnxExport:
     """Write ``qmodel`` (a float32 CPU :class:`QuantizedModel`) as an ONNX file with dynamic batch/seq axes.
 
     Args:
@@ -399,6 +405,9 @@ def export_onnx(qmodel, example_inputs: Any = None, path: str | os.PathLike = "m
         path: where to write the ``.onnx`` file.
         int4: ``"matmulnbits"`` (fast; ORT's block-wise int8 activations, see the module docstring) or
             ``"exact"`` (the zq INT4 arithmetic, slower).
+        int8: ``"exact"`` (u8 x u8 integer GEMMs: the zq op's integer sums on every CPU) or ``"u8s8"`` (ORT's
+            u8 x s8 kernel: about 2x faster on x86 CPUs without AVX-VNNI, where it saturates pairs of products
+            at int16 and so can differ from the zq op; exact on CPUs with VNNI / AMX).
         check: validate the file with ``onnx.checker``.
 
     Inputs are named like the model's (``input_ids``, ``attention_mask``, ...), outputs like its HF output
@@ -413,6 +422,8 @@ def export_onnx(qmodel, example_inputs: Any = None, path: str | os.PathLike = "m
 
     if int4 not in INT4_MODES:
         raise ZQError(f"int4={int4!r}: choose one of {list(INT4_MODES)}")
+    if int8 not in INT8_MODES:
+        raise ZQError(f"int8={int8!r}: choose one of {list(INT8_MODES)}")
     if qmodel.dtype != torch.float32 or qmodel.device.type != "cpu":
         raise ZQError(f"ONNX export takes a float32 CPU model, this one is {qmodel.dtype} on {qmodel.device}; "
                       f"compile model.float().cpu() for export")
@@ -433,7 +444,7 @@ def export_onnx(qmodel, example_inputs: Any = None, path: str | os.PathLike = "m
         output_names = list(qmodel.output_keys) or None
         try:
             onnx_program = torch.onnx.export(
-                program, dynamo=True, custom_translation_table=_translation_table(),
+                program, dynamo=True, custom_translation_table=_translation_table(int8),
                 input_names=list(qmodel.input_names) if qmodel.input_names else None, output_names=output_names,
                 optimize=False, verbose=False)
         except Exception as err:
