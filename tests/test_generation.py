@@ -11,6 +11,7 @@ within a few tokens; with every linear kept in floating point they are token-ide
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 
@@ -418,9 +419,21 @@ def austen_prompts(data_dir, count: int) -> list[str]:
     return [re.split(r"(?<=[.;!?])\s", p)[0] for p in paragraphs[:count]]
 
 
+def first_layers(model: torch.nn.Module, count: int) -> torch.nn.Module:
+    """A copy of a decoder LM with only its first ``count`` blocks: real weights at a fraction of the export time."""
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:count]
+    small.config.num_hidden_layers = count
+    return small
+
+
 @pytest.mark.slow
 def test_smollm2_fp_kept_greedy_is_token_identical_to_hf(pretrained, data_dir, capsys):
-    model, tokenizer = pretrained(SMOLLM2)
+    """Real weights (SmolLM2's first 6 of 30 blocks: token identity is the compiler's property, the depth adds
+    only export time; the 6-block model's continuations are not fluent text, every token must still be HF's),
+    prompts of four lengths in one left-padded batch, and transformers' TextStreamer."""
+    full, tokenizer = pretrained(SMOLLM2)
+    model = first_layers(full, 6)
     qmodel = zqcompile.compile(model, FP_KEPT, max_cache_len=128)
     batch = tokenizer(austen_prompts(data_dir, 4), padding=True, padding_side="left", return_tensors="pt")
     assert len(set(batch.attention_mask.sum(-1).tolist())) == 4  # four different lengths
