@@ -244,18 +244,22 @@ else:
     # threads with a partial last one (5 rows, 2 or 4 per block), and a row wider than its threads' first pass
     HADAMARD_SHAPES = [(3, 64, 64, 32, None), (5, 128, 128, 32, 2), (5, 192, 64, 32, 4), (2, 192, 16, 64, 1)]
 
+    # every dtype at the shape with several blocks and rows per block of threads, every shape at one dtype
     @pytest.mark.parametrize("dtype,rows,k,block,threads,rows_per_block",
-                             [(dtype, *shape) for dtype in DTYPES for shape in HADAMARD_SHAPES[2:]]
-                             + [(torch.float16, *shape) for shape in HADAMARD_SHAPES[:2]])
+                             [(dtype, *HADAMARD_SHAPES[2]) for dtype in DTYPES]
+                             + [(torch.float16, *shape) for shape in HADAMARD_SHAPES if shape != HADAMARD_SHAPES[2]])
     def test_hadamard_quant_matches_reference(dtype, rows, k, block, threads, rows_per_block):
         x = randn(rows, k, dtype=dtype, seed=k + block)
         q, scale = outputs(rows, k)
         kernels.hadamard_quant(to_numba(x), block, q, scale, threads=threads, rows_per_block=rows_per_block)
         check_quant(q, scale, *ops.hadamard_quant(x, block))
 
-    @pytest.mark.parametrize("dtype,activation", [(dtype, "silu") for dtype in DTYPES]
-                             + [(torch.float16, "none"), (torch.bfloat16, "tanh")])
-    @pytest.mark.parametrize("rows,k,block,threads,rows_per_block", HADAMARD_SHAPES[2:])
+    # silu at every dtype, the other activations at one, on the shape of several blocks; many small blocks once
+    GATED_CASES = [(dtype, "silu") for dtype in DTYPES] + [(torch.float16, "none"), (torch.bfloat16, "tanh")]
+
+    @pytest.mark.parametrize("dtype,activation,rows,k,block,threads,rows_per_block",
+                             [(*case, *HADAMARD_SHAPES[2]) for case in GATED_CASES]
+                             + [(torch.float16, "silu", *HADAMARD_SHAPES[3])])
     def test_gated_hadamard_quant_matches_reference(dtype, activation, rows, k, block, threads, rows_per_block):
         gate, up = randn(rows, k, dtype=dtype, seed=22), randn(rows, k, dtype=dtype, seed=23)
         q, scale = outputs(rows, k)
