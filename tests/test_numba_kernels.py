@@ -44,6 +44,10 @@ else:
     # The simulator's launcher polls its block's threads in a loop that holds the GIL between switches: a 1 ms
     # switch interval (5 ms by default) lets the threads reach each barrier sooner and halves this file's time.
     sys.setswitchinterval(0.001)
+    # Every simulated thread swaps the kernel module's `cuda` global while iterating over the module's globals; the
+    # first warning raised inside a kernel (numpy's "invalid value" on a NaN row) adds __warningregistry__ to those
+    # globals meanwhile, and another thread's iteration fails ("dictionary changed size"). Create it up front.
+    vars(kernels).setdefault("__warningregistry__", {})
 
     THREADS = 32  # one warp per row keeps the simulator (one Python thread per CUDA thread) quick
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
