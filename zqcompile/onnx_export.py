@@ -194,14 +194,12 @@ def _translation_table(int8_mode: str) -> dict[Any, Any]:
         if static_shape(w_scale)[1] != 1:  # input-dim groups: one float GEMM on the simulated values
             return float_linear(dequantize_rows(q, scale), w, w_scale, bias)
         zero_point = op.Constant(value=ir.tensor(ACT_ZERO_POINT, dtype=uint8))
-        column_scales = op.Reshape(column_scale(w_scale, n), ints(n))
-        if int8_mode == "u8s8":
-            y = ms.MatMulIntegerToFloat(q, op.Transpose(w, perm=[1, 0]), const(1.0), column_scales, zero_point)
-        else:  # the weight as uint8 = int8 + 128 too (u8 x u8, see the module docstring); folded at load
-            w_u8 = op.Cast(op.Add(op.Cast(w, to=int16), op.Constant(value=ir.tensor(ACT_ZERO_POINT, dtype=int16))),
-                           to=uint8)
-            y = ms.MatMulIntegerToFloat(q, op.Transpose(w_u8, perm=[1, 0]), const(1.0), column_scales, zero_point,
-                                        zero_point)
+        weight, weight_zero_point = w, ()
+        if int8_mode == "exact":  # the weight as uint8 = int8 + 128 too (u8 x u8, see the module docstring)
+            shifted = op.Add(op.Cast(w, to=int16), op.Constant(value=ir.tensor(ACT_ZERO_POINT, dtype=int16)))
+            weight, weight_zero_point = op.Cast(shifted, to=uint8), (zero_point,)  # folded when ORT loads it
+        y = ms.MatMulIntegerToFloat(q, op.Transpose(weight, perm=[1, 0]), const(1.0),
+                                    op.Reshape(column_scale(w_scale, n), ints(n)), zero_point, *weight_zero_point)
         return add_bias(op.Mul(y, scale), bias)
 
     def int4_linear(q, scale, w_packed, w_scale, bias, out_dtype, w_min=None):
