@@ -10,7 +10,7 @@ copy of its inputs to the end of its forward (synchronised).
 
 Variants (``--stages`` runs ``variant:model`` pairs in order): ``zq`` (zqcompile W8A8, cuda backend, buckets: batch 1..64 powers of two, sequence
 multiples of 16 up to 128 and 256; warm-up timed cold, with empty Triton and tuning caches, and in a new process
-with the tuning cache warm), ``eager`` (FP16, unpadded), ``compile-dynamic`` (FP16 ``torch.compile(dynamic=True)``)
+with the tuning cache and the compiled Numba kernels warm), ``eager`` (FP16, unpadded), ``compile-dynamic`` (FP16 ``torch.compile(dynamic=True)``)
 and ``compile-autotune`` (FP16 ``torch.compile(mode="max-autotune", dynamic=False)``: one compile per shape), both
 padded to the same buckets by the same code (zqcompile.buckets) and warmed up on every bucket first.
 ``--autotune-buckets N`` keeps only the requests that fall in the N most frequent buckets and warms only those, for
@@ -100,25 +100,50 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def replay(call: Callable[[dict[str, torch.Tensor]], Any], requests: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Each request in turn: copy to the GPU, forward, synchronise; latency statistics overall and per bucket."""
-    latencies, by_bucket, sentences = [], defaultdict(list), 0
+    """Each request in turn: copy to the GPU, forward, synchronise; latency statistics overall and per bucket, and
+    the Python garbage collections during the stream (the time each request spent in one), which explain a host
+    stall at sub-millisecond latencies. ``percentile`` is nearest-rank: in a bucket of fewer than 51 requests the
+    p99 is its slowest request, which the results name with its latency and garbage-collection time."""
+    latencies, by_bucket, sentences, gc_ms = [], defaultdict(list), 0, []
+    pauses: list[float] = []
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append((time.perf_counter() - started[0]) * 1e3)
+
     torch.cuda.synchronize()
-    for request in requests:
-        start = time.perf_counter()
-        call({k: v.cuda() for k, v in request.items()})
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) * 1e3
-        latencies.append(ms)
-        batch, seq = request["input_ids"].shape
-        by_bucket[request_bucket(batch, seq)].append(ms)
-        sentences += batch
-    ratios = {f"{b}x{s}": percentile(v, 99) / percentile(v, 50) for (b, s), v in by_bucket.items() if len(v) >= 10}
+    gc.callbacks.append(on_gc)
+    try:
+        for index, request in enumerate(requests):
+            before = len(pauses)
+            start = time.perf_counter()
+            call({k: v.cuda() for k, v in request.items()})
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - start) * 1e3
+            latencies.append(ms)
+            gc_ms.append(sum(pauses[before:]))
+            batch, seq = request["input_ids"].shape
+            by_bucket[request_bucket(batch, seq)].append((ms, index))
+            sentences += batch
+    finally:
+        gc.callbacks.remove(on_gc)
+    ratios = {bucket: percentile([ms for ms, _ in v], 99) / percentile([ms for ms, _ in v], 50)
+              for bucket, v in by_bucket.items() if len(v) >= 10}
     worst = max(ratios, key=ratios.get) if ratios else None
+    slowest_ms, slowest = max(by_bucket[worst]) if worst else (None, None)
     return {"requests": len(requests), "sentences": sentences, "p50_ms": round(percentile(latencies, 50), 3),
             "p99_ms": round(percentile(latencies, 99), 3), "mean_ms": round(statistics.mean(latencies), 3),
             "throughput_sent_per_s": round(sentences / (sum(latencies) / 1e3), 1),
-            "worst_bucket_p99_over_p50": round(ratios[worst], 2) if worst else None, "worst_bucket": worst,
-            "buckets_with_10_requests": len(ratios)}
+            "worst_bucket_p99_over_p50": round(ratios[worst], 2) if worst else None,
+            "worst_bucket": "x".join(map(str, worst)) if worst else None,
+            "worst_bucket_requests": len(by_bucket[worst]) if worst else None,
+            "worst_bucket_slowest": {"ms": round(slowest_ms, 3), "request": slowest,
+                                     "gc_ms": round(gc_ms[slowest], 3)} if worst else None,
+            "buckets_with_10_requests": len(ratios),
+            "requests_with_gc": sum(ms > 0 for ms in gc_ms), "gc_max_ms_in_a_request": round(max(gc_ms), 3)}
 
 
 # ---- models and variants ------------------------------------------------------------------------------------
@@ -169,18 +194,28 @@ def compile_and_warm(name: str, args: argparse.Namespace) -> tuple[Any, dict[str
     start = time.perf_counter()
     qmodel = zqcompile.compile(model, "w8a8", buckets=Buckets(BATCH_BUCKETS, default_seq_lens(MAX_TOKENS)))
     compiled = time.perf_counter()
-    before = dataclasses.replace(tuning_cache.STATS)
+    before, kernels_before = dataclasses.replace(tuning_cache.STATS), numba_kernel_counts()
     if args.shapes:  # one warmup per shape, largest first, so that the smaller graphs reuse the pool's memory
         shapes = sorted(bucket_shapes(args.shapes), key=lambda bs: bs[0] * bs[1], reverse=True)
         captures = sum(qmodel.warmup([batch], [seq], progress=False) for batch, seq in shapes)
     else:
         captures = qmodel.warmup(progress=False)
     torch.cuda.synchronize()
-    return qmodel, {"compile_s": round(compiled - start, 1), "warmup_s": round(time.perf_counter() - compiled, 1),
+    kernels = {key: after - kernels_before[key] for key, after in numba_kernel_counts().items()}
+    return qmodel, {**kernels, "compile_s": round(compiled - start, 1), "warmup_s": round(time.perf_counter() - compiled, 1),
                     "graphs": captures, "tuned": tuning_cache.STATS.tuned - before.tuned,
                     "tuning_loaded": tuning_cache.STATS.loaded - before.loaded,
                     "tuning_s": round(tuning_cache.STATS.seconds - before.seconds, 1),
                     "tuning_compile_s": round(tuning_cache.STATS.compile_seconds - before.compile_seconds, 1)}
+
+
+def numba_kernel_counts() -> dict[str, int]:
+    """Numba kernels compiled and loaded from the compiled-kernel disk cache so far in this process."""
+    from zqcompile.backends.numba_cuda import kernels
+
+    stats = [kernel.stats for kernel in kernels.BUILT_KERNELS.values()]
+    return {"numba_compiled": sum(sum(s.cache_misses.values()) for s in stats),
+            "numba_loaded": sum(sum(s.cache_hits.values()) for s in stats)}
 
 
 def bench_zq(res: Results, name: str, requests: list, args: argparse.Namespace) -> None:
@@ -222,7 +257,7 @@ def bench_pool_growth(res: Results, name: str, args: argparse.Namespace) -> None
 
 
 def bench_warm_cache(res: Results, name: str, args: argparse.Namespace) -> None:
-    """Warm-up in a new process that finds this process's tuning cache (and Triton's kernel cache)."""
+    """Warm-up in a new process that finds this process's tuning cache, compiled Numba kernels and Triton cache."""
     command = [sys.executable, __file__, "--warm-only", name, "--minilm-dir", minilm_dir(args.minilm_dir),
                *(["--shapes", args.shapes] if args.shapes else [])]
     start = time.perf_counter()
@@ -274,13 +309,21 @@ SECTIONS = ("rows", "warm_cache", "pool_growth", "skipped")
 """The lists of rows a run fills (``Results`` adds ``notes`` and ``errors``)."""
 
 
+def worst_bucket_text(row: dict[str, Any]) -> str:
+    """"2.08 (8x32: 27 requests, slowest 0.83 ms, 0.0 ms of it in GC)"; older rows lack the details."""
+    slowest = row.get("worst_bucket_slowest")
+    details = (f": {row['worst_bucket_requests']} requests, slowest {slowest['ms']} ms, {slowest['gc_ms']} ms of it "
+               "in GC" if slowest else "")
+    return f"{row['worst_bucket_p99_over_p50']} ({row['worst_bucket']}{details})"
+
+
 def render(data: dict[str, Any]) -> str:
     """The command and tables of one run (``Results`` adds the environment line, notes and errors)."""
     lines = [f"command: `{data['command']}`", "", f"stream: {data['stream']}", ""]
     lines += table(["model", "variant", "requests", "p50 ms", "p99 ms", "worst bucket p99/p50", "sentences/s",
                     "warm-up s (tuning s, of it compiling)", "captures / tunings in stream"],
                    [[r["model"], r["variant"], r["requests"], r["p50_ms"], r["p99_ms"],
-                     f"{r['worst_bucket_p99_over_p50']} ({r['worst_bucket']})", r["throughput_sent_per_s"],
+                     worst_bucket_text(r), r["throughput_sent_per_s"],
                      f"{r.get('warm_warmup_s', '-')}" + (f" ({r['warm_tuning_s']}, compiling "
                                                           f"{r.get('warm_tuning_compile_s', '?')})"
                                                           if "warm_tuning_s" in r else ""),
@@ -292,7 +335,8 @@ def render(data: dict[str, Any]) -> str:
                      r["graph_static_inputs_mb"], r["torch_reserved_mb"], r["torch_max_reserved_mb"],
                      r["torch_allocated_mb"]] for r in data["rows"] if "torch_reserved_mb" in r])
     lines += [f"warm tuning cache, new process, {w['model']}: warm-up {w['warmup_s']} s ({w['graphs']} graphs, "
-              f"{w['tuned']} tuning runs taking {w.get('tuning_s', '?')} s, {w['tuning_loaded']} configs loaded), "
+              f"{w['tuned']} tuning runs taking {w.get('tuning_s', '?')} s, {w['tuning_loaded']} configs loaded, "
+              f"Numba kernels {w.get('numba_compiled', '?')} compiled / {w.get('numba_loaded', '?')} loaded), "
               f"compile {w['compile_s']} s, whole process {w['process_s']} s\n"
               for w in data["warm_cache"]]
     lines += [f"graph pool, {g['model']}, {g['graphs']} graphs (last {g['last']}): {g['pool_reserved_mb']} MB "

@@ -94,6 +94,19 @@ def test_graphs_share_one_memory_pool():
     assert second.pool == shared.pool
 
 
+def test_warmup_runs_each_new_graph_once():
+    """The first replay of a graph uploads it (and the first input copy loads its kernel): warm-up does both, so
+    every graph's static outputs already hold the forward of its warm-up inputs (a graph only captured would not
+    have run)."""
+    runner = CUDAGraphRunner(lambda x: x * 2 + 1)
+    inputs = [(torch.randn(rows, 64, device="cuda"),) for rows in (8, 16)]
+    assert runner.warmup(inputs, progress=False) == 2
+    assert runner.warmup(inputs, progress=False) == 0  # already captured: nothing new to run
+    for (x,) in inputs:
+        (entry,) = [e for e in runner._graphs.values() if e.static_inputs[0].shape == x.shape]
+        torch.testing.assert_close(entry.static_outputs, x * 2 + 1, rtol=0, atol=0)
+
+
 def test_tuning_results_persist_across_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("ZQ_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning_cache, "_CACHES", {})

@@ -170,9 +170,7 @@ class CUDAGraphRunner:
             if len(self._graphs) >= self.max_graphs:
                 return self._run_eagerly(inputs)
             entry = self._capture(inputs)
-        # one launch for all inputs (a kernel launch costs ~5 us of host time, on the latency path at small batch)
-        torch._foreach_copy_(entry.static_tensors, [x for x in inputs if isinstance(x, torch.Tensor)])
-        entry.graph.replay()
+        self._replay(entry, inputs)
         if not self.copy_outputs:
             return entry.static_outputs
         return pytree.tree_unflatten([t.clone() if isinstance(t, torch.Tensor) else t for t in entry.output_leaves],
@@ -184,11 +182,13 @@ class CUDAGraphRunner:
         """Capture a graph for every signature among ``input_tuples`` not captured yet; returns how many were.
         The largest inputs go first, so that the smaller graphs reuse the pool memory its intermediates freed
         (captured the other way round, each larger graph would need segments of its own). A tqdm progress bar
-        shows the shapes while ``progress`` is on."""
+        shows the shapes while ``progress`` is on. Each new graph is then run once as a call runs it: a graph's
+        first replay also uploads it to the GPU, and the first input copy loads its kernel (CUDA's lazy module
+        loading), which would otherwise cost the first requests (BENCHMARKS.md, "Serving")."""
         from tqdm.auto import tqdm
 
         input_tuples = sorted(input_tuples, key=_tensor_bytes, reverse=True)
-        before = self.captures
+        captured = []
         bar = tqdm(input_tuples, desc="capturing CUDA graphs", unit="graph", disable=not progress)
         for inputs in bar:
             _check_cuda_inputs(inputs)
@@ -198,8 +198,16 @@ class CUDAGraphRunner:
                 if len(self._graphs) >= self.max_graphs:
                     raise ZQError(f"warm-up needs more than max_graphs={self.max_graphs} CUDA graphs; raise "
                                   "max_graphs or warm up fewer shapes")
-                self._capture(inputs)
-        return self.captures - before
+                captured.append((self._capture(inputs), inputs))
+        for entry, inputs in captured:
+            self._replay(entry, inputs)
+        return len(captured)
+
+    @staticmethod
+    def _replay(entry: _Captured, inputs: Sequence[Any]) -> None:
+        # one launch for all inputs (a kernel launch costs ~5 us of host time, on the latency path at small batch)
+        torch._foreach_copy_(entry.static_tensors, [x for x in inputs if isinstance(x, torch.Tensor)])
+        entry.graph.replay()
 
     def memory_report(self) -> GraphMemory:
         """What the graphs hold: the shared pool's segments (from the caching allocator) and the input buffers."""

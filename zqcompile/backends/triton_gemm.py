@@ -156,13 +156,18 @@ def candidate_configs(m: int, k: int, group_width: int | None, *, tma: bool = Fa
     width is not a multiple of the tensor-core K (32): the Triton kernel does not cover that case.
     ``tma`` (see ``tma_kernel_applies``) adds the persistent TMA kernel's configs for M > 16.
     """
+    size = "decode" if m <= 16 else "medium" if m <= 128 else "large"
+    return list(_fitted_configs(size, k, group_width, tma))
+
+
+@functools.lru_cache(maxsize=None)  # on every eager GEMM call's host path
+def _fitted_configs(size: str, k: int, group_width: int | None, tma: bool) -> tuple[GemmConfig, ...]:
     width = group_width or k
     divisor = width & -width
     if divisor < _MIN_BLOCK_K:
         if group_width is not None:
-            return []
+            return ()
         divisor = max(_MIN_BLOCK_K, 1 << (k - 1).bit_length())
-    size = "decode" if m <= 16 else "medium" if m <= 128 else "large"
     tiled = _CONFIGS[size, group_width is not None]
     tma_configs = _TMA_CONFIGS.get(size, ()) if tma and group_width is None else ()
     # The first candidate is the untuned default: the TMA kernel's for M > 128, the tiled kernel's below,
@@ -173,7 +178,7 @@ def candidate_configs(m: int, k: int, group_width: int | None, *, tma: bool = Fa
         cfg = replace(cfg, block_k=min(cfg.block_k, divisor))
         if cfg not in fitted:
             fitted.append(cfg)
-    return fitted
+    return tuple(fitted)
 
 
 # ----------------------------------------------------------------------------------------------------

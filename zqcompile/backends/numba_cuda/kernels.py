@@ -51,6 +51,9 @@ from zqcompile.errors import ZQError
 import numba  # noqa: E402
 from numba import cuda, float32, int32, int64, uint64  # noqa: E402
 
+if not numba.config.ENABLE_CUDASIM:
+    from zqcompile.backends.numba_cuda import kernel_cache  # noqa: E402
+
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 REDUCTIONS = ("tree", "shuffle")
 DEFAULT_REDUCTION = "tree" if SIMULATOR else "shuffle"
@@ -398,8 +401,14 @@ BUILT_KERNELS: dict[tuple, Any] = {}
 
 
 def _built(builder: Callable) -> Callable:
-    """Cache a kernel builder on its (hashable) parameters and record what it built."""
-    cached = lru_cache(maxsize=None)(builder)
+    """Cache a kernel builder on its (hashable) parameters and record what it built; on a GPU, the kernel's
+    compiled code is also cached on disk under those parameters (kernel_cache.py)."""
+    @lru_cache(maxsize=None)
+    def cached(*params: Any) -> Any:
+        kernel = builder(*params)
+        if not SIMULATOR:
+            kernel_cache.attach(kernel, f"{builder.__name__}{params!r}")
+        return kernel
 
     def build(*params: Any) -> Any:
         kernel = cached(*params)
