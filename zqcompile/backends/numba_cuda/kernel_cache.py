@@ -1,5 +1,5 @@
 """Compiled Numba kernels on disk, so that a new process loads the fused kernels instead of compiling them again
-(about a second each, most of a warm-cache ``warmup``: BENCHMARKS.md, "Serving").
+(about a second each; without this, about a third of BERT-base's warm-cache ``warmup``: BENCHMARKS.md, "Serving").
 
 This is Numba's own CUDA kernel cache (``cuda.jit(cache=True)``: index and data files, a cubin per compute
 capability) with two changes. The key: Numba's keys a kernel by a pickle of its closure, and the fused kernels
@@ -54,10 +54,10 @@ def _numba_versions() -> tuple[str, str]:
 def check_private(path: Path) -> None:
     """Raise OSError unless ``path`` and the folders above it up to the cache folder belong to this user and are
     not writable by anyone else (another user who can write there could plant a pickle that loading would run)."""
-    root = kernel_cache_dir()
+    root, user = kernel_cache_dir(), os.getuid() if hasattr(os, "getuid") else None  # no uids on Windows
     for folder in (path, *path.parents):
         info = folder.stat()
-        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if (user is not None and info.st_uid != user) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise OSError(f"{folder} is not private to this user (owner uid {info.st_uid}, mode "
                           f"{stat.filemode(info.st_mode)}); make it owned by you and not group- or world-writable, "
                           "or point ZQ_CACHE_DIR elsewhere")
