@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zqcompile.backends.numba_cuda import kernel_cache
 from zqcompile.backends.numba_cuda.kernel_cache import KernelDiskCache, attach
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ be read back (truncated, corrupt) is ignored with a warning and the kernel compi
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import stat
@@ -43,6 +44,7 @@ def kernel_cache_dir() -> Path:
     return cache_dir() / "numba"
 
 
+@functools.cache  # read from the installed packages' metadata once, not for every kernel built
 def _numba_versions() -> tuple[str, str]:
     try:
         numba_cuda = importlib.metadata.version("numba-cuda")

@@ -51,10 +51,9 @@ from zqcompile.errors import ZQError
 import numba  # noqa: E402
 from numba import cuda, float32, int32, int64, uint64  # noqa: E402
 
-if not numba.config.ENABLE_CUDASIM:
-    from zqcompile.backends.numba_cuda import kernel_cache  # noqa: E402
-
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+if not SIMULATOR:
+    from zqcompile.backends.numba_cuda import kernel_cache  # noqa: E402
 REDUCTIONS = ("tree", "shuffle")
 DEFAULT_REDUCTION = "tree" if SIMULATOR else "shuffle"
 MAX_PER_THREAD = 32
